@@ -1,0 +1,85 @@
+//! The IPAM that `tabby` uses for a network: `tabby-ipam` in-process, or
+//! any other IPAM plugin (host-local, ...) exec'd from CNI_PATH.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use crate::env::{Command, Invocation};
+use crate::error::{CniError, Code, Result};
+use crate::exec::run_plugin;
+use crate::tabby_ipam::TabbyIpam;
+use crate::types::{CniResult, NetConf};
+
+/// Name of Tabby's own IPAM plugin.
+pub const TABBY_IPAM: &str = "tabby-ipam";
+
+/// The IPAM of one invocation.
+pub enum IpamBackend<'a> {
+    /// `tabby-ipam`, called as a library.
+    InProcess(TabbyIpam),
+    /// Another IPAM plugin, exec'd with the same config.
+    Delegate {
+        /// Its type (binary name).
+        plugin: String,
+        /// The raw config to pass on stdin.
+        stdin: &'a [u8],
+    },
+}
+
+impl<'a> IpamBackend<'a> {
+    /// Chooses and validates the IPAM from `ipam.type`.
+    pub fn from_conf(conf: &NetConf, stdin: &'a [u8]) -> Result<Self> {
+        match conf.ipam_type() {
+            None => Err(CniError::new(Code::InvalidConfig, "network config has no ipam.type")),
+            Some(TABBY_IPAM) => Ok(Self::InProcess(TabbyIpam::open(conf)?)),
+            Some(other) => Ok(Self::Delegate { plugin: other.to_string(), stdin }),
+        }
+    }
+
+    /// Assigns addresses for the invocation's container.
+    pub fn add(&self, inv: &Invocation, conf: &NetConf, attrs: BTreeMap<String, String>) -> Result<CniResult> {
+        match self {
+            Self::InProcess(t) => t.add(&conf.handle(&inv.container_id), attrs),
+            Self::Delegate { plugin, stdin } => {
+                let out = run_plugin(plugin, Command::Add, inv, stdin)?;
+                CniResult::from_plugin_output(&out, plugin)
+            }
+        }
+    }
+
+    /// Releases the container's addresses; returns the ones released when known.
+    pub fn del(&self, inv: &Invocation, conf: &NetConf) -> Result<Vec<IpAddr>> {
+        match self {
+            Self::InProcess(t) => Ok(t.del(&conf.handle(&inv.container_id))?.into_iter().map(|r| r.ip).collect()),
+            Self::Delegate { plugin, stdin } => run_plugin(plugin, Command::Del, inv, stdin).map(|_| Vec::new()),
+        }
+    }
+
+    /// Verifies the container still holds `ips`.
+    pub fn check(&self, inv: &Invocation, conf: &NetConf, ips: &[IpAddr]) -> Result<()> {
+        match self {
+            Self::InProcess(t) => t.check(&conf.handle(&inv.container_id), ips),
+            Self::Delegate { plugin, stdin } => run_plugin(plugin, Command::Check, inv, stdin).map(drop),
+        }
+    }
+
+    /// Releases what is not in the valid attachments; returns released addresses when known.
+    pub fn gc(&self, inv: &Invocation, conf: &NetConf) -> Result<Vec<IpAddr>> {
+        match self {
+            Self::InProcess(t) => {
+                let valid: Vec<String> =
+                    conf.valid_attachments.iter().flatten().map(|a| a.container_id.clone()).collect();
+                Ok(t.gc(&conf.name, &valid)?.into_iter().map(|r| r.ip).collect())
+            }
+            Self::Delegate { plugin, stdin } => run_plugin(plugin, Command::Gc, inv, stdin).map(|_| Vec::new()),
+        }
+    }
+
+    /// Whether ADD can be served.
+    pub fn status(&self, inv: &Invocation) -> Result<()> {
+        match self {
+            Self::InProcess(t) => t.status(),
+            Self::Delegate { plugin, stdin } => run_plugin(plugin, Command::Status, inv, stdin).map(drop),
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! Tabby's CNI layer and plugins.
+//!
+//! - [`env`], [`types`], [`version`], [`error`]: the CNI protocol, typed.
+//! - [`plugin`]: the `tabby` interface plugin (veth + proxy-ARP gateway).
+//! - [`tabby_ipam`]: the `tabby-ipam` IPAM plugin, also called in-process by `tabby`.
+//! - [`ipam_backend`], [`exec`]: in-process or delegated IPAM.
+//! - [`entry`]: the shared `main` of both binaries: stdin/env in, result or error object out.
+
+pub mod entry;
+pub mod env;
+pub mod error;
+pub mod exec;
+pub mod ipam_backend;
+pub mod logging;
+pub mod naming;
+pub mod plugin;
+pub mod rollback;
+pub mod tabby_ipam;
+pub mod types;
+pub mod version;

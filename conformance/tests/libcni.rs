@@ -1,0 +1,222 @@
+//! CNI conformance through libcni (the runtime library of containerd and
+//! CRI-O), with Debian's reference plugins as peers:
+//! - `tabby` chained with Debian's `portmap`: ADD, CHECK, DEL, DEL again;
+//! - `tabby` delegating to Debian's `host-local` IPAM;
+//! - Debian's `ptp` using `tabby-ipam`;
+//! - every supported cniVersion gets a result in that version.
+//!
+//! Each test runs in its own "host" and pod namespaces (deleted on drop) with
+//! its own temp datastore, so tests run in parallel and never touch the host.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use anyhow::{ensure, Context, Result};
+use serde_json::{json, Value};
+use tabby_conformance::{
+    conflist, files_mentioning, release_dir, result_ipv4, skip_unless_root, tabby_ipam, tabby_plugin, unique_name,
+    unique_octet, Driver, Netns, DEBIAN_CNI_DIR,
+};
+
+/// Asserts the Tabby data path for a pod with address `ip`; returns the name
+/// of the host-side veth.
+fn assert_tabby_pod(host: &Netns, pod: &Netns, ip: Ipv4Addr) -> Result<String> {
+    let addrs = pod.ip(&["-4", "-o", "addr", "show", "dev", "eth0"])?;
+    ensure!(addrs.contains(&format!("inet {ip}/32 ")), "pod eth0 lacks {ip}/32: {addrs}");
+    let routes = pod.ip(&["-4", "route", "show"])?;
+    ensure!(routes.lines().any(|l| l.starts_with("default via 169.254.1.1 dev eth0")), "no default route via 169.254.1.1 in the pod: {routes}");
+    ensure!(
+        routes.lines().any(|l| l.starts_with("169.254.1.1 dev eth0") && l.contains("scope link")),
+        "no scope-link route to 169.254.1.1 in the pod: {routes}"
+    );
+
+    let host_routes = host.ip(&["-4", "route", "show"])?;
+    let route = host_routes
+        .lines()
+        .find(|l| l.starts_with(&format!("{ip} dev tabby")))
+        .with_context(|| format!("no host route {ip}/32 dev tabby*: {host_routes}"))?;
+    ensure!(route.contains("scope link"), "host route is not scope link: {route}");
+    let veth = route.split_whitespace().nth(2).unwrap_or_default().to_string();
+    ensure!(
+        veth.len() == 15 && veth[5..].chars().all(|c| c.is_ascii_hexdigit()),
+        "host veth {veth} is not tabby + 10 hex chars"
+    );
+    let link = host.ip(&["-o", "link", "show", "dev", &veth])?;
+    ensure!(link.contains("link/ether ee:ee:ee:ee:ee:ee"), "host veth MAC is not ee:ee:ee:ee:ee:ee: {link}");
+    Ok(veth)
+}
+
+/// Asserts nothing of the attachment is left: no veth in either namespace,
+/// no host route to `ip`, and no file of `store` mentions container `id`.
+fn assert_gone(host: &Netns, pod: &Netns, ip: Ipv4Addr, store: &Path, id: &str) -> Result<()> {
+    let host_links = host.links()?;
+    ensure!(host_links.iter().all(|l| l == "lo"), "host namespace still has links: {host_links:?}");
+    let pod_links = pod.links()?;
+    ensure!(!pod_links.iter().any(|l| l == "eth0"), "pod still has eth0: {pod_links:?}");
+    let host_routes = host.ip(&["-4", "route", "show"])?;
+    ensure!(!host_routes.contains(&ip.to_string()), "host still routes {ip}: {host_routes}");
+    let left = files_mentioning(store, id);
+    ensure!(left.is_empty(), "allocation for {id} still recorded in {left:?}");
+    Ok(())
+}
+
+/// The pod identity passed as CNI_ARGS, as kubelet does.
+fn k8s_args(pod: &str) -> String {
+    format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=conformance;K8S_POD_NAME={pod}")
+}
+
+#[test]
+fn tabby_chained_with_debian_portmap_survives_add_check_del_del() -> Result<()> {
+    if skip_unless_root("portmap chain") {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let (host, pod) = (Netns::new("tcf-pm-host")?, Netns::new("tcf-pm-pod")?);
+    let cidr = format!("10.{}.0.0/16", unique_octet());
+    // Debian's portmap speaks CNI up to 1.0.0.
+    let list = conflist(
+        "1.0.0",
+        vec![tabby_plugin(dir.path(), &cidr), json!({"type": "portmap", "capabilities": {"portMappings": true}, "snat": true})],
+    );
+    let cni = Driver::new(&host, dir.path(), &list, &[&release_dir()?, Path::new(DEBIAN_CNI_DIR)])?;
+    let id = unique_name("portmap");
+    let args = k8s_args(&id);
+    let caps = json!({"portMappings": [{"hostPort": 18080, "containerPort": 80, "protocol": "tcp"}]}).to_string();
+    let extra = ["--args", args.as_str(), "--capability-args", caps.as_str()];
+
+    let result = cni.add(&pod, &id, &extra)?;
+    let ip = result_ipv4(&result)?;
+    assert_tabby_pod(&host, &pod, ip)?;
+    let nat = tabby_conformance::run(host.command("iptables-save").args(["-t", "nat"]))?;
+    let nat = String::from_utf8_lossy(&nat.stdout);
+    ensure!(nat.contains(&format!("--to-destination {ip}:80")), "portmap did not DNAT 18080 to {ip}:80: {nat}");
+
+    cni.check(&pod, &id, &extra)?;
+    cni.del(&pod, &id, &extra)?;
+    assert_gone(&host, &pod, ip, &dir.path().join("datastore"), &id)?;
+    cni.del(&pod, &id, &extra).context("second DEL must succeed")?;
+    Ok(())
+}
+
+#[test]
+fn tabby_uses_debian_host_local_as_its_ipam() -> Result<()> {
+    if skip_unless_root("host-local IPAM") {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let (host, pod) = (Netns::new("tcf-hl-host")?, Netns::new("tcf-hl-pod")?);
+    let subnet = format!("10.{}.7.0/24", unique_octet());
+    let store = dir.path().join("host-local");
+    let plugin = json!({
+        "type": "tabby", "nodename": "node-a", "mtu": 1450, "log_file": dir.path().join("cni.log"),
+        "ipam": {"type": "host-local", "dataDir": store, "ranges": [[{"subnet": subnet}]]},
+    });
+    // Debian's host-local speaks CNI up to 1.0.0.
+    let cni = Driver::new(&host, dir.path(), &conflist("1.0.0", vec![plugin]), &[&release_dir()?, Path::new(DEBIAN_CNI_DIR)])?;
+    let id = unique_name("hostlocal");
+    let args = k8s_args(&id);
+    let extra = ["--args", args.as_str()];
+
+    let result = cni.add(&pod, &id, &extra)?;
+    let ip = result_ipv4(&result)?;
+    ensure!(ip.to_string().starts_with(subnet.trim_end_matches("0/24")), "{ip} is not from host-local's {subnet}");
+    assert_tabby_pod(&host, &pod, ip)?;
+    ensure!(!files_mentioning(&store, &id).is_empty(), "host-local recorded no allocation for {id}");
+
+    cni.check(&pod, &id, &extra)?;
+    cni.del(&pod, &id, &extra)?;
+    assert_gone(&host, &pod, ip, &store, &id)?;
+    cni.del(&pod, &id, &extra).context("second DEL must succeed")?;
+    Ok(())
+}
+
+#[test]
+fn debian_ptp_uses_tabby_ipam() -> Result<()> {
+    if skip_unless_root("ptp + tabby-ipam") {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let (host, pod) = (Netns::new("tcf-ptp-host")?, Netns::new("tcf-ptp-pod")?);
+    let cidr = format!("10.{}.0.0/16", unique_octet());
+    let plugin = json!({"type": "ptp", "mtu": 1450, "ipam": tabby_ipam(dir.path(), &cidr)});
+    // Debian's ptp speaks CNI up to 1.0.0.
+    let cni = Driver::new(&host, dir.path(), &conflist("1.0.0", vec![plugin]), &[&release_dir()?, Path::new(DEBIAN_CNI_DIR)])?;
+    let id = unique_name("ptp");
+    let args = k8s_args(&id);
+    let extra = ["--args", args.as_str()];
+
+    let result = cni.add(&pod, &id, &extra)?;
+    let ip = result_ipv4(&result)?;
+    let addrs = pod.ip(&["-4", "-o", "addr", "show", "dev", "eth0"])?;
+    ensure!(addrs.contains(&format!("inet {ip}/")), "pod eth0 lacks {ip}: {addrs}");
+    ensure!(host.ping(ip), "host cannot ping the ptp pod at {ip}");
+    let store = dir.path().join("datastore");
+    ensure!(!files_mentioning(&store, &id).is_empty(), "tabby-ipam recorded no allocation for {id}");
+
+    cni.check(&pod, &id, &extra)?;
+    cni.del(&pod, &id, &extra)?;
+    assert_gone(&host, &pod, ip, &store, &id)?;
+    cni.del(&pod, &id, &extra).context("second DEL must succeed")?;
+    Ok(())
+}
+
+/// ADD (result in `version`, parsed by libcni), CHECK where the version has
+/// it, DEL, DEL again.
+fn round_trip_in_version(version: &str) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let tag = version.replace('.', "");
+    let (host, pod) = (Netns::new(&format!("tcf-v{tag}-host"))?, Netns::new(&format!("tcf-v{tag}-pod"))?);
+    let cidr = format!("10.{}.0.0/16", unique_octet());
+    let list = conflist(version, vec![tabby_plugin(dir.path(), &cidr)]);
+    let cni = Driver::new(&host, dir.path(), &list, &[&release_dir()?])?;
+    let id = unique_name(&format!("v{tag}"));
+    let args = k8s_args(&id);
+    let extra = ["--args", args.as_str()];
+
+    let result: Value = cni.add(&pod, &id, &extra)?;
+    ensure!(result["cniVersion"] == version, "asked for {version}, libcni parsed a {} result", result["cniVersion"]);
+    let ip = result_ipv4(&result)?;
+    if version.starts_with("0.") {
+        ensure!(result["ips"][0]["version"] == "4", "0.x result lacks ips[].version: {result}");
+    }
+    assert_tabby_pod(&host, &pod, ip)?;
+    if version != "0.3.1" {
+        cni.check(&pod, &id, &extra)?; // CHECK exists from 0.4.0 on
+    }
+    cni.del(&pod, &id, &extra)?;
+    assert_gone(&host, &pod, ip, &dir.path().join("datastore"), &id)?;
+    cni.del(&pod, &id, &extra).context("second DEL must succeed")?;
+    Ok(())
+}
+
+#[test]
+fn cni_0_3_1_config_gets_a_0_3_1_result() -> Result<()> {
+    if skip_unless_root("cniVersion 0.3.1") {
+        return Ok(());
+    }
+    round_trip_in_version("0.3.1")
+}
+
+#[test]
+fn cni_0_4_0_config_gets_a_0_4_0_result() -> Result<()> {
+    if skip_unless_root("cniVersion 0.4.0") {
+        return Ok(());
+    }
+    round_trip_in_version("0.4.0")
+}
+
+#[test]
+fn cni_1_0_0_config_gets_a_1_0_0_result() -> Result<()> {
+    if skip_unless_root("cniVersion 1.0.0") {
+        return Ok(());
+    }
+    round_trip_in_version("1.0.0")
+}
+
+#[test]
+fn cni_1_1_0_config_gets_a_1_1_0_result() -> Result<()> {
+    if skip_unless_root("cniVersion 1.1.0") {
+        return Ok(());
+    }
+    round_trip_in_version("1.1.0")
+}

@@ -1,0 +1,123 @@
+//! The storage contract every IPAM backend implements.
+//!
+//! Documents are opaque JSON bytes under slash-separated keys
+//! (`pools/<name>`, `blocks/<cidr>`, `affinities/<node>/<cidr>`,
+//! `handles/<handle>`, `nodes/<name>`, `config/<name>`). The only way to
+//! change a document is compare-and-swap on its [`Revision`]: a writer that
+//! lost a race gets [`DatastoreError::Conflict`] and must re-read; nothing is
+//! ever overwritten blindly.
+
+use std::fmt;
+
+/// An opaque document version. The file backend counts writes; the
+/// Kubernetes backend will carry `resourceVersion`, etcd `mod_revision`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Revision(pub String);
+
+impl fmt::Display for Revision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A stored document with the revision it was read at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The full key, e.g. `blocks/10.244.0.0-26`.
+    pub key: String,
+    /// The JSON document.
+    pub value: Vec<u8>,
+    /// The revision to pass to [`Datastore::update`] or [`Datastore::delete`].
+    pub revision: Revision,
+}
+
+/// Errors of a datastore backend.
+#[derive(Debug, thiserror::Error)]
+pub enum DatastoreError {
+    /// The document changed (or appeared, or vanished) since it was read.
+    #[error("datastore conflict on {key}: it was changed by another writer")]
+    Conflict {
+        /// The key that was raced on.
+        key: String,
+    },
+    /// The document does not exist.
+    #[error("datastore key {key} not found")]
+    NotFound {
+        /// The missing key.
+        key: String,
+    },
+    /// The backend cannot be reached or read (permissions, disk, network).
+    #[error("datastore unavailable at {location}")]
+    Unavailable {
+        /// Where the backend lives (a directory, an URL).
+        location: String,
+        /// The underlying failure.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A stored document is not valid for its key.
+    #[error("datastore document {key} is corrupt: {reason}")]
+    Corrupt {
+        /// The offending key.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// Result alias for datastore operations.
+pub type Result<T, E = DatastoreError> = std::result::Result<T, E>;
+
+/// A key/value store with compare-and-swap, shared by every process on a
+/// node (and, for the cluster backends, every node).
+pub trait Datastore: Send + Sync {
+    /// Reads one document; `Ok(None)` when it does not exist.
+    fn get(&self, key: &str) -> Result<Option<Entry>>;
+    /// Lists every document whose key starts with `prefix`, sorted by key.
+    fn list(&self, prefix: &str) -> Result<Vec<Entry>>;
+    /// Creates a document; [`DatastoreError::Conflict`] if it already exists.
+    fn create(&self, key: &str, value: &[u8]) -> Result<Revision>;
+    /// Replaces a document if it is still at `expected`; else `Conflict`
+    /// (also when it was deleted meanwhile).
+    fn update(&self, key: &str, value: &[u8], expected: &Revision) -> Result<Revision>;
+    /// Deletes a document if it is still at `expected`; else `Conflict`.
+    /// Deleting a missing document is `NotFound`.
+    fn delete(&self, key: &str, expected: &Revision) -> Result<()>;
+    /// Whether the backend answers at all (for CNI STATUS).
+    fn ping(&self) -> Result<()>;
+    /// A human description (`file:/var/lib/tabby/datastore`).
+    fn describe(&self) -> String;
+}
+
+/// Forwards every method to the pointee, so that `Ipam` can own a shared
+/// (`Arc`) or dynamically chosen (`Box<dyn Datastore>`) backend.
+macro_rules! forward_datastore {
+    ($($ptr:ident)::+) => {
+        impl<T: Datastore + ?Sized> Datastore for $($ptr)::+<T> {
+            fn get(&self, key: &str) -> Result<Option<Entry>> {
+                (**self).get(key)
+            }
+            fn list(&self, prefix: &str) -> Result<Vec<Entry>> {
+                (**self).list(prefix)
+            }
+            fn create(&self, key: &str, value: &[u8]) -> Result<Revision> {
+                (**self).create(key, value)
+            }
+            fn update(&self, key: &str, value: &[u8], expected: &Revision) -> Result<Revision> {
+                (**self).update(key, value, expected)
+            }
+            fn delete(&self, key: &str, expected: &Revision) -> Result<()> {
+                (**self).delete(key, expected)
+            }
+            fn ping(&self) -> Result<()> {
+                (**self).ping()
+            }
+            fn describe(&self) -> String {
+                (**self).describe()
+            }
+        }
+    };
+}
+
+forward_datastore!(std::sync::Arc);
+forward_datastore!(Box);

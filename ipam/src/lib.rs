@@ -1,0 +1,36 @@
+//! Tabby's IPAM: a cluster-wide pool split into blocks that are affine to
+//! nodes, with every allocation owned by a handle.
+//!
+//! The allocator is written once over the [`Datastore`] trait, whose only
+//! write primitive is compare-and-swap on a revision; backends (the `file`
+//! backend here, `kubernetes` and `etcd` later) only store documents.
+//!
+//! Module map:
+//! - [`types`]: the stored documents (IPPool, Block, BlockAffinity, Handle, Node).
+//! - [`datastore`]: the `Datastore` trait and its error type.
+//! - [`file`]: the file backend (one JSON document per key, flock).
+//! - [`mem`]: an in-memory backend for tests.
+//! - [`block`]: pure block arithmetic and the per-block allocation table.
+//! - [`allocator`]: assign / release / gc over a datastore, with retries on conflict.
+//! - [`claim`]: the two-phase block claim (pending -> confirmed affinity).
+//! - [`pools`]: pool validation and management, cluster settings.
+//! - [`store`]: document keys and typed JSON access.
+//! - [`report`]: usage and consistency reports for `tabbyctl ipam show|check`.
+
+pub mod allocator;
+pub mod block;
+pub mod claim;
+pub mod datastore;
+pub mod file;
+pub mod mem;
+pub mod pools;
+pub mod report;
+pub mod store;
+pub mod types;
+
+pub use allocator::{AssignArgs, Ipam, IpamError, Released};
+pub use datastore::{Datastore, DatastoreError, Revision};
+pub use file::FileDatastore;
+pub use mem::MemDatastore;
+pub use types::{AffinityState, AllocationAttribute, Block, BlockAffinity, EncapMode, Handle, IpPool, IpamConfig, Node};
+pub use file::DEFAULT_PATH;

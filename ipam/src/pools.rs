@@ -1,0 +1,173 @@
+//! Pools and cluster settings: create, validate, list, delete.
+
+use crate::allocator::{delete_if_present, Ipam, IpamError, Result};
+use crate::block::{family_bits, normalize};
+use crate::datastore::{Datastore, DatastoreError};
+use crate::store::{self, Doc};
+use crate::types::{Block, BlockAffinity, IpPool, IpamConfig};
+
+/// Smallest block prefix (largest block) allowed per family, as Calico:
+/// a block is rewritten on every assign, so it must stay small.
+const MIN_BLOCK_PREFIX_V4: u8 = 20;
+const MIN_BLOCK_PREFIX_V6: u8 = 116;
+
+/// Checks a pool definition; returns it with its CIDR's host bits cleared.
+pub fn validate_pool(pool: &IpPool) -> Result<IpPool> {
+    let invalid = |reason: String| IpamError::InvalidPool { name: pool.name.clone(), reason };
+    let name_ok = !pool.name.is_empty()
+        && pool.name.len() <= 253
+        && !pool.name.starts_with('.')
+        && pool.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if !name_ok {
+        return Err(invalid("the name must be 1-253 letters, digits, '-', '.' or '_'".to_string()));
+    }
+    let bits = family_bits(&pool.cidr);
+    let min_block = if bits == 32 { MIN_BLOCK_PREFIX_V4 } else { MIN_BLOCK_PREFIX_V6 };
+    let prefix = pool.cidr.prefix();
+    if pool.block_size < prefix || pool.block_size > bits {
+        return Err(invalid(format!(
+            "block size {} must be between the pool's prefix /{prefix} and /{bits}",
+            pool.block_size
+        )));
+    }
+    if pool.block_size < min_block {
+        return Err(invalid(format!(
+            "block size {} is too large a block: use /{min_block} to /{bits}",
+            pool.block_size
+        )));
+    }
+    let mut normalized = pool.clone();
+    normalized.cidr = normalize(&pool.cidr);
+    Ok(normalized)
+}
+
+/// Whether two networks share any address.
+fn overlaps(a: &ipnetwork::IpNetwork, b: &ipnetwork::IpNetwork) -> bool {
+    a.is_ipv4() == b.is_ipv4() && (a.contains(b.network()) || b.contains(a.network()))
+}
+
+impl<D: Datastore> Ipam<D> {
+    /// Cluster IPAM settings (defaults when none are stored).
+    pub fn config(&self) -> Result<IpamConfig> {
+        Ok(store::get::<IpamConfig>(&self.ds, store::CONFIG_KEY)?.map(|d| d.value).unwrap_or_default())
+    }
+
+    /// Stores cluster IPAM settings.
+    pub fn set_config(&self, config: &IpamConfig) -> Result<()> {
+        self.retry(|| {
+            match store::get::<IpamConfig>(&self.ds, store::CONFIG_KEY)? {
+                None => store::create(&self.ds, store::CONFIG_KEY, config)?,
+                Some(doc) => store::update(&self.ds, store::CONFIG_KEY, config, &doc.revision)?,
+            };
+            Ok(())
+        })
+    }
+
+    /// Every pool, sorted by name.
+    pub fn pools(&self) -> Result<Vec<IpPool>> {
+        let mut pools: Vec<IpPool> =
+            store::list::<IpPool>(&self.ds, store::POOLS)?.into_iter().map(|d| d.value).collect();
+        pools.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(pools)
+    }
+
+    /// Creates a pool; rejects a duplicate name or an overlapping CIDR.
+    ///
+    /// The overlap check reads the pools before creating; two operators
+    /// creating overlapping pools under different names at the same instant
+    /// could both succeed.
+    pub fn create_pool(&self, pool: &IpPool) -> Result<()> {
+        let pool = validate_pool(pool)?;
+        for existing in self.pools()? {
+            if existing.name == pool.name || overlaps(&existing.cidr, &pool.cidr) {
+                return Err(IpamError::PoolExists { name: pool.name.clone(), existing: existing.name });
+            }
+        }
+        match store::create(&self.ds, &store::pool_key(&pool.name), &pool) {
+            Ok(_) => {
+                tracing::info!(name = %pool.name, cidr = %pool.cidr, "created IP pool");
+                Ok(())
+            }
+            Err(DatastoreError::Conflict { .. }) => {
+                Err(IpamError::PoolExists { name: pool.name.clone(), existing: pool.name.clone() })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Creates `pool` only if no pool exists at all (the conflist's `ipam.pool`).
+    /// Safe when several processes race: exactly one pool results (they
+    /// all create the same key, so only one create wins).
+    pub fn ensure_default_pool(&self, pool: &IpPool) -> Result<()> {
+        if !self.ds.list(store::POOLS)?.is_empty() {
+            return Ok(());
+        }
+        match self.create_pool(pool) {
+            Err(IpamError::PoolExists { .. }) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Deletes a pool by name; refuses while any of its blocks holds an allocation.
+    ///
+    /// The pool is disabled first so that no new block is claimed from it,
+    /// then its (empty) blocks and their affinities are deleted, then the pool.
+    pub fn delete_pool(&self, name: &str) -> Result<()> {
+        let key = store::pool_key(name);
+        let Some(original) = store::get::<IpPool>(&self.ds, &key)? else {
+            return Err(IpamError::PoolNotFound { name: name.to_string() });
+        };
+        let cidr = original.value.cidr;
+        let pool_blocks = || -> Result<Vec<Doc<Block>>> {
+            let mut blocks = Vec::new();
+            for block in store::list::<Block>(&self.ds, store::BLOCKS)? {
+                if cidr.contains(block.value.cidr.network()) {
+                    blocks.push(store::checked_block(block)?);
+                }
+            }
+            Ok(blocks)
+        };
+        let in_use = |blocks: &[Doc<Block>]| blocks.iter().map(|b| b.value.in_use()).sum::<usize>();
+        let count = in_use(&pool_blocks()?);
+        if count > 0 {
+            return Err(IpamError::PoolInUse { name: name.to_string(), in_use: count });
+        }
+
+        let mut disabled = original.value.clone();
+        disabled.disabled = true;
+        store::update(&self.ds, &key, &disabled, &original.revision)?;
+        let emptied = self.retry(|| {
+            let blocks = pool_blocks()?;
+            let count = in_use(&blocks);
+            if count > 0 {
+                return Ok(Some(count));
+            }
+            for block in &blocks {
+                delete_if_present(&self.ds, &block.key, &block.revision)?;
+            }
+            Ok(None)
+        });
+        if let Ok(Some(count)) | Err(IpamError::PoolInUse { in_use: count, .. }) = emptied {
+            // An assign won the race: give the pool back as it was.
+            self.retry(|| {
+                let Some(doc) = store::get::<IpPool>(&self.ds, &key)? else { return Ok(()) };
+                store::update(&self.ds, &key, &original.value, &doc.revision)?;
+                Ok(())
+            })?;
+            return Err(IpamError::PoolInUse { name: name.to_string(), in_use: count });
+        }
+        emptied?;
+
+        for affinity in store::list::<BlockAffinity>(&self.ds, store::AFFINITIES)? {
+            if cidr.contains(affinity.value.cidr.network()) {
+                delete_if_present(&self.ds, &affinity.key, &affinity.revision)?;
+            }
+        }
+        self.retry(|| {
+            let Some(doc) = store::get::<IpPool>(&self.ds, &key)? else { return Ok(()) };
+            delete_if_present(&self.ds, &key, &doc.revision)
+        })?;
+        tracing::info!(%name, %cidr, "deleted IP pool");
+        Ok(())
+    }
+}

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what Tabby's demo and tests need on Debian 12. Idempotent: apt runs
+# only when a package is missing. Needs root.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=lib.sh
+. "$here/lib.sh"
+need_root
+
+packages=(
+    # namespaces, links, routes, firewall and conntrack tooling
+    iproute2 iptables nftables ipset conntrack iputils-ping procps util-linux kmod
+    # real peers: BGP speakers, etcd, Debian's reference CNI plugins
+    bird2 gobgpd etcd-server etcd-client containernetworking-plugins
+    # Go + libcni for the conformance driver (built offline in GOPATH mode)
+    golang-1.19-go golang-github-appc-cni-dev
+    # guests and the C toolchain Rust links with
+    busybox-static build-essential pkg-config ca-certificates
+)
+
+missing=()
+for p in "${packages[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$p")
+    fi
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    step "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+    echo "setup: all ${#packages[@]} Debian packages present"
+fi
+
+find_cargo
+echo "setup: $(cargo --version), $(rustc --version)"
+for bin in /usr/lib/go-1.19/bin/go /usr/lib/cni/ptp /usr/lib/cni/host-local /usr/lib/cni/portmap; do
+    [ -x "$bin" ] || { echo "setup: $bin missing after install" >&2; exit 1; }
+done
