@@ -1,1 +1,67 @@
-fn main() {}
+//! `tabbyctl`: show and repair Tabby's IPAM (calicoctl's `ipam` and
+//! `ippool` commands, over the same datastore as the CNI plugin).
+
+mod ipam;
+mod pool;
+mod table;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tabby_ipam::{FileDatastore, Ipam};
+
+/// Show and repair Tabby's IP address management.
+#[derive(Debug, Parser)]
+#[command(name = "tabbyctl", version)]
+struct Cli {
+    /// The datastore directory (file backend).
+    #[arg(long, global = true, env = "TABBY_DATASTORE", default_value = tabby_ipam::DEFAULT_PATH)]
+    datastore: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// IP address management: show usage, check consistency, release addresses.
+    #[command(subcommand)]
+    Ipam(ipam::IpamCommand),
+    /// IP pools: create, list, delete.
+    #[command(subcommand)]
+    Pool(pool::PoolCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let creates_store = matches!(cli.command, Command::Pool(pool::PoolCommand::Create(_)));
+    let ipam = open(&cli.datastore, creates_store)?;
+    match cli.command {
+        Command::Ipam(cmd) => ipam::run(&ipam, cmd),
+        Command::Pool(cmd) => pool::run(&ipam, cmd),
+    }
+}
+
+/// Opens the datastore; only `pool create` may create its directory, so a
+/// mistyped path is an error rather than an empty cluster.
+fn open(path: &PathBuf, create: bool) -> anyhow::Result<Ipam<FileDatastore>> {
+    if !create && !path.is_dir() {
+        anyhow::bail!(
+            "no datastore at {}: create a pool with `tabbyctl pool create`, or pass --datastore / TABBY_DATASTORE",
+            path.display()
+        );
+    }
+    let ds = FileDatastore::open(path).with_context(|| format!("opening datastore {}", path.display()))?;
+    Ok(Ipam::new(ds))
+}

@@ -140,7 +140,9 @@ impl Error {
             | Error::Netlink { source, .. }
             | Error::Sysctl { source, .. } => source.raw_os_error(),
             Error::Setns { source, .. } => Some(*source as i32),
-            Error::NotANetns { .. } | Error::InvalidRoute { .. } | Error::InvalidSysctlKey { .. } => None,
+            Error::NotANetns { .. }
+            | Error::InvalidRoute { .. }
+            | Error::InvalidSysctlKey { .. } => None,
         }
     }
 

@@ -53,7 +53,10 @@ mod tests {
     #[test]
     fn keys_map_under_proc_sys() {
         let path = path_of("net/ipv4/conf/eth0.100/forwarding").unwrap();
-        assert_eq!(path, Path::new("/proc/sys/net/ipv4/conf/eth0.100/forwarding"));
+        assert_eq!(
+            path,
+            Path::new("/proc/sys/net/ipv4/conf/eth0.100/forwarding")
+        );
     }
 
     #[test]

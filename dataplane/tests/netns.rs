@@ -93,5 +93,7 @@ fn a_missing_sysctl_is_not_found() {
         .unwrap()
         .unwrap_err();
     assert!(err.is_not_found(), "{err:?}");
-    assert!(err.to_string().contains("net/ipv4/conf/tdp-no-such-link/proxy_arp"));
+    assert!(err
+        .to_string()
+        .contains("net/ipv4/conf/tdp-no-such-link/proxy_arp"));
 }

@@ -50,13 +50,25 @@ impl Pod {
             .create_veth(&veth, HOST_MAC, "eth0", &pod, Some(1400))
             .unwrap();
         let eth0_index = pod_nl.link("eth0").unwrap().expect("eth0 in the pod").index;
-        Pod { host, pod, host_nl, pod_nl, veth, veth_index, eth0_index }
+        Pod {
+            host,
+            pod,
+            host_nl,
+            pod_nl,
+            veth,
+            veth_index,
+            eth0_index,
+        }
     }
 
     fn pod_routes(&self) -> [Route; 2] {
         [
-            Route::new(net("169.254.1.1/32")).dev(self.eth0_index).with_scope(Scope::Link),
-            Route::new(net("0.0.0.0/0")).via(ip(GATEWAY)).dev(self.eth0_index),
+            Route::new(net("169.254.1.1/32"))
+                .dev(self.eth0_index)
+                .with_scope(Scope::Link),
+            Route::new(net("0.0.0.0/0"))
+                .via(ip(GATEWAY))
+                .dev(self.eth0_index),
         ]
     }
 
@@ -70,7 +82,8 @@ impl Pod {
     fn wire(&self) {
         let pod = &self.pod_nl;
         pod.set_up(self.eth0_index).unwrap();
-        pod.add_address(self.eth0_index, net(&format!("{POD_IP}/32"))).unwrap();
+        pod.add_address(self.eth0_index, net(&format!("{POD_IP}/32")))
+            .unwrap();
         for route in self.pod_routes() {
             pod.add_route(&route).unwrap();
         }
@@ -86,6 +99,29 @@ impl Pod {
             .unwrap()
             .unwrap();
         self.host_nl.add_route(&self.host_route()).unwrap();
+    }
+
+    /// Links, addresses, routes, neighbours and sysctls of both sides, for
+    /// failure messages.
+    fn dump(&self) -> String {
+        let sysctls = "grep . /proc/sys/net/ipv4/conf/*/proxy_arp \
+            /proc/sys/net/ipv4/conf/*/forwarding /proc/sys/net/ipv4/neigh/*/proxy_delay";
+        let commands: [&[&str]; 5] = [
+            &["ip", "-d", "link"],
+            &["ip", "addr"],
+            &["ip", "route"],
+            &["ip", "neigh"],
+            &["sh", "-c", sysctls],
+        ];
+        let mut out = String::new();
+        for ns in [&self.host, &self.pod] {
+            for command in commands {
+                let output = ns.exec(command);
+                out += &format!("--- {} {command:?}\n", ns.name());
+                out += &String::from_utf8_lossy(&output.stdout);
+            }
+        }
+        out
     }
 }
 
@@ -108,9 +144,18 @@ fn the_veth_peer_is_created_directly_in_the_pod_namespace() {
     // Each end lives in exactly one namespace.
     assert!(p.host_nl.link("eth0").unwrap().is_none());
     assert!(p.pod_nl.link(&p.veth).unwrap().is_none());
-    let host_names: Vec<_> = p.host_nl.links().unwrap().into_iter().map(|l| l.name).collect();
+    let host_names: Vec<_> = p
+        .host_nl
+        .links()
+        .unwrap()
+        .into_iter()
+        .map(|l| l.name)
+        .collect();
     assert_eq!(host_names, ["lo".to_string(), p.veth.clone()]);
-    assert_eq!(p.host_nl.link_by_index(p.veth_index).unwrap(), Some(host_end));
+    assert_eq!(
+        p.host_nl.link_by_index(p.veth_index).unwrap(),
+        Some(host_end)
+    );
 }
 
 #[test]
@@ -136,10 +181,16 @@ fn addresses_and_routes_read_back() {
     p.wire();
 
     assert!(p.pod_nl.link("eth0").unwrap().unwrap().up);
-    assert_eq!(ipv4(p.pod_nl.addresses(p.eth0_index).unwrap()), [net(&format!("{POD_IP}/32"))]);
+    assert_eq!(
+        ipv4(p.pod_nl.addresses(p.eth0_index).unwrap()),
+        [net(&format!("{POD_IP}/32"))]
+    );
     let pod_routes = p.pod_nl.routes(Family::V4).unwrap();
     for route in p.pod_routes() {
-        assert!(pod_routes.contains(&route), "{route} missing from {pod_routes:?}");
+        assert!(
+            pod_routes.contains(&route),
+            "{route} missing from {pod_routes:?}"
+        );
     }
     assert_eq!(p.host_nl.routes(Family::V4).unwrap(), [p.host_route()]);
     assert!(ipv4(p.host_nl.addresses(p.veth_index).unwrap()).is_empty());
@@ -179,21 +230,35 @@ fn deletes_are_idempotent() {
     assert!(p.host_nl.delete_link(&p.veth).unwrap());
     assert!(!p.host_nl.delete_link(&p.veth).unwrap());
     assert!(p.pod_nl.link("eth0").unwrap().is_none());
+
+    // Routes and addresses of a deleted link are gone too.
+    assert!(!p.pod_nl.delete_route(&p.pod_routes()[1]).unwrap());
+    assert!(!p.pod_nl.delete_address(p.eth0_index, addr).unwrap());
 }
 
 #[test]
 fn ipv6_routes_via_the_link_local_gateway_read_back() {
     let p = Pod::create();
     p.pod_nl.set_up(p.eth0_index).unwrap();
-    p.pod_nl.add_address(p.eth0_index, net("fd00:65::5/128")).unwrap();
-    let default = Route::new(net("::/0")).via(ip(GATEWAY_V6)).dev(p.eth0_index);
+    p.pod_nl
+        .add_address(p.eth0_index, net("fd00:65::5/128"))
+        .unwrap();
+    let default = Route::new(net("::/0"))
+        .via(ip(GATEWAY_V6))
+        .dev(p.eth0_index);
     p.pod_nl.add_route(&default).unwrap();
     let routes = p.pod_nl.routes(Family::V6).unwrap();
     assert!(
-        routes.iter().any(|r| r.dst == default.dst && r.gateway == default.gateway),
+        routes
+            .iter()
+            .any(|r| r.dst == default.dst && r.gateway == default.gateway),
         "{default} missing from {routes:?}"
     );
-    assert!(p.pod_nl.addresses(p.eth0_index).unwrap().contains(&net("fd00:65::5/128")));
+    assert!(p
+        .pod_nl
+        .addresses(p.eth0_index)
+        .unwrap()
+        .contains(&net("fd00:65::5/128")));
     assert!(p.pod_nl.delete_route(&default).unwrap());
     assert!(!p.pod_nl.delete_route(&default).unwrap());
 }
@@ -206,7 +271,12 @@ fn sysctls_of_the_host_end_live_in_the_host_namespace() {
     p.host.run(|| sysctl::set(&key, "1")).unwrap().unwrap();
     assert_eq!(p.host.run(|| sysctl::get(&key)).unwrap().unwrap(), "1");
     // The pod namespace has no such interface, and its eth0 is untouched.
-    assert!(p.pod.run(|| sysctl::get(&key)).unwrap().unwrap_err().is_not_found());
+    assert!(p
+        .pod
+        .run(|| sysctl::get(&key))
+        .unwrap()
+        .unwrap_err()
+        .is_not_found());
     let pod_key = "net/ipv4/conf/eth0/proxy_arp";
     assert_eq!(p.pod.run(|| sysctl::get(pod_key)).unwrap().unwrap(), "0");
 }
@@ -218,27 +288,39 @@ fn the_pod_reaches_the_host_through_proxy_arp() {
     // The host needs an address to answer from and a route for 169.254.1.1
     // out of another device, as a real node has its uplink default route.
     // (A veth pair stands in for the uplink: the dummy driver may be missing.)
-    p.host.exec_ok(&["ip", "link", "add", "uplink", "type", "veth", "peer", "name", "uplink-peer"]);
+    p.host.exec_ok(&[
+        "ip",
+        "link",
+        "add",
+        "uplink",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "uplink-peer",
+    ]);
     p.host.exec_ok(&["ip", "link", "set", "uplink", "up"]);
     p.host.exec_ok(&["ip", "link", "set", "uplink-peer", "up"]);
-    p.host.exec_ok(&["ip", "addr", "add", "10.99.0.1/32", "dev", "uplink"]);
-    p.host.exec_ok(&["ip", "route", "add", "default", "dev", "uplink"]);
+    p.host
+        .exec_ok(&["ip", "addr", "add", "10.99.0.1/32", "dev", "uplink"]);
+    p.host
+        .exec_ok(&["ip", "route", "add", "default", "dev", "uplink"]);
 
     let ping = |ns: &ScratchNetns, dst: &str| {
         eventually(Duration::from_secs(5), || {
             ns.exec(&["ping", "-c1", "-W1", dst]).status.success()
         })
     };
-    if !ping(&p.pod, "10.99.0.1") {
-        for ns in [&p.host, &p.pod] {
-            for cmd in [&["ip", "-d", "link"][..], &["ip", "addr"], &["ip", "route"], &["ip", "neigh"], &["sh", "-c", "grep . /proc/sys/net/ipv4/conf/*/proxy_arp /proc/sys/net/ipv4/conf/*/forwarding /proc/sys/net/ipv4/neigh/*/proxy_delay"]] {
-                let o = ns.exec(cmd);
-                eprintln!("{} {cmd:?}\n{}", ns.name(), String::from_utf8_lossy(&o.stdout));
-            }
-        }
-        panic!("pod cannot ping the host");
-    }
-    assert!(ping(&p.host, POD_IP), "host cannot ping the pod");
+    assert!(
+        ping(&p.pod, "10.99.0.1"),
+        "pod cannot ping the host\n{}",
+        p.dump()
+    );
+    assert!(
+        ping(&p.host, POD_IP),
+        "host cannot ping the pod\n{}",
+        p.dump()
+    );
 
     // The pod resolved its gateway to the host end's MAC.
     let neigh = p.pod.exec(&["ip", "neigh", "show", GATEWAY, "dev", "eth0"]);

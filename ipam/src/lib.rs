@@ -25,6 +25,7 @@ pub mod file;
 pub mod mem;
 pub mod pools;
 pub mod report;
+pub mod resources;
 pub mod store;
 pub mod types;
 

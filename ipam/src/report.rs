@@ -71,12 +71,13 @@ impl Usage {
         self.total.saturating_sub(self.in_use)
     }
 
-    /// `part` as a whole percentage of the total, rounded as calicoctl does (down).
+    /// `part` as a whole percentage of the total, rounded to the nearest as
+    /// calicoctl prints it (4 of 256 is 2%, 255 of 256 is 100%).
     pub fn percent(&self, part: u128) -> u128 {
         if self.total == 0 {
             return 0;
         }
-        part.saturating_mul(100) / self.total
+        (part as f64 * 100.0 / self.total as f64).round() as u128
     }
 }
 
@@ -335,4 +336,89 @@ pub fn check(snap: &Snapshot, is_live: impl Fn(&AllocationAttribute) -> Liveness
         }
     }
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::types::EncapMode;
+
+    fn pool(cidr: &str, block_size: u8) -> IpPool {
+        IpPool {
+            name: "p".to_string(),
+            cidr: cidr.parse().expect("cidr"),
+            block_size,
+            ipip_mode: EncapMode::Never,
+            vxlan_mode: EncapMode::Never,
+            nat_outgoing: false,
+            disabled: false,
+            node_selector: "all()".to_string(),
+        }
+    }
+
+    fn snapshot() -> Snapshot {
+        let mut a = Block::new("10.0.0.0/26".parse().expect("cidr"), Some("node-a"));
+        let attrs = BTreeMap::from([("netns".to_string(), "/gone".to_string())]);
+        a.assign(2, "h1", &attrs);
+        a.assign(1, "h2", &BTreeMap::new());
+        let ghost = Block::new("10.0.0.64/26".parse().expect("cidr"), Some("ghost"));
+        Snapshot {
+            pools: vec![pool("10.0.0.0/24", 26)],
+            blocks: vec![ghost, a],
+            affinities: vec![
+                BlockAffinity { node: "node-a".into(), cidr: "10.0.0.0/26".parse().expect("cidr"), state: AffinityState::Confirmed },
+                BlockAffinity { node: "node-b".into(), cidr: "10.0.0.128/26".parse().expect("cidr"), state: AffinityState::Pending },
+            ],
+            handles: vec![
+                Handle { handle_id: "h1".into(), block: BTreeMap::from([("10.0.0.0/26".to_string(), 2)]) },
+                Handle { handle_id: "h2".into(), block: BTreeMap::from([("10.0.0.0/26".to_string(), 3)]) },
+            ],
+            nodes: vec![Node { name: "node-a".into(), address: None, asn: None, labels: BTreeMap::new() }],
+        }
+    }
+
+    #[test]
+    fn usage_counts_pools_and_blocks_in_address_order() {
+        let pools = usage(&snapshot());
+        assert_eq!(pools.len(), 1);
+        assert_eq!(pools[0].usage, Usage { total: 256, in_use: 3 });
+        assert_eq!(pools[0].usage.percent(3), 1);
+        assert_eq!(pools[0].usage.percent(253), 99);
+        assert_eq!(pools[0].blocks[0].cidr.to_string(), "10.0.0.0/26");
+        assert_eq!(pools[0].blocks[0].node.as_deref(), Some("node-a"));
+        assert_eq!(pools[0].blocks[1].usage.in_use, 0);
+        assert_eq!(Usage { total: 256, in_use: 4 }.percent(4), 2);
+        assert_eq!(Usage { total: 256, in_use: 4 }.percent(252), 98);
+    }
+
+    #[test]
+    fn ip_info_tells_in_use_free_and_foreign_addresses_apart() {
+        let snap = snapshot();
+        match ip_info(&snap, "10.0.0.1".parse().expect("ip")) {
+            IpInfo::InUse { attribute, block_node, .. } => {
+                assert_eq!(attribute.handle_id, "h1");
+                assert_eq!(block_node.as_deref(), Some("node-a"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(ip_info(&snap, "10.0.0.9".parse().expect("ip")), IpInfo::NotAssigned { pool: "p".into() });
+        assert_eq!(ip_info(&snap, "10.0.1.9".parse().expect("ip")), IpInfo::NotInPool);
+    }
+
+    #[test]
+    fn check_finds_leaks_unknown_nodes_lost_affinities_and_bad_counts() {
+        let report = check(&snapshot(), |a| {
+            if a.secondary.contains_key("netns") { Liveness::Dead } else { Liveness::Unknown }
+        });
+        assert_eq!(report.allocations, 3);
+        assert_eq!(report.unknown.len(), 1);
+        let text: Vec<String> = report.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(text.len(), 5, "{text:#?}");
+        assert!(text.iter().filter(|t| t.contains("attachment is gone")).count() == 2);
+        assert!(text.iter().any(|t| t.contains("node ghost, which is not registered")));
+        assert!(text.iter().any(|t| t.contains("10.0.0.128/26, which does not exist")));
+        assert!(text.iter().any(|t| t.contains("handle h2 records 3 addresses in block 10.0.0.0/26, the block holds 1")));
+    }
 }

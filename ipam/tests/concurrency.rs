@@ -121,3 +121,37 @@ fn sixty_four_concurrent_processes_on_one_node_share_its_blocks_without_conflict
     assert_affinities_consistent(ipam.datastore());
     assert_all_json(dir.path());
 }
+
+#[test]
+fn processes_killed_midway_leave_valid_documents_and_a_usable_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ipam = Ipam::new(FileDatastore::open(dir.path()).expect("open"));
+    ipam.create_pool(&pool("small", "10.253.0.0/24", 28)).expect("pool");
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut children: Vec<_> = (0..8)
+        .map(|p| {
+            Command::new(&exe)
+                .args(["--exact", "child_process_entry", "--test-threads=1"])
+                .env("TABBY_IPAM_TEST_CHILD", format!("{},node-{},k{p},30", dir.path().display(), p % NODES))
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn child")
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    for child in &mut children {
+        // SIGKILL: no chance to finish a write or clean up.
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert_all_json(dir.path());
+    // Every node can still assign (pending claims of the dead are resolved),
+    // and nothing handed out collides with what the dead processes got.
+    let snapshot = tabby_ipam::report::Snapshot::load(ipam.datastore()).expect("snapshot");
+    let taken: HashSet<IpAddr> = snapshot.blocks.iter().flat_map(|b| b.allocated().map(|(ip, _)| ip)).collect();
+    for node in 0..NODES {
+        let ip = ipam.assign(&v4(&format!("after-{node}"), &format!("node-{node}"))).expect("assign")[0].ip();
+        assert!(!taken.contains(&ip));
+    }
+    assert_all_json(dir.path());
+}

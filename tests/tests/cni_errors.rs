@@ -147,3 +147,59 @@ fn add_twice_for_one_container_is_refused_without_touching_the_first() {
     assert_eq!(node.allocations().len(), 1);
     assert!(pod.ns.ping(&pod.ip));
 }
+
+#[test]
+fn a_datastore_conflict_storm_ends_in_success_or_code_11_never_in_a_half_done_pod() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use tabby_ipam::{Datastore, FileDatastore};
+
+    let node = Node::new();
+    let conf = node.conf("1.1.0", "10.244.0.0/16", 26);
+    let first = node.add_pod(&conf);
+    // Another writer bumps the revision of every block and handle as fast as it can.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (store, flag) = (node.datastore(), Arc::clone(&stop));
+    let hammer = std::thread::spawn(move || {
+        let ds = FileDatastore::open(&store).unwrap();
+        let mut bumps = 0u64;
+        while !flag.load(Ordering::Relaxed) {
+            for prefix in ["blocks/", "handles/"] {
+                for e in ds.list(prefix).unwrap() {
+                    if ds.update(&e.key, &e.value, &e.revision).is_ok() {
+                        bumps += 1;
+                    }
+                }
+            }
+        }
+        bumps
+    });
+    let mut outcomes = Vec::new();
+    for _ in 0..6 {
+        let pod = Netns::new("tbp");
+        let run = add(&node, &pod, conf.to_string().as_bytes());
+        outcomes.push((pod, run));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let bumps = hammer.join().unwrap();
+    assert!(bumps > 0, "the hammer never won a write");
+
+    let allocs = node.allocations();
+    for (pod, run) in &outcomes {
+        let handle = format!("k8s-pod-network.{}", pod.name());
+        let held = allocs.iter().any(|(h, _)| *h == handle);
+        if run.ok {
+            assert!(held, "a successful ADD has no allocation");
+            assert!(pod.links().contains(&"eth0".to_string()));
+        } else {
+            assert_eq!(run.code(), Some(11), "a failed ADD under conflicts must say 'try again later': {}", run.stdout);
+            assert!(!held, "a failed ADD left its allocation");
+            assert_eq!(pod.links(), vec!["lo".to_string()]);
+        }
+    }
+    let succeeded = outcomes.iter().filter(|(_, r)| r.ok).count();
+    assert_eq!(allocs.len(), succeeded + 1);
+    let veths = node.ns.links().iter().filter(|l| l.starts_with("tabby")).count();
+    assert_eq!(veths, succeeded + 1);
+    assert!(first.ns.ping(&first.ip));
+}

@@ -10,6 +10,7 @@ impl Netlink {
     /// Adds an address to a link (`ip address add ADDR/LEN dev DEV`).
     /// An address already present gives [`Error::Exists`].
     pub fn add_address(&self, index: u32, addr: IpNetwork) -> Result<()> {
+        tracing::debug!(%addr, index, netns = %self.netns.display(), "add address");
         let request = self.handle.address().add(index, addr.ip(), addr.prefix());
         self.block_on(request.execute())
             .map_err(|e| Error::netlink(format!("add address {addr} dev #{index}"), e))
@@ -36,7 +37,9 @@ impl Netlink {
         message.header.index = index;
         message.attributes.push(AddressAttribute::Local(addr.ip()));
         if addr.is_ipv6() {
-            message.attributes.push(AddressAttribute::Address(addr.ip()));
+            message
+                .attributes
+                .push(AddressAttribute::Address(addr.ip()));
         }
         let result = self.block_on(self.handle.address().del(message).execute());
         deleted(result, || format!("delete address {addr} dev #{index}"))

@@ -80,6 +80,7 @@ impl Netlink {
                 peer_ns.path().display()
             )
         };
+        tracing::debug!(host = host_name, peer = peer_name, netns = %peer_ns.path().display(), ?mtu, "create veth");
         let message = veth_message(host_name, host_mac, peer_name, peer_ns, mtu);
         let result = self.block_on(self.handle.link().add(message).execute());
         result.map_err(|e| Error::netlink(what(), e))?;
@@ -130,6 +131,7 @@ impl Netlink {
     /// Deletes a link by name (`ip link del NAME`). Deleting one end of a
     /// veth pair deletes both. Returns `false` when there was no such link.
     pub fn delete_link(&self, name: &str) -> Result<bool> {
+        tracing::debug!(link = name, "delete link");
         let message = LinkUnspec::new_with_name(name).build();
         let result = self.block_on(self.handle.link().del_with_message(message).execute());
         deleted(result, || format!("delete link {name}"))

@@ -202,7 +202,9 @@ impl Route {
             .destination_prefix(self.dst.ip(), self.dst.prefix())
             .map_err(|e| invalid(e.to_string()))?;
         if let Some(gateway) = self.gateway {
-            builder = builder.gateway(gateway).map_err(|e| invalid(e.to_string()))?;
+            builder = builder
+                .gateway(gateway)
+                .map_err(|e| invalid(e.to_string()))?;
         }
         if let Some(oif) = self.oif {
             builder = builder.output_interface(oif);
@@ -309,6 +311,7 @@ impl Netlink {
     /// Adds a route (`ip route add ROUTE`); an existing route with the same
     /// destination, table and metric gives [`Error::Exists`].
     pub fn add_route(&self, route: &Route) -> Result<()> {
+        tracing::debug!(%route, netns = %self.netns.display(), "add route");
         let message = route.to_message()?;
         let request = self.handle.route().add(message).execute();
         self.block_on(request)
@@ -318,6 +321,7 @@ impl Netlink {
     /// Adds a route or replaces the one with the same destination, table and
     /// metric (`ip route replace ROUTE`).
     pub fn replace_route(&self, route: &Route) -> Result<()> {
+        tracing::debug!(%route, netns = %self.netns.display(), "replace route");
         let message = route.to_message()?;
         let request = self.handle.route().add(message).replace().execute();
         self.block_on(request)
@@ -328,6 +332,7 @@ impl Netlink {
     /// destination, table, type and, when given, device, gateway and
     /// protocol (0 matches any). Returns `false` when there was no such route.
     pub fn delete_route(&self, route: &Route) -> Result<bool> {
+        tracing::debug!(%route, netns = %self.netns.display(), "delete route");
         let message = route.to_delete_message()?;
         let result = self.block_on(self.handle.route().del(message).execute());
         deleted(result, || format!("delete route \"{route}\""))
@@ -381,17 +386,27 @@ mod tests {
     }
 
     fn pod_gateway() -> Route {
-        Route::new(net("169.254.1.1/32")).dev(3).with_scope(Scope::Link)
+        Route::new(net("169.254.1.1/32"))
+            .dev(3)
+            .with_scope(Scope::Link)
     }
 
     fn pod_default() -> Route {
-        Route::new(net("0.0.0.0/0")).via("169.254.1.1".parse().unwrap()).dev(3)
+        Route::new(net("0.0.0.0/0"))
+            .via("169.254.1.1".parse().unwrap())
+            .dev(3)
     }
 
     #[test]
     fn routes_print_as_ip_route_does() {
-        assert_eq!(pod_gateway().to_ip_command(), "169.254.1.1 dev #3 scope link");
-        assert_eq!(pod_default().to_ip_command(), "default via 169.254.1.1 dev #3");
+        assert_eq!(
+            pod_gateway().to_ip_command(),
+            "169.254.1.1 dev #3 scope link"
+        );
+        assert_eq!(
+            pod_default().to_ip_command(),
+            "default via 169.254.1.1 dev #3"
+        );
         let block = Route::blackhole(net("10.65.0.0/26")).with_protocol(80);
         assert_eq!(block.to_ip_command(), "blackhole 10.65.0.0/26 proto 80");
         let v6 = Route::new(net("::/0"))
@@ -417,7 +432,9 @@ mod tests {
         assert!(msg.attributes.contains(&RouteAttribute::Oif(3)));
         assert!(msg
             .attributes
-            .contains(&RouteAttribute::Gateway(RouteAddress::Inet(Ipv4Addr::new(169, 254, 1, 1)))));
+            .contains(&RouteAttribute::Gateway(RouteAddress::Inet(Ipv4Addr::new(
+                169, 254, 1, 1
+            )))));
 
         let msg = pod_gateway().to_message().unwrap();
         assert_eq!(msg.header.scope, RouteScope::Link);
@@ -436,7 +453,9 @@ mod tests {
             pod_gateway(),
             pod_default(),
             Route::blackhole(net("10.65.0.0/26")).with_protocol(80),
-            Route::new(net("fd00::/64")).via("fd00::1".parse().unwrap()).with_onlink(),
+            Route::new(net("fd00::/64"))
+                .via("fd00::1".parse().unwrap())
+                .with_onlink(),
             Route::new(net("10.0.0.0/8")).dev(9).in_table(1000),
         ] {
             let msg = route.to_message().unwrap();
@@ -447,6 +466,9 @@ mod tests {
     #[test]
     fn an_ipv6_route_cannot_use_an_ipv4_gateway() {
         let route = Route::new(net("::/0")).via("169.254.1.1".parse().unwrap());
-        assert!(matches!(route.to_message(), Err(Error::InvalidRoute { .. })));
+        assert!(matches!(
+            route.to_message(),
+            Err(Error::InvalidRoute { .. })
+        ));
     }
 }

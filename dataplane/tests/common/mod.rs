@@ -83,7 +83,9 @@ impl Deref for ScratchNetns {
 impl Drop for ScratchNetns {
     fn drop(&mut self) {
         let _lock = IP_NETNS.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 

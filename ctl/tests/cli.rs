@@ -1,0 +1,91 @@
+//! `tabbyctl` end to end: pools through the binary, allocations through the
+//! library (as the CNI plugin makes them), then show / check / release.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use tabby_ipam::{AssignArgs, FileDatastore, Ipam};
+
+fn tabbyctl(datastore: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tabbyctl"))
+        .arg("--datastore")
+        .arg(datastore)
+        .args(args)
+        .env_remove("TABBY_DATASTORE")
+        .output()
+        .expect("run tabbyctl")
+}
+
+fn stdout(out: &Output) -> String {
+    assert!(out.status.success(), "tabbyctl failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn assign(ipam: &Ipam<FileDatastore>, pod: &str, node: &str, netns: &str) -> String {
+    let attrs = BTreeMap::from([
+        ("namespace".to_string(), "default".to_string()),
+        ("pod".to_string(), pod.to_string()),
+        ("netns".to_string(), netns.to_string()),
+        ("node".to_string(), node.to_string()),
+    ]);
+    let args = AssignArgs {
+        handle: format!("k8s-pod-network.{pod}"),
+        node: node.to_string(),
+        attrs,
+        num_v4: 1,
+        num_v6: 0,
+        pools: Vec::new(),
+    };
+    ipam.assign(&args).expect("assign")[0].ip().to_string()
+}
+
+#[test]
+fn operators_can_create_a_pool_see_usage_check_and_release() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ds = dir.path().join("ds");
+    stdout(&tabbyctl(&ds, &["pool", "create", "--name", "default-ipv4-ippool", "--cidr", "10.244.0.0/16"]));
+    assert!(stdout(&tabbyctl(&ds, &["pool", "list"])).contains("default-ipv4-ippool   10.244.0.0/16   26"));
+
+    let ipam = Ipam::new(FileDatastore::open(&ds).expect("open"));
+    let live_netns = dir.path().display().to_string();
+    let a = assign(&ipam, "web-1", "node-a", &live_netns);
+    assign(&ipam, "web-2", "node-a", "/nonexistent/netns");
+    assign(&ipam, "db-1", "node-b", "/whatever");
+
+    let show = stdout(&tabbyctl(&ds, &["ipam", "show"]));
+    assert!(show.contains("| GROUPING |     CIDR      | IPS TOTAL | IPS IN USE |   IPS FREE   |"), "{show}");
+    assert!(show.contains("| IP Pool  | 10.244.0.0/16 |     65536 | 3 (0%)     | 65533 (100%) |"), "{show}");
+
+    let blocks = stdout(&tabbyctl(&ds, &["ipam", "show", "--show-blocks"]));
+    assert!(blocks.contains("| Block    | 10.244.0.0/26  | host:node-a |        64 | 2 (3%)     | 62 (97%)     |"), "{blocks}");
+    assert!(blocks.contains("| Block    | 10.244.0.64/26 | host:node-b |        64 | 1 (2%)     | 63 (98%)     |"), "{blocks}");
+
+    let ip = stdout(&tabbyctl(&ds, &["ipam", "show", "--ip", &a]));
+    assert!(ip.starts_with(&format!("IP {a} is in use\n")), "{ip}");
+    assert!(ip.contains("Handle: k8s-pod-network.web-1") && ip.contains("  pod: web-1"), "{ip}");
+
+    let check = stdout(&tabbyctl(&ds, &["ipam", "check", "--node", "node-a"]));
+    assert!(check.contains("1 live on this node (node-a), 1 not checkable from here"), "{check}");
+    assert!(check.contains("(pod default/web-2)"), "{check}");
+    assert!(check.contains("Found 1 problems"), "{check}");
+
+    let released = stdout(&tabbyctl(&ds, &["ipam", "release", "--ip", &a]));
+    assert!(released.contains("k8s-pod-network.web-1"));
+    let again = tabbyctl(&ds, &["ipam", "release", "--ip", &a]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("is not assigned"));
+
+    let refused = tabbyctl(&ds, &["pool", "delete", "default-ipv4-ippool"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("still has 2 allocated addresses"));
+}
+
+#[test]
+fn a_missing_datastore_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = tabbyctl(&dir.path().join("nope"), &["ipam", "show"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: no datastore at"));
+    assert!(!dir.path().join("nope").exists());
+}

@@ -1,0 +1,173 @@
+//! What this node should do, computed from the cluster's documents: pure
+//! functions, unit-tested without root.
+//!
+//! - which BGP peers it has ([`desired_peers`]): the node-to-node mesh,
+//!   global peers and peers of this node;
+//! - which prefixes it originates ([`local_prefixes`]): its confirmed
+//!   blocks and the /32s it borrowed from other nodes' blocks;
+//! - which kernel routes it owns ([`kernel_routes`]): a blackhole per local
+//!   block and a route per learned prefix.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+use tabby_dataplane::Route;
+use tabby_ipam::report::Snapshot;
+use tabby_ipam::resources::{BgpConfiguration, BgpPeer};
+use tabby_ipam::AffinityState;
+
+/// Protocol number of every route `tabby-node` installs (`ip route show proto 201`).
+/// Pod routes added by the CNI plugin carry `proto boot` and are never touched.
+pub const RTPROT_TABBY: u8 = 201;
+
+/// How a peer came to be, as `calicoctl node status` says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PeerType {
+    /// Another node of the full mesh.
+    Mesh,
+    /// A `BGPPeer` without a node: every node peers with it.
+    Global,
+    /// A `BGPPeer` for this node only.
+    NodeSpecific,
+}
+
+impl fmt::Display for PeerType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Mesh => "node-to-node mesh",
+            Self::Global => "global",
+            Self::NodeSpecific => "node specific",
+        })
+    }
+}
+
+/// A BGP neighbour this node should have.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PeerSpec {
+    /// Its address.
+    pub addr: IpAddr,
+    /// Its AS.
+    pub asn: u32,
+    /// Why it is a peer.
+    pub peer_type: PeerType,
+    /// TCP MD5 password.
+    pub password: Option<String>,
+}
+
+/// Everything the agent reads from the datastore on each pass.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterView {
+    /// IPAM documents and nodes.
+    pub snapshot: Snapshot,
+    /// Cluster BGP settings.
+    pub bgp: BgpConfiguration,
+    /// Explicit peers.
+    pub peers: Vec<BgpPeer>,
+}
+
+impl ClusterView {
+    /// The AS of `node`: its own, else the cluster's.
+    pub fn asn_of(&self, node: &str) -> u32 {
+        self.snapshot.nodes.iter().find(|n| n.name == node).and_then(|n| n.asn).unwrap_or(self.bgp.as_number)
+    }
+}
+
+/// The peers of node `me` (whose address is `my_addr`), without duplicates
+/// (an explicit peer wins over the mesh entry for the same address).
+pub fn desired_peers(view: &ClusterView, me: &str, my_addr: IpAddr) -> Vec<PeerSpec> {
+    let mut by_addr: BTreeMap<IpAddr, PeerSpec> = BTreeMap::new();
+    if view.bgp.node_to_node_mesh {
+        for n in &view.snapshot.nodes {
+            if let Some(addr) = n.address.filter(|a| n.name != me && *a != my_addr) {
+                let asn = n.asn.unwrap_or(view.bgp.as_number);
+                by_addr.insert(addr, PeerSpec { addr, asn, peer_type: PeerType::Mesh, password: None });
+            }
+        }
+    }
+    for p in &view.peers {
+        let peer_type = match p.node.as_deref() {
+            None => PeerType::Global,
+            Some(n) if n == me => PeerType::NodeSpecific,
+            Some(_) => continue,
+        };
+        if p.peer_ip == my_addr {
+            continue;
+        }
+        by_addr.insert(p.peer_ip, PeerSpec { addr: p.peer_ip, asn: p.as_number, peer_type, password: p.password.clone() });
+    }
+    by_addr.into_values().collect()
+}
+
+/// This node's confirmed blocks.
+pub fn local_blocks(view: &ClusterView, me: &str) -> BTreeSet<IpNetwork> {
+    view.snapshot
+        .affinities
+        .iter()
+        .filter(|a| a.node == me && a.state == AffinityState::Confirmed)
+        .map(|a| a.cidr)
+        .filter(|cidr| view.snapshot.blocks.iter().any(|b| b.cidr == *cidr && b.node() == Some(me)))
+        .collect()
+}
+
+/// What this node originates: its blocks, and a host route for every
+/// address it borrowed from a block affine to another node.
+pub fn local_prefixes(view: &ClusterView, me: &str) -> BTreeSet<IpNetwork> {
+    let mut out = local_blocks(view, me);
+    for b in view.snapshot.blocks.iter().filter(|b| b.node() != Some(me)) {
+        for (ip, attr) in b.allocated() {
+            if attr.secondary.get("node").map(String::as_str) == Some(me) {
+                let len = if ip.is_ipv4() { 32 } else { 128 };
+                if let Ok(net) = IpNetwork::new(ip, len) {
+                    out.insert(net);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The routes this node owns in the kernel: a blackhole for each local block
+/// (so traffic to its unused addresses is dropped here, not looped) and a
+/// route `via <next hop> dev <uplink>` for each learned prefix that is not ours.
+pub fn kernel_routes(
+    local_blocks: &BTreeSet<IpNetwork>,
+    learned: &BTreeMap<IpNetwork, IpAddr>,
+    my_addr: IpAddr,
+    uplink: u32,
+) -> Vec<Route> {
+    let mut routes: Vec<Route> =
+        local_blocks.iter().map(|b| Route::blackhole(*b).with_protocol(RTPROT_TABBY)).collect();
+    for (prefix, nh) in learned {
+        if local_blocks.contains(prefix) || *nh == my_addr || prefix.is_ipv4() != nh.is_ipv4() {
+            continue;
+        }
+        routes.push(Route::new(*prefix).via(*nh).dev(uplink).with_protocol(RTPROT_TABBY));
+    }
+    routes
+}
+
+/// The changes that turn `current` (the kernel's routes of our protocol)
+/// into `desired`: routes to replace and routes to delete. `foreign`
+/// destinations (routes of other protocols, such as pod routes) are never
+/// replaced.
+pub fn diff(current: &[Route], desired: &[Route], foreign: &BTreeSet<IpNetwork>) -> (Vec<Route>, Vec<Route>) {
+    let cur: BTreeMap<IpNetwork, &Route> = current.iter().map(|r| (r.dst, r)).collect();
+    let want: BTreeMap<IpNetwork, &Route> =
+        desired.iter().filter(|r| !foreign.contains(&r.dst)).map(|r| (r.dst, r)).collect();
+    let replace = want
+        .iter()
+        .filter(|(dst, r)| cur.get(*dst).is_none_or(|c| !same_route(c, r)))
+        .map(|(_, r)| (*r).clone())
+        .collect();
+    let delete = cur.iter().filter(|(dst, _)| !want.contains_key(*dst)).map(|(_, r)| (*r).clone()).collect();
+    (replace, delete)
+}
+
+fn same_route(a: &Route, b: &Route) -> bool {
+    a.dst == b.dst && a.gateway == b.gateway && a.kind == b.kind && (a.oif == b.oif || b.oif.is_none())
+}
+
+#[cfg(test)]
+mod tests;
