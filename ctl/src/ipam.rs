@@ -38,9 +38,17 @@ pub enum IpamCommand {
 pub fn run(ipam: &Ipam<FileDatastore>, cmd: IpamCommand) -> anyhow::Result<()> {
     let load = || Snapshot::load(ipam.datastore()).context("reading IPAM documents");
     match cmd {
-        IpamCommand::Show { ip: Some(ip), .. } => print!("{}", show_ip(ip, &report::ip_info(&load()?, ip))),
-        IpamCommand::Show { show_blocks, ip: None } => {
-            print!("{}", usage_table(&report::usage(&load()?), show_blocks).boxed());
+        IpamCommand::Show { ip: Some(ip), .. } => {
+            print!("{}", show_ip(ip, &report::ip_info(&load()?, ip)))
+        }
+        IpamCommand::Show {
+            show_blocks,
+            ip: None,
+        } => {
+            print!(
+                "{}",
+                usage_table(&report::usage(&load()?), show_blocks).boxed()
+            );
         }
         IpamCommand::Check { node } => {
             let node = match node {
@@ -51,8 +59,13 @@ pub fn run(ipam: &Ipam<FileDatastore>, cmd: IpamCommand) -> anyhow::Result<()> {
             let report = report::check(&snap, |attr| liveness(attr, &node, Path::new("/")));
             print!("{}", check_text(&snap, &report, &node));
         }
-        IpamCommand::Release { ip } => match ipam.release_ip(ip).with_context(|| format!("releasing {ip}"))? {
-            Some(released) => println!("Successfully released IP {ip} (handle {})", released.handle),
+        IpamCommand::Release { ip } => match ipam
+            .release_ip(ip)
+            .with_context(|| format!("releasing {ip}"))?
+        {
+            Some(released) => {
+                println!("Successfully released IP {ip} (handle {})", released.handle)
+            }
             None => anyhow::bail!("IP {ip} is not assigned"),
         },
     }
@@ -70,21 +83,34 @@ fn usage_table(pools: &[PoolUsage], show_blocks: bool) -> Table {
     if show_blocks {
         columns.push(("AFFINITY", Align::Left));
     }
-    columns.extend([("IPS TOTAL", Align::Right), ("IPS IN USE", Align::Left), ("IPS FREE", Align::Left)]);
+    columns.extend([
+        ("IPS TOTAL", Align::Right),
+        ("IPS IN USE", Align::Left),
+        ("IPS FREE", Align::Left),
+    ]);
     let mut table = Table::new(&columns);
     let mut add = |grouping: &str, cidr: String, affinity: Option<String>, usage: &Usage| {
         let mut row = vec![grouping.to_string(), cidr];
         if show_blocks {
             row.push(affinity.unwrap_or_default());
         }
-        row.extend([usage.total.to_string(), with_percent(usage.in_use, usage), with_percent(usage.free(), usage)]);
+        row.extend([
+            usage.total.to_string(),
+            with_percent(usage.in_use, usage),
+            with_percent(usage.free(), usage),
+        ]);
         table.row(row);
     };
     for pool in pools {
         add("IP Pool", pool.pool.cidr.to_string(), None, &pool.usage);
         if show_blocks {
             for block in &pool.blocks {
-                let affinity = Some(block.node.as_ref().map_or("(none)".to_string(), |n| format!("host:{n}")));
+                let affinity = Some(
+                    block
+                        .node
+                        .as_ref()
+                        .map_or("(none)".to_string(), |n| format!("host:{n}")),
+                );
                 add("Block", block.cidr.to_string(), affinity, &block.usage);
             }
         }
@@ -105,9 +131,19 @@ fn show_ip(ip: IpAddr, info: &IpInfo) -> String {
     match info {
         IpInfo::NotInPool => format!("IP {ip} is not assigned and is not in any IP pool\n"),
         IpInfo::NotAssigned { pool } => format!("IP {ip} is not assigned (pool {pool})\n"),
-        IpInfo::InUse { pool, block, block_node, attribute } => {
-            let owner = block_node.as_deref().map_or(String::new(), |n| format!(", affine to host:{n}"));
-            format!("IP {ip} is in use\nPool: {pool}\nBlock: {block}{owner}\n{}", attributes_text(attribute))
+        IpInfo::InUse {
+            pool,
+            block,
+            block_node,
+            attribute,
+        } => {
+            let owner = block_node
+                .as_deref()
+                .map_or(String::new(), |n| format!(", affine to host:{n}"));
+            format!(
+                "IP {ip} is in use\nPool: {pool}\nBlock: {block}{owner}\n{}",
+                attributes_text(attribute)
+            )
         }
     }
 }
@@ -127,7 +163,11 @@ fn liveness(attr: &AllocationAttribute, local_node: &str, root: &Path) -> Livene
         return Liveness::Dead;
     }
     match secondary.get("hostVeth") {
-        Some(veth) if !veth.contains('/') && !under_root(&format!("sys/class/net/{veth}")).exists() => Liveness::Dead,
+        Some(veth)
+            if !veth.contains('/') && !under_root(&format!("sys/class/net/{veth}")).exists() =>
+        {
+            Liveness::Dead
+        }
         _ => Liveness::Live,
     }
 }
@@ -159,7 +199,10 @@ fn check_text(snap: &Snapshot, report: &CheckReport, node: &str) -> String {
     if !report.problems.is_empty() {
         out.push('\n');
     }
-    out.push_str(&format!("Check complete; Found {} problems.\n", report.problems.len()));
+    out.push_str(&format!(
+        "Check complete; Found {} problems.\n",
+        report.problems.len()
+    ));
     out
 }
 
@@ -185,7 +228,10 @@ mod tests {
     fn attr(pairs: &[(&str, &str)]) -> AllocationAttribute {
         AllocationAttribute {
             handle_id: "h".to_string(),
-            secondary: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+            secondary: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
         }
     }
 
@@ -195,14 +241,25 @@ mod tests {
         std::fs::create_dir_all(root.path().join("run/netns")).expect("dir");
         std::fs::write(root.path().join("run/netns/pod1"), b"").expect("netns");
         std::fs::create_dir_all(root.path().join("sys/class/net/tabby0123456789")).expect("veth");
-        let live = attr(&[("node", "a"), ("netns", "/run/netns/pod1"), ("hostVeth", "tabby0123456789")]);
+        let live = attr(&[
+            ("node", "a"),
+            ("netns", "/run/netns/pod1"),
+            ("hostVeth", "tabby0123456789"),
+        ]);
         assert_eq!(liveness(&live, "a", root.path()), Liveness::Live);
         assert_eq!(liveness(&live, "b", root.path()), Liveness::Unknown);
-        let no_veth = attr(&[("node", "a"), ("netns", "/run/netns/pod1"), ("hostVeth", "tabbygone")]);
+        let no_veth = attr(&[
+            ("node", "a"),
+            ("netns", "/run/netns/pod1"),
+            ("hostVeth", "tabbygone"),
+        ]);
         assert_eq!(liveness(&no_veth, "a", root.path()), Liveness::Dead);
         let no_netns = attr(&[("node", "a"), ("netns", "/run/netns/gone")]);
         assert_eq!(liveness(&no_netns, "a", root.path()), Liveness::Dead);
-        assert_eq!(liveness(&attr(&[("node", "a")]), "a", root.path()), Liveness::Unknown);
+        assert_eq!(
+            liveness(&attr(&[("node", "a")]), "a", root.path()),
+            Liveness::Unknown
+        );
     }
 
     #[test]
@@ -217,7 +274,10 @@ mod tests {
         assert!(text.starts_with("IP 10.0.0.1 is in use\n"));
         assert!(text.contains("Handle: h\n"));
         assert!(text.contains("  pod: web\n"));
-        let free = show_ip("10.0.0.2".parse().expect("ip"), &IpInfo::NotAssigned { pool: "p".into() });
+        let free = show_ip(
+            "10.0.0.2".parse().expect("ip"),
+            &IpInfo::NotAssigned { pool: "p".into() },
+        );
         assert!(free.starts_with("IP 10.0.0.2 is not assigned"));
     }
 }

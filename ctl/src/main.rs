@@ -62,6 +62,7 @@ fn open(path: &PathBuf, create: bool) -> anyhow::Result<Ipam<FileDatastore>> {
             path.display()
         );
     }
-    let ds = FileDatastore::open(path).with_context(|| format!("opening datastore {}", path.display()))?;
+    let ds = FileDatastore::open(path)
+        .with_context(|| format!("opening datastore {}", path.display()))?;
     Ok(Ipam::new(ds))
 }

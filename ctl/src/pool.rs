@@ -74,19 +74,23 @@ pub fn run(ipam: &Ipam<FileDatastore>, cmd: PoolCommand) -> anyhow::Result<()> {
             let pool = IpPool {
                 name: args.name.clone(),
                 cidr: args.cidr,
-                block_size: args.block_size.unwrap_or_else(|| default_block_size(&args.cidr)),
+                block_size: args
+                    .block_size
+                    .unwrap_or_else(|| default_block_size(&args.cidr)),
                 ipip_mode: args.ipip_mode.into(),
                 vxlan_mode: args.vxlan_mode.into(),
                 nat_outgoing: args.nat_outgoing,
                 disabled: args.disabled,
                 node_selector: "all()".to_string(),
             };
-            ipam.create_pool(&pool).with_context(|| format!("creating pool {}", args.name))?;
+            ipam.create_pool(&pool)
+                .with_context(|| format!("creating pool {}", args.name))?;
             println!("Successfully created IP pool {}", args.name);
         }
         PoolCommand::List => print!("{}", list_table(&ipam.pools()?).plain()),
         PoolCommand::Delete { name } => {
-            ipam.delete_pool(&name).with_context(|| format!("deleting pool {name}"))?;
+            ipam.delete_pool(&name)
+                .with_context(|| format!("deleting pool {name}"))?;
             println!("Successfully deleted IP pool {name}");
         }
     }

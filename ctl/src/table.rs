@@ -36,8 +36,15 @@ impl Table {
     fn widths(&self) -> Vec<usize> {
         (0..self.headers.len())
             .map(|c| {
-                let cells = self.rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count());
-                cells.chain([self.headers[c].chars().count()]).max().unwrap_or(0)
+                let cells = self
+                    .rows
+                    .iter()
+                    .filter_map(|r| r.get(c))
+                    .map(|s| s.chars().count());
+                cells
+                    .chain([self.headers[c].chars().count()])
+                    .max()
+                    .unwrap_or(0)
             })
             .collect()
     }
@@ -45,7 +52,11 @@ impl Table {
     /// Renders with `+---+` borders, as calicoctl's `ipam show`.
     pub fn boxed(&self) -> String {
         let widths = self.widths();
-        let rule: String = widths.iter().map(|w| format!("+{}", "-".repeat(w + 2))).collect::<String>() + "+\n";
+        let rule: String = widths
+            .iter()
+            .map(|w| format!("+{}", "-".repeat(w + 2)))
+            .collect::<String>()
+            + "+\n";
         let mut out = rule.clone();
         for (c, header) in self.headers.iter().enumerate() {
             out.push_str(&format!("| {:^w$} ", header, w = widths[c]));
@@ -105,6 +116,9 @@ mod tests {
     fn plain_tables_align_columns() {
         let mut t = Table::new(&[("NAME", Align::Left), ("CIDR", Align::Left)]);
         t.row(vec!["default-ipv4-ippool".into(), "10.244.0.0/16".into()]);
-        assert_eq!(t.plain(), "NAME                  CIDR\ndefault-ipv4-ippool   10.244.0.0/16\n");
+        assert_eq!(
+            t.plain(),
+            "NAME                  CIDR\ndefault-ipv4-ippool   10.244.0.0/16\n"
+        );
     }
 }

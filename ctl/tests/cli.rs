@@ -18,7 +18,11 @@ fn tabbyctl(datastore: &Path, args: &[&str]) -> Output {
 }
 
 fn stdout(out: &Output) -> String {
-    assert!(out.status.success(), "tabbyctl failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "tabbyctl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -44,8 +48,19 @@ fn assign(ipam: &Ipam<FileDatastore>, pod: &str, node: &str, netns: &str) -> Str
 fn operators_can_create_a_pool_see_usage_check_and_release() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ds = dir.path().join("ds");
-    stdout(&tabbyctl(&ds, &["pool", "create", "--name", "default-ipv4-ippool", "--cidr", "10.244.0.0/16"]));
-    assert!(stdout(&tabbyctl(&ds, &["pool", "list"])).contains("default-ipv4-ippool   10.244.0.0/16   26"));
+    stdout(&tabbyctl(
+        &ds,
+        &[
+            "pool",
+            "create",
+            "--name",
+            "default-ipv4-ippool",
+            "--cidr",
+            "10.244.0.0/16",
+        ],
+    ));
+    assert!(stdout(&tabbyctl(&ds, &["pool", "list"]))
+        .contains("default-ipv4-ippool   10.244.0.0/16   26"));
 
     let ipam = Ipam::new(FileDatastore::open(&ds).expect("open"));
     let live_netns = dir.path().display().to_string();
@@ -54,19 +69,41 @@ fn operators_can_create_a_pool_see_usage_check_and_release() {
     assign(&ipam, "db-1", "node-b", "/whatever");
 
     let show = stdout(&tabbyctl(&ds, &["ipam", "show"]));
-    assert!(show.contains("| GROUPING |     CIDR      | IPS TOTAL | IPS IN USE |   IPS FREE   |"), "{show}");
-    assert!(show.contains("| IP Pool  | 10.244.0.0/16 |     65536 | 3 (0%)     | 65533 (100%) |"), "{show}");
+    assert!(
+        show.contains("| GROUPING |     CIDR      | IPS TOTAL | IPS IN USE |   IPS FREE   |"),
+        "{show}"
+    );
+    assert!(
+        show.contains("| IP Pool  | 10.244.0.0/16 |     65536 | 3 (0%)     | 65533 (100%) |"),
+        "{show}"
+    );
 
     let blocks = stdout(&tabbyctl(&ds, &["ipam", "show", "--show-blocks"]));
-    assert!(blocks.contains("| Block    | 10.244.0.0/26  | host:node-a |        64 | 2 (3%)     | 62 (97%)     |"), "{blocks}");
-    assert!(blocks.contains("| Block    | 10.244.0.64/26 | host:node-b |        64 | 1 (2%)     | 63 (98%)     |"), "{blocks}");
+    assert!(
+        blocks.contains(
+            "| Block    | 10.244.0.0/26  | host:node-a |        64 | 2 (3%)     | 62 (97%)     |"
+        ),
+        "{blocks}"
+    );
+    assert!(
+        blocks.contains(
+            "| Block    | 10.244.0.64/26 | host:node-b |        64 | 1 (2%)     | 63 (98%)     |"
+        ),
+        "{blocks}"
+    );
 
     let ip = stdout(&tabbyctl(&ds, &["ipam", "show", "--ip", &a]));
     assert!(ip.starts_with(&format!("IP {a} is in use\n")), "{ip}");
-    assert!(ip.contains("Handle: k8s-pod-network.web-1") && ip.contains("  pod: web-1"), "{ip}");
+    assert!(
+        ip.contains("Handle: k8s-pod-network.web-1") && ip.contains("  pod: web-1"),
+        "{ip}"
+    );
 
     let check = stdout(&tabbyctl(&ds, &["ipam", "check", "--node", "node-a"]));
-    assert!(check.contains("1 live on this node (node-a), 1 not checkable from here"), "{check}");
+    assert!(
+        check.contains("1 live on this node (node-a), 1 not checkable from here"),
+        "{check}"
+    );
     assert!(check.contains("(pod default/web-2)"), "{check}");
     assert!(check.contains("Found 1 problems"), "{check}");
 

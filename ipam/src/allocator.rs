@@ -107,7 +107,6 @@ pub enum IpamError {
     Datastore(#[from] DatastoreError),
 }
 
-
 /// Result alias for IPAM operations.
 pub type Result<T, E = IpamError> = std::result::Result<T, E>;
 
@@ -166,7 +165,10 @@ impl Backoff {
     pub(crate) fn conflict(&mut self, key: String) -> Result<()> {
         self.attempts += 1;
         if self.attempts >= MAX_ATTEMPTS {
-            return Err(IpamError::ConflictStorm { attempts: self.attempts, key });
+            return Err(IpamError::ConflictStorm {
+                attempts: self.attempts,
+                key,
+            });
         }
         tracing::debug!(%key, attempt = self.attempts, "datastore conflict, retrying");
         let ceiling_us = 100u64 << self.attempts.min(6);
@@ -221,7 +223,9 @@ impl<D: Datastore> Ipam<D> {
             }
         }
         let mut args = args.clone();
-        args.attrs.entry("node".to_string()).or_insert_with(|| args.node.clone());
+        args.attrs
+            .entry("node".to_string())
+            .or_insert_with(|| args.node.clone());
         let mut assigned = Vec::new();
         let mut result = Ok(());
         for (family, n) in [(4u8, args.num_v4), (6u8, args.num_v6)] {
@@ -244,7 +248,13 @@ impl<D: Datastore> Ipam<D> {
     }
 
     /// Assigns `n` addresses of one family, appending them to `out` as they commit.
-    fn assign_family(&self, args: &AssignArgs, family: u8, n: usize, out: &mut Vec<IpNetwork>) -> Result<()> {
+    fn assign_family(
+        &self,
+        args: &AssignArgs,
+        family: u8,
+        n: usize,
+        out: &mut Vec<IpNetwork>,
+    ) -> Result<()> {
         let config = self.config()?;
         let wanted: Vec<IpNetwork> = args.pools.iter().map(normalize).collect();
         let pools: Vec<IpPool> = self
@@ -271,10 +281,11 @@ impl<D: Datastore> Ipam<D> {
                             .iter()
                             .find(|p| p.cidr.contains(ip))
                             .map_or(if family == 4 { 32 } else { 128 }, |p| p.block_size);
-                        let net = IpNetwork::new(ip, prefix).map_err(|e| IpamError::InvalidPool {
-                            name: ip.to_string(),
-                            reason: e.to_string(),
-                        })?;
+                        let net =
+                            IpNetwork::new(ip, prefix).map_err(|e| IpamError::InvalidPool {
+                                name: ip.to_string(),
+                                reason: e.to_string(),
+                            })?;
                         out.push(net);
                         got += 1;
                     }
@@ -282,7 +293,10 @@ impl<D: Datastore> Ipam<D> {
                 Step::Claimed => {}
                 Step::Exhausted => {
                     let names: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
-                    return Err(IpamError::Exhausted { pools: names.join(", "), node: args.node.clone() });
+                    return Err(IpamError::Exhausted {
+                        pools: names.join(", "),
+                        node: args.node.clone(),
+                    });
                 }
             }
         }
@@ -290,7 +304,13 @@ impl<D: Datastore> Ipam<D> {
     }
 
     /// One step: commit addresses in one block, or claim a block, or report exhaustion.
-    fn assign_step(&self, args: &AssignArgs, pools: &[IpPool], config: &IpamConfig, want: usize) -> Result<Step> {
+    fn assign_step(
+        &self,
+        args: &AssignArgs,
+        pools: &[IpPool],
+        config: &IpamConfig,
+        want: usize,
+    ) -> Result<Step> {
         let in_pools = |cidr: &IpNetwork| pools.iter().any(|p| p.cidr.contains(cidr.network()));
         let mut affinities: Vec<Doc<BlockAffinity>> =
             store::list(&self.ds, &store::affinity_prefix(&args.node))?;
@@ -324,8 +344,12 @@ impl<D: Datastore> Ipam<D> {
             }
         }
 
-        let confirmed = affinities.iter().filter(|a| a.value.state == AffinityState::Confirmed).count();
-        let may_claim = config.max_blocks_per_host == 0 || confirmed < config.max_blocks_per_host as usize;
+        let confirmed = affinities
+            .iter()
+            .filter(|a| a.value.state == AffinityState::Confirmed)
+            .count();
+        let may_claim =
+            config.max_blocks_per_host == 0 || confirmed < config.max_blocks_per_host as usize;
         if may_claim && self.claim_block(&args.node, pools)?.is_some() {
             return Ok(Step::Claimed);
         }
@@ -335,7 +359,11 @@ impl<D: Datastore> Ipam<D> {
             for block in blocks {
                 let block = store::checked_block(block)?;
                 let b = &block.value;
-                if in_pools(&b.cidr) && !b.deleted && b.free() > 0 && b.node() != Some(args.node.as_str()) {
+                if in_pools(&b.cidr)
+                    && !b.deleted
+                    && b.free() > 0
+                    && b.node() != Some(args.node.as_str())
+                {
                     tracing::info!(cidr = %b.cidr, owner = ?b.node(), node = %args.node, "borrowing an address");
                     return Ok(Step::Assigned(self.assign_in_block(block, want, args)?));
                 }
@@ -345,8 +373,17 @@ impl<D: Datastore> Ipam<D> {
     }
 
     /// Allocates up to `want` addresses in `block` (handle first, then the block).
-    fn assign_in_block(&self, block: Doc<Block>, want: usize, args: &AssignArgs) -> Result<Vec<IpAddr>> {
-        let Doc { key, value: mut updated, revision } = block;
+    fn assign_in_block(
+        &self,
+        block: Doc<Block>,
+        want: usize,
+        args: &AssignArgs,
+    ) -> Result<Vec<IpAddr>> {
+        let Doc {
+            key,
+            value: mut updated,
+            revision,
+        } = block;
         let ips = updated.assign(want, &args.handle, &args.attrs);
         if ips.is_empty() {
             return Ok(ips);
@@ -383,14 +420,18 @@ impl<D: Datastore> Ipam<D> {
             let mut value = doc.value;
             let count = value.block.get(&block).copied().unwrap_or(0) as i64 + delta;
             if count > 0 {
-                value.block.insert(block.clone(), u32::try_from(count).unwrap_or(u32::MAX));
+                value
+                    .block
+                    .insert(block.clone(), u32::try_from(count).unwrap_or(u32::MAX));
             } else {
                 value.block.remove(&block);
             }
             if value.block.is_empty() {
                 delete_if_present(&self.ds, &key, &doc.revision)
             } else {
-                store::update(&self.ds, &key, &value, &doc.revision).map(drop).map_err(Into::into)
+                store::update(&self.ds, &key, &value, &doc.revision)
+                    .map(drop)
+                    .map_err(Into::into)
             }
         })
     }
@@ -408,7 +449,11 @@ impl<D: Datastore> Ipam<D> {
                     tracing::warn!(%handle, block = %block_cidr, "handle names an invalid block");
                     continue;
                 };
-                released.extend(self.release_in_block(&cidr, |b| b.release_handle(handle), handle)?);
+                released.extend(self.release_in_block(
+                    &cidr,
+                    |b| b.release_handle(handle),
+                    handle,
+                )?);
             }
             delete_if_present(&self.ds, &key, &doc.revision)
         })?;
@@ -422,7 +467,12 @@ impl<D: Datastore> Ipam<D> {
         release: impl FnOnce(&mut Block) -> Vec<IpAddr>,
         handle: &str,
     ) -> Result<Vec<Released>> {
-        let Some(Doc { key, value: mut block, revision }) = store::get_block(&self.ds, cidr)? else {
+        let Some(Doc {
+            key,
+            value: mut block,
+            revision,
+        }) = store::get_block(&self.ds, cidr)?
+        else {
             return Ok(Vec::new());
         };
         let ips = release(&mut block);
@@ -431,7 +481,13 @@ impl<D: Datastore> Ipam<D> {
             // period (so their routes do not flap) is left to the node agent.
             store::update(&self.ds, &key, &block, &revision)?;
         }
-        Ok(ips.into_iter().map(|ip| Released { ip, handle: handle.to_string() }).collect())
+        Ok(ips
+            .into_iter()
+            .map(|ip| Released {
+                ip,
+                handle: handle.to_string(),
+            })
+            .collect())
     }
 
     /// Releases one address; `Ok(None)` when it was not allocated.
@@ -442,7 +498,12 @@ impl<D: Datastore> Ipam<D> {
             .find_map(|p| block_of(&p.cidr, p.block_size, ip))
             .ok_or(IpamError::NotInPool { ip })?;
         let released = self.retry(|| {
-            let Some(Doc { key, value: mut block, revision }) = store::get_block(&self.ds, &cidr)? else {
+            let Some(Doc {
+                key,
+                value: mut block,
+                revision,
+            }) = store::get_block(&self.ds, &cidr)?
+            else {
                 return Ok(None);
             };
             let Some(handle) = block.release_ip(ip) else {
@@ -471,13 +532,17 @@ impl<D: Datastore> Ipam<D> {
         }
         for entry in self.ds.list(store::BLOCKS)? {
             let block = store::checked_block(store::decode::<Block>(entry)?)?;
-            let orphans: HashSet<String> =
-                block.value.handle_counts().into_keys().filter(|h| stale(h)).collect();
+            let orphans: HashSet<String> = block
+                .value
+                .handle_counts()
+                .into_keys()
+                .filter(|h| stale(h))
+                .collect();
             for handle in orphans {
                 let cidr = block.value.cidr;
-                released.extend(
-                    self.retry(|| self.release_in_block(&cidr, |b| b.release_handle(&handle), &handle))?,
-                );
+                released.extend(self.retry(|| {
+                    self.release_in_block(&cidr, |b| b.release_handle(&handle), &handle)
+                })?);
             }
         }
         Ok(released)
@@ -485,7 +550,11 @@ impl<D: Datastore> Ipam<D> {
 }
 
 /// Deletes `key` at `revision`; a document already gone is fine.
-pub(crate) fn delete_if_present(ds: &impl Datastore, key: &str, revision: &crate::Revision) -> Result<()> {
+pub(crate) fn delete_if_present(
+    ds: &impl Datastore,
+    key: &str,
+    revision: &crate::Revision,
+) -> Result<()> {
     match ds.delete(key, revision) {
         Ok(()) | Err(DatastoreError::NotFound { .. }) => Ok(()),
         Err(e) => Err(e.into()),

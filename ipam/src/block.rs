@@ -68,7 +68,9 @@ pub fn block_of(pool: &IpNetwork, block_size: u8, ip: IpAddr) -> Option<IpNetwor
     if !pool.contains(ip) || block_size < pool.prefix() || block_size > family_bits(pool) {
         return None;
     }
-    IpNetwork::new(ip, block_size).ok().map(|net| normalize(&net))
+    IpNetwork::new(ip, block_size)
+        .ok()
+        .map(|net| normalize(&net))
 }
 
 /// The `index`-th `block_size` block of `pool`; `None` past the end.
@@ -77,7 +79,9 @@ pub fn nth_block(pool: &IpNetwork, block_size: u8, index: u128) -> Option<IpNetw
     if block_size < pool.prefix() || block_size > bits {
         return None;
     }
-    let count = 1u128.checked_shl(u32::from(block_size - pool.prefix())).unwrap_or(u128::MAX);
+    let count = 1u128
+        .checked_shl(u32::from(block_size - pool.prefix()))
+        .unwrap_or(u128::MAX);
     if index >= count {
         return None;
     }
@@ -116,16 +120,29 @@ impl Block {
     pub fn validate(&self) -> Result<(), String> {
         let size = net_size(&self.cidr);
         if size != self.allocations.len() as u128 {
-            return Err(format!("{} has {} allocation slots", self.cidr, self.allocations.len()));
+            return Err(format!(
+                "{} has {} allocation slots",
+                self.cidr,
+                self.allocations.len()
+            ));
         }
-        if let Some(bad) = self.allocations.iter().flatten().find(|&&a| a >= self.attributes.len()) {
+        if let Some(bad) = self
+            .allocations
+            .iter()
+            .flatten()
+            .find(|&&a| a >= self.attributes.len())
+        {
             return Err(format!("allocation points at missing attribute {bad}"));
         }
         let mut seen = vec![false; self.allocations.len()];
         for &ordinal in &self.unallocated {
             match (self.allocations.get(ordinal), seen.get_mut(ordinal)) {
                 (Some(None), Some(flag)) if !*flag => *flag = true,
-                _ => return Err(format!("unallocated ordinal {ordinal} is invalid or in use")),
+                _ => {
+                    return Err(format!(
+                        "unallocated ordinal {ordinal} is invalid or in use"
+                    ))
+                }
             }
         }
         if self.unallocated.len() != self.free() {
@@ -163,7 +180,9 @@ impl Block {
             return None;
         }
         let offset = ip_to_u128(ip) - ip_to_u128(self.cidr.network());
-        usize::try_from(offset).ok().filter(|&o| o < self.allocations.len())
+        usize::try_from(offset)
+            .ok()
+            .filter(|&o| o < self.allocations.len())
     }
 
     /// The attributes of the allocation of `ip`, if allocated.
@@ -174,10 +193,13 @@ impl Block {
 
     /// Every allocated address with its attributes, in address order.
     pub fn allocated(&self) -> impl Iterator<Item = (IpAddr, &AllocationAttribute)> + '_ {
-        self.allocations.iter().enumerate().filter_map(|(ordinal, slot)| {
-            let attr = self.attributes.get((*slot)?)?;
-            Some((self.ip_at(ordinal)?, attr))
-        })
+        self.allocations
+            .iter()
+            .enumerate()
+            .filter_map(|(ordinal, slot)| {
+                let attr = self.attributes.get((*slot)?)?;
+                Some((self.ip_at(ordinal)?, attr))
+            })
     }
 
     /// How many addresses each handle holds here.
@@ -190,7 +212,12 @@ impl Block {
     }
 
     /// Allocates up to `n` free addresses to `handle` (fewer if the block is full).
-    pub fn assign(&mut self, n: usize, handle: &str, attrs: &BTreeMap<String, String>) -> Vec<IpAddr> {
+    pub fn assign(
+        &mut self,
+        n: usize,
+        handle: &str,
+        attrs: &BTreeMap<String, String>,
+    ) -> Vec<IpAddr> {
         let take = n.min(self.unallocated.len());
         if take == 0 {
             return Vec::new();
@@ -290,7 +317,10 @@ mod tests {
         assert_eq!(block.ip_at(0), Some("10.244.1.64".parse().expect("ip")));
         assert_eq!(block.ip_at(63), Some("10.244.1.127".parse().expect("ip")));
         assert_eq!(block.ip_at(64), None);
-        assert_eq!(block.ordinal_of("10.244.1.70".parse().expect("ip")), Some(6));
+        assert_eq!(
+            block.ordinal_of("10.244.1.70".parse().expect("ip")),
+            Some(6)
+        );
         assert_eq!(block.ordinal_of("10.244.1.128".parse().expect("ip")), None);
         assert_eq!(block.node(), Some("node-a"));
         let v6 = Block::new(net("fd00::40/122"), None);
@@ -304,9 +334,18 @@ mod tests {
         assert_eq!(nth_block(&pool, 26, 0), Some(net("10.244.0.0/26")));
         assert_eq!(nth_block(&pool, 26, 3), Some(net("10.244.0.192/26")));
         assert_eq!(nth_block(&pool, 26, 4), None);
-        assert_eq!(block_of(&pool, 26, "10.244.0.77".parse().expect("ip")), Some(net("10.244.0.64/26")));
-        assert_eq!(block_of(&pool, 26, "10.245.0.77".parse().expect("ip")), None);
-        assert_eq!(nth_block(&net("fd00::/64"), 122, 2), Some(net("fd00::80/122")));
+        assert_eq!(
+            block_of(&pool, 26, "10.244.0.77".parse().expect("ip")),
+            Some(net("10.244.0.64/26"))
+        );
+        assert_eq!(
+            block_of(&pool, 26, "10.245.0.77".parse().expect("ip")),
+            None
+        );
+        assert_eq!(
+            nth_block(&net("fd00::/64"), 122, 2),
+            Some(net("fd00::80/122"))
+        );
     }
 
     #[test]
@@ -329,7 +368,10 @@ mod tests {
         assert_eq!(block.release_handle("h1"), a);
         assert_eq!(block.in_use(), 1);
         assert_eq!(block.attributes.len(), 1);
-        assert_eq!(block.attribute_of(b[0]).map(|a| a.handle_id.as_str()), Some("h2"));
+        assert_eq!(
+            block.attribute_of(b[0]).map(|a| a.handle_id.as_str()),
+            Some("h2")
+        );
         assert_eq!(block.release_ip(b[0]), Some("h2".to_string()));
         assert_eq!(block.release_ip(b[0]), None);
         assert_eq!(block.in_use(), 0);

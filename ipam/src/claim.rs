@@ -52,16 +52,24 @@ impl<D: Datastore> Ipam<D> {
     fn try_claim(&self, node: &str, cidr: &IpNetwork) -> Result<bool> {
         self.register_node(node)?;
         let affinity_key = store::affinity_key(node, cidr);
-        let pending = BlockAffinity { node: node.to_string(), cidr: *cidr, state: AffinityState::Pending };
+        let pending = BlockAffinity {
+            node: node.to_string(),
+            cidr: *cidr,
+            state: AffinityState::Pending,
+        };
         match store::create(&self.ds, &affinity_key, &pending) {
             Ok(_) | Err(DatastoreError::Conflict { .. }) => {}
             Err(e) => return Err(e.into()),
         }
-        match store::create(&self.ds, &store::block_key(cidr), &Block::new(*cidr, Some(node))) {
+        match store::create(
+            &self.ds,
+            &store::block_key(cidr),
+            &Block::new(*cidr, Some(node)),
+        ) {
             Ok(_) => {}
             Err(DatastoreError::Conflict { .. }) => {
-                let ours = store::get_block(&self.ds, cidr)?
-                    .is_some_and(|b| b.value.node() == Some(node));
+                let ours =
+                    store::get_block(&self.ds, cidr)?.is_some_and(|b| b.value.node() == Some(node));
                 if !ours {
                     self.drop_affinity(node, cidr, false)?;
                     return Ok(false);
@@ -99,16 +107,29 @@ impl<D: Datastore> Ipam<D> {
     /// Marks the affinity of `node` to `cidr` confirmed (creating it if missing).
     fn confirm_affinity(&self, node: &str, cidr: &IpNetwork) -> Result<()> {
         let key = store::affinity_key(node, cidr);
-        let confirmed = BlockAffinity { node: node.to_string(), cidr: *cidr, state: AffinityState::Confirmed };
+        let confirmed = BlockAffinity {
+            node: node.to_string(),
+            cidr: *cidr,
+            state: AffinityState::Confirmed,
+        };
         self.retry(|| match store::get::<BlockAffinity>(&self.ds, &key)? {
-            None => store::create(&self.ds, &key, &confirmed).map(drop).map_err(Into::into),
+            None => store::create(&self.ds, &key, &confirmed)
+                .map(drop)
+                .map_err(Into::into),
             Some(doc) if doc.value.state == AffinityState::Confirmed => Ok(()),
-            Some(doc) => store::update(&self.ds, &key, &confirmed, &doc.revision).map(drop).map_err(Into::into),
+            Some(doc) => store::update(&self.ds, &key, &confirmed, &doc.revision)
+                .map(drop)
+                .map_err(Into::into),
         })
     }
 
     /// Deletes the affinity of `node` to `cidr`; a confirmed one only if `even_confirmed`.
-    pub(crate) fn drop_affinity(&self, node: &str, cidr: &IpNetwork, even_confirmed: bool) -> Result<()> {
+    pub(crate) fn drop_affinity(
+        &self,
+        node: &str,
+        cidr: &IpNetwork,
+        even_confirmed: bool,
+    ) -> Result<()> {
         let key = store::affinity_key(node, cidr);
         self.retry(|| match store::get::<BlockAffinity>(&self.ds, &key)? {
             None => Ok(()),
@@ -123,7 +144,12 @@ impl<D: Datastore> Ipam<D> {
         if self.ds.get(&key)?.is_some() {
             return Ok(());
         }
-        let doc = Node { name: node.to_string(), address: None, asn: None, labels: Default::default() };
+        let doc = Node {
+            name: node.to_string(),
+            address: None,
+            asn: None,
+            labels: Default::default(),
+        };
         match store::create(&self.ds, &key, &doc) {
             Ok(_) | Err(DatastoreError::Conflict { .. }) => Ok(()),
             Err(e) => Err(e.into()),

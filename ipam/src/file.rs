@@ -166,7 +166,9 @@ impl FileDatastore {
             if name.starts_with('.') {
                 continue; // the lock, temporary files
             }
-            let file_type = entry.file_type().map_err(|e| unavailable(&entry.path(), e))?;
+            let file_type = entry
+                .file_type()
+                .map_err(|e| unavailable(&entry.path(), e))?;
             if file_type.is_dir() {
                 let sub = format!("{key_prefix}{}/", unescape(&name));
                 self.walk(&entry.path(), &sub, out)?;
@@ -212,7 +214,9 @@ impl Datastore for FileDatastore {
         let path = self.path_of(key)?;
         let _lock = self.lock()?;
         if path.exists() {
-            return Err(DatastoreError::Conflict { key: key.to_string() });
+            return Err(DatastoreError::Conflict {
+                key: key.to_string(),
+            });
         }
         self.write(key, &path, value)
     }
@@ -222,7 +226,9 @@ impl Datastore for FileDatastore {
         let _lock = self.lock()?;
         match self.read(key, &path)? {
             Some(current) if current.revision == *expected => self.write(key, &path, value),
-            _ => Err(DatastoreError::Conflict { key: key.to_string() }),
+            _ => Err(DatastoreError::Conflict {
+                key: key.to_string(),
+            }),
         }
     }
 
@@ -230,11 +236,15 @@ impl Datastore for FileDatastore {
         let path = self.path_of(key)?;
         let _lock = self.lock()?;
         match self.read(key, &path)? {
-            None => Err(DatastoreError::NotFound { key: key.to_string() }),
+            None => Err(DatastoreError::NotFound {
+                key: key.to_string(),
+            }),
             Some(current) if current.revision == *expected => {
                 fs::remove_file(&path).map_err(|e| unavailable(&path, e))
             }
-            Some(_) => Err(DatastoreError::Conflict { key: key.to_string() }),
+            Some(_) => Err(DatastoreError::Conflict {
+                key: key.to_string(),
+            }),
         }
     }
 
@@ -255,11 +265,17 @@ impl Datastore for FileDatastore {
 }
 
 fn unavailable(path: &Path, source: io::Error) -> DatastoreError {
-    DatastoreError::Unavailable { location: path.display().to_string(), source }
+    DatastoreError::Unavailable {
+        location: path.display().to_string(),
+        source,
+    }
 }
 
 fn not_json(key: &str) -> DatastoreError {
-    DatastoreError::Corrupt { key: key.to_string(), reason: "the value to write is not JSON".to_string() }
+    DatastoreError::Corrupt {
+        key: key.to_string(),
+        reason: "the value to write is not JSON".to_string(),
+    }
 }
 
 /// A revision no other write (in any process) produces.
@@ -319,7 +335,14 @@ mod tests {
 
     #[test]
     fn escaping_round_trips_and_hides_dots_and_slashes() {
-        for part in ["10.244.0.0-26", "fd00::-122", ".hidden", "a%b", "k8s.pod", "ä x"] {
+        for part in [
+            "10.244.0.0-26",
+            "fd00::-122",
+            ".hidden",
+            "a%b",
+            "k8s.pod",
+            "ä x",
+        ] {
             let escaped = escape(part);
             assert!(!escaped.starts_with('.'));
             assert!(!escaped.contains('/'));
@@ -330,12 +353,16 @@ mod tests {
     #[test]
     fn create_update_delete_follow_compare_and_swap() {
         let (_dir, ds) = store();
-        let rev = ds.create("blocks/10.0.0.0-26", br#"{"a":1}"#).expect("create");
+        let rev = ds
+            .create("blocks/10.0.0.0-26", br#"{"a":1}"#)
+            .expect("create");
         assert!(matches!(
             ds.create("blocks/10.0.0.0-26", b"{}"),
             Err(DatastoreError::Conflict { .. })
         ));
-        let rev2 = ds.update("blocks/10.0.0.0-26", br#"{"a":2}"#, &rev).expect("update");
+        let rev2 = ds
+            .update("blocks/10.0.0.0-26", br#"{"a":2}"#, &rev)
+            .expect("update");
         assert!(matches!(
             ds.update("blocks/10.0.0.0-26", b"{}", &rev),
             Err(DatastoreError::Conflict { .. })
@@ -343,12 +370,20 @@ mod tests {
         let got = ds.get("blocks/10.0.0.0-26").expect("get").expect("present");
         assert_eq!(got.value, br#"{"a":2}"#);
         assert_eq!(got.revision, rev2);
-        assert!(matches!(ds.delete("blocks/10.0.0.0-26", &rev), Err(DatastoreError::Conflict { .. })));
+        assert!(matches!(
+            ds.delete("blocks/10.0.0.0-26", &rev),
+            Err(DatastoreError::Conflict { .. })
+        ));
         ds.delete("blocks/10.0.0.0-26", &rev2).expect("delete");
         assert!(ds.get("blocks/10.0.0.0-26").expect("get").is_none());
-        assert!(matches!(ds.delete("blocks/10.0.0.0-26", &rev2), Err(DatastoreError::NotFound { .. })));
+        assert!(matches!(
+            ds.delete("blocks/10.0.0.0-26", &rev2),
+            Err(DatastoreError::NotFound { .. })
+        ));
         // Re-created documents never reuse a revision.
-        let rev3 = ds.create("blocks/10.0.0.0-26", b"{}").expect("create again");
+        let rev3 = ds
+            .create("blocks/10.0.0.0-26", b"{}")
+            .expect("create again");
         assert_ne!(rev3, rev2);
         assert_ne!(rev3, rev);
     }
@@ -356,14 +391,33 @@ mod tests {
     #[test]
     fn list_filters_by_prefix_and_sorts() {
         let (_dir, ds) = store();
-        for key in ["affinities/node-a/b", "affinities/node-a/a", "affinities/node-ab/c", "blocks/x"] {
+        for key in [
+            "affinities/node-a/b",
+            "affinities/node-a/a",
+            "affinities/node-ab/c",
+            "blocks/x",
+        ] {
             ds.create(key, b"1").expect("create");
         }
         let keys = |prefix: &str| -> Vec<String> {
-            ds.list(prefix).expect("list").into_iter().map(|e| e.key).collect()
+            ds.list(prefix)
+                .expect("list")
+                .into_iter()
+                .map(|e| e.key)
+                .collect()
         };
-        assert_eq!(keys("affinities/node-a/"), ["affinities/node-a/a", "affinities/node-a/b"]);
-        assert_eq!(keys("affinities/node-a"), ["affinities/node-a/a", "affinities/node-a/b", "affinities/node-ab/c"]);
+        assert_eq!(
+            keys("affinities/node-a/"),
+            ["affinities/node-a/a", "affinities/node-a/b"]
+        );
+        assert_eq!(
+            keys("affinities/node-a"),
+            [
+                "affinities/node-a/a",
+                "affinities/node-a/b",
+                "affinities/node-ab/c"
+            ]
+        );
         assert_eq!(keys("").len(), 4);
         assert!(keys("nothing/").is_empty());
     }
@@ -371,8 +425,14 @@ mod tests {
     #[test]
     fn rejects_values_that_are_not_json_and_bad_keys() {
         let (_dir, ds) = store();
-        assert!(matches!(ds.create("a", b"{not json"), Err(DatastoreError::Corrupt { .. })));
-        assert!(matches!(ds.create("a//b", b"{}"), Err(DatastoreError::Corrupt { .. })));
+        assert!(matches!(
+            ds.create("a", b"{not json"),
+            Err(DatastoreError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            ds.create("a//b", b"{}"),
+            Err(DatastoreError::Corrupt { .. })
+        ));
         ds.ping().expect("ping");
         assert!(ds.describe().starts_with("file:"));
     }
@@ -382,6 +442,9 @@ mod tests {
         let (_dir, ds) = store();
         ds.create("pools/p", b"{}").expect("create");
         fs::write(ds.root().join("pools/p.json"), b"{\"revision\":").expect("write");
-        assert!(matches!(ds.get("pools/p"), Err(DatastoreError::Corrupt { .. })));
+        assert!(matches!(
+            ds.get("pools/p"),
+            Err(DatastoreError::Corrupt { .. })
+        ));
     }
 }

@@ -23,7 +23,9 @@ impl MemDatastore {
 
     fn docs(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (Revision, Vec<u8>)>> {
         // A panicking test thread must not hide the store from the others.
-        self.docs.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.docs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn next_revision(&self) -> Revision {
@@ -56,7 +58,9 @@ impl Datastore for MemDatastore {
     fn create(&self, key: &str, value: &[u8]) -> Result<Revision> {
         let mut docs = self.docs();
         if docs.contains_key(key) {
-            return Err(DatastoreError::Conflict { key: key.to_string() });
+            return Err(DatastoreError::Conflict {
+                key: key.to_string(),
+            });
         }
         let revision = self.next_revision();
         docs.insert(key.to_string(), (revision.clone(), value.to_vec()));
@@ -71,19 +75,25 @@ impl Datastore for MemDatastore {
                 *doc = value.to_vec();
                 Ok(revision.clone())
             }
-            _ => Err(DatastoreError::Conflict { key: key.to_string() }),
+            _ => Err(DatastoreError::Conflict {
+                key: key.to_string(),
+            }),
         }
     }
 
     fn delete(&self, key: &str, expected: &Revision) -> Result<()> {
         let mut docs = self.docs();
         match docs.get(key) {
-            None => Err(DatastoreError::NotFound { key: key.to_string() }),
+            None => Err(DatastoreError::NotFound {
+                key: key.to_string(),
+            }),
             Some((revision, _)) if revision == expected => {
                 docs.remove(key);
                 Ok(())
             }
-            Some(_) => Err(DatastoreError::Conflict { key: key.to_string() }),
+            Some(_) => Err(DatastoreError::Conflict {
+                key: key.to_string(),
+            }),
         }
     }
 

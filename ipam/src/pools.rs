@@ -13,16 +13,28 @@ const MIN_BLOCK_PREFIX_V6: u8 = 116;
 
 /// Checks a pool definition; returns it with its CIDR's host bits cleared.
 pub fn validate_pool(pool: &IpPool) -> Result<IpPool> {
-    let invalid = |reason: String| IpamError::InvalidPool { name: pool.name.clone(), reason };
+    let invalid = |reason: String| IpamError::InvalidPool {
+        name: pool.name.clone(),
+        reason,
+    };
     let name_ok = !pool.name.is_empty()
         && pool.name.len() <= 253
         && !pool.name.starts_with('.')
-        && pool.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+        && pool
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
     if !name_ok {
-        return Err(invalid("the name must be 1-253 letters, digits, '-', '.' or '_'".to_string()));
+        return Err(invalid(
+            "the name must be 1-253 letters, digits, '-', '.' or '_'".to_string(),
+        ));
     }
     let bits = family_bits(&pool.cidr);
-    let min_block = if bits == 32 { MIN_BLOCK_PREFIX_V4 } else { MIN_BLOCK_PREFIX_V6 };
+    let min_block = if bits == 32 {
+        MIN_BLOCK_PREFIX_V4
+    } else {
+        MIN_BLOCK_PREFIX_V6
+    };
     let prefix = pool.cidr.prefix();
     if pool.block_size < prefix || pool.block_size > bits {
         return Err(invalid(format!(
@@ -49,7 +61,9 @@ fn overlaps(a: &ipnetwork::IpNetwork, b: &ipnetwork::IpNetwork) -> bool {
 impl<D: Datastore> Ipam<D> {
     /// Cluster IPAM settings (defaults when none are stored).
     pub fn config(&self) -> Result<IpamConfig> {
-        Ok(store::get::<IpamConfig>(&self.ds, store::CONFIG_KEY)?.map(|d| d.value).unwrap_or_default())
+        Ok(store::get::<IpamConfig>(&self.ds, store::CONFIG_KEY)?
+            .map(|d| d.value)
+            .unwrap_or_default())
     }
 
     /// Stores cluster IPAM settings.
@@ -65,8 +79,10 @@ impl<D: Datastore> Ipam<D> {
 
     /// Every pool, sorted by name.
     pub fn pools(&self) -> Result<Vec<IpPool>> {
-        let mut pools: Vec<IpPool> =
-            store::list::<IpPool>(&self.ds, store::POOLS)?.into_iter().map(|d| d.value).collect();
+        let mut pools: Vec<IpPool> = store::list::<IpPool>(&self.ds, store::POOLS)?
+            .into_iter()
+            .map(|d| d.value)
+            .collect();
         pools.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(pools)
     }
@@ -80,7 +96,10 @@ impl<D: Datastore> Ipam<D> {
         let pool = validate_pool(pool)?;
         for existing in self.pools()? {
             if existing.name == pool.name || overlaps(&existing.cidr, &pool.cidr) {
-                return Err(IpamError::PoolExists { name: pool.name.clone(), existing: existing.name });
+                return Err(IpamError::PoolExists {
+                    name: pool.name.clone(),
+                    existing: existing.name,
+                });
             }
         }
         match store::create(&self.ds, &store::pool_key(&pool.name), &pool) {
@@ -88,9 +107,10 @@ impl<D: Datastore> Ipam<D> {
                 tracing::info!(name = %pool.name, cidr = %pool.cidr, "created IP pool");
                 Ok(())
             }
-            Err(DatastoreError::Conflict { .. }) => {
-                Err(IpamError::PoolExists { name: pool.name.clone(), existing: pool.name.clone() })
-            }
+            Err(DatastoreError::Conflict { .. }) => Err(IpamError::PoolExists {
+                name: pool.name.clone(),
+                existing: pool.name.clone(),
+            }),
             Err(e) => Err(e.into()),
         }
     }
@@ -115,7 +135,9 @@ impl<D: Datastore> Ipam<D> {
     pub fn delete_pool(&self, name: &str) -> Result<()> {
         let key = store::pool_key(name);
         let Some(original) = store::get::<IpPool>(&self.ds, &key)? else {
-            return Err(IpamError::PoolNotFound { name: name.to_string() });
+            return Err(IpamError::PoolNotFound {
+                name: name.to_string(),
+            });
         };
         let cidr = original.value.cidr;
         let pool_blocks = || -> Result<Vec<Doc<Block>>> {
@@ -130,7 +152,10 @@ impl<D: Datastore> Ipam<D> {
         let in_use = |blocks: &[Doc<Block>]| blocks.iter().map(|b| b.value.in_use()).sum::<usize>();
         let count = in_use(&pool_blocks()?);
         if count > 0 {
-            return Err(IpamError::PoolInUse { name: name.to_string(), in_use: count });
+            return Err(IpamError::PoolInUse {
+                name: name.to_string(),
+                in_use: count,
+            });
         }
 
         let mut disabled = original.value.clone();
@@ -150,11 +175,16 @@ impl<D: Datastore> Ipam<D> {
         if let Ok(Some(count)) | Err(IpamError::PoolInUse { in_use: count, .. }) = emptied {
             // An assign won the race: give the pool back as it was.
             self.retry(|| {
-                let Some(doc) = store::get::<IpPool>(&self.ds, &key)? else { return Ok(()) };
+                let Some(doc) = store::get::<IpPool>(&self.ds, &key)? else {
+                    return Ok(());
+                };
                 store::update(&self.ds, &key, &original.value, &doc.revision)?;
                 Ok(())
             })?;
-            return Err(IpamError::PoolInUse { name: name.to_string(), in_use: count });
+            return Err(IpamError::PoolInUse {
+                name: name.to_string(),
+                in_use: count,
+            });
         }
         emptied?;
 
@@ -164,7 +194,9 @@ impl<D: Datastore> Ipam<D> {
             }
         }
         self.retry(|| {
-            let Some(doc) = store::get::<IpPool>(&self.ds, &key)? else { return Ok(()) };
+            let Some(doc) = store::get::<IpPool>(&self.ds, &key)? else {
+                return Ok(());
+            };
             delete_if_present(&self.ds, &key, &doc.revision)
         })?;
         tracing::info!(%name, %cidr, "deleted IP pool");

@@ -12,7 +12,9 @@ use ipnetwork::IpNetwork;
 use crate::block::{block_of, net_size};
 use crate::datastore::{Datastore, Result};
 use crate::store;
-use crate::types::{AffinityState, AllocationAttribute, Block, BlockAffinity, Handle, IpPool, Node};
+use crate::types::{
+    AffinityState, AllocationAttribute, Block, BlockAffinity, Handle, IpPool, Node,
+};
 
 /// Every IPAM document, read once.
 #[derive(Debug, Clone, Default)]
@@ -53,7 +55,10 @@ impl Snapshot {
 
 /// The decoded documents under `prefix`.
 fn values<T: serde::de::DeserializeOwned>(ds: &impl Datastore, prefix: &str) -> Result<Vec<T>> {
-    Ok(store::list::<T>(ds, prefix)?.into_iter().map(|d| d.value).collect())
+    Ok(store::list::<T>(ds, prefix)?
+        .into_iter()
+        .map(|d| d.value)
+        .collect())
 }
 
 /// Address counts of a pool or a block.
@@ -115,12 +120,22 @@ pub fn usage(snap: &Snapshot) -> Vec<PoolUsage> {
                 .map(|b| BlockUsage {
                     cidr: b.cidr,
                     node: b.node().map(str::to_string),
-                    usage: Usage { total: b.total() as u128, in_use: b.in_use() as u128 },
+                    usage: Usage {
+                        total: b.total() as u128,
+                        in_use: b.in_use() as u128,
+                    },
                 })
                 .collect();
             blocks.sort_by_key(|b| crate::block::ip_to_u128(b.cidr.network()));
             let in_use = blocks.iter().map(|b| b.usage.in_use).sum();
-            PoolUsage { pool: pool.clone(), usage: Usage { total: net_size(&pool.cidr), in_use }, blocks }
+            PoolUsage {
+                pool: pool.clone(),
+                usage: Usage {
+                    total: net_size(&pool.cidr),
+                    in_use,
+                },
+                blocks,
+            }
         })
         .collect()
 }
@@ -166,7 +181,9 @@ pub fn ip_info(snap: &Snapshot, ip: IpAddr) -> IpInfo {
             block_node: block.node().map(str::to_string),
             attribute: attribute.clone(),
         },
-        None => IpInfo::NotAssigned { pool: pool.name.clone() },
+        None => IpInfo::NotAssigned {
+            pool: pool.name.clone(),
+        },
     }
 }
 
@@ -284,12 +301,21 @@ pub fn check(snap: &Snapshot, is_live: impl Fn(&AllocationAttribute) -> Liveness
     // (handle, block) -> count, from the blocks and from the handles.
     let mut actual: BTreeMap<(String, String), u32> = BTreeMap::new();
     for block in &snap.blocks {
-        if !snap.pools.iter().any(|p| p.cidr.contains(block.cidr.network())) {
-            report.problems.push(Problem::BlockOutsidePools { block: block.cidr });
+        if !snap
+            .pools
+            .iter()
+            .any(|p| p.cidr.contains(block.cidr.network()))
+        {
+            report
+                .problems
+                .push(Problem::BlockOutsidePools { block: block.cidr });
         }
         if let Some(node) = block.node() {
             if !nodes.contains(node) {
-                report.problems.push(Problem::BlockOfUnknownNode { block: block.cidr, node: node.to_string() });
+                report.problems.push(Problem::BlockOfUnknownNode {
+                    block: block.cidr,
+                    node: node.to_string(),
+                });
             }
         }
         for (handle, count) in block.handle_counts() {
@@ -297,7 +323,11 @@ pub fn check(snap: &Snapshot, is_live: impl Fn(&AllocationAttribute) -> Liveness
         }
         for (ip, attribute) in block.allocated() {
             report.allocations += 1;
-            let allocation = Allocation { ip, block: block.cidr, attribute: attribute.clone() };
+            let allocation = Allocation {
+                ip,
+                block: block.cidr,
+                attribute: attribute.clone(),
+            };
             match is_live(attribute) {
                 Liveness::Live => report.live += 1,
                 Liveness::Dead => report.problems.push(Problem::LeakedAllocation(allocation)),
@@ -307,8 +337,13 @@ pub fn check(snap: &Snapshot, is_live: impl Fn(&AllocationAttribute) -> Liveness
     }
     for affinity in &snap.affinities {
         match snap.blocks.iter().find(|b| b.cidr == affinity.cidr) {
-            None => report.problems.push(Problem::AffinityWithoutBlock(affinity.clone())),
-            Some(block) if affinity.state == AffinityState::Confirmed && block.node() != Some(&affinity.node) => {
+            None => report
+                .problems
+                .push(Problem::AffinityWithoutBlock(affinity.clone())),
+            Some(block)
+                if affinity.state == AffinityState::Confirmed
+                    && block.node() != Some(&affinity.node) =>
+            {
                 report.problems.push(Problem::AffinityMismatch {
                     affinity: affinity.clone(),
                     block_affinity: block.affinity.clone(),
@@ -325,7 +360,10 @@ pub fn check(snap: &Snapshot, is_live: impl Fn(&AllocationAttribute) -> Liveness
     }
     let keys: BTreeSet<&(String, String)> = actual.keys().chain(recorded.keys()).collect();
     for key in keys {
-        let (a, r) = (actual.get(key).copied().unwrap_or(0), recorded.get(key).copied().unwrap_or(0));
+        let (a, r) = (
+            actual.get(key).copied().unwrap_or(0),
+            recorded.get(key).copied().unwrap_or(0),
+        );
         if a != r {
             report.problems.push(Problem::HandleCountMismatch {
                 handle: key.0.clone(),
@@ -368,14 +406,33 @@ mod tests {
             pools: vec![pool("10.0.0.0/24", 26)],
             blocks: vec![ghost, a],
             affinities: vec![
-                BlockAffinity { node: "node-a".into(), cidr: "10.0.0.0/26".parse().expect("cidr"), state: AffinityState::Confirmed },
-                BlockAffinity { node: "node-b".into(), cidr: "10.0.0.128/26".parse().expect("cidr"), state: AffinityState::Pending },
+                BlockAffinity {
+                    node: "node-a".into(),
+                    cidr: "10.0.0.0/26".parse().expect("cidr"),
+                    state: AffinityState::Confirmed,
+                },
+                BlockAffinity {
+                    node: "node-b".into(),
+                    cidr: "10.0.0.128/26".parse().expect("cidr"),
+                    state: AffinityState::Pending,
+                },
             ],
             handles: vec![
-                Handle { handle_id: "h1".into(), block: BTreeMap::from([("10.0.0.0/26".to_string(), 2)]) },
-                Handle { handle_id: "h2".into(), block: BTreeMap::from([("10.0.0.0/26".to_string(), 3)]) },
+                Handle {
+                    handle_id: "h1".into(),
+                    block: BTreeMap::from([("10.0.0.0/26".to_string(), 2)]),
+                },
+                Handle {
+                    handle_id: "h2".into(),
+                    block: BTreeMap::from([("10.0.0.0/26".to_string(), 3)]),
+                },
             ],
-            nodes: vec![Node { name: "node-a".into(), address: None, asn: None, labels: BTreeMap::new() }],
+            nodes: vec![Node {
+                name: "node-a".into(),
+                address: None,
+                asn: None,
+                labels: BTreeMap::new(),
+            }],
         }
     }
 
@@ -383,42 +440,87 @@ mod tests {
     fn usage_counts_pools_and_blocks_in_address_order() {
         let pools = usage(&snapshot());
         assert_eq!(pools.len(), 1);
-        assert_eq!(pools[0].usage, Usage { total: 256, in_use: 3 });
+        assert_eq!(
+            pools[0].usage,
+            Usage {
+                total: 256,
+                in_use: 3
+            }
+        );
         assert_eq!(pools[0].usage.percent(3), 1);
         assert_eq!(pools[0].usage.percent(253), 99);
         assert_eq!(pools[0].blocks[0].cidr.to_string(), "10.0.0.0/26");
         assert_eq!(pools[0].blocks[0].node.as_deref(), Some("node-a"));
         assert_eq!(pools[0].blocks[1].usage.in_use, 0);
-        assert_eq!(Usage { total: 256, in_use: 4 }.percent(4), 2);
-        assert_eq!(Usage { total: 256, in_use: 4 }.percent(252), 98);
+        assert_eq!(
+            Usage {
+                total: 256,
+                in_use: 4
+            }
+            .percent(4),
+            2
+        );
+        assert_eq!(
+            Usage {
+                total: 256,
+                in_use: 4
+            }
+            .percent(252),
+            98
+        );
     }
 
     #[test]
     fn ip_info_tells_in_use_free_and_foreign_addresses_apart() {
         let snap = snapshot();
         match ip_info(&snap, "10.0.0.1".parse().expect("ip")) {
-            IpInfo::InUse { attribute, block_node, .. } => {
+            IpInfo::InUse {
+                attribute,
+                block_node,
+                ..
+            } => {
                 assert_eq!(attribute.handle_id, "h1");
                 assert_eq!(block_node.as_deref(), Some("node-a"));
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(ip_info(&snap, "10.0.0.9".parse().expect("ip")), IpInfo::NotAssigned { pool: "p".into() });
-        assert_eq!(ip_info(&snap, "10.0.1.9".parse().expect("ip")), IpInfo::NotInPool);
+        assert_eq!(
+            ip_info(&snap, "10.0.0.9".parse().expect("ip")),
+            IpInfo::NotAssigned { pool: "p".into() }
+        );
+        assert_eq!(
+            ip_info(&snap, "10.0.1.9".parse().expect("ip")),
+            IpInfo::NotInPool
+        );
     }
 
     #[test]
     fn check_finds_leaks_unknown_nodes_lost_affinities_and_bad_counts() {
         let report = check(&snapshot(), |a| {
-            if a.secondary.contains_key("netns") { Liveness::Dead } else { Liveness::Unknown }
+            if a.secondary.contains_key("netns") {
+                Liveness::Dead
+            } else {
+                Liveness::Unknown
+            }
         });
         assert_eq!(report.allocations, 3);
         assert_eq!(report.unknown.len(), 1);
         let text: Vec<String> = report.problems.iter().map(ToString::to_string).collect();
         assert_eq!(text.len(), 5, "{text:#?}");
-        assert!(text.iter().filter(|t| t.contains("attachment is gone")).count() == 2);
-        assert!(text.iter().any(|t| t.contains("node ghost, which is not registered")));
-        assert!(text.iter().any(|t| t.contains("10.0.0.128/26, which does not exist")));
-        assert!(text.iter().any(|t| t.contains("handle h2 records 3 addresses in block 10.0.0.0/26, the block holds 1")));
+        assert!(
+            text.iter()
+                .filter(|t| t.contains("attachment is gone"))
+                .count()
+                == 2
+        );
+        assert!(text
+            .iter()
+            .any(|t| t.contains("node ghost, which is not registered")));
+        assert!(text
+            .iter()
+            .any(|t| t.contains("10.0.0.128/26, which does not exist")));
+        assert!(text.iter().any(
+            |t| t.contains("handle h2 records 3 addresses in block 10.0.0.0/26, the block holds 1")
+        ));
     }
 }

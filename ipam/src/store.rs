@@ -69,7 +69,11 @@ pub fn decode<T: DeserializeOwned>(entry: Entry) -> Result<Doc<T>> {
         key: entry.key.clone(),
         reason: e.to_string(),
     })?;
-    Ok(Doc { key: entry.key, value, revision: entry.revision })
+    Ok(Doc {
+        key: entry.key,
+        value,
+        revision: entry.revision,
+    })
 }
 
 /// Reads and decodes one document.
@@ -79,14 +83,19 @@ pub fn get<T: DeserializeOwned>(ds: &impl Datastore, key: &str) -> Result<Option
 
 /// Reads, decodes and checks one block.
 pub fn get_block(ds: &impl Datastore, cidr: &IpNetwork) -> Result<Option<Doc<Block>>> {
-    get::<Block>(ds, &block_key(cidr))?.map(checked_block).transpose()
+    get::<Block>(ds, &block_key(cidr))?
+        .map(checked_block)
+        .transpose()
 }
 
 /// Checks a decoded block's table.
 pub fn checked_block(doc: Doc<Block>) -> Result<Doc<Block>> {
     doc.value
         .validate()
-        .map_err(|reason| DatastoreError::Corrupt { key: doc.key.clone(), reason })?;
+        .map_err(|reason| DatastoreError::Corrupt {
+            key: doc.key.clone(),
+            reason,
+        })?;
     Ok(doc)
 }
 
@@ -108,6 +117,11 @@ pub fn create<T: Serialize>(ds: &impl Datastore, key: &str, value: &T) -> Result
 }
 
 /// Replaces a document at `revision`; `Conflict` if it changed.
-pub fn update<T: Serialize>(ds: &impl Datastore, key: &str, value: &T, revision: &Revision) -> Result<Revision> {
+pub fn update<T: Serialize>(
+    ds: &impl Datastore,
+    key: &str,
+    value: &T,
+    revision: &Revision,
+) -> Result<Revision> {
     ds.update(key, &encode(key, value)?, revision)
 }

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use common::{assert_affinities_consistent, assert_all_json, pool, v4};
 use tabby_ipam::store;
 use tabby_ipam::{
-    AffinityState, BlockAffinity, Datastore, FileDatastore, IpamConfig, IpamError, Ipam, MemDatastore,
+    AffinityState, BlockAffinity, Datastore, FileDatastore, Ipam, IpamConfig, IpamError,
+    MemDatastore,
 };
 
 fn file_ipam() -> (tempfile::TempDir, Ipam<FileDatastore>) {
@@ -25,7 +26,8 @@ fn ip(s: &str) -> IpAddr {
 #[test]
 fn assign_hands_out_addresses_from_the_nodes_own_block() {
     let (dir, ipam) = file_ipam();
-    ipam.ensure_default_pool(&pool("default-ipv4-ippool", "10.244.0.0/16", 26)).expect("pool");
+    ipam.ensure_default_pool(&pool("default-ipv4-ippool", "10.244.0.0/16", 26))
+        .expect("pool");
     let a1 = ipam.assign(&v4("net.a1", "node-a")).expect("assign");
     let a2 = ipam.assign(&v4("net.a2", "node-a")).expect("assign");
     let b1 = ipam.assign(&v4("net.b1", "node-b")).expect("assign");
@@ -33,7 +35,11 @@ fn assign_hands_out_addresses_from_the_nodes_own_block() {
     assert_eq!(a2[0].ip(), ip("10.244.0.1"));
     assert_eq!(b1, vec!["10.244.0.64/26".parse().expect("net")]);
     assert!(ipam.datastore().get("nodes/node-a").expect("get").is_some());
-    assert!(ipam.datastore().get("handles/net.a1").expect("get").is_some());
+    assert!(ipam
+        .datastore()
+        .get("handles/net.a1")
+        .expect("get")
+        .is_some());
     assert_affinities_consistent(ipam.datastore());
     assert!(assert_all_json(dir.path()) >= 7);
 }
@@ -41,30 +47,45 @@ fn assign_hands_out_addresses_from_the_nodes_own_block() {
 #[test]
 fn release_by_handle_frees_the_address_and_the_handle() {
     let (_dir, ipam) = file_ipam();
-    ipam.create_pool(&pool("p", "10.0.0.0/24", 28)).expect("pool");
+    ipam.create_pool(&pool("p", "10.0.0.0/24", 28))
+        .expect("pool");
     let got = ipam.assign(&v4("net.c1", "n")).expect("assign");
     let released = ipam.release_by_handle("net.c1").expect("release");
     assert_eq!(released.len(), 1);
     assert_eq!(released[0].ip, got[0].ip());
     assert_eq!(released[0].handle, "net.c1");
-    assert!(ipam.datastore().get("handles/net.c1").expect("get").is_none());
+    assert!(ipam
+        .datastore()
+        .get("handles/net.c1")
+        .expect("get")
+        .is_none());
     assert!(ipam.release_by_handle("net.c1").expect("again").is_empty());
-    assert!(ipam.release_by_handle("never-existed").expect("missing").is_empty());
+    assert!(ipam
+        .release_by_handle("never-existed")
+        .expect("missing")
+        .is_empty());
     assert_affinities_consistent(ipam.datastore());
 }
 
 #[test]
 fn release_ip_frees_one_address_and_knows_foreign_ones() {
     let (_dir, ipam) = file_ipam();
-    ipam.create_pool(&pool("p", "10.0.0.0/24", 28)).expect("pool");
+    ipam.create_pool(&pool("p", "10.0.0.0/24", 28))
+        .expect("pool");
     let mut args = v4("net.multi", "n");
     args.num_v4 = 2;
     let got = ipam.assign(&args).expect("assign");
     assert_eq!(got.len(), 2);
-    let released = ipam.release_ip(got[0].ip()).expect("release").expect("was allocated");
+    let released = ipam
+        .release_ip(got[0].ip())
+        .expect("release")
+        .expect("was allocated");
     assert_eq!(released.handle, "net.multi");
     assert!(ipam.release_ip(got[0].ip()).expect("release").is_none());
-    assert!(matches!(ipam.release_ip(ip("192.168.1.1")), Err(IpamError::NotInPool { .. })));
+    assert!(matches!(
+        ipam.release_ip(ip("192.168.1.1")),
+        Err(IpamError::NotInPool { .. })
+    ));
     assert_affinities_consistent(ipam.datastore());
     assert_eq!(ipam.release_by_handle("net.multi").expect("rest").len(), 1);
     assert_affinities_consistent(ipam.datastore());
@@ -74,14 +95,22 @@ fn release_ip_frees_one_address_and_knows_foreign_ones() {
 fn a_full_pool_is_borrowed_from_then_exhausted() {
     let ipam = Ipam::new(MemDatastore::new());
     // Two blocks of 8 addresses.
-    ipam.create_pool(&pool("small", "10.1.0.0/28", 29)).expect("pool");
+    ipam.create_pool(&pool("small", "10.1.0.0/28", 29))
+        .expect("pool");
     let mut a = Vec::new();
     for i in 0..9 {
-        a.push(ipam.assign(&v4(&format!("a{i}"), "node-a")).expect("assign")[0].ip());
+        a.push(
+            ipam.assign(&v4(&format!("a{i}"), "node-a"))
+                .expect("assign")[0]
+                .ip(),
+        );
     }
     // node-a holds both blocks; node-b must borrow the last 7 addresses.
     for i in 0..7 {
-        let got = ipam.assign(&v4(&format!("b{i}"), "node-b")).expect("borrow")[0].ip();
+        let got = ipam
+            .assign(&v4(&format!("b{i}"), "node-b"))
+            .expect("borrow")[0]
+            .ip();
         assert!(!a.contains(&got));
         a.push(got);
     }
@@ -95,8 +124,13 @@ fn a_full_pool_is_borrowed_from_then_exhausted() {
 #[test]
 fn strict_affinity_forbids_borrowing() {
     let ipam = Ipam::new(MemDatastore::new());
-    ipam.create_pool(&pool("small", "10.1.0.0/29", 29)).expect("pool");
-    ipam.set_config(&IpamConfig { strict_affinity: true, max_blocks_per_host: 0 }).expect("config");
+    ipam.create_pool(&pool("small", "10.1.0.0/29", 29))
+        .expect("pool");
+    ipam.set_config(&IpamConfig {
+        strict_affinity: true,
+        max_blocks_per_host: 0,
+    })
+    .expect("config");
     assert!(ipam.config().expect("config").strict_affinity);
     ipam.assign(&v4("a", "node-a")).expect("assign");
     let err = ipam.assign(&v4("b", "node-b")).expect_err("no borrowing");
@@ -106,32 +140,56 @@ fn strict_affinity_forbids_borrowing() {
 #[test]
 fn max_blocks_per_host_limits_claims() {
     let ipam = Ipam::new(MemDatastore::new());
-    ipam.create_pool(&pool("p", "10.1.0.0/24", 30)).expect("pool");
-    ipam.set_config(&IpamConfig { strict_affinity: true, max_blocks_per_host: 1 }).expect("config");
+    ipam.create_pool(&pool("p", "10.1.0.0/24", 30))
+        .expect("pool");
+    ipam.set_config(&IpamConfig {
+        strict_affinity: true,
+        max_blocks_per_host: 1,
+    })
+    .expect("config");
     for i in 0..4 {
-        ipam.assign(&v4(&format!("a{i}"), "node-a")).expect("assign");
+        ipam.assign(&v4(&format!("a{i}"), "node-a"))
+            .expect("assign");
     }
-    assert!(matches!(ipam.assign(&v4("a5", "node-a")), Err(IpamError::Exhausted { .. })));
+    assert!(matches!(
+        ipam.assign(&v4("a5", "node-a")),
+        Err(IpamError::Exhausted { .. })
+    ));
 }
 
 #[test]
 fn no_pool_and_bad_requests_are_errors() {
     let ipam = Ipam::new(MemDatastore::new());
-    assert!(matches!(ipam.assign(&v4("h", "n")), Err(IpamError::NoPool { family: 4 })));
-    ipam.create_pool(&pool("p", "10.1.0.0/24", 26)).expect("pool");
+    assert!(matches!(
+        ipam.assign(&v4("h", "n")),
+        Err(IpamError::NoPool { family: 4 })
+    ));
+    ipam.create_pool(&pool("p", "10.1.0.0/24", 26))
+        .expect("pool");
     let mut v6 = v4("h", "n");
     v6.num_v4 = 0;
     v6.num_v6 = 1;
-    assert!(matches!(ipam.assign(&v6), Err(IpamError::NoPool { family: 6 })));
-    assert!(matches!(ipam.assign(&v4("", "n")), Err(IpamError::InvalidRequest { .. })));
-    assert!(matches!(ipam.assign(&v4("h", "")), Err(IpamError::InvalidRequest { .. })));
+    assert!(matches!(
+        ipam.assign(&v6),
+        Err(IpamError::NoPool { family: 6 })
+    ));
+    assert!(matches!(
+        ipam.assign(&v4("", "n")),
+        Err(IpamError::InvalidRequest { .. })
+    ));
+    assert!(matches!(
+        ipam.assign(&v4("h", "")),
+        Err(IpamError::InvalidRequest { .. })
+    ));
 }
 
 #[test]
 fn dual_stack_assign_rolls_back_when_one_family_fails() {
     let ipam = Ipam::new(MemDatastore::new());
-    ipam.create_pool(&pool("v4", "10.1.0.0/24", 26)).expect("pool");
-    ipam.create_pool(&pool("v6", "fd00:10::/120", 122)).expect("pool");
+    ipam.create_pool(&pool("v4", "10.1.0.0/24", 26))
+        .expect("pool");
+    ipam.create_pool(&pool("v6", "fd00:10::/120", 122))
+        .expect("pool");
     let mut args = v4("dual", "n");
     args.num_v6 = 1;
     let got = ipam.assign(&args).expect("assign");
@@ -144,24 +202,45 @@ fn dual_stack_assign_rolls_back_when_one_family_fails() {
     ipam.assign(&only_v6).expect("fill v6");
     let mut args = v4("dual-2", "n");
     args.num_v6 = 1;
-    assert!(matches!(ipam.assign(&args), Err(IpamError::Exhausted { .. })));
-    assert!(ipam.datastore().get("handles/dual-2").expect("get").is_none());
+    assert!(matches!(
+        ipam.assign(&args),
+        Err(IpamError::Exhausted { .. })
+    ));
+    assert!(ipam
+        .datastore()
+        .get("handles/dual-2")
+        .expect("get")
+        .is_none());
     assert_affinities_consistent(ipam.datastore());
 }
 
 #[test]
 fn gc_releases_handles_not_in_the_valid_list() {
     let ipam = Ipam::new(MemDatastore::new());
-    ipam.create_pool(&pool("p", "10.1.0.0/24", 26)).expect("pool");
+    ipam.create_pool(&pool("p", "10.1.0.0/24", 26))
+        .expect("pool");
     for h in ["net.keep", "net.drop1", "net.drop2", "other.drop"] {
         ipam.assign(&v4(h, "n")).expect("assign");
     }
     let valid: HashSet<String> = ["net.keep".to_string()].into();
-    let mut released: Vec<String> = ipam.gc("net.", &valid).expect("gc").into_iter().map(|r| r.handle).collect();
+    let mut released: Vec<String> = ipam
+        .gc("net.", &valid)
+        .expect("gc")
+        .into_iter()
+        .map(|r| r.handle)
+        .collect();
     released.sort();
     assert_eq!(released, ["net.drop1", "net.drop2"]);
-    assert!(ipam.datastore().get("handles/net.keep").expect("get").is_some());
-    assert!(ipam.datastore().get("handles/other.drop").expect("get").is_some());
+    assert!(ipam
+        .datastore()
+        .get("handles/net.keep")
+        .expect("get")
+        .is_some());
+    assert!(ipam
+        .datastore()
+        .get("handles/other.drop")
+        .expect("get")
+        .is_some());
     assert_affinities_consistent(ipam.datastore());
 }
 
@@ -177,15 +256,34 @@ fn pools_are_validated() {
         pool("", "10.0.0.0/24", 26),
     ];
     for p in bad {
-        assert!(matches!(ipam.create_pool(&p), Err(IpamError::InvalidPool { .. })), "{}", p.name);
+        assert!(
+            matches!(ipam.create_pool(&p), Err(IpamError::InvalidPool { .. })),
+            "{}",
+            p.name
+        );
     }
-    ipam.create_pool(&pool("a", "10.0.0.5/24", 26)).expect("host bits are cleared");
-    assert_eq!(ipam.pools().expect("pools")[0].cidr, "10.0.0.0/24".parse().expect("net"));
-    assert!(matches!(ipam.create_pool(&pool("b", "10.0.0.128/25", 26)), Err(IpamError::PoolExists { .. })));
-    assert!(matches!(ipam.create_pool(&pool("c", "10.0.0.0/16", 26)), Err(IpamError::PoolExists { .. })));
-    assert!(matches!(ipam.create_pool(&pool("a", "10.9.0.0/24", 26)), Err(IpamError::PoolExists { .. })));
-    ipam.create_pool(&pool("d", "10.0.1.0/24", 26)).expect("adjacent pool");
-    ipam.create_pool(&pool("v6", "fd00::/64", 122)).expect("v6 pool");
+    ipam.create_pool(&pool("a", "10.0.0.5/24", 26))
+        .expect("host bits are cleared");
+    assert_eq!(
+        ipam.pools().expect("pools")[0].cidr,
+        "10.0.0.0/24".parse().expect("net")
+    );
+    assert!(matches!(
+        ipam.create_pool(&pool("b", "10.0.0.128/25", 26)),
+        Err(IpamError::PoolExists { .. })
+    ));
+    assert!(matches!(
+        ipam.create_pool(&pool("c", "10.0.0.0/16", 26)),
+        Err(IpamError::PoolExists { .. })
+    ));
+    assert!(matches!(
+        ipam.create_pool(&pool("a", "10.9.0.0/24", 26)),
+        Err(IpamError::PoolExists { .. })
+    ));
+    ipam.create_pool(&pool("d", "10.0.1.0/24", 26))
+        .expect("adjacent pool");
+    ipam.create_pool(&pool("v6", "fd00::/64", 122))
+        .expect("v6 pool");
 }
 
 #[test]
@@ -196,7 +294,8 @@ fn ensure_default_pool_creates_exactly_one_pool_under_a_race() {
             let path = dir.path().to_path_buf();
             std::thread::spawn(move || {
                 let ipam = Ipam::new(FileDatastore::open(path).expect("open"));
-                ipam.ensure_default_pool(&pool("default-ipv4-ippool", "10.244.0.0/16", 26)).expect("ensure");
+                ipam.ensure_default_pool(&pool("default-ipv4-ippool", "10.244.0.0/16", 26))
+                    .expect("ensure");
             })
         })
         .collect();
@@ -205,23 +304,38 @@ fn ensure_default_pool_creates_exactly_one_pool_under_a_race() {
     }
     let ipam = Ipam::new(FileDatastore::open(dir.path()).expect("open"));
     assert_eq!(ipam.pools().expect("pools").len(), 1);
-    ipam.ensure_default_pool(&pool("other", "10.9.0.0/16", 26)).expect("no-op");
+    ipam.ensure_default_pool(&pool("other", "10.9.0.0/16", 26))
+        .expect("no-op");
     assert_eq!(ipam.pools().expect("pools").len(), 1);
 }
 
 #[test]
 fn delete_pool_refuses_while_in_use_then_cleans_up() {
     let ipam = Ipam::new(MemDatastore::new());
-    ipam.create_pool(&pool("p", "10.1.0.0/24", 26)).expect("pool");
+    ipam.create_pool(&pool("p", "10.1.0.0/24", 26))
+        .expect("pool");
     ipam.assign(&v4("h", "n")).expect("assign");
-    assert!(matches!(ipam.delete_pool("p"), Err(IpamError::PoolInUse { in_use: 1, .. })));
-    assert!(!ipam.pools().expect("pools")[0].disabled, "a refused delete changes nothing");
+    assert!(matches!(
+        ipam.delete_pool("p"),
+        Err(IpamError::PoolInUse { in_use: 1, .. })
+    ));
+    assert!(
+        !ipam.pools().expect("pools")[0].disabled,
+        "a refused delete changes nothing"
+    );
     ipam.release_by_handle("h").expect("release");
     ipam.delete_pool("p").expect("delete");
     assert!(ipam.pools().expect("pools").is_empty());
     assert!(ipam.datastore().list("blocks/").expect("list").is_empty());
-    assert!(ipam.datastore().list("affinities/").expect("list").is_empty());
-    assert!(matches!(ipam.delete_pool("p"), Err(IpamError::PoolNotFound { .. })));
+    assert!(ipam
+        .datastore()
+        .list("affinities/")
+        .expect("list")
+        .is_empty());
+    assert!(matches!(
+        ipam.delete_pool("p"),
+        Err(IpamError::PoolNotFound { .. })
+    ));
 }
 
 #[test]
@@ -230,13 +344,17 @@ fn disabled_pools_hand_out_nothing() {
     let mut p = pool("p", "10.1.0.0/24", 26);
     p.disabled = true;
     ipam.create_pool(&p).expect("pool");
-    assert!(matches!(ipam.assign(&v4("h", "n")), Err(IpamError::NoPool { .. })));
+    assert!(matches!(
+        ipam.assign(&v4("h", "n")),
+        Err(IpamError::NoPool { .. })
+    ));
 }
 
 #[test]
 fn leftovers_of_a_crashed_claim_are_resolved() {
     let ipam = Ipam::new(Arc::new(MemDatastore::new()));
-    ipam.create_pool(&pool("p", "10.1.0.0/24", 26)).expect("pool");
+    ipam.create_pool(&pool("p", "10.1.0.0/24", 26))
+        .expect("pool");
     let ds = ipam.datastore().clone();
     let pending = |node: &str, cidr: &str| BlockAffinity {
         node: node.to_string(),
@@ -244,11 +362,19 @@ fn leftovers_of_a_crashed_claim_are_resolved() {
         state: AffinityState::Pending,
     };
     // node-a died after phase 1 on the first block.
-    store::create(&ds, &common::affinity_key("node-a", "10.1.0.0/26"), &pending("node-a", "10.1.0.0/26"))
-        .expect("pending");
+    store::create(
+        &ds,
+        &common::affinity_key("node-a", "10.1.0.0/26"),
+        &pending("node-a", "10.1.0.0/26"),
+    )
+    .expect("pending");
     // node-b died after phase 1 on the second block, which node-a then takes.
-    store::create(&ds, &common::affinity_key("node-b", "10.1.0.64/26"), &pending("node-b", "10.1.0.64/26"))
-        .expect("pending");
+    store::create(
+        &ds,
+        &common::affinity_key("node-b", "10.1.0.64/26"),
+        &pending("node-b", "10.1.0.64/26"),
+    )
+    .expect("pending");
     let a = ipam.assign(&v4("a", "node-a")).expect("assign");
     assert_eq!(a[0].ip(), ip("10.1.0.0"));
     let mut args = v4("a-many", "node-a");

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use common::{assert_affinities_consistent, pool, v4};
 use proptest::prelude::*;
-use tabby_ipam::{Datastore, IpamError, Ipam, MemDatastore};
+use tabby_ipam::{Datastore, Ipam, IpamError, MemDatastore};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -35,10 +35,13 @@ fn op() -> impl Strategy<Value = Op> {
 /// Runs `ops` against the allocator and a model of who holds what.
 fn run(ops: &[Op], block_size: u8) -> Result<(), TestCaseError> {
     let ipam = Ipam::new(MemDatastore::new());
-    ipam.create_pool(&pool("small", "10.9.0.0/26", block_size)).expect("pool");
+    ipam.create_pool(&pool("small", "10.9.0.0/26", block_size))
+        .expect("pool");
     // Model: handle -> addresses it holds.
     let mut held: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
-    let live = |held: &BTreeMap<String, Vec<IpAddr>>| held.values().flatten().copied().collect::<HashSet<_>>();
+    let live = |held: &BTreeMap<String, Vec<IpAddr>>| {
+        held.values().flatten().copied().collect::<HashSet<_>>()
+    };
     for (step, op) in ops.iter().enumerate() {
         match *op {
             Op::Assign { node, n } => {
@@ -50,7 +53,11 @@ fn run(ops: &[Op], block_size: u8) -> Result<(), TestCaseError> {
                         prop_assert_eq!(nets.len(), n as usize);
                         let taken = live(&held);
                         for net in &nets {
-                            prop_assert!(!taken.contains(&net.ip()), "{} handed out twice", net.ip());
+                            prop_assert!(
+                                !taken.contains(&net.ip()),
+                                "{} handed out twice",
+                                net.ip()
+                            );
                             prop_assert_eq!(net.prefix(), block_size);
                         }
                         let ips: Vec<IpAddr> = nets.iter().map(|n| n.ip()).collect();
@@ -58,7 +65,10 @@ fn run(ops: &[Op], block_size: u8) -> Result<(), TestCaseError> {
                         held.insert(handle, ips);
                     }
                     Err(IpamError::Exhausted { .. }) => {
-                        prop_assert!(live(&held).len() + n as usize > 64, "exhausted with room left");
+                        prop_assert!(
+                            live(&held).len() + n as usize > 64,
+                            "exhausted with room left"
+                        );
                         let key = format!("handles/{handle}");
                         prop_assert!(ipam.datastore().get(&key).expect("get").is_none());
                     }
@@ -67,8 +77,12 @@ fn run(ops: &[Op], block_size: u8) -> Result<(), TestCaseError> {
             }
             Op::ReleaseHandle { pick } if !held.is_empty() => {
                 let handle = held.keys().nth(pick % held.len()).cloned().expect("handle");
-                let mut released: Vec<IpAddr> =
-                    ipam.release_by_handle(&handle).expect("release").into_iter().map(|r| r.ip).collect();
+                let mut released: Vec<IpAddr> = ipam
+                    .release_by_handle(&handle)
+                    .expect("release")
+                    .into_iter()
+                    .map(|r| r.ip)
+                    .collect();
                 let mut expected = held.remove(&handle).expect("held");
                 released.sort();
                 expected.sort();
@@ -81,13 +95,20 @@ fn run(ops: &[Op], block_size: u8) -> Result<(), TestCaseError> {
                 if ips.is_empty() {
                     held.remove(&handle);
                 }
-                let released = ipam.release_ip(ip).expect("release").expect("was allocated");
+                let released = ipam
+                    .release_ip(ip)
+                    .expect("release")
+                    .expect("was allocated");
                 prop_assert_eq!(released.handle, handle);
             }
             Op::Gc => {
                 let valid: HashSet<String> = held.keys().step_by(2).cloned().collect();
                 let released = ipam.gc("net.", &valid).expect("gc");
-                let expected: usize = held.iter().filter(|(h, _)| !valid.contains(*h)).map(|(_, v)| v.len()).sum();
+                let expected: usize = held
+                    .iter()
+                    .filter(|(h, _)| !valid.contains(*h))
+                    .map(|(_, v)| v.len())
+                    .sum();
                 prop_assert_eq!(released.len(), expected);
                 held.retain(|h, _| valid.contains(h));
             }

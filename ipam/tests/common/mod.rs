@@ -41,16 +41,33 @@ pub fn assert_affinities_consistent(ds: &impl Datastore) {
     let mut confirmed: HashMap<String, Vec<String>> = HashMap::new();
     for a in &snap.affinities {
         if a.state == AffinityState::Confirmed {
-            confirmed.entry(a.cidr.to_string()).or_default().push(a.node.clone());
+            confirmed
+                .entry(a.cidr.to_string())
+                .or_default()
+                .push(a.node.clone());
         }
     }
     for block in &snap.blocks {
-        let nodes = confirmed.remove(&block.cidr.to_string()).unwrap_or_default();
+        let nodes = confirmed
+            .remove(&block.cidr.to_string())
+            .unwrap_or_default();
         let owner = block.node().expect("every claimed block names a node");
-        assert_eq!(nodes, vec![owner.to_string()], "block {} confirmed for {nodes:?}", block.cidr);
+        assert_eq!(
+            nodes,
+            vec![owner.to_string()],
+            "block {} confirmed for {nodes:?}",
+            block.cidr
+        );
     }
-    assert!(confirmed.is_empty(), "confirmed affinities without blocks: {confirmed:?}");
-    let pending: Vec<&BlockAffinity> = snap.affinities.iter().filter(|a| a.state != AffinityState::Confirmed).collect();
+    assert!(
+        confirmed.is_empty(),
+        "confirmed affinities without blocks: {confirmed:?}"
+    );
+    let pending: Vec<&BlockAffinity> = snap
+        .affinities
+        .iter()
+        .filter(|a| a.state != AffinityState::Confirmed)
+        .collect();
     assert!(pending.is_empty(), "pending affinities left: {pending:?}");
     let handle_problems: Vec<String> = report::check(&snap, |_| report::Liveness::Live)
         .problems
