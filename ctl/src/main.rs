@@ -1,7 +1,9 @@
 //! `tabbyctl`: show and repair Tabby's IPAM (calicoctl's `ipam` and
 //! `ippool` commands, over the same datastore as the CNI plugin).
 
+mod bgp;
 mod ipam;
+mod node;
 mod pool;
 mod table;
 
@@ -31,6 +33,22 @@ enum Command {
     /// IP pools: create, list, delete.
     #[command(subcommand)]
     Pool(pool::PoolCommand),
+    /// BGP peers and cluster BGP settings.
+    #[command(subcommand)]
+    Bgp(bgp::BgpCommand),
+    /// This node's agent.
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// BGP sessions of the local tabby-node, as `calicoctl node status`.
+    Status {
+        /// The agent's status socket.
+        #[arg(long, env = "TABBY_NODE_SOCKET", default_value = node::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -45,11 +63,19 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let creates_store = matches!(cli.command, Command::Pool(pool::PoolCommand::Create(_)));
+    if let Command::Node(NodeCommand::Status { socket }) = &cli.command {
+        return node::status(socket);
+    }
+    let creates_store = matches!(
+        cli.command,
+        Command::Pool(pool::PoolCommand::Create(_)) | Command::Bgp(bgp::BgpCommand::Config(_)) | Command::Bgp(bgp::BgpCommand::Peer(bgp::PeerCommand::Create(_)))
+    );
     let ipam = open(&cli.datastore, creates_store)?;
     match cli.command {
         Command::Ipam(cmd) => ipam::run(&ipam, cmd),
         Command::Pool(cmd) => pool::run(&ipam, cmd),
+        Command::Bgp(cmd) => bgp::run(ipam.datastore(), cmd),
+        Command::Node(_) => unreachable!("handled before the datastore is opened"),
     }
 }
 

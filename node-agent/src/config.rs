@@ -1,0 +1,149 @@
+//! The agent's configuration: a TOML file, with flags that override it.
+//!
+//! ```toml
+//! node_name = "node-1"
+//! bgp_address = "10.98.0.1"
+//! datastore = "/var/lib/tabby/datastore"
+//! uplink = "eth0"                      # else: the interface holding bgp_address
+//! as_number = 64512                    # else: the cluster's BGPConfiguration
+//! bgp_port = 179
+//! hold_time = 90                       # seconds; keepalive defaults to hold_time / 3
+//! status_socket = "/run/tabby/node.sock"
+//! health_listen = "127.0.0.1:9099"
+//! ```
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{AgentError, Result};
+
+/// The agent's settings.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This node's name in the datastore.
+    pub node_name: String,
+    /// The address BGP binds to and advertises as next hop.
+    pub bgp_address: IpAddr,
+    /// The datastore directory (file backend).
+    #[serde(default = "default_datastore")]
+    pub datastore: PathBuf,
+    /// The underlay interface learned routes go out of.
+    #[serde(default)]
+    pub uplink: Option<String>,
+    /// This node's AS; the cluster's when absent.
+    #[serde(default)]
+    pub as_number: Option<u32>,
+    /// The TCP port of BGP (179; tests use others).
+    #[serde(default = "default_bgp_port")]
+    pub bgp_port: u16,
+    /// BGP hold time in seconds (0, or 3 and more).
+    #[serde(default = "default_hold")]
+    pub hold_time: u16,
+    /// BGP keepalive interval in seconds; hold_time / 3 when absent.
+    #[serde(default)]
+    pub keepalive: Option<u16>,
+    /// BGP connect-retry base interval in seconds.
+    #[serde(default = "default_connect_retry")]
+    pub connect_retry: u16,
+    /// Where `tabbyctl node status` asks.
+    #[serde(default = "default_status_socket")]
+    pub status_socket: PathBuf,
+    /// Health, readiness and metrics HTTP endpoint (loopback by default).
+    #[serde(default = "default_health")]
+    pub health_listen: SocketAddr,
+    /// How often the datastore is read, in milliseconds.
+    #[serde(default = "default_poll_ms")]
+    pub poll_interval_ms: u64,
+}
+
+fn default_datastore() -> PathBuf {
+    tabby_ipam::file::DEFAULT_PATH.into()
+}
+fn default_bgp_port() -> u16 {
+    179
+}
+fn default_hold() -> u16 {
+    90
+}
+fn default_connect_retry() -> u16 {
+    2
+}
+fn default_status_socket() -> PathBuf {
+    "/run/tabby/node.sock".into()
+}
+fn default_health() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9099))
+}
+fn default_poll_ms() -> u64 {
+    500
+}
+
+impl AgentConfig {
+    /// Parses TOML text and validates it.
+    pub fn parse(text: &str) -> Result<Self> {
+        let c: AgentConfig = toml::from_str(text).map_err(|e| AgentError::Config(e.to_string()))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| AgentError::ReadConfig { path: path.display().to_string(), source })?;
+        Self::parse(&text)
+    }
+
+    /// Checks the values a peer would reject later.
+    pub fn validate(&self) -> Result<()> {
+        if self.node_name.is_empty() {
+            return Err(AgentError::Config("node_name is empty".into()));
+        }
+        if self.hold_time != 0 && self.hold_time < 3 {
+            return Err(AgentError::Config(format!("hold_time {} must be 0 or at least 3 seconds (RFC 4271)", self.hold_time)));
+        }
+        if let Some(k) = self.keepalive {
+            if self.hold_time != 0 && k >= self.hold_time {
+                return Err(AgentError::Config(format!("keepalive {k} must be below hold_time {}", self.hold_time)));
+            }
+        }
+        Ok(())
+    }
+
+    /// The keepalive interval.
+    pub fn keepalive(&self) -> Duration {
+        Duration::from_secs(u64::from(self.keepalive.unwrap_or(self.hold_time / 3)))
+    }
+
+    /// The datastore poll interval.
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.poll_interval_ms.max(50))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_minimal_file_gets_calico_like_defaults() {
+        let c = AgentConfig::parse("node_name = \"node-1\"\nbgp_address = \"10.98.0.1\"\n").unwrap();
+        assert_eq!(c.bgp_port, 179);
+        assert_eq!(c.hold_time, 90);
+        assert_eq!(c.keepalive(), Duration::from_secs(30));
+        assert_eq!(c.health_listen.to_string(), "127.0.0.1:9099");
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_a_reason() {
+        let e = AgentConfig::parse("node_name = \"n\"\nbgp_address = \"10.0.0.1\"\nhold_time = 2\n").unwrap_err();
+        assert!(e.to_string().contains("hold_time"), "{e}");
+        let e = AgentConfig::parse("node_name = \"n\"\nbgp_address = \"nope\"\n").unwrap_err();
+        assert!(e.to_string().contains("bgp_address"), "{e}");
+        let e = AgentConfig::parse("node_name = \"n\"\nbgp_address = \"10.0.0.1\"\ncolour = 1\n").unwrap_err();
+        assert!(e.to_string().contains("colour"), "{e}");
+    }
+}

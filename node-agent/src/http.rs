@@ -1,0 +1,109 @@
+//! A minimal HTTP/1.1 responder for the agent's fixed GET endpoints
+//! (health, readiness, metrics, and the service proxy's health-check node
+//! ports). Written by hand because these few read-only endpoints need no
+//! routing, bodies or keep-alive, and an HTTP framework would add dozens of
+//! crates to a daemon that must stay small.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+use tracing::debug;
+
+/// A response: status code, content type, body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// HTTP status.
+    pub status: u16,
+    /// Content-Type.
+    pub content_type: &'static str,
+    /// Body.
+    pub body: String,
+}
+
+impl Response {
+    /// A text/plain response.
+    pub fn text(status: u16, body: impl Into<String>) -> Self {
+        Self { status, content_type: "text/plain; charset=utf-8", body: body.into() }
+    }
+
+    /// An application/json response.
+    pub fn json(status: u16, body: impl Into<String>) -> Self {
+        Self { status, content_type: "application/json", body: body.into() }
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        503 => "Service Unavailable",
+        _ => "",
+    }
+}
+
+/// Serves `handler(path)` on `listener` until the returned future is dropped.
+pub fn serve<H>(listener: TcpListener, handler: H) -> impl Future<Output = ()>
+where
+    H: Fn(&str) -> Response + Send + Sync + 'static,
+{
+    let handler = Arc::new(handler);
+    async move {
+        loop {
+            let Ok((stream, peer)) = listener.accept().await else { continue };
+            let handler = Arc::clone(&handler);
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                let Ok(Some(request)) = lines.next_line().await else { return };
+                // Drain the headers up to the blank line.
+                while let Ok(Some(l)) = lines.next_line().await {
+                    if l.is_empty() {
+                        break;
+                    }
+                }
+                let mut parts = request.split_whitespace();
+                let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
+                let resp = if method == "GET" { handler(path) } else { Response::text(405, "only GET\n") };
+                debug!(%peer, path, status = resp.status, "http");
+                let head = format!(
+                    "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    resp.status,
+                    reason(resp.status),
+                    resp.content_type,
+                    resp.body.len()
+                );
+                let _ = write.write_all(head.as_bytes()).await;
+                let _ = write.write_all(resp.body.as_bytes()).await;
+                let _ = write.shutdown().await;
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn answers_get_with_the_handlers_response_and_refuses_other_methods() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(serve(l, |p| if p == "/healthz" { Response::text(200, "ok\n") } else { Response::text(404, "no\n") }));
+        let get = |req: &'static str| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let ok = get("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(ok.starts_with("HTTP/1.1 200 OK") && ok.ends_with("ok\n"), "{ok}");
+        assert!(get("GET /nope HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 404"));
+        assert!(get("POST /healthz HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 405"));
+        server.abort();
+    }
+}

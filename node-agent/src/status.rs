@@ -1,0 +1,70 @@
+//! `tabbyctl node status` asks the agent over a unix socket; the agent
+//! answers one JSON document and closes.
+//!
+//! The JSON is the contract between the two binaries:
+//! `{"node":"node-1","asn":64512,"address":"10.98.0.1","peers":[{"peerAddress":"10.98.0.2",
+//! "peerType":"node-to-node mesh","state":"up","since":"2026-11-23T17:40:02Z","info":"Established"}]}`
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixListener;
+
+use crate::error::{AgentError, Result};
+
+/// One row of `node status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerRow {
+    /// The peer's address.
+    pub peer_address: String,
+    /// node-to-node mesh, global, node specific.
+    pub peer_type: String,
+    /// up, start, ... (BIRD's protocol state words, as calicoctl shows).
+    pub state: String,
+    /// When the state was entered (RFC 3339, UTC).
+    pub since: String,
+    /// The FSM state and the last error.
+    pub info: String,
+}
+
+/// The whole answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct NodeStatus {
+    /// The node's name.
+    pub node: String,
+    /// Its AS.
+    pub asn: u32,
+    /// Its BGP address.
+    pub address: String,
+    /// Its peers.
+    pub peers: Vec<PeerRow>,
+}
+
+/// Serves `status()` on a unix socket at `path` (replacing a stale socket file).
+pub async fn serve(path: PathBuf, status: Arc<dyn Fn() -> NodeStatus + Send + Sync>) -> Result<()> {
+    let listener = bind(&path)?;
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let body = serde_json::to_vec(&status()).unwrap_or_default();
+        tokio::spawn(async move {
+            let _ = stream.write_all(&body).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
+
+fn bind(path: &Path) -> Result<UnixListener> {
+    let io = |context: String| move |source| AgentError::Io { context, source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(format!("remove stale socket {}", path.display()))(e)),
+    }
+    UnixListener::bind(path).map_err(io(format!("listen on {}", path.display())))
+}
