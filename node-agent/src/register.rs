@@ -1,0 +1,75 @@
+//! Registering this node (name, BGP address, AS) in the datastore and
+//! reading the cluster view the agent acts on.
+
+use tabby_ipam::datastore::Datastore;
+use tabby_ipam::report::Snapshot;
+use tabby_ipam::store::{self, node_key};
+use tabby_ipam::{resources, DatastoreError, Node};
+
+use crate::config::AgentConfig;
+use crate::desired::ClusterView;
+use crate::error::Result;
+
+/// Creates or updates `nodes/<name>` with this node's address and AS,
+/// keeping what others wrote (labels). Retries on conflicts.
+pub fn register_node(ds: &impl Datastore, cfg: &AgentConfig) -> Result<Node> {
+    let key = node_key(&cfg.node_name);
+    for _ in 0..100 {
+        let result = match store::get::<Node>(ds, &key)? {
+            Some(doc) => {
+                let mut node = doc.value.clone();
+                node.address = Some(cfg.bgp_address);
+                node.asn = cfg.as_number;
+                if node == doc.value {
+                    return Ok(node);
+                }
+                store::update(ds, &key, &node, &doc.revision).map(|_| node)
+            }
+            None => {
+                let node = Node { name: cfg.node_name.clone(), address: Some(cfg.bgp_address), asn: cfg.as_number, labels: Default::default() };
+                store::create(ds, &key, &node).map(|_| node)
+            }
+        };
+        match result {
+            Ok(node) => return Ok(node),
+            Err(DatastoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(DatastoreError::Conflict { key }.into())
+}
+
+/// Reads everything the agent acts on.
+pub fn load_view(ds: &impl Datastore) -> Result<ClusterView> {
+    Ok(ClusterView { snapshot: Snapshot::load(ds)?, bgp: resources::bgp_config(ds)?, peers: resources::bgp_peers(ds)? })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tabby_ipam::mem::MemDatastore;
+
+    fn cfg() -> AgentConfig {
+        AgentConfig::parse("node_name = \"node-1\"\nbgp_address = \"10.98.0.1\"\n").unwrap()
+    }
+
+    #[test]
+    fn registration_creates_the_node_then_updates_it_keeping_labels() {
+        let ds = MemDatastore::default();
+        let n = register_node(&ds, &cfg()).unwrap();
+        assert_eq!(n.address, Some("10.98.0.1".parse().unwrap()));
+        // Someone labels the node; a restart with a new address keeps the label.
+        let doc = store::get::<Node>(&ds, "nodes/node-1").unwrap().unwrap();
+        let mut labelled = doc.value.clone();
+        labelled.labels.insert("rack".into(), "r1".into());
+        store::update(&ds, "nodes/node-1", &labelled, &doc.revision).unwrap();
+        let mut c = cfg();
+        c.bgp_address = "10.98.0.9".parse().unwrap();
+        let n = register_node(&ds, &c).unwrap();
+        assert_eq!(n.address, Some("10.98.0.9".parse().unwrap()));
+        assert_eq!(n.labels.get("rack").map(String::as_str), Some("r1"));
+        let view = load_view(&ds).unwrap();
+        assert_eq!(view.snapshot.nodes.len(), 1);
+        assert!(view.bgp.node_to_node_mesh);
+    }
+}
