@@ -40,12 +40,16 @@ impl Names {
     pub fn new(prefix: &str) -> anyhow::Result<Names> {
         let valid = !prefix.is_empty()
             && prefix.len() <= 20
-            && prefix.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-')
             && !prefix.starts_with('-');
         if !valid {
             anyhow::bail!("invalid lab prefix {prefix:?}: use 1-20 letters, digits or '-'");
         }
-        Ok(Names { prefix: prefix.to_string() })
+        Ok(Names {
+            prefix: prefix.to_string(),
+        })
     }
 
     /// The prefix itself.
@@ -76,12 +80,17 @@ impl Names {
     /// Whether `ns` is a namespace this prefix's lab may have made, for
     /// cleaning up without a state file.
     pub fn owns_ns(&self, ns: &str) -> bool {
-        let Some(rest) = ns.strip_prefix(&self.prefix).and_then(|r| r.strip_prefix('-')) else {
+        let Some(rest) = ns
+            .strip_prefix(&self.prefix)
+            .and_then(|r| r.strip_prefix('-'))
+        else {
             return false;
         };
         rest == "underlay"
             || rest == "external"
-            || rest.strip_prefix("node-").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            || rest
+                .strip_prefix("node-")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
             || rest.strip_prefix("pod-").is_some_and(|p| !p.is_empty())
     }
 }
@@ -98,7 +107,10 @@ pub fn pod_name(node: &str, k: usize) -> String {
 
 /// Node *i*'s underlay address, 10.98.0.*i*.
 pub fn node_address(index: usize) -> Ipv4Addr {
-    assert!((1..=MAX_NODES).contains(&index), "node index {index} out of range");
+    assert!(
+        (1..=MAX_NODES).contains(&index),
+        "node index {index} out of range"
+    );
     host(index as u8)
 }
 
@@ -116,7 +128,9 @@ pub fn netns_path(ns: &str) -> PathBuf {
 pub fn valid_pod_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-')
 }
@@ -138,10 +152,22 @@ mod tests {
     #[test]
     fn owns_ns_recognises_only_this_prefixes_namespaces() {
         let n = Names::new("tabby").unwrap();
-        for ns in ["tabby-underlay", "tabby-external", "tabby-node-3", "tabby-pod-node-1-pod1"] {
+        for ns in [
+            "tabby-underlay",
+            "tabby-external",
+            "tabby-node-3",
+            "tabby-pod-node-1-pod1",
+        ] {
             assert!(n.owns_ns(ns), "{ns}");
         }
-        for ns in ["tabby-node-x", "tabby-pod-", "tabby", "tl1-node-1", "tabbyx-underlay", "cni-1234"] {
+        for ns in [
+            "tabby-node-x",
+            "tabby-pod-",
+            "tabby",
+            "tl1-node-1",
+            "tabbyx-underlay",
+            "cni-1234",
+        ] {
             assert!(!n.owns_ns(ns), "{ns}");
         }
         let t = Names::new("tl42").unwrap();

@@ -54,7 +54,12 @@ pub fn proc_ref(pid: i32) -> Option<ProcRef> {
 /// Starts `program args...` inside namespace `ns` (through `nsenter --net`,
 /// which execs it, so the pid is the program's), detached from the caller's
 /// terminal and process group, with stdout and stderr appended to `log`.
-pub fn spawn_in_netns(ns: &str, program: &Path, args: &[String], log: &Path) -> anyhow::Result<ProcRef> {
+pub fn spawn_in_netns(
+    ns: &str,
+    program: &Path,
+    args: &[String],
+    log: &Path,
+) -> anyhow::Result<ProcRef> {
     let out = open_log(log)?;
     let err = out.try_clone().context("duplicating the log file")?;
     let child = Command::new("nsenter")
@@ -70,7 +75,13 @@ pub fn spawn_in_netns(ns: &str, program: &Path, args: &[String], log: &Path) -> 
         .with_context(|| format!("starting {} in {ns}", program.display()))?;
     let pid = i32::try_from(child.id()).context("pid out of range")?;
     // The child is reparented to init when the lab exits; it is never waited on here.
-    proc_ref(pid).with_context(|| format!("{} exited at once (see {})", program.display(), log.display()))
+    proc_ref(pid).with_context(|| {
+        format!(
+            "{} exited at once (see {})",
+            program.display(),
+            log.display()
+        )
+    })
 }
 
 fn open_log(log: &Path) -> anyhow::Result<File> {
@@ -83,7 +94,11 @@ fn open_log(log: &Path) -> anyhow::Result<File> {
 
 /// The pids of every process inside named namespace `ns` (`ip netns pids`).
 pub fn netns_pids(ns: &str) -> Vec<i32> {
-    let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).stderr(Stdio::null()).output() else {
+    let Ok(out) = Command::new("ip")
+        .args(["netns", "pids", ns])
+        .stderr(Stdio::null())
+        .output()
+    else {
         return Vec::new();
     };
     String::from_utf8_lossy(&out.stdout)
@@ -139,7 +154,10 @@ mod tests {
     fn our_own_process_is_recognised_and_a_wrong_start_time_is_not() {
         let me = proc_ref(std::process::id() as i32).unwrap();
         assert!(me.alive());
-        let impostor = ProcRef { start_time: me.start_time + 1, ..me };
+        let impostor = ProcRef {
+            start_time: me.start_time + 1,
+            ..me
+        };
         assert!(!impostor.alive());
     }
 
@@ -148,7 +166,10 @@ mod tests {
         let mut child = Command::new("sleep").arg("30").spawn().unwrap();
         let r = proc_ref(child.id() as i32).unwrap();
         let waiter = std::thread::spawn(move || child.wait().unwrap());
-        assert_eq!(stop_all(std::slice::from_ref(&r), Duration::from_secs(2)), 0);
+        assert_eq!(
+            stop_all(std::slice::from_ref(&r), Duration::from_secs(2)),
+            0
+        );
         assert!(!waiter.join().unwrap().success());
         assert!(!r.alive());
         assert_eq!(stop_all(&[r], Duration::from_secs(1)), 0);

@@ -39,7 +39,9 @@ pub fn run(mut cmd: Command) -> anyhow::Result<String> {
 /// `nsenter --net=/run/netns/NS -- PROGRAM`, ready for arguments.
 pub fn in_netns(ns: &str, program: impl AsRef<OsStr>) -> Command {
     let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net={}", netns_path(ns).display())).arg("--").arg(program);
+    cmd.arg(format!("--net={}", netns_path(ns).display()))
+        .arg("--")
+        .arg(program);
     cmd
 }
 
@@ -86,7 +88,8 @@ pub fn del_netns(ns: &str) -> anyhow::Result<()> {
 
 /// Writes a `net/` sysctl inside namespace `ns`, e.g. `net/ipv4/ip_forward`.
 pub fn netns_sysctl(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
-    let handle = tabby_dataplane::NetNs::open(netns_path(ns)).with_context(|| format!("opening namespace {ns}"))?;
+    let handle = tabby_dataplane::NetNs::open(netns_path(ns))
+        .with_context(|| format!("opening namespace {ns}"))?;
     handle
         .run(|| tabby_dataplane::sysctl::set(key, value))
         .with_context(|| format!("entering namespace {ns}"))?

@@ -77,7 +77,8 @@ impl StateDir {
     /// Takes the lab's exclusive lock (creating the directory), held until
     /// the returned guard is dropped.
     pub fn lock(&self) -> anyhow::Result<Flock<File>> {
-        fs::create_dir_all(&self.root).with_context(|| format!("creating {}", self.root.display()))?;
+        fs::create_dir_all(&self.root)
+            .with_context(|| format!("creating {}", self.root.display()))?;
         let path = self.lock_file();
         let file = OpenOptions::new()
             .create(true)
@@ -159,7 +160,8 @@ impl LabState {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
-        let state = serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?;
+        let state = serde_json::from_slice(&bytes)
+            .with_context(|| format!("parsing {}", path.display()))?;
         Ok(Some(state))
     }
 
@@ -200,9 +202,13 @@ impl LabState {
 
 /// Writes `bytes` to `path` through a temporary file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     // Hidden and without the final extension, so watchers of `*.yaml` skip it.
     let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
     fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }

@@ -1,0 +1,158 @@
+//! `tabby-lab status` and `tabby-lab exec`.
+
+use std::ffi::OsString;
+use std::process::{Command, ExitStatus};
+
+use anyhow::Context;
+
+use crate::sh::{in_netns, netns_exists};
+use crate::state::LabState;
+use crate::up::print_pods;
+use crate::Lab;
+
+/// Prints, per node, its agent's BGP status, its routes and its Tabby nat
+/// rules; then the IPAM blocks and the pods.
+pub fn status(lab: &Lab, state: &LabState) -> anyhow::Result<()> {
+    let tabbyctl = lab.bin_dir.join("tabbyctl");
+    for node in &state.nodes {
+        let agent = match &node.agent {
+            Some(p) if p.alive() => format!("agent running (pid {})", p.pid),
+            Some(_) => format!(
+                "agent NOT running (exited; see {})",
+                lab.dir.agent_log(&node.name).display()
+            ),
+            None => "agent NOT running (never started)".to_string(),
+        };
+        println!(
+            "=== {} ({}, {}) {agent}",
+            node.name, node.netns, node.address
+        );
+        if !netns_exists(&node.netns) {
+            println!("namespace {} is missing\n", node.netns);
+            continue;
+        }
+
+        println!("--- tabbyctl node status");
+        let mut cmd = Command::new(&tabbyctl);
+        cmd.arg("--datastore")
+            .arg(lab.dir.datastore())
+            .args(["node", "status", "--socket"])
+            .arg(lab.dir.agent_socket(&node.name));
+        match cmd.output() {
+            Ok(out) if out.status.success() => print!("{}", String::from_utf8_lossy(&out.stdout)),
+            Ok(out) => {
+                let err = String::from_utf8_lossy(&out.stderr);
+                if err.contains("unrecognized subcommand") || err.contains("invalid value 'node'") {
+                    println!("(this tabbyctl has no `node status` yet)");
+                } else {
+                    println!("(tabbyctl node status failed: {})", err.trim());
+                }
+            }
+            Err(e) => println!("(cannot run {}: {e})", tabbyctl.display()),
+        }
+
+        println!("--- ip route");
+        print!("{}", capture(in_netns(&node.netns, "ip").arg("route")));
+
+        println!("--- iptables -t nat -S (TABBY chains)");
+        let rules = tabby_nat_rules(&node.netns);
+        if rules.is_empty() {
+            println!("(no TABBY rules)");
+        }
+        for rule in rules {
+            println!("{rule}");
+        }
+        println!();
+    }
+
+    println!("=== IPAM");
+    let mut cmd = Command::new(&tabbyctl);
+    cmd.arg("--datastore")
+        .arg(lab.dir.datastore())
+        .args(["ipam", "show", "--show-blocks"]);
+    print!("{}", capture(&mut cmd));
+    println!("\n=== pods");
+    print_pods(state);
+    Ok(())
+}
+
+/// The nat table's rules that mention TABBY, from whichever iptables
+/// backend holds them (the agent may use legacy or nft).
+fn tabby_nat_rules(ns: &str) -> Vec<String> {
+    for tool in ["iptables", "iptables-legacy"] {
+        let text = capture(in_netns(ns, tool).args(["-t", "nat", "-S"]));
+        let rules: Vec<String> = text
+            .lines()
+            .filter(|l| l.contains("TABBY"))
+            .map(str::to_string)
+            .collect();
+        if !rules.is_empty() {
+            return rules;
+        }
+    }
+    Vec::new()
+}
+
+/// Runs `cmd` and returns its output, or a line saying why there is none.
+fn capture(cmd: &mut Command) -> String {
+    match cmd.output() {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
+        Ok(out) => format!(
+            "({} failed: {})\n",
+            cmd.get_program().to_string_lossy(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(e) => format!(
+            "(cannot run {}: {e})\n",
+            cmd.get_program().to_string_lossy()
+        ),
+    }
+}
+
+/// The namespace of `target`: a pod, a node, `external` or `underlay`.
+pub fn target_netns(lab: &Lab, state: Option<&LabState>, target: &str) -> anyhow::Result<String> {
+    let from_state = state.and_then(|s| {
+        s.pod(target)
+            .map(|p| p.netns.clone())
+            .or_else(|| s.node(target).map(|n| n.netns.clone()))
+    });
+    let ns = match (from_state, target) {
+        (Some(ns), _) => ns,
+        (None, "external") => lab.names.external_ns(),
+        (None, "underlay") => lab.names.underlay_ns(),
+        (None, t) if t.starts_with("node-") => lab.names.node_ns(t),
+        (None, t) => lab.names.pod_ns(t),
+    };
+    anyhow::ensure!(
+        netns_exists(&ns),
+        "no pod, node or client {target:?} in the lab (namespace {ns} does not exist)"
+    );
+    Ok(ns)
+}
+
+/// Runs `command` in `target`'s namespace with the lab's binaries first on
+/// PATH (so `tabby-lab http-get` and `tabbyctl` work there), and returns
+/// its exit status.
+pub fn exec(
+    lab: &Lab,
+    state: Option<&LabState>,
+    target: &str,
+    command: &[OsString],
+) -> anyhow::Result<ExitStatus> {
+    anyhow::ensure!(
+        !command.is_empty(),
+        "nothing to run: tabby-lab exec {target} -- CMD [ARGS...]"
+    );
+    let ns = target_netns(lab, state, target)?;
+    let mut path = OsString::from(lab.self_exe.parent().unwrap_or(&lab.bin_dir));
+    path.push(":");
+    path.push(&lab.bin_dir);
+    if let Some(old) = std::env::var_os("PATH") {
+        path.push(":");
+        path.push(old);
+    }
+    let mut cmd = in_netns(&ns, &command[0]);
+    cmd.args(&command[1..]).env("PATH", path);
+    cmd.status()
+        .with_context(|| format!("running {:?} in {ns}", command[0]))
+}

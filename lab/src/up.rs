@@ -1,0 +1,212 @@
+//! `tabby-lab up`: underlay, nodes with their agents, pods, summary.
+
+use std::process::Command;
+
+use anyhow::Context;
+
+use crate::agent;
+use crate::names::{self, MAX_NODES};
+use crate::pods;
+use crate::resources::sync_endpoint_slices;
+use crate::sh::{self, list_netns};
+use crate::state::LabState;
+use crate::{topology, Lab};
+
+/// The lab's pod pool and its block size.
+pub const POOL_NAME: &str = "default-ipv4-ippool";
+/// The pod pool's CIDR.
+pub const POOL_CIDR: &str = "10.244.0.0/16";
+/// The pool's per-node block prefix length.
+pub const BLOCK_SIZE: u8 = 26;
+
+/// Builds the lab: `nodes` nodes with `pods_per_node` pods each.
+pub fn up(lab: &Lab, nodes: usize, pods_per_node: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=MAX_NODES).contains(&nodes),
+        "--nodes must be between 1 and {MAX_NODES}"
+    );
+    for bin in ["tabby", "tabbyctl"] {
+        let path = lab.bin_dir.join(bin);
+        anyhow::ensure!(
+            path.is_file(),
+            "{} is not built: cargo build --release -p tabby-lab -p tabby-cni -p tabby-ctl (or pass --bin-dir)",
+            path.display()
+        );
+    }
+    let _lock = lab.dir.lock()?;
+    refuse_existing(lab)?;
+    build(lab, nodes, pods_per_node).map_err(|e| {
+        e.context(format!(
+            "tabby-lab up stopped half-way; `{} down` removes what it made",
+            invocation(lab)
+        ))
+    })
+}
+
+/// `tabby-lab` with the flags that reach this lab.
+fn invocation(lab: &Lab) -> String {
+    let default_dir = format!("/run/{}-lab", lab.names.prefix());
+    match lab.dir.root() == std::path::Path::new(&default_dir) {
+        true if lab.names.prefix() == "tabby" => "tabby-lab".to_string(),
+        true => format!("tabby-lab --prefix {}", lab.names.prefix()),
+        false => format!("tabby-lab --state-dir {}", lab.dir.root().display()),
+    }
+}
+
+/// The steps of [`up`] once nothing stands in its way.
+fn build(lab: &Lab, nodes: usize, pods_per_node: usize) -> anyhow::Result<()> {
+    let mut state = LabState {
+        prefix: lab.names.prefix().to_string(),
+        bin_dir: lab.bin_dir.clone(),
+        ..LabState::default()
+    };
+    state.save(&lab.dir)?;
+    println!(
+        "tabby-lab: building {nodes} nodes x {pods_per_node} pods in {}",
+        lab.dir.root().display()
+    );
+
+    create_datastore(lab)?;
+    std::fs::create_dir_all(lab.dir.resources())
+        .with_context(|| format!("creating {}", lab.dir.resources().display()))?;
+    topology::add_underlay(&lab.names, &mut state, &lab.dir)?;
+    topology::add_external(&lab.names, &mut state, &lab.dir)?;
+    println!(
+        "underlay: {} bridge {} {}/24, external client {} {}",
+        lab.names.underlay_ns(),
+        names::BRIDGE,
+        names::host(names::GATEWAY_HOST),
+        lab.names.external_ns(),
+        names::host(names::EXTERNAL_HOST)
+    );
+
+    let mut agents_down = Vec::new();
+    for index in 1..=nodes {
+        let node = names::node_name(index);
+        topology::add_node(&lab.names, &mut state, &lab.dir, index)?;
+        let node_state = state.node(&node).expect("just added").clone();
+        let started = agent::start(&node_state, &lab.dir, &lab.bin_dir)?;
+        state.node_mut(&node).expect("just added").agent = started.process().cloned();
+        state.save(&lab.dir)?;
+        if started.process().is_none() {
+            agents_down.push(node.clone());
+        }
+        let what = started.describe(&lab.bin_dir.join("tabby-node"), &lab.dir.agent_log(&node));
+        println!(
+            "[{index}/{nodes}] {node}: namespace {} {}, {what}",
+            node_state.netns, node_state.address
+        );
+        for k in 1..=pods_per_node {
+            let pod = names::pod_name(&node, k);
+            let ip = pods::add(lab, &mut state, &node, &pod, pods::default_labels(&node))
+                .with_context(|| format!("creating pod {pod}"))?;
+            println!("      pod {pod} {ip}");
+        }
+    }
+    sync_endpoint_slices(&lab.dir.resources(), &state)?;
+    state.complete = true;
+    state.save(&lab.dir)?;
+
+    println!();
+    print_pods(&state);
+    if !agents_down.is_empty() {
+        println!(
+            "\nWARNING: no tabby-node agent is running on {}: pods reach pods on their own node only.",
+            agents_down.join(", ")
+        );
+    }
+    let me = invocation(lab);
+    println!("\nnext: {me} status | {me} exec node-1-pod1 -- ip addr | {me} down");
+    Ok(())
+}
+
+/// Refuses to build over an existing lab with the same state dir or prefix.
+fn refuse_existing(lab: &Lab) -> anyhow::Result<()> {
+    if let Ok(Some(_)) = LabState::load(&lab.dir) {
+        anyhow::bail!(
+            "a lab is already up with state in {}: run `tabby-lab down` first",
+            lab.dir.root().display()
+        );
+    }
+    let leftovers: Vec<String> = list_netns()
+        .into_iter()
+        .filter(|ns| lab.names.owns_ns(ns))
+        .collect();
+    if !leftovers.is_empty() {
+        anyhow::bail!(
+            "namespaces of a lab with prefix {:?} exist ({}): run `tabby-lab --prefix {} down` first",
+            lab.names.prefix(),
+            leftovers.join(", "),
+            lab.names.prefix()
+        );
+    }
+    Ok(())
+}
+
+/// Creates the datastore with the pod pool, through `tabbyctl` like an operator.
+fn create_datastore(lab: &Lab) -> anyhow::Result<()> {
+    let mut cmd = Command::new(lab.bin_dir.join("tabbyctl"));
+    cmd.arg("--datastore")
+        .arg(lab.dir.datastore())
+        .args([
+            "pool",
+            "create",
+            "--name",
+            POOL_NAME,
+            "--cidr",
+            POOL_CIDR,
+            "--block-size",
+        ])
+        .arg(BLOCK_SIZE.to_string());
+    sh::run(cmd).context("creating the IP pool")?;
+    println!(
+        "datastore: {} (pool {POOL_NAME} {POOL_CIDR}, blocks /{BLOCK_SIZE})",
+        lab.dir.datastore().display()
+    );
+    Ok(())
+}
+
+/// The pods table: name, node, address, readiness, namespace, labels.
+pub fn print_pods(state: &LabState) {
+    let rows: Vec<[String; 6]> = state
+        .pods
+        .iter()
+        .map(|p| {
+            [
+                p.name.clone(),
+                p.node.clone(),
+                p.ip.map(|ip| ip.to_string()).unwrap_or_else(|| "-".into()),
+                if p.ready { "yes" } else { "no" }.to_string(),
+                p.netns.clone(),
+                p.labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ]
+        })
+        .collect();
+    print_table(["POD", "NODE", "IP", "READY", "NETNS", "LABELS"], &rows);
+}
+
+/// Prints left-aligned columns sized to their widest cell.
+pub fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let text: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", text.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
