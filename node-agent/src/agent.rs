@@ -59,7 +59,7 @@ pub trait BgpControl: Send {
     /// Starts a session with `peer` (idempotent).
     fn add_peer(&mut self, peer: &PeerSpec);
     /// Ends the session with `addr`.
-    fn remove_peer(&mut self, addr: IpAddr);
+    fn remove_peer(&mut self, addr: IpAddr) -> impl std::future::Future<Output = ()> + Send;
     /// Originates `prefix` with this node as next hop.
     fn announce(&mut self, prefix: IpNetwork);
     /// Stops originating `prefix`.
@@ -138,6 +138,8 @@ pub struct Shared {
     pub learned: usize,
     /// Originated prefixes.
     pub originated: usize,
+    /// Kernel route counters.
+    pub routes: crate::routes::RouteStats,
 }
 
 /// The agent's state, owned by its loop.
@@ -193,8 +195,8 @@ impl<B: BgpControl> Agent<B> {
         })
     }
 
-    /// Runs until `shutdown` resolves.
-    pub async fn run(mut self, mut events: mpsc::Receiver<BgpEvent>, shutdown: impl std::future::Future<Output = ()>) {
+    /// Runs until `shutdown` resolves; gives the speaker back for a clean close.
+    pub async fn run(mut self, mut events: mpsc::Receiver<BgpEvent>, shutdown: impl std::future::Future<Output = ()>) -> B {
         let mut tick = tokio::time::interval(self.cfg.poll_interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         tokio::pin!(shutdown);
@@ -215,6 +217,7 @@ impl<B: BgpControl> Agent<B> {
             }
         }
         info!("shutting down");
+        self.bgp
     }
 
     async fn reconcile(&mut self) {
@@ -235,7 +238,7 @@ impl<B: BgpControl> Agent<B> {
             desired_peers(&view, &me, self.cfg.bgp_address).into_iter().map(|p| (p.addr, p)).collect();
         for addr in self.peers.keys().filter(|a| !want.contains_key(a)).copied().collect::<Vec<_>>() {
             info!(peer = %addr, "removing peer");
-            self.bgp.remove_peer(addr);
+            self.bgp.remove_peer(addr).await;
             self.peers.remove(&addr);
             self.rib.apply(&BgpEvent::PeerDown { peer: addr });
         }
@@ -243,7 +246,7 @@ impl<B: BgpControl> Agent<B> {
             if self.peers.get(addr) != Some(spec) {
                 info!(peer = %addr, peer_type = %spec.peer_type, asn = spec.asn, "adding peer");
                 if self.peers.contains_key(addr) {
-                    self.bgp.remove_peer(*addr);
+                    self.bgp.remove_peer(*addr).await;
                 }
                 self.bgp.add_peer(spec);
                 self.peers.insert(*addr, spec.clone());
@@ -273,6 +276,7 @@ impl<B: BgpControl> Agent<B> {
             s.last_pass = Some(Instant::now());
             s.learned = self.rib.len();
             s.originated = self.originated.len();
+            s.routes = self.routes.stats();
         }
     }
 

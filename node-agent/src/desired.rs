@@ -9,7 +9,6 @@
 //!   block and a route per learned prefix.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
@@ -18,33 +17,14 @@ use tabby_ipam::report::Snapshot;
 use tabby_ipam::resources::{BgpConfiguration, BgpPeer};
 use tabby_ipam::AffinityState;
 
+pub use crate::bgp::PeerType;
+
 /// Protocol number of every route `tabby-node` installs (`ip route show proto 201`).
 /// Pod routes added by the CNI plugin carry `proto boot` and are never touched.
 pub const RTPROT_TABBY: u8 = 201;
 
-/// How a peer came to be, as `calicoctl node status` says it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum PeerType {
-    /// Another node of the full mesh.
-    Mesh,
-    /// A `BGPPeer` without a node: every node peers with it.
-    Global,
-    /// A `BGPPeer` for this node only.
-    NodeSpecific,
-}
-
-impl fmt::Display for PeerType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Mesh => "node-to-node mesh",
-            Self::Global => "global",
-            Self::NodeSpecific => "node specific",
-        })
-    }
-}
-
 /// A BGP neighbour this node should have.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PeerSpec {
     /// Its address.
     pub addr: IpAddr,
@@ -82,7 +62,7 @@ pub fn desired_peers(view: &ClusterView, me: &str, my_addr: IpAddr) -> Vec<PeerS
         for n in &view.snapshot.nodes {
             if let Some(addr) = n.address.filter(|a| n.name != me && *a != my_addr) {
                 let asn = n.asn.unwrap_or(view.bgp.as_number);
-                by_addr.insert(addr, PeerSpec { addr, asn, peer_type: PeerType::Mesh, password: None });
+                by_addr.insert(addr, PeerSpec { addr, asn, peer_type: PeerType::NodeMesh, password: None });
             }
         }
     }

@@ -1,1 +1,100 @@
-fn main() {}
+//! `tabby-node --config FILE`: the per-node agent.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use tabby_node::agent::{Agent, Shared};
+use tabby_node::bgp::{Speaker, SpeakerConfig};
+use tabby_node::config::AgentConfig;
+use tabby_node::speaker_control::{forward_events, SpeakerControl};
+use tabby_node::{health, status};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info};
+
+/// Tabby's node agent: BGP, routes and the service proxy of one node.
+#[derive(Debug, Parser)]
+#[command(name = "tabby-node", version)]
+struct Args {
+    /// The configuration file (TOML).
+    #[arg(long)]
+    config: PathBuf,
+    /// Log filter (error, warn, info, debug, or a tracing directive).
+    #[arg(long, env = "TABBY_LOG", default_value = "info")]
+    log_level: String,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            error!(error = %e, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let cfg = AgentConfig::load(&args.config)?;
+    let IpAddr::V4(router_id) = cfg.bgp_address else { bail!("bgp_address must be IPv4 for now") };
+    let datastore = cfg.datastore.clone();
+    let cluster_asn = tokio::task::spawn_blocking(move || {
+        let ds = tabby_ipam::FileDatastore::open(&datastore)?;
+        anyhow::Ok(tabby_ipam::resources::bgp_config(&ds)?.as_number)
+    })
+    .await??;
+    let asn = cfg.as_number.unwrap_or(cluster_asn);
+    let (speaker, speaker_events) =
+        Speaker::start(SpeakerConfig { router_id, asn, listen_addr: router_id, listen_port: cfg.bgp_port })
+            .await
+            .context("start the BGP speaker")?;
+    let (tx, events) = tokio::sync::mpsc::channel(1024);
+    tokio::spawn(forward_events(speaker_events, tx));
+
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let bgp = SpeakerControl::new(speaker, &cfg);
+    // Registration and the first netlink calls block: keep them off the async workers.
+    let (c, s) = (cfg.clone(), Arc::clone(&shared));
+    let agent = tokio::task::spawn_blocking(move || Agent::new(c, bgp, s)).await??;
+
+    let s = Arc::clone(&shared);
+    let status_task = tokio::spawn(status::serve(
+        cfg.status_socket.clone(),
+        Arc::new(move || s.lock().map(|g| g.status.clone()).unwrap_or_default()),
+    ));
+    let listener = tokio::net::TcpListener::bind(cfg.health_listen)
+        .await
+        .with_context(|| format!("listen on {}", cfg.health_listen))?;
+    let health_task = tokio::spawn(health::serve(listener, Arc::clone(&shared), cfg.poll_interval()));
+    info!(node = %cfg.node_name, address = %cfg.bgp_address, asn, "tabby-node running");
+
+    let mut term = signal(SignalKind::terminate())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM"),
+            _ = tokio::signal::ctrl_c() => info!("SIGINT"),
+        }
+    };
+    let bgp = agent.run(events, shutdown).await;
+    bgp.shutdown().await;
+    status_task.abort();
+    health_task.abort();
+    let _ = std::fs::remove_file(&cfg.status_socket);
+    info!("stopped");
+    Ok(())
+}

@@ -46,7 +46,7 @@ fn the_mesh_peers_with_every_other_node_that_has_an_address() {
     let peers = desired_peers(&v, "node-1", ip("10.98.0.1"));
     let addrs: Vec<IpAddr> = peers.iter().map(|p| p.addr).collect();
     assert_eq!(addrs, vec![ip("10.98.0.2"), ip("10.98.0.3")]);
-    assert!(peers.iter().all(|p| p.peer_type == PeerType::Mesh && p.asn == 64512));
+    assert!(peers.iter().all(|p| p.peer_type == PeerType::NodeMesh && p.asn == 64512));
 }
 
 #[test]
