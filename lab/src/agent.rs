@@ -12,6 +12,9 @@ use crate::state::{write_atomic, NodeState, StateDir};
 
 /// The AS number of the lab's full-mesh iBGP.
 pub const AS_NUMBER: u32 = 64512;
+/// BGP hold time of the lab's sessions (Calico's default is 90 s; a lab wants
+/// a killed agent noticed in seconds).
+pub const HOLD_TIME: u16 = 9;
 /// Where each agent serves health and readiness, inside its node namespace.
 pub const HEALTH_LISTEN: &str = "127.0.0.1:9099";
 /// How long a fresh agent gets to either answer on its health port or exit.
@@ -30,7 +33,10 @@ pub fn node_agent_config(node: &NodeState, dir: &StateDir) -> String {
          datastore = {datastore:?}\n\
          uplink = \"{UPLINK}\"\n\
          status_socket = {socket:?}\n\
-         health_listen = \"{HEALTH_LISTEN}\"\n",
+         health_listen = \"{HEALTH_LISTEN}\"\n\
+         # short timers: a lab converges in seconds, not minutes\n\
+         hold_time = {HOLD_TIME}\n\
+         connect_retry = 1\n",
         name = node.name,
         address = node.address,
         datastore = dir.datastore().display().to_string(),

@@ -87,6 +87,9 @@ enum Command {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
     },
+    /// Stop (SIGKILL, as a crash) or start a node's `tabby-node`.
+    #[command(subcommand)]
+    Agent(AgentCommand),
     /// Remove every namespace, process and file the lab made.
     Down,
     /// The pods' HTTP echo server (run by the lab inside each pod).
@@ -129,6 +132,20 @@ enum PodCommand {
     Del {
         /// The pod's name.
         name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentCommand {
+    /// Kill a node's agent with SIGKILL, as a crash would; its routes stay in the kernel.
+    Kill {
+        /// The node, e.g. node-2.
+        node: String,
+    },
+    /// Start a node's agent again (it cleans up stale routes on start).
+    Start {
+        /// The node, e.g. node-2.
+        node: String,
     },
 }
 
@@ -235,6 +252,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(exit_code(code));
         }
         Command::Pod(cmd) => pod(&lab, cmd)?,
+        Command::Agent(cmd) => agent_cmd(&lab, cmd)?,
         Command::Apply { file } => apply(&lab, &file, true)?,
         Command::Delete { file } => apply(&lab, &file, false)?,
         Command::Down => down::down(&lab)?,
@@ -265,6 +283,32 @@ fn pod(lab: &Lab, cmd: PodCommand) -> anyhow::Result<()> {
     }
     resources::sync_endpoint_slices(&lab.dir.resources(), &state)?;
     Ok(())
+}
+
+/// `agent kill` / `agent start`, under the lab's lock.
+fn agent_cmd(lab: &Lab, cmd: AgentCommand) -> anyhow::Result<()> {
+    let _lock = lab.dir.lock()?;
+    let mut state = lab.require(LabState::load(&lab.dir)?)?;
+    match cmd {
+        AgentCommand::Kill { node } => {
+            let n = state.node_mut(&node).with_context(|| format!("no node {node} in the lab"))?;
+            let proc = n.agent.take().filter(|p| p.alive()).with_context(|| format!("{node}'s agent is not running"))?;
+            process::kill_now(&proc)?;
+            println!("{node}: agent (pid {}) killed with SIGKILL", proc.pid);
+        }
+        AgentCommand::Start { node } => {
+            let n = state.node(&node).cloned().with_context(|| format!("no node {node} in the lab"))?;
+            if n.agent.as_ref().is_some_and(|p| p.alive()) {
+                anyhow::bail!("{node}'s agent is already running");
+            }
+            let started = agent::start(&n, &lab.dir, &lab.bin_dir)?;
+            println!("{node}: {}", started.describe(&lab.bin_dir.join("tabby-node"), &lab.dir.agent_log(&node)));
+            if let Some(n) = state.node_mut(&node) {
+                n.agent = started.process().cloned();
+            }
+        }
+    }
+    state.save(&lab.dir)
 }
 
 /// `apply -f` (or `delete -f` when `apply` is false), then the EndpointSlices.

@@ -107,6 +107,17 @@ pub fn netns_pids(ns: &str) -> Vec<i32> {
         .collect()
 }
 
+/// Kills `p` with SIGKILL at once (a crash, for tests) and waits until it is gone.
+pub fn kill_now(p: &ProcRef) -> anyhow::Result<()> {
+    kill(Pid::from_raw(p.pid), Signal::SIGKILL)
+        .map_err(|e| anyhow::anyhow!("SIGKILL pid {}: {e}", p.pid))?;
+    if poll_until(Duration::from_secs(5), Duration::from_millis(10), || !p.alive()) {
+        Ok(())
+    } else {
+        anyhow::bail!("pid {} survived SIGKILL", p.pid)
+    }
+}
+
 /// Stops `procs`: SIGTERM to each, then SIGKILL to those still running
 /// after `grace`. Returns how many needed SIGKILL.
 pub fn stop_all(procs: &[ProcRef], grace: Duration) -> usize {

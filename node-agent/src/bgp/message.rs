@@ -178,7 +178,13 @@ impl Notification {
 
 impl std::fmt::Display for Notification {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{} ({})", self.code, self.subcode, error_name(self.code, self.subcode))
+        write!(
+            f,
+            "{}/{} ({})",
+            self.code,
+            self.subcode,
+            error_name(self.code, self.subcode)
+        )
     }
 }
 

@@ -1,0 +1,323 @@
+//! Wire codec: Tabby's [`Message`] to and from bytes.
+//!
+//! The message bodies (OPEN with capabilities, UPDATE with path attributes
+//! and 2- or 4-octet AS paths, ROUTE-REFRESH) are parsed and written by the
+//! `netgauze-bgp-pkt` crate, which also maps its parse errors to RFC 4271 §6
+//! NOTIFICATIONs. This module adds what that crate does not do:
+//!
+//! - framing on a TCP stream ([`check_header`], [`decode_from`]): netgauze
+//!   accepts UPDATEs up to 65535 octets (RFC 8654) and has no per-type
+//!   minimum lengths; a speaker without the extended-message capability must
+//!   answer both with 1/2 Bad Message Length;
+//! - NOTIFICATION bodies by hand: netgauze models them as a closed enum of
+//!   IANA-registered subcodes and rejects any other, but a NOTIFICATION is
+//!   never answered (RFC 4271 §6.4) so Tabby keeps the raw three fields;
+//! - the checks that need the session: missing well-known attributes (3/3),
+//!   duplicate attributes (3/1), and merging AS4_PATH into AS_PATH on a
+//!   2-octet session (RFC 6793 §4.2.3).
+
+use std::collections::HashMap;
+
+use bytes::{Buf, BufMut, BytesMut};
+use ipnetwork::Ipv4Network;
+use netgauze_bgp_pkt::capabilities::{
+    BgpCapability, FourOctetAsCapability, MultiProtocolExtensionsCapability, UnrecognizedCapability,
+};
+use netgauze_bgp_pkt::iana::RouteRefreshSubcode;
+use netgauze_bgp_pkt::notification::BgpNotificationMessage;
+use netgauze_bgp_pkt::open::{BgpOpenMessage, BgpOpenMessageParameter};
+use netgauze_bgp_pkt::route_refresh::BgpRouteRefreshMessage;
+use netgauze_bgp_pkt::wire::deserializer::BgpParsingContext;
+use netgauze_bgp_pkt::BgpMessage;
+use netgauze_iana::address_family::{AddressFamily, AddressType, SubsequentAddressFamily};
+use netgauze_parse_utils::reader::SliceReader;
+use netgauze_parse_utils::traits::ParseFromWithOneInput;
+use netgauze_parse_utils::WritablePdu;
+
+use update::{update_from_wire, update_to_wire};
+
+use super::message::{code, Capability, Message, Notification, Open, RouteRefresh, AS_TRANS};
+
+/// Length of the fixed header: marker, length, type.
+pub const HEADER_LEN: usize = 19;
+/// Largest message without the extended-message capability (RFC 4271 §4.1).
+pub const MAX_MESSAGE_LEN: usize = 4096;
+
+/// Errors encoding a message.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    /// The message would exceed 4096 octets.
+    #[error("message of {0} octets exceeds 4096")]
+    TooLong(usize),
+    /// A prefix is not unicast (multicast, broadcast).
+    #[error("prefix {0} is not a unicast network")]
+    NotUnicast(Ipv4Network),
+    /// An AFI/SAFI pair the codec crate does not know.
+    #[error("unknown address family {afi}/{safi}")]
+    AddressFamily {
+        /// Address family.
+        afi: u16,
+        /// Subsequent address family.
+        safi: u8,
+    },
+    /// The codec crate refused to write the message.
+    #[error("write {kind} message: {detail}")]
+    Write {
+        /// Message kind.
+        kind: &'static str,
+        /// The crate's error, as text.
+        detail: String,
+    },
+}
+
+/// Checks a message header (RFC 4271 §6.1) and returns the message's total
+/// length. `header` must hold at least [`HEADER_LEN`] octets.
+pub fn check_header(header: &[u8]) -> Result<usize, Notification> {
+    let Some(header) = header.get(..HEADER_LEN) else {
+        return Err(Notification::new(code::HEADER, code::BAD_MESSAGE_LENGTH));
+    };
+    if header[..16].iter().any(|&b| b != 0xff) {
+        return Err(Notification::new(
+            code::HEADER,
+            code::CONNECTION_NOT_SYNCHRONIZED,
+        ));
+    }
+    let len = u16::from_be_bytes([header[16], header[17]]);
+    let bad_length =
+        || Notification::with_data(code::HEADER, code::BAD_MESSAGE_LENGTH, len.to_be_bytes());
+    let len = usize::from(len);
+    if !(HEADER_LEN..=MAX_MESSAGE_LEN).contains(&len) {
+        return Err(bad_length());
+    }
+    let kind = header[18];
+    let length_ok = match kind {
+        1 => len >= 29,
+        2 => len >= 23,
+        3 => len >= 21,
+        4 => len == HEADER_LEN,
+        5 => len == 23,
+        _ => {
+            return Err(Notification::with_data(
+                code::HEADER,
+                code::BAD_MESSAGE_TYPE,
+                [kind],
+            ))
+        }
+    };
+    if !length_ok {
+        return Err(bad_length());
+    }
+    Ok(len)
+}
+
+/// Takes one whole message off the front of `buf`, if it holds one.
+///
+/// `asn4` says whether both sides announced 4-octet AS support, which
+/// decides how AS_PATH is read. On error the connection must be reset with
+/// the returned NOTIFICATION; `buf` is then left in an unspecified state.
+pub fn decode_from(buf: &mut BytesMut, asn4: bool) -> Result<Option<Message>, Notification> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let len = check_header(buf)?;
+    if buf.len() < len {
+        return Ok(None);
+    }
+    let frame = buf.split_to(len);
+    decode(&frame, asn4).map(Some)
+}
+
+/// Decodes one complete message (header included).
+pub fn decode(frame: &[u8], asn4: bool) -> Result<Message, Notification> {
+    let len = check_header(frame)?;
+    if frame.len() != len {
+        let declared = u16::try_from(len).unwrap_or(u16::MAX);
+        return Err(Notification::with_data(
+            code::HEADER,
+            code::BAD_MESSAGE_LENGTH,
+            declared.to_be_bytes(),
+        ));
+    }
+    let body = &frame[HEADER_LEN..];
+    match frame[18] {
+        3 => Ok(Message::Notification(Notification {
+            code: body[0],
+            subcode: body[1],
+            data: body[2..].to_vec(),
+        })),
+        4 => Ok(Message::Keepalive),
+        kind => {
+            let mut ctx = BgpParsingContext::new(
+                asn4,
+                HashMap::new(),
+                HashMap::new(),
+                false,
+                false,
+                true,
+                true,
+            );
+            let mut reader = SliceReader::new(frame);
+            match BgpMessage::parse(&mut reader, &mut ctx) {
+                Ok(BgpMessage::Open(open)) => Ok(Message::Open(open_from_wire(&open))),
+                Ok(BgpMessage::Update(update)) => {
+                    update_from_wire(&update, asn4).map(Message::Update)
+                }
+                Ok(BgpMessage::RouteRefresh(rr)) => Ok(Message::RouteRefresh(RouteRefresh {
+                    afi: rr.address_type().address_family().into(),
+                    safi: rr.address_type().subsequent_address_family().into(),
+                })),
+                Ok(other) => Err(Notification::with_data(
+                    code::HEADER,
+                    code::BAD_MESSAGE_TYPE,
+                    [other.get_type().into()],
+                )),
+                // RFC 2918: a request for an AFI/SAFI we did not advertise is
+                // ignored, not an error; netgauze rejects unregistered ones.
+                Err(_) if kind == 5 => Ok(Message::RouteRefresh(RouteRefresh {
+                    afi: u16::from_be_bytes([body[0], body[1]]),
+                    safi: body[3],
+                })),
+                Err(err) => Err(notification_from_wire(&BgpNotificationMessage::from(err))),
+            }
+        }
+    }
+}
+
+/// Appends the encoding of `msg` to `out`.
+pub fn encode(msg: &Message, asn4: bool, out: &mut BytesMut) -> Result<(), EncodeError> {
+    let start = out.len();
+    match msg {
+        Message::Notification(n) => {
+            let len = HEADER_LEN + 2 + n.data.len();
+            if len > MAX_MESSAGE_LEN {
+                return Err(EncodeError::TooLong(len));
+            }
+            out.put_slice(&[0xff; 16]);
+            out.put_u16(len as u16);
+            out.put_u8(3);
+            out.put_u8(n.code);
+            out.put_u8(n.subcode);
+            out.put_slice(&n.data);
+            return Ok(());
+        }
+        Message::Keepalive => write_wire(&BgpMessage::KeepAlive, msg.kind(), out)?,
+        Message::Open(open) => write_wire(&BgpMessage::Open(open_to_wire(open)?), msg.kind(), out)?,
+        Message::Update(update) => write_wire(
+            &BgpMessage::Update(update_to_wire(update, asn4)?),
+            msg.kind(),
+            out,
+        )?,
+        Message::RouteRefresh(rr) => {
+            let rr = BgpRouteRefreshMessage::new(
+                address_type(rr.afi, rr.safi)?,
+                RouteRefreshSubcode::NormalRequest,
+            );
+            write_wire(&BgpMessage::RouteRefresh(rr), msg.kind(), out)?
+        }
+    }
+    let written = out.len() - start;
+    if written > MAX_MESSAGE_LEN {
+        out.truncate(start);
+        return Err(EncodeError::TooLong(written));
+    }
+    Ok(())
+}
+
+/// Encoded size of one IPv4 NLRI entry: length octet plus prefix octets.
+pub fn nlri_len(net: &Ipv4Network) -> usize {
+    1 + usize::from(net.prefix()).div_ceil(8)
+}
+
+fn write_wire(msg: &BgpMessage, kind: &'static str, out: &mut BytesMut) -> Result<(), EncodeError> {
+    let len = msg.len();
+    if len > MAX_MESSAGE_LEN {
+        return Err(EncodeError::TooLong(len));
+    }
+    out.reserve(len);
+    msg.write(&mut out.writer())
+        .map_err(|e| EncodeError::Write {
+            kind,
+            detail: e.to_string(),
+        })
+}
+
+fn notification_from_wire(n: &BgpNotificationMessage) -> Notification {
+    let mut bytes = Vec::with_capacity(n.len());
+    if n.write(&mut bytes).is_err() || bytes.len() < 2 {
+        return Notification::new(code::FSM, 0);
+    }
+    let mut b = &bytes[..];
+    let (c, s) = (b.get_u8(), b.get_u8());
+    Notification::with_data(c, s, b)
+}
+
+fn address_type(afi: u16, safi: u8) -> Result<AddressType, EncodeError> {
+    let err = || EncodeError::AddressFamily { afi, safi };
+    let family = AddressFamily::try_from(afi).map_err(|_| err())?;
+    let sub = SubsequentAddressFamily::try_from(safi).map_err(|_| err())?;
+    AddressType::from_afi_safi(family, sub).map_err(|_| err())
+}
+
+fn open_from_wire(open: &BgpOpenMessage) -> Open {
+    let capabilities = open
+        .capabilities()
+        .into_iter()
+        .map(|cap| match cap {
+            BgpCapability::MultiProtocolExtensions(mp) => Capability::Multiprotocol {
+                afi: mp.address_type().address_family().into(),
+                safi: mp.address_type().subsequent_address_family().into(),
+            },
+            BgpCapability::RouteRefresh => Capability::RouteRefresh,
+            BgpCapability::FourOctetAs(c) => Capability::FourOctetAs(c.asn4()),
+            BgpCapability::Unrecognized(u) => Capability::Other(*u.code()),
+            other => Capability::Other(match other.code() {
+                Ok(c) => c.into(),
+                Err(c) => c,
+            }),
+        })
+        .collect();
+    Open {
+        asn: open.my_asn4(),
+        hold_time: open.hold_time(),
+        router_id: open.bgp_id(),
+        capabilities,
+    }
+}
+
+fn open_to_wire(open: &Open) -> Result<BgpOpenMessage, EncodeError> {
+    let caps = open
+        .capabilities
+        .iter()
+        .map(|cap| {
+            Ok(match *cap {
+                Capability::Multiprotocol { afi, safi } => BgpCapability::MultiProtocolExtensions(
+                    MultiProtocolExtensionsCapability::new(address_type(afi, safi)?),
+                ),
+                Capability::RouteRefresh => BgpCapability::RouteRefresh,
+                Capability::FourOctetAs(asn) => {
+                    BgpCapability::FourOctetAs(FourOctetAsCapability::new(asn))
+                }
+                Capability::Other(code) => {
+                    BgpCapability::Unrecognized(UnrecognizedCapability::new(code, Vec::new()))
+                }
+            })
+        })
+        .collect::<Result<Vec<_>, EncodeError>>()?;
+    let my_as = u16::try_from(open.asn).unwrap_or(AS_TRANS);
+    let params = if caps.is_empty() {
+        Vec::new()
+    } else {
+        vec![BgpOpenMessageParameter::Capabilities(caps.into())]
+    };
+    Ok(BgpOpenMessage::new(
+        my_as,
+        open.hold_time,
+        open.router_id,
+        params,
+    ))
+}
+
+mod update;
+
+#[cfg(test)]
+mod tests;
