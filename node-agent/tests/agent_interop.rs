@@ -1,0 +1,150 @@
+//! The whole agent (`tabby-node` binary) against BIRD 2 and GoBGP: its
+//! block reaches the peer's table and kernel, the peer's prefixes reach
+//! Tabby's kernel with Tabby's protocol, withdraws and a silent peer remove
+//! them, and `node status` reports the session (root only).
+
+mod bgp_support;
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bgp_support::*;
+use tabby_ipam::resources::{create_bgp_peer, BgpPeer};
+use tabby_ipam::{AssignArgs, FileDatastore, IpPool, Ipam};
+
+/// The agent process, killed on drop.
+struct AgentProc(Child);
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A datastore where node `tnode` owns TABBY_PREFIX and the peer is a global BGPPeer.
+fn datastore(lab: &Lab, peer_asn: u32) -> std::path::PathBuf {
+    let dir = lab.dir.join("datastore");
+    let ipam = Ipam::new(FileDatastore::open(&dir).unwrap());
+    ipam.create_pool(&IpPool {
+        name: "p".into(),
+        cidr: "10.244.1.0/24".parse().unwrap(),
+        block_size: 26,
+        ipip_mode: Default::default(),
+        vxlan_mode: Default::default(),
+        nat_outgoing: false,
+        disabled: false,
+        node_selector: "all()".into(),
+    })
+    .unwrap();
+    let got = ipam
+        .assign(&AssignArgs {
+            handle: "net.c1".into(),
+            node: "tnode".into(),
+            attrs: Default::default(),
+            num_v4: 1,
+            num_v6: 0,
+            pools: vec![],
+        })
+        .unwrap();
+    assert!(got[0].ip().to_string().starts_with("10.244.1."), "{got:?}");
+    let peer = BgpPeer { name: "router".into(), peer_ip: PEER_ADDR.into(), as_number: peer_asn, node: None, password: None };
+    create_bgp_peer(ipam.datastore(), &peer).unwrap();
+    dir
+}
+
+fn start_agent(lab: &Lab, store: &std::path::Path) -> AgentProc {
+    let conf = lab.dir.join("node.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "node_name = \"tnode\"\nbgp_address = \"{TABBY_ADDR}\"\ndatastore = {:?}\nuplink = \"veth-t\"\n\
+             hold_time = 9\nconnect_retry = 1\npoll_interval_ms = 200\nstatus_socket = {:?}\n",
+            store.display().to_string(),
+            lab.dir.join("node.sock").display().to_string()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(lab.dir.join("agent.log")).unwrap();
+    let child = Command::new("ip")
+        .args(["netns", "exec", &lab.tabby_ns, env!("CARGO_BIN_EXE_tabby-node"), "--config"])
+        .arg(&conf)
+        .env("TABBY_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    AgentProc(child)
+}
+
+fn tabby_kernel_route(lab: &Lab) -> String {
+    run(&["ip", "-n", &lab.tabby_ns, "route", "show", PEER_PREFIX])
+}
+
+fn node_status(lab: &Lab) -> String {
+    let Ok(mut s) = UnixStream::connect(lab.dir.join("node.sock")) else { return String::new() };
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+fn wait(what: &str, deadline: Duration, lab: &Lab, mut check: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    while !check() {
+        if Instant::now() >= end {
+            let log = std::fs::read_to_string(lab.dir.join("agent.log")).unwrap_or_default();
+            panic!("timed out waiting for {what}; agent log:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn agent_with(daemon: fn(&mut Lab, u32, Option<&str>) -> Peer, peer_asn: u32) {
+    let Some(mut lab) = Lab::new() else { return };
+    let store = datastore(&lab, peer_asn);
+    let peer = daemon(&mut lab, peer_asn, None);
+    let _agent = start_agent(&lab, &store);
+
+    wait("the session in node status", Duration::from_secs(30), &lab, || node_status(&lab).contains("Established"));
+    let status = node_status(&lab);
+    assert!(status.contains("\"peerType\":\"global\"") && status.contains(&PEER_ADDR.to_string()), "{status}");
+    wait("Tabby's block at the peer", Duration::from_secs(30), &lab, || peer.has_tabby_route(&lab));
+    peer.announce(&lab);
+    wait("the peer's prefix in Tabby's kernel", Duration::from_secs(30), &lab, || {
+        let r = tabby_kernel_route(&lab);
+        r.contains(&format!("via {PEER_ADDR}")) && r.contains("proto 201")
+    });
+    let blackhole = run(&["ip", "-n", &lab.tabby_ns, "route", "show", TABBY_PREFIX]);
+    assert!(blackhole.contains("blackhole") && blackhole.contains("proto 201"), "{blackhole}");
+
+    peer.withdraw(&lab);
+    wait("the withdraw in Tabby's kernel", Duration::from_secs(30), &lab, || tabby_kernel_route(&lab).is_empty());
+    peer.announce_again(&lab);
+    wait("the prefix again", Duration::from_secs(30), &lab, || !tabby_kernel_route(&lab).is_empty());
+
+    // A peer that goes silent loses its routes when the hold time (9 s) runs out.
+    let frozen = Instant::now();
+    lab.signal_daemon("STOP");
+    wait("the routes of a silent peer to go", Duration::from_secs(20), &lab, || tabby_kernel_route(&lab).is_empty());
+    let after = frozen.elapsed();
+    assert!(after >= Duration::from_secs(5), "routes dropped after {after:?}, before the hold time");
+    lab.signal_daemon("CONT");
+}
+
+#[test]
+fn the_agent_exchanges_routes_with_bird_over_ibgp_and_installs_them() {
+    agent_with(Lab::bird, TABBY_ASN);
+}
+
+#[test]
+fn the_agent_exchanges_routes_with_bird_over_ebgp_and_installs_them() {
+    agent_with(Lab::bird, 65001);
+}
+
+#[test]
+fn the_agent_exchanges_routes_with_gobgp_and_installs_them() {
+    agent_with(Lab::gobgp, TABBY_ASN);
+}
