@@ -92,9 +92,28 @@ impl AgentConfig {
 
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| AgentError::ReadConfig { path: path.display().to_string(), source })?;
-        Self::parse(&text)
+        Self::load_with(Some(path), &[])
+    }
+
+    /// Reads the file (if any), then lets `overrides` (`key`, TOML value
+    /// text) from flags win, then validates.
+    pub fn load_with(path: Option<&Path>, overrides: &[(&str, String)]) -> Result<Self> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|source| AgentError::ReadConfig { path: p.display().to_string(), source })?,
+            None => String::new(),
+        };
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| AgentError::Config(e.to_string()))?;
+        for (key, value) in overrides {
+            let v: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(value.clone()));
+            table.insert((*key).to_string(), v);
+        }
+        let c: AgentConfig = table.try_into().map_err(|e: toml::de::Error| AgentError::Config(e.to_string()))?;
+        c.validate()?;
+        Ok(c)
     }
 
     /// Checks the values a peer would reject later.
@@ -135,6 +154,15 @@ mod tests {
         assert_eq!(c.hold_time, 90);
         assert_eq!(c.keepalive(), Duration::from_secs(30));
         assert_eq!(c.health_listen.to_string(), "127.0.0.1:9099");
+    }
+
+    #[test]
+    fn flags_override_the_file_and_can_replace_it() {
+        let c = AgentConfig::load_with(None, &[("node_name", "node-9".into()), ("bgp_address", "\"10.0.0.9\"".into()), ("as_number", "65001".into())]).unwrap();
+        assert_eq!((c.node_name.as_str(), c.as_number), ("node-9", Some(65001)));
+        assert_eq!(c.bgp_address, "10.0.0.9".parse::<IpAddr>().unwrap());
+        let e = AgentConfig::load_with(None, &[("node_name", "n".into())]).unwrap_err();
+        assert!(e.to_string().contains("bgp_address"), "{e}");
     }
 
     #[test]

@@ -19,9 +19,21 @@ use tracing::{error, info};
 #[derive(Debug, Parser)]
 #[command(name = "tabby-node", version)]
 struct Args {
-    /// The configuration file (TOML).
+    /// The configuration file (TOML); the flags below override it.
     #[arg(long)]
-    config: PathBuf,
+    config: Option<PathBuf>,
+    /// This node's name.
+    #[arg(long)]
+    node_name: Option<String>,
+    /// The address BGP binds to and advertises as next hop.
+    #[arg(long)]
+    bgp_address: Option<IpAddr>,
+    /// This node's AS number.
+    #[arg(long)]
+    as_number: Option<u32>,
+    /// The datastore directory.
+    #[arg(long)]
+    datastore: Option<PathBuf>,
     /// Log filter (error, warn, info, debug, or a tracing directive).
     #[arg(long, env = "TABBY_LOG", default_value = "info")]
     log_level: String,
@@ -50,7 +62,20 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let cfg = AgentConfig::load(&args.config)?;
+    let mut overrides: Vec<(&str, String)> = Vec::new();
+    if let Some(n) = &args.node_name {
+        overrides.push(("node_name", n.clone()));
+    }
+    if let Some(a) = args.bgp_address {
+        overrides.push(("bgp_address", a.to_string()));
+    }
+    if let Some(a) = args.as_number {
+        overrides.push(("as_number", a.to_string()));
+    }
+    if let Some(d) = &args.datastore {
+        overrides.push(("datastore", d.display().to_string()));
+    }
+    let cfg = AgentConfig::load_with(args.config.as_deref(), &overrides)?;
     let IpAddr::V4(router_id) = cfg.bgp_address else { bail!("bgp_address must be IPv4 for now") };
     let datastore = cfg.datastore.clone();
     let cluster_asn = tokio::task::spawn_blocking(move || {

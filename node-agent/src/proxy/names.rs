@@ -39,7 +39,13 @@ pub const SEP_PREFIX: &str = "TABBY-SEP-";
 /// The nat chains declared (and so flushed and rewritten) on every sync.
 pub const NAT_DISPATCH_CHAINS: [&str; 4] = [SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ];
 /// The filter chains declared (and so flushed and rewritten) on every sync.
-pub const FILTER_CHAINS: [&str; 5] = [SERVICES, EXTERNAL_SERVICES, FORWARD, NODEPORTS, PROXY_FIREWALL];
+pub const FILTER_CHAINS: [&str; 5] = [
+    SERVICES,
+    EXTERNAL_SERVICES,
+    FORWARD,
+    NODEPORTS,
+    PROXY_FIREWALL,
+];
 
 /// Whether `chain` is a per-service chain Tabby owns (and may delete).
 pub fn is_service_chain(chain: &str) -> bool {
@@ -61,7 +67,10 @@ pub fn port_proto_hash(service_port_name: &str, protocol: &str) -> String {
 
 /// `TABBY-SVC-<hash>`: the service port's chain for `Cluster` policy.
 pub fn svc_chain(service_port_name: &str, protocol: &str) -> String {
-    format!("{SVC_PREFIX}{}", port_proto_hash(service_port_name, protocol))
+    format!(
+        "{SVC_PREFIX}{}",
+        port_proto_hash(service_port_name, protocol)
+    )
 }
 
 /// `TABBY-SEP-<hash>`: one endpoint of one service port.
@@ -94,21 +103,48 @@ mod tests {
     #[test]
     fn hashes_match_the_chains_kube_proxy_creates_for_well_known_services() {
         // Suffixes seen in kube-proxy's own nat tables (seed 000 and countless clusters).
-        assert_eq!(svc_chain("default/kubernetes:https", "tcp"), "TABBY-SVC-NPX46M4PTMTKRN6Y");
-        assert_eq!(svc_chain("kube-system/kube-dns:dns", "udp"), "TABBY-SVC-TCOU7JCQXEZGVUNU");
-        assert_eq!(svc_chain("kube-system/kube-dns:dns-tcp", "tcp"), "TABBY-SVC-ERIFXISQEP7F7OF4");
-        assert_eq!(svc_chain("kube-system/kube-dns:metrics", "tcp"), "TABBY-SVC-JD5MR3NA4I4DYORP");
-        assert_eq!(svc_chain("default/hello-service", "tcp"), "TABBY-SVC-WR2LASOULGGSX3JN");
-        assert_eq!(svc_chain("default/hello-nodeport-service:http", "tcp"), "TABBY-SVC-KGTTXZQT54FX5FOU");
+        assert_eq!(
+            svc_chain("default/kubernetes:https", "tcp"),
+            "TABBY-SVC-NPX46M4PTMTKRN6Y"
+        );
+        assert_eq!(
+            svc_chain("kube-system/kube-dns:dns", "udp"),
+            "TABBY-SVC-TCOU7JCQXEZGVUNU"
+        );
+        assert_eq!(
+            svc_chain("kube-system/kube-dns:dns-tcp", "tcp"),
+            "TABBY-SVC-ERIFXISQEP7F7OF4"
+        );
+        assert_eq!(
+            svc_chain("kube-system/kube-dns:metrics", "tcp"),
+            "TABBY-SVC-JD5MR3NA4I4DYORP"
+        );
+        assert_eq!(
+            svc_chain("default/hello-service", "tcp"),
+            "TABBY-SVC-WR2LASOULGGSX3JN"
+        );
+        assert_eq!(
+            svc_chain("default/hello-nodeport-service:http", "tcp"),
+            "TABBY-SVC-KGTTXZQT54FX5FOU"
+        );
     }
 
     #[test]
     fn endpoint_chains_match_seed_004() {
         let n = "default/svc-clusterip:svc-webport";
         assert_eq!(svc_chain(n, "tcp"), "TABBY-SVC-KBDEBIL6IU6WL7RF");
-        assert_eq!(sep_chain(n, "tcp", "10.10.1.2:80"), "TABBY-SEP-TBW2IYJKUCAC7GB3");
-        assert_eq!(sep_chain(n, "tcp", "10.10.2.2:80"), "TABBY-SEP-DOIEFYKPESCDTYCH");
-        assert_eq!(sep_chain(n, "tcp", "10.10.3.3:80"), "TABBY-SEP-K7ALM6KJRBAYOHKX");
+        assert_eq!(
+            sep_chain(n, "tcp", "10.10.1.2:80"),
+            "TABBY-SEP-TBW2IYJKUCAC7GB3"
+        );
+        assert_eq!(
+            sep_chain(n, "tcp", "10.10.2.2:80"),
+            "TABBY-SEP-DOIEFYKPESCDTYCH"
+        );
+        assert_eq!(
+            sep_chain(n, "tcp", "10.10.3.3:80"),
+            "TABBY-SEP-K7ALM6KJRBAYOHKX"
+        );
     }
 
     #[test]

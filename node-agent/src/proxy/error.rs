@@ -1,0 +1,39 @@
+//! Errors of the service proxy's side effects (rule generation cannot fail).
+
+use std::path::PathBuf;
+
+/// A failure to program or inspect the kernel's tables.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A helper program could not be started.
+    #[error("run {program}")]
+    Spawn {
+        /// The program.
+        program: PathBuf,
+        /// Why it could not start.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A helper program ran and failed.
+    #[error("{program} exited with {status}: {stderr}")]
+    Failed {
+        /// The program.
+        program: PathBuf,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// What it printed on stderr (trimmed).
+        stderr: String,
+    },
+    /// Writing the payload to a helper's stdin failed.
+    #[error("write payload to {program}")]
+    Stdin {
+        /// The program.
+        program: PathBuf,
+        /// The write error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Result of the proxy's side effects.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
