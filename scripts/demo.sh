@@ -72,6 +72,15 @@ step "creating the node namespace $node"
 ip netns add "$node"
 ip -n "$node" link set lo up
 ip netns exec "$node" sysctl -qw net.ipv4.ip_forward=1   # as on a Kubernetes node
+# Like a real node it has an uplink with an address and a default route: proxy
+# ARP answers the pods' ARP for 169.254.1.1 only when the node has a route to
+# it. (A veth pair with both ends in the node stands in for the underlay;
+# 192.0.2.0/24 is a documentation range.)
+ip -n "$node" link add uplink0 type veth peer name uplink1
+ip -n "$node" link set uplink1 up
+ip -n "$node" link set uplink0 up
+ip -n "$node" addr add 192.0.2.1/24 dev uplink0
+ip -n "$node" route add default via 192.0.2.254 dev uplink0
 
 echo "network config given to the plugin:"
 netconf ""
@@ -100,11 +109,15 @@ step "inside pod-a (ip addr show eth0; ip route)"
 ip -n "tabby-demo-pod-a-$$" -br addr show dev eth0
 ip -n "tabby-demo-pod-a-$$" route
 
-step "ping between the pods"
+step "ping between the pods, and from the node to each pod"
 for pair in "pod-a pod-b" "pod-b pod-c" "pod-c pod-a"; do
     set -- $pair
     echo "-- $1 (${ip[$1]}) -> $2 (${ip[$2]})"
     ip netns exec "tabby-demo-$1-$$" ping -c 2 -W 2 "${ip[$2]}"
+done
+for p in "${pods[@]}"; do
+    echo "-- node -> $p (${ip[$p]})"
+    ip netns exec "$node" ping -c 1 -W 2 "${ip[$p]}"
 done
 
 for p in "${pods[@]}"; do

@@ -100,7 +100,10 @@ fn build_cnidriver() -> Result<PathBuf> {
         .output()
         .context("run scripts/build-cnidriver.sh")?;
     if !out.status.success() {
-        bail!("building cnidriver failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "building cnidriver failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(bin)
 }
@@ -117,7 +120,11 @@ pub fn release_dir() -> Result<PathBuf> {
 
 fn ensure_release_bins() -> Result<PathBuf> {
     let dir = target_dir().join("release");
-    let missing = |d: &Path| ["tabby", "tabby-ipam", "tabbyctl"].iter().any(|b| !d.join(b).exists());
+    let missing = |d: &Path| {
+        ["tabby", "tabby-ipam", "tabbyctl"]
+            .iter()
+            .any(|b| !d.join(b).exists())
+    };
     if !missing(&dir) {
         return Ok(dir);
     }
@@ -130,7 +137,10 @@ fn ensure_release_bins() -> Result<PathBuf> {
             .status()
             .context("run cargo build --release")?;
         if !status.success() || missing(&dir) {
-            bail!("release binaries tabby, tabby-ipam, tabbyctl are missing from {}", dir.display());
+            bail!(
+                "release binaries tabby, tabby-ipam, tabbyctl are missing from {}",
+                dir.display()
+            );
         }
     }
     Ok(dir)
@@ -139,7 +149,11 @@ fn ensure_release_bins() -> Result<PathBuf> {
 /// A name unique to this process and call: `<tag>-<pid>-<n>`.
 pub fn unique_name(tag: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!("{tag}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{tag}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Runs a command and returns its output; fails with its stderr otherwise.
@@ -232,7 +246,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -244,6 +260,7 @@ pub struct Driver {
     conflist: PathBuf,
     bin_dirs: String,
     cache_dir: PathBuf,
+    path_prefix: Option<PathBuf>,
 }
 
 impl Driver {
@@ -260,21 +277,37 @@ impl Driver {
             conflist: path,
             bin_dirs: bin_dirs.join(":"),
             cache_dir: dir.join("cache"),
+            path_prefix: None,
         })
+    }
+
+    /// Puts `dir` first on the PATH the driver and the plugins see (to pick
+    /// the iptables flavour a chained plugin runs).
+    pub fn with_path_prefix(mut self, dir: &Path) -> Driver {
+        self.path_prefix = Some(dir.to_path_buf());
+        self
     }
 
     fn command(&self, verb: &str) -> Command {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.host]).arg(&self.bin).arg(verb);
+        cmd.args(["netns", "exec", &self.host])
+            .arg(&self.bin)
+            .arg(verb);
         cmd.arg("--conflist").arg(&self.conflist);
         cmd.arg("--bin-dirs").arg(&self.bin_dirs);
         cmd.arg("--cache-dir").arg(&self.cache_dir);
+        if let Some(prefix) = &self.path_prefix {
+            let path =
+                std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+            cmd.env("PATH", format!("{}:{path}", prefix.display()));
+        }
         cmd
     }
 
     fn single(&self, verb: &str, pod: &Netns, id: &str, extra: &[&str]) -> Result<Output> {
         let mut cmd = self.command(verb);
-        cmd.args(["--netns", &pod.path(), "--container-id", id]).args(extra);
+        cmd.args(["--netns", &pod.path(), "--container-id", id])
+            .args(extra);
         run(&mut cmd).with_context(|| format!("libcni {verb} of {id}"))
     }
 
@@ -297,10 +330,21 @@ impl Driver {
 
     /// A `cnidriver bench` command (ADD then DEL of `count` pods whose netns
     /// are `netns_pattern` with `%d` = 0..count, `concurrency` at a time).
-    pub fn bench_command(&self, netns_pattern: &str, count: usize, concurrency: usize, id_prefix: &str) -> Command {
+    pub fn bench_command(
+        &self,
+        netns_pattern: &str,
+        count: usize,
+        concurrency: usize,
+        id_prefix: &str,
+    ) -> Command {
         let mut cmd = self.command("bench");
         cmd.args(["--netns-pattern", netns_pattern, "--id-prefix", id_prefix]);
-        cmd.args(["--count", &count.to_string(), "--concurrency", &concurrency.to_string()]);
+        cmd.args([
+            "--count",
+            &count.to_string(),
+            "--concurrency",
+            &concurrency.to_string(),
+        ]);
         cmd
     }
 }
@@ -319,7 +363,9 @@ pub fn files_mentioning(dir: &Path, needle: &str) -> Vec<PathBuf> {
     let mut found = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&d) else { continue };
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let path = entry.path();
             if path.is_dir() {
@@ -374,7 +420,8 @@ mod tests {
 
     #[test]
     fn result_ipv4_reads_the_first_address_without_its_mask() {
-        let result = serde_json::json!({"ips": [{"address": "10.244.0.7/32"}, {"address": "10.1.1.1/24"}]});
+        let result =
+            serde_json::json!({"ips": [{"address": "10.244.0.7/32"}, {"address": "10.1.1.1/24"}]});
         assert_eq!(result_ipv4(&result).unwrap(), Ipv4Addr::new(10, 244, 0, 7));
         assert!(result_ipv4(&serde_json::json!({"ips": []})).is_err());
     }
@@ -385,7 +432,10 @@ mod tests {
         fs::create_dir_all(dir.path().join("a/b")).unwrap();
         fs::write(dir.path().join("a/b/doc.json"), r#"{"handle":"net.cid-1"}"#).unwrap();
         fs::write(dir.path().join("other.json"), "{}").unwrap();
-        assert_eq!(files_mentioning(dir.path(), "cid-1"), vec![dir.path().join("a/b/doc.json")]);
+        assert_eq!(
+            files_mentioning(dir.path(), "cid-1"),
+            vec![dir.path().join("a/b/doc.json")]
+        );
         assert!(files_mentioning(dir.path(), "cid-2").is_empty());
     }
 

@@ -14,19 +14,29 @@ use std::path::Path;
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 use tabby_conformance::{
-    conflist, files_mentioning, release_dir, result_ipv4, skip_unless_root, tabby_ipam, tabby_plugin, unique_name,
-    unique_octet, Driver, Netns, DEBIAN_CNI_DIR,
+    conflist, files_mentioning, release_dir, result_ipv4, skip_unless_root, tabby_ipam,
+    tabby_plugin, unique_name, unique_octet, Driver, Netns, DEBIAN_CNI_DIR,
 };
 
 /// Asserts the Tabby data path for a pod with address `ip`; returns the name
 /// of the host-side veth.
 fn assert_tabby_pod(host: &Netns, pod: &Netns, ip: Ipv4Addr) -> Result<String> {
     let addrs = pod.ip(&["-4", "-o", "addr", "show", "dev", "eth0"])?;
-    ensure!(addrs.contains(&format!("inet {ip}/32 ")), "pod eth0 lacks {ip}/32: {addrs}");
-    let routes = pod.ip(&["-4", "route", "show"])?;
-    ensure!(routes.lines().any(|l| l.starts_with("default via 169.254.1.1 dev eth0")), "no default route via 169.254.1.1 in the pod: {routes}");
     ensure!(
-        routes.lines().any(|l| l.starts_with("169.254.1.1 dev eth0") && l.contains("scope link")),
+        addrs.contains(&format!("inet {ip}/32 ")),
+        "pod eth0 lacks {ip}/32: {addrs}"
+    );
+    let routes = pod.ip(&["-4", "route", "show"])?;
+    ensure!(
+        routes
+            .lines()
+            .any(|l| l.starts_with("default via 169.254.1.1 dev eth0")),
+        "no default route via 169.254.1.1 in the pod: {routes}"
+    );
+    ensure!(
+        routes
+            .lines()
+            .any(|l| l.starts_with("169.254.1.1 dev eth0") && l.contains("scope link")),
         "no scope-link route to 169.254.1.1 in the pod: {routes}"
     );
 
@@ -35,14 +45,24 @@ fn assert_tabby_pod(host: &Netns, pod: &Netns, ip: Ipv4Addr) -> Result<String> {
         .lines()
         .find(|l| l.starts_with(&format!("{ip} dev tabby")))
         .with_context(|| format!("no host route {ip}/32 dev tabby*: {host_routes}"))?;
-    ensure!(route.contains("scope link"), "host route is not scope link: {route}");
-    let veth = route.split_whitespace().nth(2).unwrap_or_default().to_string();
+    ensure!(
+        route.contains("scope link"),
+        "host route is not scope link: {route}"
+    );
+    let veth = route
+        .split_whitespace()
+        .nth(2)
+        .unwrap_or_default()
+        .to_string();
     ensure!(
         veth.len() == 15 && veth[5..].chars().all(|c| c.is_ascii_hexdigit()),
         "host veth {veth} is not tabby + 10 hex chars"
     );
     let link = host.ip(&["-o", "link", "show", "dev", &veth])?;
-    ensure!(link.contains("link/ether ee:ee:ee:ee:ee:ee"), "host veth MAC is not ee:ee:ee:ee:ee:ee: {link}");
+    ensure!(
+        link.contains("link/ether ee:ee:ee:ee:ee:ee"),
+        "host veth MAC is not ee:ee:ee:ee:ee:ee: {link}"
+    );
     Ok(veth)
 }
 
@@ -50,19 +70,59 @@ fn assert_tabby_pod(host: &Netns, pod: &Netns, ip: Ipv4Addr) -> Result<String> {
 /// no host route to `ip`, and no file of `store` mentions container `id`.
 fn assert_gone(host: &Netns, pod: &Netns, ip: Ipv4Addr, store: &Path, id: &str) -> Result<()> {
     let host_links = host.links()?;
-    ensure!(host_links.iter().all(|l| l == "lo"), "host namespace still has links: {host_links:?}");
+    ensure!(
+        host_links.iter().all(|l| l == "lo"),
+        "host namespace still has links: {host_links:?}"
+    );
     let pod_links = pod.links()?;
-    ensure!(!pod_links.iter().any(|l| l == "eth0"), "pod still has eth0: {pod_links:?}");
+    ensure!(
+        !pod_links.iter().any(|l| l == "eth0"),
+        "pod still has eth0: {pod_links:?}"
+    );
     let host_routes = host.ip(&["-4", "route", "show"])?;
-    ensure!(!host_routes.contains(&ip.to_string()), "host still routes {ip}: {host_routes}");
+    ensure!(
+        !host_routes.contains(&ip.to_string()),
+        "host still routes {ip}: {host_routes}"
+    );
     let left = files_mentioning(store, id);
-    ensure!(left.is_empty(), "allocation for {id} still recorded in {left:?}");
+    ensure!(
+        left.is_empty(),
+        "allocation for {id} still recorded in {left:?}"
+    );
     Ok(())
 }
 
 /// The pod identity passed as CNI_ARGS, as kubelet does.
 fn k8s_args(pod: &str) -> String {
     format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=conformance;K8S_POD_NAME={pod}")
+}
+
+/// A PATH directory in which `iptables*` is the legacy backend and
+/// `ip6tables` is unusable, for Debian's portmap 1.1.1. With the nft backend
+/// its DEL leaves the CNI-HOSTPORT-DNAT jump behind (it cannot match its own
+/// comment), and whenever ip6tables works its CHECK fails for an IPv4-only
+/// pod ("could not check ipv6 dnat": it checks the IPv4 chain in ip6tables),
+/// whatever the main plugin; a Debian ptp + portmap chain fails the same way.
+fn legacy_ipv4_only_iptables(dir: &Path) -> Result<std::path::PathBuf> {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    let shim = dir.join("iptables-legacy-ipv4");
+    std::fs::create_dir_all(&shim)?;
+    for tool in ["iptables", "iptables-save", "iptables-restore"] {
+        symlink(
+            format!(
+                "/usr/sbin/{}",
+                tool.replacen("iptables", "iptables-legacy", 1)
+            ),
+            shim.join(tool),
+        )?;
+    }
+    let ip6 = shim.join("ip6tables");
+    std::fs::write(
+        &ip6,
+        "#!/bin/sh\necho 'ip6tables: IPv6 is off for this IPv4-only test' >&2\nexit 3\n",
+    )?;
+    std::fs::set_permissions(&ip6, std::fs::Permissions::from_mode(0o755))?;
+    Ok(shim)
 }
 
 #[test]
@@ -76,25 +136,48 @@ fn tabby_chained_with_debian_portmap_survives_add_check_del_del() -> Result<()> 
     // Debian's portmap speaks CNI up to 1.0.0.
     let list = conflist(
         "1.0.0",
-        vec![tabby_plugin(dir.path(), &cidr), json!({"type": "portmap", "capabilities": {"portMappings": true}, "snat": true})],
+        vec![
+            tabby_plugin(dir.path(), &cidr),
+            json!({"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}),
+        ],
     );
-    let cni = Driver::new(&host, dir.path(), &list, &[&release_dir()?, Path::new(DEBIAN_CNI_DIR)])?;
+    let cni = Driver::new(
+        &host,
+        dir.path(),
+        &list,
+        &[&release_dir()?, Path::new(DEBIAN_CNI_DIR)],
+    )?
+    .with_path_prefix(&legacy_ipv4_only_iptables(dir.path())?);
     let id = unique_name("portmap");
     let args = k8s_args(&id);
-    let caps = json!({"portMappings": [{"hostPort": 18080, "containerPort": 80, "protocol": "tcp"}]}).to_string();
+    let caps =
+        json!({"portMappings": [{"hostPort": 18080, "containerPort": 80, "protocol": "tcp"}]})
+            .to_string();
     let extra = ["--args", args.as_str(), "--capability-args", caps.as_str()];
 
     let result = cni.add(&pod, &id, &extra)?;
     let ip = result_ipv4(&result)?;
     assert_tabby_pod(&host, &pod, ip)?;
-    let nat = tabby_conformance::run(host.command("iptables-save").args(["-t", "nat"]))?;
-    let nat = String::from_utf8_lossy(&nat.stdout);
-    ensure!(nat.contains(&format!("--to-destination {ip}:80")), "portmap did not DNAT 18080 to {ip}:80: {nat}");
+    let nat = || -> Result<String> {
+        let out = tabby_conformance::run(host.command("iptables-legacy-save").args(["-t", "nat"]))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let rules = nat()?;
+    ensure!(
+        rules.contains(&format!("--to-destination {ip}:80")),
+        "portmap did not DNAT 18080 to {ip}:80: {rules}"
+    );
 
     cni.check(&pod, &id, &extra)?;
     cni.del(&pod, &id, &extra)?;
     assert_gone(&host, &pod, ip, &dir.path().join("datastore"), &id)?;
-    cni.del(&pod, &id, &extra).context("second DEL must succeed")?;
+    let rules = nat()?;
+    ensure!(
+        !rules.contains(&id) && !rules.contains(&ip.to_string()),
+        "portmap rules left after DEL: {rules}"
+    );
+    cni.del(&pod, &id, &extra)
+        .context("second DEL must succeed")?;
     Ok(())
 }
 
@@ -112,21 +195,33 @@ fn tabby_uses_debian_host_local_as_its_ipam() -> Result<()> {
         "ipam": {"type": "host-local", "dataDir": store, "ranges": [[{"subnet": subnet}]]},
     });
     // Debian's host-local speaks CNI up to 1.0.0.
-    let cni = Driver::new(&host, dir.path(), &conflist("1.0.0", vec![plugin]), &[&release_dir()?, Path::new(DEBIAN_CNI_DIR)])?;
+    let cni = Driver::new(
+        &host,
+        dir.path(),
+        &conflist("1.0.0", vec![plugin]),
+        &[&release_dir()?, Path::new(DEBIAN_CNI_DIR)],
+    )?;
     let id = unique_name("hostlocal");
     let args = k8s_args(&id);
     let extra = ["--args", args.as_str()];
 
     let result = cni.add(&pod, &id, &extra)?;
     let ip = result_ipv4(&result)?;
-    ensure!(ip.to_string().starts_with(subnet.trim_end_matches("0/24")), "{ip} is not from host-local's {subnet}");
+    ensure!(
+        ip.to_string().starts_with(subnet.trim_end_matches("0/24")),
+        "{ip} is not from host-local's {subnet}"
+    );
     assert_tabby_pod(&host, &pod, ip)?;
-    ensure!(!files_mentioning(&store, &id).is_empty(), "host-local recorded no allocation for {id}");
+    ensure!(
+        !files_mentioning(&store, &id).is_empty(),
+        "host-local recorded no allocation for {id}"
+    );
 
     cni.check(&pod, &id, &extra)?;
     cni.del(&pod, &id, &extra)?;
     assert_gone(&host, &pod, ip, &store, &id)?;
-    cni.del(&pod, &id, &extra).context("second DEL must succeed")?;
+    cni.del(&pod, &id, &extra)
+        .context("second DEL must succeed")?;
     Ok(())
 }
 
@@ -140,7 +235,12 @@ fn debian_ptp_uses_tabby_ipam() -> Result<()> {
     let cidr = format!("10.{}.0.0/16", unique_octet());
     let plugin = json!({"type": "ptp", "mtu": 1450, "ipam": tabby_ipam(dir.path(), &cidr)});
     // Debian's ptp speaks CNI up to 1.0.0.
-    let cni = Driver::new(&host, dir.path(), &conflist("1.0.0", vec![plugin]), &[&release_dir()?, Path::new(DEBIAN_CNI_DIR)])?;
+    let cni = Driver::new(
+        &host,
+        dir.path(),
+        &conflist("1.0.0", vec![plugin]),
+        &[&release_dir()?, Path::new(DEBIAN_CNI_DIR)],
+    )?;
     let id = unique_name("ptp");
     let args = k8s_args(&id);
     let extra = ["--args", args.as_str()];
@@ -148,15 +248,22 @@ fn debian_ptp_uses_tabby_ipam() -> Result<()> {
     let result = cni.add(&pod, &id, &extra)?;
     let ip = result_ipv4(&result)?;
     let addrs = pod.ip(&["-4", "-o", "addr", "show", "dev", "eth0"])?;
-    ensure!(addrs.contains(&format!("inet {ip}/")), "pod eth0 lacks {ip}: {addrs}");
+    ensure!(
+        addrs.contains(&format!("inet {ip}/")),
+        "pod eth0 lacks {ip}: {addrs}"
+    );
     ensure!(host.ping(ip), "host cannot ping the ptp pod at {ip}");
     let store = dir.path().join("datastore");
-    ensure!(!files_mentioning(&store, &id).is_empty(), "tabby-ipam recorded no allocation for {id}");
+    ensure!(
+        !files_mentioning(&store, &id).is_empty(),
+        "tabby-ipam recorded no allocation for {id}"
+    );
 
     cni.check(&pod, &id, &extra)?;
     cni.del(&pod, &id, &extra)?;
     assert_gone(&host, &pod, ip, &store, &id)?;
-    cni.del(&pod, &id, &extra).context("second DEL must succeed")?;
+    cni.del(&pod, &id, &extra)
+        .context("second DEL must succeed")?;
     Ok(())
 }
 
@@ -165,7 +272,10 @@ fn debian_ptp_uses_tabby_ipam() -> Result<()> {
 fn round_trip_in_version(version: &str) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let tag = version.replace('.', "");
-    let (host, pod) = (Netns::new(&format!("tcf-v{tag}-host"))?, Netns::new(&format!("tcf-v{tag}-pod"))?);
+    let (host, pod) = (
+        Netns::new(&format!("tcf-v{tag}-host"))?,
+        Netns::new(&format!("tcf-v{tag}-pod"))?,
+    );
     let cidr = format!("10.{}.0.0/16", unique_octet());
     let list = conflist(version, vec![tabby_plugin(dir.path(), &cidr)]);
     let cni = Driver::new(&host, dir.path(), &list, &[&release_dir()?])?;
@@ -174,10 +284,17 @@ fn round_trip_in_version(version: &str) -> Result<()> {
     let extra = ["--args", args.as_str()];
 
     let result: Value = cni.add(&pod, &id, &extra)?;
-    ensure!(result["cniVersion"] == version, "asked for {version}, libcni parsed a {} result", result["cniVersion"]);
+    ensure!(
+        result["cniVersion"] == version,
+        "asked for {version}, libcni parsed a {} result",
+        result["cniVersion"]
+    );
     let ip = result_ipv4(&result)?;
     if version.starts_with("0.") {
-        ensure!(result["ips"][0]["version"] == "4", "0.x result lacks ips[].version: {result}");
+        ensure!(
+            result["ips"][0]["version"] == "4",
+            "0.x result lacks ips[].version: {result}"
+        );
     }
     assert_tabby_pod(&host, &pod, ip)?;
     if version != "0.3.1" {
@@ -185,7 +302,8 @@ fn round_trip_in_version(version: &str) -> Result<()> {
     }
     cni.del(&pod, &id, &extra)?;
     assert_gone(&host, &pod, ip, &dir.path().join("datastore"), &id)?;
-    cni.del(&pod, &id, &extra).context("second DEL must succeed")?;
+    cni.del(&pod, &id, &extra)
+        .context("second DEL must succeed")?;
     Ok(())
 }
 

@@ -21,7 +21,9 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use serde_json::json;
-use tabby_conformance::{cnidriver, conflist, release_dir, tabby_plugin, Driver, Netns, DEBIAN_CNI_DIR};
+use tabby_conformance::{
+    cnidriver, conflist, release_dir, tabby_plugin, Driver, Netns, DEBIAN_CNI_DIR,
+};
 
 /// One operation's summary line printed by `cnidriver bench`.
 #[derive(Debug, Clone, Deserialize)]
@@ -70,9 +72,18 @@ impl PodNamespaces {
     }
 
     fn batch(&self, verb: &str) -> Result<()> {
-        let script: String = (0..self.count).map(|i| format!("netns {verb} {}-{i}\n", self.prefix)).collect();
-        let mut child = Command::new("ip").args(["-force", "-batch", "-"]).stdin(Stdio::piped()).spawn()?;
-        child.stdin.take().context("ip stdin")?.write_all(script.as_bytes())?;
+        let script: String = (0..self.count)
+            .map(|i| format!("netns {verb} {}-{i}\n", self.prefix))
+            .collect();
+        let mut child = Command::new("ip")
+            .args(["-force", "-batch", "-"])
+            .stdin(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("ip stdin")?
+            .write_all(script.as_bytes())?;
         let status = child.wait()?;
         if !status.success() && verb == "add" {
             bail!("ip -batch netns add failed");
@@ -89,7 +100,10 @@ impl Drop for PodNamespaces {
 
 fn main() -> Result<()> {
     let opts = Opts::parse()?;
-    if !std::fs::read_to_string("/proc/self/status")?.lines().any(|l| l.starts_with("Uid:\t0\t")) {
+    if !std::fs::read_to_string("/proc/self/status")?
+        .lines()
+        .any(|l| l.starts_with("Uid:\t0\t"))
+    {
         bail!("cni-latency needs root (it creates network namespaces)");
     }
     progress("building/locating the libcni driver and the release binaries");
@@ -108,9 +122,21 @@ fn main() -> Result<()> {
     }
 
     let scenarios = [
-        (format!("{} pods one after another", opts.pods), opts.pods, 1),
-        (format!("{} pods, {} at a time", opts.pods, opts.concurrency), opts.pods, opts.concurrency),
-        (format!("{} pods at once", opts.burst), opts.burst, opts.burst),
+        (
+            format!("{} pods one after another", opts.pods),
+            opts.pods,
+            1,
+        ),
+        (
+            format!("{} pods, {} at a time", opts.pods, opts.concurrency),
+            opts.pods,
+            opts.concurrency,
+        ),
+        (
+            format!("{} pods at once", opts.burst),
+            opts.burst,
+            opts.burst,
+        ),
     ];
     let mut table = Vec::new();
     let mut failed = false;
@@ -153,10 +179,17 @@ struct Opts {
 
 impl Opts {
     fn parse() -> Result<Opts> {
-        let mut o = Opts { pods: 200, concurrency: 32, burst: 100 };
+        let mut o = Opts {
+            pods: 200,
+            concurrency: 32,
+            burst: 100,
+        };
         let mut args = std::env::args().skip(1);
         while let Some(flag) = args.next() {
-            let value: usize = args.next().with_context(|| format!("{flag} needs a value"))?.parse()?;
+            let value: usize = args
+                .next()
+                .with_context(|| format!("{flag} needs a value"))?
+                .parse()?;
             match flag.as_str() {
                 "--pods" => o.pods = value,
                 "--concurrency" => o.concurrency = value,
@@ -178,7 +211,12 @@ fn tabby_candidate(release: &Path, pid: u32) -> Result<Candidate> {
     let host = Netns::named(format!("tbench{pid}-host-a"))?;
     let list = conflist("1.0.0", vec![tabby_plugin(dir.path(), "10.240.0.0/16")]);
     let driver = Driver::new(&host, dir.path(), &list, &[release])?;
-    Ok(Candidate { label: "tabby + tabby-ipam", host, driver, _dir: dir })
+    Ok(Candidate {
+        label: "tabby + tabby-ipam",
+        host,
+        driver,
+        _dir: dir,
+    })
 }
 
 /// (b) Debian's ptp + host-local.
@@ -190,15 +228,36 @@ fn baseline_candidate(pid: u32) -> Result<Candidate> {
         "ipam": {"type": "host-local", "dataDir": dir.path().join("host-local"),
                  "ranges": [[{"subnet": "10.241.0.0/16"}]], "routes": [{"dst": "0.0.0.0/0"}]},
     });
-    let driver = Driver::new(&host, dir.path(), &conflist("1.0.0", vec![plugin]), &[Path::new(DEBIAN_CNI_DIR)])?;
-    Ok(Candidate { label: "ptp + host-local", host, driver, _dir: dir })
+    let driver = Driver::new(
+        &host,
+        dir.path(),
+        &conflist("1.0.0", vec![plugin]),
+        &[Path::new(DEBIAN_CNI_DIR)],
+    )?;
+    Ok(Candidate {
+        label: "ptp + host-local",
+        host,
+        driver,
+        _dir: dir,
+    })
 }
 
 /// Runs `cnidriver bench` for one scenario and parses its two summary lines.
-fn measure(c: &Candidate, pods: &PodNamespaces, count: usize, concurrency: usize, tag: &str) -> Result<Run> {
+fn measure(
+    c: &Candidate,
+    pods: &PodNamespaces,
+    count: usize,
+    concurrency: usize,
+    tag: &str,
+) -> Result<Run> {
     let out = c
         .driver
-        .bench_command(&pods.pattern(), count, concurrency, &format!("{tag}-{}", c.host.name()))
+        .bench_command(
+            &pods.pattern(),
+            count,
+            concurrency,
+            &format!("{tag}-{}", c.host.name()),
+        )
         .output()
         .context("run cnidriver bench")?;
     let phases: Vec<Phase> = String::from_utf8_lossy(&out.stdout)
@@ -207,7 +266,10 @@ fn measure(c: &Candidate, pods: &PodNamespaces, count: usize, concurrency: usize
         .collect();
     let find = |op: &str| phases.iter().find(|p| p.op == op).cloned();
     let (Some(add), Some(del)) = (find("ADD"), find("DEL")) else {
-        bail!("cnidriver bench printed no summary: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "cnidriver bench printed no summary: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     };
     if add.failed + del.failed > 0 {
         bail!(
@@ -216,7 +278,11 @@ fn measure(c: &Candidate, pods: &PodNamespaces, count: usize, concurrency: usize
             del.failed,
             add.ok,
             del.ok,
-            if add.first_error.is_empty() { &del.first_error } else { &add.first_error }
+            if add.first_error.is_empty() {
+                &del.first_error
+            } else {
+                &add.first_error
+            }
         );
     }
     Ok(Run { add, del })
@@ -239,14 +305,26 @@ fn report(candidates: &[Candidate; 2], table: &[(String, Vec<Option<Run>>)]) {
         for (op, pa, pb) in [("ADD", &ra.add, &rb.add), ("DEL", &ra.del, &rb.del)] {
             println!(
                 "{:<30} {:<4} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.2}",
-                name, op, pa.p50_ms, pa.p99_ms, pb.p50_ms, pb.p99_ms, pa.p50_ms / pb.p50_ms
+                name,
+                op,
+                pa.p50_ms,
+                pa.p99_ms,
+                pb.p50_ms,
+                pb.p99_ms,
+                pa.p50_ms / pb.p50_ms
             );
         }
         let sum_a = ra.add.p50_ms + ra.del.p50_ms;
         let sum_b = rb.add.p50_ms + rb.del.p50_ms;
         println!(
             "{:<30} {:<4} {:>9.1} {:>9} {:>9.1} {:>9} {:>10.2}   (target <= 0.5)",
-            name, "A+D", sum_a, "", sum_b, "", sum_a / sum_b
+            name,
+            "A+D",
+            sum_a,
+            "",
+            sum_b,
+            "",
+            sum_a / sum_b
         );
     }
     if let Some((name, runs)) = table.last() {
