@@ -36,11 +36,17 @@ pub fn node_agent_config(node: &NodeState, dir: &StateDir) -> String {
          health_listen = \"{HEALTH_LISTEN}\"\n\
          # short timers: a lab converges in seconds, not minutes\n\
          hold_time = {HOLD_TIME}\n\
-         connect_retry = 1\n",
+         connect_retry = 1\n\
+         \n\
+         [proxy]\n\
+         resources_dir = {resources:?}\n\
+         resources_poll_ms = 100\n\
+         min_sync_period_ms = 200\n",
         name = node.name,
         address = node.address,
         datastore = dir.datastore().display().to_string(),
         socket = dir.agent_socket(&node.name).display().to_string(),
+        resources = dir.resources().display().to_string(),
     )
 }
 

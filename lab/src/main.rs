@@ -113,6 +113,9 @@ enum Command {
         /// Deadline for connecting and for each read.
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
+        /// Make this many requests, each on a new connection, printing every body.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
     },
 }
 
@@ -235,8 +238,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::EchoServer { name, port, .. } => {
             return echo::serve(name, *port).map(|()| ExitCode::SUCCESS)
         }
-        Command::HttpGet { url, timeout_ms } => {
-            return http_get(url, Duration::from_millis(*timeout_ms))
+        Command::HttpGet { url, timeout_ms, count } => {
+            return http_get(url, Duration::from_millis(*timeout_ms), *count)
         }
         _ => {}
     }
@@ -343,15 +346,34 @@ fn apply(lab: &Lab, file: &Path, apply: bool) -> anyhow::Result<()> {
 }
 
 /// `http-get`: prints the body; non-2xx answers fail.
-fn http_get(url: &str, timeout: Duration) -> anyhow::Result<ExitCode> {
+fn http_get(url: &str, timeout: Duration, count: u32) -> anyhow::Result<ExitCode> {
     use std::io::Write;
-    let response = echo::get(url, timeout)?;
-    std::io::stdout().write_all(&response.body)?;
-    if !(200..300).contains(&response.status) {
-        eprintln!("tabby-lab http-get: {url} answered {}", response.status);
-        return Ok(ExitCode::from(22));
+    if count <= 1 {
+        let response = echo::get(url, timeout)?;
+        std::io::stdout().write_all(&response.body)?;
+        if !(200..300).contains(&response.status) {
+            eprintln!("tabby-lab http-get: {url} answered {}", response.status);
+            return Ok(ExitCode::from(22));
+        }
+        return Ok(ExitCode::SUCCESS);
     }
-    Ok(ExitCode::SUCCESS)
+    // Many requests: every body, and a line per failure, so a caller can count.
+    let mut failed = 0;
+    let mut out = std::io::stdout().lock();
+    for _ in 0..count {
+        match echo::get(url, timeout) {
+            Ok(r) if (200..300).contains(&r.status) => out.write_all(&r.body)?,
+            Ok(r) => {
+                failed += 1;
+                writeln!(out, "error: {url} answered {}", r.status)?;
+            }
+            Err(e) => {
+                failed += 1;
+                writeln!(out, "error: {e:#}")?;
+            }
+        }
+    }
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(22) })
 }
 
 /// The exit code of a finished child: its own, or 128 + the signal.

@@ -1,0 +1,197 @@
+//! The service proxy end to end in the lab: real pods, real iptables in
+//! every node namespace, real HTTP requests (root only; each test has its own lab).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const CLUSTER_IP: &str = "10.96.0.10";
+
+fn apply(lab: &TestLab, yaml: &str) {
+    let file = lab.state.path().join(format!("apply-{}.yaml", yaml.len()));
+    std::fs::write(&file, yaml).unwrap();
+    lab.run(&["apply", "-f", &file.display().to_string()]);
+}
+
+fn service(name: &str, ip: &str, selector: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  clusterIP: {ip}\n  selector:\n    {selector}\n  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n    protocol: TCP\n{extra}"
+    )
+}
+
+/// `n` GETs from `from` (a pod, or `external`) to `url`: the count of answers by Hostname, and failures.
+fn requests(lab: &TestLab, from: &str, url: &str, n: u32) -> (BTreeMap<String, u32>, u32) {
+    let out = lab
+        .cmd(&["exec", from, "--", "tabby-lab", "http-get", "--timeout-ms", "2000", "--count", &n.to_string(), url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut by_host = BTreeMap::new();
+    for l in text.lines() {
+        if let Some(h) = l.strip_prefix("Hostname: ") {
+            *by_host.entry(h.to_string()).or_insert(0) += 1;
+        }
+    }
+    let failures = text.lines().filter(|l| l.starts_with("error:")).count() as u32;
+    (by_host, failures)
+}
+
+/// One GET; its body or the error.
+fn get(lab: &TestLab, from: &str, url: &str, timeout_ms: u32) -> Result<String, String> {
+    let out = lab.cmd(&["exec", from, "--", "tabby-lab", "http-get", "--timeout-ms", &timeout_ms.to_string(), url]).output().unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(text(&out))
+    }
+}
+
+/// Waits until the proxy answers `url` from `from`.
+fn wait_for(lab: &TestLab, from: &str, url: &str) {
+    assert!(
+        eventually(Duration::from_secs(20), || get(lab, from, url, 500).is_ok()),
+        "{url} never answered from {from}: {:?}",
+        get(lab, from, url, 500)
+    );
+}
+
+fn nat_rules(lab: &TestLab, node: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &format!("{}-{node}", lab.prefix), "iptables-save", "-t", "nat"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn up(tag: &str, pods_per_node: &str) -> TestLab {
+    let lab = TestLab::new(tag);
+    let out = lab.run(&["up", "--nodes", "3", "--pods-per-node", pods_per_node]);
+    assert!(!out.contains("agent NOT running"), "{out}");
+    lab
+}
+
+#[test]
+fn a_cluster_ip_spreads_requests_from_every_node_over_all_endpoints_and_hairpins() {
+    if !is_root() {
+        return;
+    }
+    let lab = up("c", "1");
+    apply(&lab, &service("hello", CLUSTER_IP, "app: echo", ""));
+    let url = format!("http://{CLUSTER_IP}/");
+    for client in ["node-1-pod1", "node-2-pod1", "node-3-pod1"] {
+        wait_for(&lab, client, &url);
+        let (hosts, failures) = requests(&lab, client, &url, 100);
+        assert_eq!(failures, 0, "{client}: {hosts:?}");
+        assert_eq!(hosts.len(), 3, "{client} reached {hosts:?}");
+        for (h, n) in &hosts {
+            assert!((15..=55).contains(n), "{client} -> {h}: {n} of 100 ({hosts:?})");
+        }
+        // Hairpin: a pod reaches itself through its own service.
+        assert!(hosts.get(client).copied().unwrap_or(0) > 0, "{client} never reached itself: {hosts:?}");
+    }
+    let nat = nat_rules(&lab, "node-1");
+    assert!(nat.contains("-A PREROUTING -m comment --comment \"kubernetes service portals\" -j TABBY-SERVICES"), "{nat}");
+    assert!(nat.contains("-m statistic --mode random --probability 0.33333333349"), "{nat}");
+    assert!(nat.contains("--comment \"default/hello:http cluster IP\""), "{nat}");
+}
+
+#[test]
+fn session_affinity_keeps_a_client_on_one_endpoint_until_the_timeout() {
+    if !is_root() {
+        return;
+    }
+    let lab = up("a", "1");
+    let affinity = "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 5\n";
+    apply(&lab, &service("sticky", "10.96.0.11", "app: echo", affinity));
+    let url = "http://10.96.0.11/";
+    wait_for(&lab, "node-1-pod1", url);
+    let (hosts, failures) = requests(&lab, "node-1-pod1", url, 100);
+    assert_eq!(failures, 0);
+    assert_eq!(hosts.len(), 1, "affinity broke: {hosts:?}");
+    assert_eq!(hosts.values().sum::<u32>(), 100);
+    let sticky = hosts.keys().next().unwrap().clone();
+    assert!(nat_rules(&lab, "node-1").contains("--rcheck --seconds 5 --reap"));
+    // Every request refreshes the entry; only a 5 s silence lets the client
+    // move. Each new choice stays with 1/3: ten tries all staying is 1 in 59049.
+    let mut moved = false;
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(5500));
+        let (hosts, _) = requests(&lab, "node-1-pod1", url, 1);
+        if hosts.keys().any(|h| *h != sticky) {
+            moved = true;
+            break;
+        }
+    }
+    assert!(moved, "the client never left {sticky} after the affinity timeout");
+}
+
+#[test]
+fn node_ports_answer_outside_clients_on_every_node_and_local_policy_keeps_their_address() {
+    if !is_root() {
+        return;
+    }
+    let lab = up("n", "1");
+    apply(&lab, &service("web", "10.96.0.12", "app: echo", "  type: NodePort\n").replace("targetPort: 8080\n", "targetPort: 8080\n    nodePort: 30080\n"));
+    let local = service("local", "10.96.0.13", "tabby.dev/node: node-1", "  type: NodePort\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n")
+        .replace("targetPort: 8080\n", "targetPort: 8080\n    nodePort: 30081\n");
+    apply(&lab, &local);
+    for i in 1..=3 {
+        let url = format!("http://10.98.0.{i}:30080/");
+        wait_for(&lab, "external", &url);
+        let (hosts, failures) = requests(&lab, "external", &url, 20);
+        assert_eq!(failures, 0, "node-{i}: {hosts:?}");
+    }
+    // externalTrafficPolicy: Local: served only where an endpoint lives, with the client's own address.
+    let url = "http://10.98.0.1:30081/";
+    wait_for(&lab, "external", url);
+    let body = get(&lab, "external", url, 2000).unwrap();
+    assert!(body.contains("Hostname: node-1-pod1"), "{body}");
+    assert!(body.contains("RemoteAddr: 10.98.0.200:"), "the client address was not kept: {body}");
+    assert!(get(&lab, "external", "http://10.98.0.2:30081/", 1000).is_err(), "node-2 has no local endpoint and must not serve");
+    // The health check node port tells load balancers where endpoints are.
+    wait_for(&lab, "external", "http://10.98.0.1:32000/");
+    let health = get(&lab, "external", "http://10.98.0.1:32000/", 2000).unwrap();
+    assert!(health.contains("\"localEndpoints\":1"), "{health}");
+    let none = get(&lab, "external", "http://10.98.0.2:32000/", 2000).unwrap_err();
+    assert!(none.contains("503"), "{none}");
+}
+
+#[test]
+fn a_service_without_endpoints_is_rejected_at_once() {
+    if !is_root() {
+        return;
+    }
+    let lab = up("r", "1");
+    apply(&lab, &service("empty", "10.96.0.14", "app: nothing", ""));
+    apply(&lab, &service("hello", CLUSTER_IP, "app: echo", ""));
+    wait_for(&lab, "node-1-pod1", &format!("http://{CLUSTER_IP}/"));
+    let err = get(&lab, "node-1-pod1", "http://10.96.0.14/", 5000).unwrap_err();
+    assert!(err.to_lowercase().contains("refused"), "expected a REJECT, got: {err}");
+}
+
+#[test]
+fn a_deleted_endpoint_pod_leaves_the_rotation_within_a_second() {
+    if !is_root() {
+        return;
+    }
+    let lab = up("d", "1");
+    apply(&lab, &service("hello", CLUSTER_IP, "app: echo", ""));
+    let url = format!("http://{CLUSTER_IP}/");
+    wait_for(&lab, "node-1-pod1", &url);
+    let gone_ip = lab.pod_ip("node-3-pod1");
+    let dnat = format!("--to-destination {gone_ip}:8080");
+    assert!(eventually(Duration::from_secs(10), || nat_rules(&lab, "node-1").contains(&dnat)));
+    let start = Instant::now();
+    lab.run(&["pod", "del", "node-3-pod1"]);
+    let gone = eventually(Duration::from_secs(2), || (1..=3).all(|i| !nat_rules(&lab, &format!("node-{i}")).contains(&dnat)));
+    let took = start.elapsed();
+    eprintln!("endpoint left every node's rules {took:?} after `pod del` started");
+    assert!(gone, "the deleted pod is still a DNAT target after {took:?}");
+    let (hosts, failures) = requests(&lab, "node-1-pod1", &url, 40);
+    assert_eq!(failures, 0, "{hosts:?}");
+    assert!(!hosts.contains_key("node-3-pod1"), "{hosts:?}");
+}
