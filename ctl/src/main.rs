@@ -5,6 +5,7 @@ mod bgp;
 mod ipam;
 mod node;
 mod pool;
+mod service;
 mod table;
 
 use std::path::PathBuf;
@@ -39,6 +40,19 @@ enum Command {
     /// This node's agent.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Services as the agents' proxies see them.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ServiceCommand {
+    /// Services with their cluster IPs, ports and ready endpoints per node.
+    List {
+        /// The directory of Service and EndpointSlice YAML the agents read.
+        #[arg(long, env = "TABBY_RESOURCES", default_value = service::DEFAULT_RESOURCES)]
+        resources: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -66,6 +80,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Node(NodeCommand::Status { socket }) = &cli.command {
         return node::status(socket);
     }
+    if let Command::Service(ServiceCommand::List { resources }) = &cli.command {
+        return service::list(resources);
+    }
     let creates_store = matches!(
         cli.command,
         Command::Pool(pool::PoolCommand::Create(_)) | Command::Bgp(bgp::BgpCommand::Config(_)) | Command::Bgp(bgp::BgpCommand::Peer(bgp::PeerCommand::Create(_)))
@@ -75,7 +92,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ipam(cmd) => ipam::run(&ipam, cmd),
         Command::Pool(cmd) => pool::run(&ipam, cmd),
         Command::Bgp(cmd) => bgp::run(ipam.datastore(), cmd),
-        Command::Node(_) => unreachable!("handled before the datastore is opened"),
+        Command::Node(_) | Command::Service(_) => unreachable!("handled before the datastore is opened"),
     }
 }
 

@@ -136,7 +136,7 @@ fn node_ports_answer_outside_clients_on_every_node_and_local_policy_keeps_their_
     }
     let lab = up("n", "1");
     apply(&lab, &service("web", "10.96.0.12", "app: echo", "  type: NodePort\n").replace("targetPort: 8080\n", "targetPort: 8080\n    nodePort: 30080\n"));
-    let local = service("local", "10.96.0.13", "tabby.dev/node: node-1", "  type: NodePort\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n")
+    let local = service("local", "10.96.0.13", "tabby.dev/node: node-1", "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n")
         .replace("targetPort: 8080\n", "targetPort: 8080\n    nodePort: 30081\n");
     apply(&lab, &local);
     for i in 1..=3 {
@@ -155,7 +155,8 @@ fn node_ports_answer_outside_clients_on_every_node_and_local_policy_keeps_their_
     // The health check node port tells load balancers where endpoints are.
     wait_for(&lab, "external", "http://10.98.0.1:32000/");
     let health = get(&lab, "external", "http://10.98.0.1:32000/", 2000).unwrap();
-    assert!(health.contains("\"localEndpoints\":1"), "{health}");
+    let compact: String = health.chars().filter(|c| !c.is_whitespace()).collect();
+    assert!(compact.contains("\"localEndpoints\":1"), "{health}");
     let none = get(&lab, "external", "http://10.98.0.2:32000/", 2000).unwrap_err();
     assert!(none.contains("503"), "{none}");
 }

@@ -25,7 +25,10 @@ use crate::config::AgentConfig;
 use crate::desired::{desired_peers, kernel_routes, local_blocks, local_prefixes, PeerSpec};
 use crate::error::{AgentError, Result};
 use crate::register::{load_view, register_node};
+use crate::proxy::model::NodeFacts;
+use crate::proxy::proxier::ProxyEvent;
 use crate::routes::RouteProgrammer;
+use crate::service_proxy::node_facts;
 use crate::status::{NodeStatus, PeerRow};
 
 /// What happened in BGP, as the agent needs it.
@@ -140,6 +143,8 @@ pub struct Shared {
     pub originated: usize,
     /// Kernel route counters.
     pub routes: crate::routes::RouteStats,
+    /// The service proxy's metrics, in Prometheus text.
+    pub proxy_metrics: String,
 }
 
 /// The agent's state, owned by its loop.
@@ -154,6 +159,8 @@ pub struct Agent<B: BgpControl> {
     blocks: BTreeSet<IpNetwork>,
     rib: Rib,
     shared: Arc<Mutex<Shared>>,
+    proxy: Option<mpsc::Sender<ProxyEvent>>,
+    facts: Option<NodeFacts>,
 }
 
 /// The index of the uplink: the configured interface, else the one holding `bgp_address`.
@@ -192,7 +199,14 @@ impl<B: BgpControl> Agent<B> {
             blocks: BTreeSet::new(),
             rib: Rib::default(),
             shared,
+            proxy: None,
+            facts: None,
         })
+    }
+
+    /// Feeds node facts to the service proxy from now on.
+    pub fn set_proxy(&mut self, tx: mpsc::Sender<ProxyEvent>) {
+        self.proxy = Some(tx);
     }
 
     /// Runs until `shutdown` resolves; gives the speaker back for a clean close.
@@ -264,6 +278,12 @@ impl<B: BgpControl> Agent<B> {
         self.originated = prefixes;
         self.blocks = local_blocks(&view, &me);
         self.push_routes();
+        if let Some(tx) = &self.proxy {
+            let facts = node_facts(&self.cfg, &view);
+            if self.facts.as_ref() != Some(&facts) && tx.send(ProxyEvent::Node(Box::new(facts.clone()))).await.is_ok() {
+                self.facts = Some(facts);
+            }
+        }
         let rows = self.bgp.status();
         if let Ok(mut s) = self.shared.lock() {
             s.status = NodeStatus {

@@ -58,6 +58,78 @@ pub struct AgentConfig {
     /// How often the datastore is read, in milliseconds.
     #[serde(default = "default_poll_ms")]
     pub poll_interval_ms: u64,
+    /// The service proxy (`[proxy]` table).
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+}
+
+/// The embedded service proxy's settings.
+///
+/// ```toml
+/// [proxy]
+/// enabled = true
+/// resources_dir = "/var/lib/tabby/resources"   # Services and EndpointSlices as YAML
+/// backend = "auto"                              # auto, legacy or nft
+/// min_sync_period_ms = 1000                     # kube-proxy --iptables-min-sync-period
+/// max_sync_period_ms = 30000                    # kube-proxy --iptables-sync-period
+/// cluster_cidr = "10.244.0.0/16"                # else: the first enabled IPv4 pool
+/// masquerade_mark = 16384                       # 0x4000
+/// ```
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Run the proxy at all.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The directory of Service and EndpointSlice YAML the file backend watches.
+    #[serde(default = "default_resources")]
+    pub resources_dir: PathBuf,
+    /// How often that directory is read, in milliseconds.
+    #[serde(default = "default_resources_poll_ms")]
+    pub resources_poll_ms: u64,
+    /// `auto` (whichever holds more rules already), `legacy` or `nft`.
+    #[serde(default = "default_backend")]
+    pub backend: String,
+    /// Least time between two syncs.
+    #[serde(default = "default_min_sync_ms")]
+    pub min_sync_period_ms: u64,
+    /// Most time between two syncs.
+    #[serde(default = "default_max_sync_ms")]
+    pub max_sync_period_ms: u64,
+    /// The cluster's pod CIDR; traffic from elsewhere to a service is masqueraded.
+    #[serde(default)]
+    pub cluster_cidr: Option<ipnetwork::Ipv4Network>,
+    /// The mark bit asking for masquerade.
+    #[serde(default = "default_mark")]
+    pub masquerade_mark: u32,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_resources() -> PathBuf {
+    "/var/lib/tabby/resources".into()
+}
+fn default_resources_poll_ms() -> u64 {
+    200
+}
+fn default_backend() -> String {
+    "auto".into()
+}
+fn default_min_sync_ms() -> u64 {
+    1000
+}
+fn default_max_sync_ms() -> u64 {
+    30_000
+}
+fn default_mark() -> u32 {
+    0x4000
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("every proxy key has a default")
+    }
 }
 
 fn default_datastore() -> PathBuf {
@@ -118,6 +190,12 @@ impl AgentConfig {
 
     /// Checks the values a peer would reject later.
     pub fn validate(&self) -> Result<()> {
+        if !matches!(self.proxy.backend.as_str(), "auto" | "legacy" | "nft") {
+            return Err(AgentError::Config(format!("proxy.backend {:?} is not auto, legacy or nft", self.proxy.backend)));
+        }
+        if self.proxy.masquerade_mark.count_ones() != 1 {
+            return Err(AgentError::Config(format!("proxy.masquerade_mark {:#x} must be a single bit", self.proxy.masquerade_mark)));
+        }
         if self.node_name.is_empty() {
             return Err(AgentError::Config("node_name is empty".into()));
         }
@@ -154,6 +232,8 @@ mod tests {
         assert_eq!(c.hold_time, 90);
         assert_eq!(c.keepalive(), Duration::from_secs(30));
         assert_eq!(c.health_listen.to_string(), "127.0.0.1:9099");
+        assert!(c.proxy.enabled);
+        assert_eq!((c.proxy.backend.as_str(), c.proxy.masquerade_mark, c.proxy.min_sync_period_ms), ("auto", 0x4000, 1000));
     }
 
     #[test]

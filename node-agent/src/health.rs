@@ -26,7 +26,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Mutex<Shared>>, poll: Dura
                     Response::text(503, "not ready: first datastore pass pending\n")
                 }
             }
-            "/metrics" => Response { status: 200, content_type: "text/plain; version=0.0.4", body: metrics(&s) },
+            "/metrics" => Response {
+                status: 200,
+                content_type: "text/plain; version=0.0.4",
+                body: metrics(&s) + &s.proxy_metrics,
+            },
             _ => Response::text(404, "not found\n"),
         }
     })

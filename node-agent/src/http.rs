@@ -44,10 +44,22 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
+/// Extra response headers, `(name, value)`.
+pub type Headers = Vec<(&'static str, String)>;
+
 /// Serves `handler(path)` on `listener` until the returned future is dropped.
 pub fn serve<H>(listener: TcpListener, handler: H) -> impl Future<Output = ()>
 where
     H: Fn(&str) -> Response + Send + Sync + 'static,
+{
+    serve_with_headers(listener, move |path| (handler(path), Headers::new()))
+}
+
+/// [`serve`] for handlers that also set extra headers (the health-check
+/// node ports send `X-Content-Type-Options` and a load-balancing weight).
+pub fn serve_with_headers<H>(listener: TcpListener, handler: H) -> impl Future<Output = ()>
+where
+    H: Fn(&str) -> (Response, Headers) + Send + Sync + 'static,
 {
     let handler = Arc::new(handler);
     async move {
@@ -66,10 +78,12 @@ where
                 }
                 let mut parts = request.split_whitespace();
                 let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
-                let resp = if method == "GET" { handler(path) } else { Response::text(405, "only GET\n") };
+                let (resp, headers) =
+                    if method == "GET" { handler(path) } else { (Response::text(405, "only GET\n"), Headers::new()) };
                 debug!(%peer, path, status = resp.status, "http");
+                let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
                 let head = format!(
-                    "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    "HTTP/1.1 {} {}\r\nContent-Type: {}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
                     resp.status,
                     reason(resp.status),
                     resp.content_type,
@@ -104,6 +118,22 @@ mod tests {
         assert!(ok.starts_with("HTTP/1.1 200 OK") && ok.ends_with("ok\n"), "{ok}");
         assert!(get("GET /nope HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 404"));
         assert!(get("POST /healthz HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 405"));
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn extra_headers_come_before_the_body() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(serve_with_headers(l, |_| {
+            (Response::json(503, "{}"), vec![("X-Test", "1".to_string())])
+        }));
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{out}");
+        assert!(out.contains("\r\nX-Test: 1\r\n") && out.ends_with("\r\n\r\n{}"), "{out}");
         server.abort();
     }
 }

@@ -11,7 +11,7 @@ use tabby_node::agent::{Agent, Shared};
 use tabby_node::bgp::{Speaker, SpeakerConfig};
 use tabby_node::config::AgentConfig;
 use tabby_node::speaker_control::{forward_events, SpeakerControl};
-use tabby_node::{health, status};
+use tabby_node::{health, service_proxy, status};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
 
@@ -95,7 +95,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let bgp = SpeakerControl::new(speaker, &cfg);
     // Registration and the first netlink calls block: keep them off the async workers.
     let (c, s) = (cfg.clone(), Arc::clone(&shared));
-    let agent = tokio::task::spawn_blocking(move || Agent::new(c, bgp, s)).await??;
+    let mut agent = tokio::task::spawn_blocking(move || Agent::new(c, bgp, s)).await??;
+    if cfg.proxy.enabled {
+        agent.set_proxy(service_proxy::start(&cfg, Arc::clone(&shared))?);
+    }
 
     let s = Arc::clone(&shared);
     let status_task = tokio::spawn(status::serve(

@@ -153,8 +153,8 @@ mod tests {
 
     #[test]
     fn since_is_the_time_of_day_today_and_the_date_before() {
-        let t = UNIX_EPOCH + Duration::from_secs(1_795_456_802); // 2026-11-23 17:20:02 UTC
-        assert_eq!(since(t, t + Duration::from_secs(60)), "17:20:02");
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_456_802); // 2026-11-23 18:00:02 UTC
+        assert_eq!(since(t, t + Duration::from_secs(60)), "18:00:02");
         assert_eq!(since(t, t + Duration::from_secs(86_400)), "2026-11-23");
     }
 

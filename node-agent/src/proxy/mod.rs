@@ -7,11 +7,13 @@
 //! - [`iptables`]: the executor: backends, jump rules, one restore per sync.
 //! - [`conntrack`]: stale UDP flows of removed endpoints, and their deletion.
 //! - [`proxier`]: the sync state machine (full then partial syncs, rate limits, metrics).
+//! - [`healthcheck`]: the health-check node ports of `externalTrafficPolicy: Local` services.
 //! - [`trace`]: a packet tracer over a generated payload, for tests and debugging.
 
 mod chains;
 pub mod conntrack;
 pub mod error;
+pub mod healthcheck;
 pub mod iptables;
 pub mod metrics;
 pub mod model;
@@ -23,4 +25,5 @@ pub mod trace;
 
 pub use error::{Error, Result};
 pub use model::NodeFacts;
+pub use proxier::ProxyEvent;
 pub use rules::{generate, ProxyOptions, RuleSet};

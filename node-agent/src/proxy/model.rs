@@ -204,7 +204,7 @@ pub fn categorize(svc: &ServicePortInfo) -> Categorized<'_> {
 }
 
 /// What the proxy knows about the node it programs.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeFacts {
     /// The node's name, matched against `endpoints[].nodeName`.
     pub name: String,

@@ -110,6 +110,27 @@ fn slice_id(s: &EndpointSlice) -> (String, String) {
     )
 }
 
+impl<D, C> Proxier<D, C> {
+    /// The node's facts as last set.
+    pub fn node(&self) -> &NodeFacts {
+        &self.node
+    }
+
+    /// Every Service with its EndpointSlices, as last received.
+    pub fn services_with_slices(
+        &self,
+    ) -> impl Iterator<Item = (&Service, Vec<&EndpointSlice>)> + '_ {
+        self.services.iter().map(|(key, svc)| {
+            let slices = self
+                .slices
+                .get(key)
+                .map(|m| m.values().collect())
+                .unwrap_or_default();
+            (svc, slices)
+        })
+    }
+}
+
 impl<D: Dataplane, C: Conntrack> Proxier<D, C> {
     /// A proxier that has synced nothing yet.
     pub fn new(
@@ -399,7 +420,18 @@ impl<D: Dataplane, C: Conntrack> Proxier<D, C> {
     /// Drive the proxier from a channel of events until it closes, syncing
     /// at each deadline. Failed syncs are logged and retried (as full syncs)
     /// after `min_sync_period`.
-    pub async fn run(mut self, mut events: mpsc::Receiver<ProxyEvent>) -> Self {
+    pub async fn run(self, events: mpsc::Receiver<ProxyEvent>) -> Self {
+        self.run_observed(events, |_: &Self| {}).await
+    }
+
+    /// [`Self::run`], calling `after_sync` after every sync attempt
+    /// (successful or not), so that the owner can publish metrics and
+    /// health-check counts while the loop owns the proxier.
+    pub async fn run_observed(
+        mut self,
+        mut events: mpsc::Receiver<ProxyEvent>,
+        mut after_sync: impl FnMut(&Self) + Send,
+    ) -> Self {
         loop {
             let now = tokio::time::Instant::now();
             let deadline = tokio::time::Instant::from_std(self.next_deadline(now.into_std()));
@@ -410,6 +442,7 @@ impl<D: Dataplane, C: Conntrack> Proxier<D, C> {
                 },
                 () = tokio::time::sleep_until(deadline) => {
                     let _ = self.sync(tokio::time::Instant::now().into_std());
+                    after_sync(&self);
                 }
             }
         }

@@ -1,0 +1,102 @@
+//! Starting the embedded service proxy: the file source of Services and
+//! EndpointSlices, the [`Proxier`] on its own thread (its syncs run
+//! `iptables-restore` and block), and the health-check node ports.
+//!
+//! ```text
+//!  FileClusterState ──ProxyEvent──┐
+//!  agent loop (node facts) ───────┤ (mpsc)
+//!                                 ▼
+//!                 proxy thread: Proxier::run_observed ──iptables-restore──▶ kernel
+//!                                 │ after each sync
+//!                                 ├──▶ HealthCheckServer (tasks on the main runtime)
+//!                                 └──▶ Shared::proxy_metrics (for /metrics)
+//! ```
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ipnetwork::{IpNetwork, Ipv4Network};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::agent::Shared;
+use crate::cluster_state::{ClusterState, FileClusterState};
+use crate::config::AgentConfig;
+use crate::desired::ClusterView;
+use crate::error::{AgentError, Result};
+use crate::proxy::conntrack::ConntrackCli;
+use crate::proxy::healthcheck::HealthCheckServer;
+use crate::proxy::iptables::{detect_backend, Backend, Iptables};
+use crate::proxy::metrics::render_prometheus;
+use crate::proxy::model::NodeFacts;
+use crate::proxy::proxier::{Proxier, ProxyEvent, SyncConfig};
+use crate::proxy::rules::ProxyOptions;
+
+/// Starts the proxy; returns where node facts changes go.
+pub fn start(cfg: &AgentConfig, shared: Arc<Mutex<Shared>>) -> Result<mpsc::Sender<ProxyEvent>> {
+    let pc = &cfg.proxy;
+    let backend = match pc.backend.as_str() {
+        "legacy" => Backend::Legacy,
+        "nft" => Backend::Nft,
+        _ => detect_backend(None),
+    };
+    info!(backend = backend.name(), resources = %pc.resources_dir.display(), "service proxy starting");
+    let opts = ProxyOptions { masquerade_mark: pc.masquerade_mark, ..ProxyOptions::default() };
+    let sync = SyncConfig {
+        min_sync_period: Duration::from_millis(pc.min_sync_period_ms),
+        max_sync_period: Duration::from_millis(pc.max_sync_period_ms),
+        ..SyncConfig::default()
+    };
+    let facts = NodeFacts { name: cfg.node_name.clone(), ..NodeFacts::default() };
+    let proxier = Proxier::new(facts, opts, sync, Iptables::new(backend), ConntrackCli::default());
+    let (tx, rx) = mpsc::channel(4096);
+    let main = tokio::runtime::Handle::current();
+    let mut health = {
+        let _in_main = main.enter();
+        HealthCheckServer::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+    };
+    std::thread::Builder::new()
+        .name("tabby-proxy".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    warn!(error = %e, "service proxy runtime");
+                    return;
+                }
+            };
+            rt.block_on(proxier.run_observed(rx, move |p: &Proxier<Iptables, ConntrackCli>| {
+                {
+                    let _in_main = main.enter();
+                    health.update(p.health_checks());
+                }
+                if let Ok(mut s) = shared.lock() {
+                    s.proxy_metrics = render_prometheus(p.metrics());
+                }
+            }));
+        })
+        .map_err(|source| AgentError::Io { context: "start the service proxy thread".into(), source })?;
+    let source = FileClusterState { dir: pc.resources_dir.clone(), interval: Duration::from_millis(pc.resources_poll_ms.max(20)) };
+    tokio::spawn(source.run(tx.clone()));
+    Ok(tx)
+}
+
+/// The proxy's view of this node, from the cluster view: its address, the
+/// cluster CIDR (configured, else the first enabled IPv4 pool) and its blocks.
+pub fn node_facts(cfg: &AgentConfig, view: &ClusterView) -> NodeFacts {
+    let v4 = |n: &IpNetwork| match n {
+        IpNetwork::V4(n) => Some(*n),
+        IpNetwork::V6(_) => None,
+    };
+    let cluster_cidr: Option<Ipv4Network> = cfg
+        .proxy
+        .cluster_cidr
+        .or_else(|| view.snapshot.pools.iter().filter(|p| !p.disabled).find_map(|p| v4(&p.cidr)));
+    let pod_cidrs = crate::desired::local_blocks(view, &cfg.node_name).iter().filter_map(v4).collect();
+    let node_ips = match cfg.bgp_address {
+        IpAddr::V4(a) => vec![a],
+        IpAddr::V6(_) => Vec::new(),
+    };
+    NodeFacts { name: cfg.node_name.clone(), node_ips, cluster_cidr, pod_cidrs }
+}
