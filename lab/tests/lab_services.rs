@@ -188,7 +188,7 @@ fn a_deleted_endpoint_pod_leaves_the_rotation_within_a_second() {
     assert!(eventually(Duration::from_secs(10), || nat_rules(&lab, "node-1").contains(&dnat)));
     let start = Instant::now();
     lab.run(&["pod", "del", "node-3-pod1"]);
-    let gone = eventually(Duration::from_secs(2), || (1..=3).all(|i| !nat_rules(&lab, &format!("node-{i}")).contains(&dnat)));
+    let gone = eventually(Duration::from_secs(1), || (1..=3).all(|i| !nat_rules(&lab, &format!("node-{i}")).contains(&dnat)));
     let took = start.elapsed();
     eprintln!("endpoint left every node's rules {took:?} after `pod del` started");
     assert!(gone, "the deleted pod is still a DNAT target after {took:?}");
