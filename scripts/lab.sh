@@ -47,15 +47,6 @@ step "tabby-lab up --nodes $nodes --pods-per-node $pods"
 step "applying the hello-service (ClusterIP 10.96.0.10, NodePort 30080)"
 "$lab" apply -f lab/examples/hello-service.yaml
 
-step "waiting for every node's BGP sessions and routes"
-for i in $(seq 1 "$nodes"); do
-    for _ in $(seq 1 100); do
-        have=$(ip -n "tabby-node-$i" route show proto 201 | wc -l)
-        [ "$have" -ge "$nodes" ] && break
-        sleep 0.1
-    done
-done
-
 step "tabby-lab status"
 "$lab" status
 

@@ -1,12 +1,15 @@
 //! `tabby-lab up`: underlay, nodes with their agents, pods, summary.
 
+use std::collections::BTreeSet;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
 use crate::agent;
 use crate::names::{self, MAX_NODES};
 use crate::pods;
+use crate::process::poll_until;
 use crate::resources::sync_endpoint_slices;
 use crate::sh::{self, list_netns};
 use crate::state::LabState;
@@ -106,6 +109,9 @@ fn build(lab: &Lab, nodes: usize, pods_per_node: usize) -> anyhow::Result<()> {
     sync_endpoint_slices(&lab.dir.resources(), &state)?;
     state.complete = true;
     state.save(&lab.dir)?;
+    if agents_down.is_empty() {
+        wait_for_routes(&state);
+    }
 
     println!();
     print_pods(&state);
@@ -118,6 +124,39 @@ fn build(lab: &Lab, nodes: usize, pods_per_node: usize) -> anyhow::Result<()> {
     let me = invocation(lab);
     println!("\nnext: {me} status | {me} exec node-1-pod1 -- ip addr | {me} down");
     Ok(())
+}
+
+/// How long `up` waits for BGP to spread every block to every node.
+const CONVERGENCE_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Waits until every node's kernel holds a `proto 201` route for every block
+/// (a blackhole for its own, a route via its owner for the others), so that
+/// the lab is usable across nodes when `up` returns; prints how long it took.
+fn wait_for_routes(state: &LabState) {
+    let mask = u32::MAX << (32 - u32::from(BLOCK_SIZE));
+    let blocks: BTreeSet<u32> = state.pods.iter().filter_map(|p| p.ip).map(|ip| u32::from(ip) & mask).collect();
+    let start = Instant::now();
+    let count = |ns: &str| -> usize {
+        sh::run({
+            let mut c = Command::new("ip");
+            c.args(["-n", ns, "route", "show", "proto", "201"]);
+            c
+        })
+        .map(|out| out.lines().count())
+        .unwrap_or(0)
+    };
+    let converged = poll_until(CONVERGENCE_DEADLINE, Duration::from_millis(50), || {
+        state.nodes.iter().all(|n| count(&n.netns) >= blocks.len())
+    });
+    if converged {
+        println!("routes: every node has all {} block routes (waited {:.1?} after the pods)", blocks.len(), start.elapsed());
+    } else {
+        let lagging: Vec<&str> = state.nodes.iter().filter(|n| count(&n.netns) < blocks.len()).map(|n| n.name.as_str()).collect();
+        println!(
+            "WARNING: after {CONVERGENCE_DEADLINE:?} {} still miss block routes: see `tabby-lab status` and the agent logs",
+            lagging.join(", ")
+        );
+    }
 }
 
 /// Refuses to build over an existing lab with the same state dir or prefix.

@@ -23,7 +23,8 @@ fn service(name: &str, ip: &str, selector: &str, extra: &str) -> String {
     )
 }
 
-/// `n` GETs from `from` (a pod, or `external`) to `url`: the count of answers by Hostname, and failures.
+/// `n` GETs from `from` (a pod, or `external`) to `url`: the count of answers by Hostname, and failures
+/// (which are printed).
 fn requests(lab: &TestLab, from: &str, url: &str, n: u32) -> (BTreeMap<String, u32>, u32) {
     let out = lab
         .cmd(&["exec", from, "--", "tabby-lab", "http-get", "--timeout-ms", "2000", "--count", &n.to_string(), url])
@@ -36,7 +37,11 @@ fn requests(lab: &TestLab, from: &str, url: &str, n: u32) -> (BTreeMap<String, u
             *by_host.entry(h.to_string()).or_insert(0) += 1;
         }
     }
-    let failures = text.lines().filter(|l| l.starts_with("error:")).count() as u32;
+    let errors: Vec<&str> = text.lines().filter(|l| l.starts_with("error:")).collect();
+    for e in &errors {
+        eprintln!("{from} -> {url}: {e}");
+    }
+    let failures = errors.len() as u32;
     (by_host, failures)
 }
 
