@@ -10,6 +10,29 @@ use crate::exec::run_plugin;
 use crate::tabby_ipam::TabbyIpam;
 use crate::types::{CniResult, NetConf};
 
+/// What an IPAM ADD printed.
+pub enum IpamOutput {
+    /// `tabby-ipam` in-process: already a result.
+    Parsed(CniResult),
+    /// A delegated plugin's stdout.
+    Raw {
+        /// The plugin, for error messages.
+        plugin: String,
+        /// Its stdout.
+        out: Vec<u8>,
+    },
+}
+
+impl IpamOutput {
+    /// The result.
+    pub fn parse(self) -> Result<CniResult> {
+        match self {
+            Self::Parsed(r) => Ok(r),
+            Self::Raw { plugin, out } => CniResult::from_plugin_output(&out, &plugin),
+        }
+    }
+}
+
 /// Name of Tabby's own IPAM plugin.
 pub const TABBY_IPAM: &str = "tabby-ipam";
 
@@ -36,14 +59,22 @@ impl<'a> IpamBackend<'a> {
         }
     }
 
-    /// Assigns addresses for the invocation's container.
-    pub fn add(&self, inv: &Invocation, conf: &NetConf, attrs: BTreeMap<String, String>) -> Result<CniResult> {
+    /// Assigns addresses for the invocation's container. The output is
+    /// parsed separately so that the caller can register the release first.
+    pub fn add(&self, inv: &Invocation, conf: &NetConf, attrs: BTreeMap<String, String>) -> Result<IpamOutput> {
         match self {
-            Self::InProcess(t) => t.add(&conf.handle(&inv.container_id), attrs),
+            Self::InProcess(t) => t.add(&conf.handle(&inv.container_id), attrs).map(IpamOutput::Parsed),
             Self::Delegate { plugin, stdin } => {
-                let out = run_plugin(plugin, Command::Add, inv, stdin)?;
-                CniResult::from_plugin_output(&out, plugin)
+                run_plugin(plugin, Command::Add, inv, stdin).map(|out| IpamOutput::Raw { plugin: plugin.clone(), out })
             }
+        }
+    }
+
+    /// The addresses the container holds, when this IPAM can tell.
+    pub fn addresses(&self, inv: &Invocation, conf: &NetConf) -> Result<Vec<IpAddr>> {
+        match self {
+            Self::InProcess(t) => t.addresses(&conf.handle(&inv.container_id)),
+            Self::Delegate { .. } => Ok(Vec::new()),
         }
     }
 
@@ -66,11 +97,7 @@ impl<'a> IpamBackend<'a> {
     /// Releases what is not in the valid attachments; returns released addresses when known.
     pub fn gc(&self, inv: &Invocation, conf: &NetConf) -> Result<Vec<IpAddr>> {
         match self {
-            Self::InProcess(t) => {
-                let valid: Vec<String> =
-                    conf.valid_attachments.iter().flatten().map(|a| a.container_id.clone()).collect();
-                Ok(t.gc(&conf.name, &valid)?.into_iter().map(|r| r.ip).collect())
-            }
+            Self::InProcess(t) => Ok(t.gc(conf)?.into_iter().map(|r| r.ip).collect()),
             Self::Delegate { plugin, stdin } => run_plugin(plugin, Command::Gc, inv, stdin).map(|_| Vec::new()),
         }
     }

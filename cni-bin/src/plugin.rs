@@ -51,6 +51,7 @@ fn require(ok: bool, version: CniVersion, what: &str) -> Result<()> {
 /// What ADD learned before changing anything.
 struct AddPlan<'a> {
     pod_ns: NetNs,
+    pod: Netlink,
     host_veth: String,
     mtu: u32,
     ipam: IpamBackend<'a>,
@@ -71,7 +72,7 @@ fn plan_add<'a>(inv: &Invocation, conf: &NetConf, stdin: &'a [u8], host: &Netlin
         Some(m) => m,
         None => uplink_mtu(host).unwrap_or(FALLBACK_MTU),
     };
-    Ok(AddPlan { pod_ns, host_veth: host_veth_name(&inv.pod_identity()), mtu, ipam })
+    Ok(AddPlan { pod_ns, pod, host_veth: host_veth_name(&inv.pod_identity()), mtu, ipam })
 }
 
 /// The MTU of the interface holding the IPv4 default route.
@@ -92,8 +93,9 @@ fn add(inv: &Invocation, conf: &NetConf, version: CniVersion, stdin: &[u8]) -> R
 
     let mut rollback = Rollback::new();
     let attrs = attributes(inv, conf, &plan);
-    let ipam_result = plan.ipam.add(inv, conf, attrs)?;
+    let ipam_output = plan.ipam.add(inv, conf, attrs)?;
     rollback.push("release IPAM allocation", || plan.ipam.del(inv, conf).map(drop).map_err(|e| e.to_string()));
+    let ipam_result = ipam_output.parse()?;
     let addrs: Vec<IpNetwork> = ipam_result.ips.iter().map(|c| host_prefix(c.address.ip())).collect();
     if addrs.is_empty() {
         return Err(CniError::new(Code::IoFailure, "IPAM returned no address"));
@@ -104,8 +106,7 @@ fn add(inv: &Invocation, conf: &NetConf, version: CniVersion, stdin: &[u8]) -> R
     rollback.push("delete veth", || host.delete_link(veth).map(drop).map_err(|e| e.to_string()));
     configure_host_veth(&host, veth, host_index, &addrs)?;
 
-    let pod = Netlink::in_netns(&plan.pod_ns)?;
-    let pod_link = configure_pod(&pod, &plan.pod_ns, inv, conf, &addrs)?;
+    let pod_link = configure_pod(&plan.pod, &plan.pod_ns, inv, conf, &addrs)?;
     for a in &addrs {
         host.replace_route(&Route::new(*a).dev(host_index).with_scope(Scope::Link))?;
     }
@@ -123,23 +124,15 @@ fn add(inv: &Invocation, conf: &NetConf, version: CniVersion, stdin: &[u8]) -> R
             },
         ],
         ips: addrs.iter().map(|a| IpConfig { address: *a, gateway: Some(gateway_for(a)), interface: Some(1) }).collect(),
-        routes: addrs.iter().map(|a| RouteEntry { dst: default_net(a), gw: Some(gateway_for(a)) }).collect(),
+        routes: first_of_each_family(&addrs).map(|a| RouteEntry { dst: default_net(a), gw: Some(gateway_for(a)) }).collect(),
         dns: ipam_result.dns,
     };
     Ok(result.to_json(version))
 }
 
 fn attributes(inv: &Invocation, conf: &NetConf, plan: &AddPlan<'_>) -> BTreeMap<String, String> {
-    let mut a = BTreeMap::new();
-    a.insert("node".into(), conf.node_name());
-    a.insert("containerID".into(), inv.container_id.clone());
-    a.insert("netns".into(), plan.pod_ns.path().display().to_string());
-    a.insert("ifname".into(), inv.ifname.clone());
+    let mut a = crate::tabby_ipam::allocation_attributes(inv, conf);
     a.insert("hostVeth".into(), plan.host_veth.clone());
-    if let (Some(ns), Some(pod)) = (inv.arg("K8S_POD_NAMESPACE"), inv.arg("K8S_POD_NAME")) {
-        a.insert("namespace".into(), ns.into());
-        a.insert("pod".into(), pod.into());
-    }
     a
 }
 
@@ -179,7 +172,7 @@ fn configure_pod(
     for a in addrs {
         pod.add_address(link.index, *a)?;
     }
-    for a in addrs {
+    for a in first_of_each_family(addrs) {
         let gw = gateway_for(a);
         pod.add_route(&Route::new(host_prefix(gw)).dev(link.index).with_scope(Scope::Link))?;
         pod.add_route(&Route::new(default_net(a)).via(gw).dev(link.index))?;
@@ -188,6 +181,13 @@ fn configure_pod(
         pod_ns.run(|| sysctl::set("net/ipv4/ip_forward", "0"))??;
     }
     Ok(link)
+}
+
+/// The first address of each family: one gateway and default route per family.
+fn first_of_each_family(addrs: &[IpNetwork]) -> impl Iterator<Item = &IpNetwork> {
+    let v4 = addrs.iter().find(|a| a.is_ipv4());
+    let v6 = addrs.iter().find(|a| a.is_ipv6());
+    v4.into_iter().chain(v6)
 }
 
 fn host_prefix(ip: IpAddr) -> IpNetwork {
@@ -208,41 +208,35 @@ fn gateway_for(a: &IpNetwork) -> IpAddr {
     }
 }
 
-/// DEL: best effort at every step, success when things are already gone.
+/// DEL: success when things are already gone. The interfaces go first and
+/// the addresses are released only once no interface can still hold them:
+/// if removing an interface fails, DEL fails and the runtime retries.
 fn del(inv: &Invocation, conf: &NetConf, stdin: &[u8]) -> Result<()> {
     let ipam = IpamBackend::from_conf(conf, stdin)?;
     let host = Netlink::host()?;
-    let mut errors: Vec<CniError> = Vec::new();
-    // The interface first, so that the address is never free while a pod still holds it.
     if let Some(path) = &inv.netns {
         match NetNs::open(path).and_then(|ns| Netlink::in_netns(&ns)).and_then(|pod| pod.delete_link(&inv.ifname)) {
             Ok(_) => {}
-            Err(e) if e.is_not_found() => {}
-            Err(e) => errors.push(e.into()),
+            // A netns that is gone, or a path the runtime already unmounted.
+            Err(e) if e.is_not_found() || matches!(e, tabby_dataplane::Error::NotANetns { .. }) => {}
+            Err(e) => return Err(e.into()),
         }
     }
-    let prev_ips: Vec<IpAddr> = conf.prev_result().ok().flatten().map(|r| r.ips.iter().map(|c| c.address.ip()).collect()).unwrap_or_default();
-    let released = match ipam.del(inv, conf) {
-        Ok(r) => r,
-        Err(e) => {
-            errors.push(e);
-            Vec::new()
-        }
-    };
-    // With the netns already gone the host end may survive (a runtime that
-    // deleted the netns first). Delete it only if it still routes one of this
+    // With the netns gone first (some runtimes delete it before DEL), the
+    // host end may survive. Delete it only if it still routes one of this
     // container's addresses, so a newer sandbox of the same pod is left alone.
+    let mut ips = prev_ips(conf);
+    ips.extend(ipam.addresses(inv, conf)?);
     let veth = host_veth_name(&inv.pod_identity());
-    if let Err(e) = delete_veth_if_routing(&host, &veth, prev_ips.iter().chain(&released)) {
-        errors.push(e);
-    }
-    match errors.into_iter().next() {
-        None => {
-            info!(container = %inv.container_id, released = ?released, "pod detached");
-            Ok(())
-        }
-        Some(e) => Err(e),
-    }
+    delete_veth_if_routing(&host, &veth, ips.iter())?;
+    let released = ipam.del(inv, conf)?;
+    info!(container = %inv.container_id, released = ?released, "pod detached");
+    Ok(())
+}
+
+/// The addresses of the runtime's cached result, if it passed one.
+fn prev_ips(conf: &NetConf) -> Vec<IpAddr> {
+    conf.prev_result().ok().flatten().map(|r| r.ips.iter().map(|c| c.address.ip()).collect()).unwrap_or_default()
 }
 
 fn delete_veth_if_routing<'i>(host: &Netlink, veth: &str, ips: impl Iterator<Item = &'i IpAddr>) -> Result<()> {
@@ -266,8 +260,10 @@ fn host_routes_via(host: &Netlink, index: u32, ips: &[IpAddr]) -> Result<bool> {
 
 /// CHECK: the pod interface, its addresses and routes, the host veth and route, the allocation.
 fn check(inv: &Invocation, conf: &NetConf, stdin: &[u8]) -> Result<()> {
-    let prev = conf.prev_result()?.ok_or_else(|| CniError::new(Code::InvalidConfig, "CHECK needs prevResult"))?;
-    let ips: Vec<IpAddr> = prev.ips.iter().map(|c| c.address.ip()).collect();
+    if conf.prev_result()?.is_none() {
+        return Err(CniError::new(Code::InvalidConfig, "CHECK needs prevResult"));
+    }
+    let ips = prev_ips(conf);
     let ipam = IpamBackend::from_conf(conf, stdin)?;
     let netns = inv.netns.as_ref().ok_or_else(|| CniError::new(Code::InvalidEnv, "CNI_NETNS is required for CHECK"))?;
     let pod_ns = NetNs::open(netns)?;
@@ -307,6 +303,9 @@ fn check(inv: &Invocation, conf: &NetConf, stdin: &[u8]) -> Result<()> {
 /// GC: release allocations of containers not in `cni.dev/valid-attachments`,
 /// and remove host veths still routing a released address.
 fn gc(inv: &Invocation, conf: &NetConf, stdin: &[u8]) -> Result<()> {
+    if conf.valid_attachments.is_none() {
+        return Err(CniError::new(Code::InvalidConfig, "GC needs cni.dev/valid-attachments (an empty list releases everything of this node)"));
+    }
     let ipam = IpamBackend::from_conf(conf, stdin)?;
     let released = ipam.gc(inv, conf)?;
     if released.is_empty() {

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use ipnetwork::IpNetwork;
+use nix::fcntl::{Flock, FlockArg};
 use serde::Deserialize;
 use tabby_ipam::report::{self, IpInfo, Snapshot};
 use tabby_ipam::types::default_block_size;
@@ -151,6 +152,7 @@ impl TabbyIpam {
             num_v6: u32::from(self.conf.assign_ipv6),
             pools: self.conf.ipv4_pools.clone(),
         };
+        let _serial = self.node_lock()?;
         let nets = self.ipam.assign(&args)?;
         let ips = nets
             .into_iter()
@@ -165,7 +167,25 @@ impl TabbyIpam {
 
     /// Releases `handle`; a missing handle is success.
     pub fn del(&self, handle: &str) -> Result<Vec<Released>> {
+        let _serial = self.node_lock()?;
         Ok(self.ipam.release_by_handle(handle)?)
+    }
+
+    /// Serializes this node's IPAM operations, like Calico's host-wide IPAM
+    /// lock: a burst of pods on one node then takes turns instead of racing
+    /// on the same block document and retrying (conflicts with other nodes
+    /// are still settled by compare-and-swap).
+    fn node_lock(&self) -> Result<Flock<std::fs::File>> {
+        let path = self.conf.datastore.path.join(format!(".ipam-{}.lock", self.node));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| CniError::with_source(Code::IoFailure, format!("open IPAM lock {}", path.display()), &e))?;
+        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| {
+            CniError::with_source(Code::IoFailure, format!("lock {}", path.display()), &std::io::Error::from(errno))
+        })
     }
 
     /// Verifies that `handle` still holds each of `ips`.
@@ -184,10 +204,27 @@ impl TabbyIpam {
         Ok(())
     }
 
-    /// Releases every allocation of `network` whose container is not in `valid`.
-    pub fn gc(&self, network: &str, valid_containers: &[String]) -> Result<Vec<Released>> {
-        let valid: HashSet<String> = valid_containers.iter().map(|c| format!("{network}.{c}")).collect();
-        Ok(self.ipam.gc(&format!("{network}."), &valid)?)
+    /// The addresses `handle` holds.
+    pub fn addresses(&self, handle: &str) -> Result<Vec<IpAddr>> {
+        Ok(self.ipam.addresses_of(handle)?)
+    }
+
+    /// GC: releases this node's allocations on this network whose container
+    /// is not in `cni.dev/valid-attachments`. Other nodes' and other
+    /// networks' allocations in a shared datastore are never touched.
+    pub fn gc(&self, conf: &NetConf) -> Result<Vec<Released>> {
+        let valid: HashSet<String> =
+            conf.valid_attachments.iter().flatten().map(|a| conf.handle(&a.container_id)).collect();
+        let (node, network) = (self.node.as_str(), conf.name.as_str());
+        let prefix = format!("{network}.");
+        Ok(self.ipam.gc_where(|attr| {
+            let on_node = attr.secondary.get("node").map(String::as_str) == Some(node);
+            let on_network = match attr.secondary.get("network") {
+                Some(n) => n == network,
+                None => attr.handle_id.starts_with(&prefix),
+            };
+            on_node && on_network && !valid.contains(&attr.handle_id)
+        })?)
     }
 
     /// STATUS: the datastore answers and some enabled pool has a free address.
@@ -214,20 +251,7 @@ pub fn run(inv: &crate::env::Invocation, conf: &NetConf, version: crate::version
     let ipam = TabbyIpam::open(conf)?;
     let handle = conf.handle(&inv.container_id);
     match inv.command {
-        Command::Add => {
-            let mut attrs = BTreeMap::new();
-            attrs.insert("node".into(), ipam.node().to_string());
-            attrs.insert("containerID".into(), inv.container_id.clone());
-            attrs.insert("ifname".into(), inv.ifname.clone());
-            if let Some(ns) = &inv.netns {
-                attrs.insert("netns".into(), ns.display().to_string());
-            }
-            if let (Some(ns), Some(pod)) = (inv.arg("K8S_POD_NAMESPACE"), inv.arg("K8S_POD_NAME")) {
-                attrs.insert("namespace".into(), ns.into());
-                attrs.insert("pod".into(), pod.into());
-            }
-            Ok(ipam.add(&handle, attrs)?.to_json(version))
-        }
+        Command::Add => Ok(ipam.add(&handle, allocation_attributes(inv, conf))?.to_json(version)),
         Command::Del => ipam.del(&handle).map(|_| String::new()),
         Command::Check => {
             let prev = conf.prev_result()?.ok_or_else(|| CniError::new(Code::InvalidConfig, "CHECK needs prevResult"))?;
@@ -235,10 +259,30 @@ pub fn run(inv: &crate::env::Invocation, conf: &NetConf, version: crate::version
             ipam.check(&handle, &ips).map(|()| String::new())
         }
         Command::Gc => {
-            let valid: Vec<String> = conf.valid_attachments.iter().flatten().map(|a| a.container_id.clone()).collect();
-            ipam.gc(&conf.name, &valid).map(|_| String::new())
+            if conf.valid_attachments.is_none() {
+                return Err(CniError::new(Code::InvalidConfig, "GC needs cni.dev/valid-attachments"));
+            }
+            ipam.gc(conf).map(|_| String::new())
         }
         Command::Status => ipam.status().map(|()| String::new()),
         Command::Version => Ok(crate::version::version_info()),
     }
+}
+
+/// The attributes stored with every allocation: who holds the address, for
+/// `tabbyctl ipam show --ip`, `ipam check` and GC.
+pub fn allocation_attributes(inv: &crate::env::Invocation, conf: &NetConf) -> BTreeMap<String, String> {
+    let mut a = BTreeMap::new();
+    a.insert("node".into(), conf.node_name());
+    a.insert("network".into(), conf.name.clone());
+    a.insert("containerID".into(), inv.container_id.clone());
+    a.insert("ifname".into(), inv.ifname.clone());
+    if let Some(ns) = &inv.netns {
+        a.insert("netns".into(), ns.display().to_string());
+    }
+    if let (Some(ns), Some(pod)) = (inv.arg("K8S_POD_NAMESPACE"), inv.arg("K8S_POD_NAME")) {
+        a.insert("namespace".into(), ns.into());
+        a.insert("pod".into(), pod.into());
+    }
+    a
 }

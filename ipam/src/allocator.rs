@@ -30,7 +30,7 @@ use ipnetwork::IpNetwork;
 use crate::block::{block_of, ip_to_u128, normalize};
 use crate::datastore::{Datastore, DatastoreError};
 use crate::store::{self, Doc};
-use crate::types::{AffinityState, Block, BlockAffinity, Handle, IpPool, IpamConfig};
+use crate::types::{AffinityState, AllocationAttribute, Block, BlockAffinity, Handle, IpPool, IpamConfig};
 
 /// How many conflicting attempts an operation makes before giving up.
 pub const MAX_ATTEMPTS: u32 = 100;
@@ -256,7 +256,13 @@ impl<D: Datastore> Ipam<D> {
         out: &mut Vec<IpNetwork>,
     ) -> Result<()> {
         let config = self.config()?;
-        let wanted: Vec<IpNetwork> = args.pools.iter().map(normalize).collect();
+        // `pools` restricts each family only when it names pools of that family.
+        let wanted: Vec<IpNetwork> = args
+            .pools
+            .iter()
+            .map(normalize)
+            .filter(|w| w.is_ipv4() == (family == 4))
+            .collect();
         let pools: Vec<IpPool> = self
             .pools()?
             .into_iter()
@@ -543,6 +549,47 @@ impl<D: Datastore> Ipam<D> {
                 released.extend(self.retry(|| {
                     self.release_in_block(&cidr, |b| b.release_handle(&handle), &handle)
                 })?);
+            }
+        }
+        Ok(released)
+    }
+}
+
+impl<D: Datastore> Ipam<D> {
+    /// The addresses `handle` holds (none when the handle does not exist).
+    pub fn addresses_of(&self, handle: &str) -> Result<Vec<IpAddr>> {
+        let Some(doc) = store::get::<Handle>(&self.ds, &store::handle_key(handle))? else {
+            return Ok(Vec::new());
+        };
+        let mut ips = Vec::new();
+        for cidr in doc.value.block.keys().filter_map(|k| k.parse::<IpNetwork>().ok()) {
+            if let Some(block) = store::get_block(&self.ds, &cidr)? {
+                ips.extend(block.value.allocated().filter(|(_, a)| a.handle_id == handle).map(|(ip, _)| ip));
+            }
+        }
+        Ok(ips)
+    }
+
+    /// Releases every handle that holds an allocation `stale` accepts, judged
+    /// by the allocation's handle and attributes (e.g. its node and network),
+    /// so a node's runtime can collect its own garbage without touching other
+    /// nodes' or other networks' addresses.
+    pub fn gc_where(&self, stale: impl Fn(&AllocationAttribute) -> bool) -> Result<Vec<Released>> {
+        let mut handles = std::collections::BTreeSet::new();
+        for entry in self.ds.list(store::BLOCKS)? {
+            let block = store::checked_block(store::decode::<Block>(entry)?)?;
+            handles.extend(block.value.allocated().filter(|(_, a)| stale(a)).map(|(_, a)| a.handle_id.clone()));
+        }
+        let mut released = Vec::new();
+        for handle in &handles {
+            released.extend(self.release_by_handle(handle)?);
+        }
+        // Allocations of those handles that had no handle document (a crash).
+        for entry in self.ds.list(store::BLOCKS)? {
+            let block = store::checked_block(store::decode::<Block>(entry)?)?;
+            let cidr = block.value.cidr;
+            for handle in block.value.handle_counts().into_keys().filter(|h| handles.contains(h)) {
+                released.extend(self.retry(|| self.release_in_block(&cidr, |b| b.release_handle(&handle), &handle))?);
             }
         }
         Ok(released)

@@ -126,9 +126,10 @@ impl FileDatastore {
         }))
     }
 
-    /// Writes `value` for `key` atomically (temporary file + rename). The
-    /// caller holds the lock.
-    fn write(&self, key: &str, path: &Path, value: &[u8]) -> Result<Revision> {
+    /// Writes the new document for `key` to a temporary file of its own,
+    /// on disk (fsync), without the lock: the slow part of a write stays out
+    /// of the critical section, which then only compares and renames.
+    fn prepare(&self, key: &str, path: &Path, value: &[u8]) -> Result<Prepared> {
         let text = std::str::from_utf8(value).map_err(|_| not_json(key))?;
         let raw: &RawValue = serde_json::from_str(text).map_err(|_| not_json(key))?;
         let revision = fresh_revision();
@@ -141,15 +142,18 @@ impl FileDatastore {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        // Only the lock holder writes, so one temporary name per document is enough;
-        // a leftover from a killed writer is simply overwritten.
-        let tmp = dir.join(format!(".{file_name}.tmp"));
+        // Named after the unique revision: concurrent writers never share it.
+        let tmp = dir.join(format!(".{file_name}.{}.tmp", revision.0));
         let mut file = File::create(&tmp).map_err(|e| unavailable(&tmp, e))?;
-        file.write_all(doc.as_bytes())
-            .map_err(|e| unavailable(&tmp, e))?;
-        drop(file);
-        fs::rename(&tmp, path).map_err(|e| unavailable(path, e))?;
-        Ok(revision)
+        let written = file
+            .write_all(doc.as_bytes())
+            // The data must be on disk before the rename makes it the
+            // document: after a power loss a renamed-but-empty file would
+            // read as corrupt and lose an allocation.
+            .and_then(|()| file.sync_data());
+        let prepared = Prepared { tmp, revision };
+        written.map_err(|e| unavailable(&prepared.tmp, e))?;
+        Ok(prepared)
     }
 
     /// Collects every document under `dir` (recursively) into `out`.
@@ -212,20 +216,22 @@ impl Datastore for FileDatastore {
 
     fn create(&self, key: &str, value: &[u8]) -> Result<Revision> {
         let path = self.path_of(key)?;
+        let prepared = self.prepare(key, &path, value)?;
         let _lock = self.lock()?;
         if path.exists() {
             return Err(DatastoreError::Conflict {
                 key: key.to_string(),
             });
         }
-        self.write(key, &path, value)
+        prepared.commit(&path)
     }
 
     fn update(&self, key: &str, value: &[u8], expected: &Revision) -> Result<Revision> {
         let path = self.path_of(key)?;
+        let prepared = self.prepare(key, &path, value)?;
         let _lock = self.lock()?;
         match self.read(key, &path)? {
-            Some(current) if current.revision == *expected => self.write(key, &path, value),
+            Some(current) if current.revision == *expected => prepared.commit(&path),
             _ => Err(DatastoreError::Conflict {
                 key: key.to_string(),
             }),
@@ -261,6 +267,28 @@ impl Datastore for FileDatastore {
 
     fn describe(&self) -> String {
         format!("file:{}", self.root.display())
+    }
+}
+
+/// A document written to its temporary file; dropped without [`Prepared::commit`]
+/// (a conflict, an error) it removes the file.
+struct Prepared {
+    tmp: PathBuf,
+    revision: Revision,
+}
+
+impl Prepared {
+    /// Makes it the document at `path` (the caller holds the lock).
+    fn commit(self, path: &Path) -> Result<Revision> {
+        fs::rename(&self.tmp, path).map_err(|e| unavailable(path, e))?;
+        Ok(self.revision.clone())
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        // After a commit the file is gone already; otherwise clean up.
+        let _ = fs::remove_file(&self.tmp);
     }
 }
 

@@ -187,7 +187,7 @@ impl<B: BgpControl> Agent<B> {
         let node = register_node(ds.as_ref(), &cfg)?;
         info!(node = %node.name, address = ?node.address, "registered");
         let uplink = resolve_uplink(&cfg)?;
-        let routes = RouteProgrammer::start()?;
+        let routes = RouteProgrammer::start(std::time::Duration::from_secs(u64::from(cfg.hold_time.max(3))))?;
         Ok(Self {
             cfg,
             ds,
@@ -216,7 +216,7 @@ impl<B: BgpControl> Agent<B> {
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
-                _ = tick.tick() => self.reconcile().await,
+                _ = tick.tick() => self.reconcile(&mut events).await,
                 Some(ev) = events.recv() => {
                     let mut changed = self.rib.apply(&ev);
                     // Drain what else is queued before touching the kernel once.
@@ -234,7 +234,21 @@ impl<B: BgpControl> Agent<B> {
         self.bgp
     }
 
-    async fn reconcile(&mut self) {
+    /// Ends the session with `addr` while still draining BGP events: the
+    /// session may be waiting to hand over an event before it can stop.
+    async fn remove_peer(&mut self, addr: IpAddr, events: &mut mpsc::Receiver<BgpEvent>) {
+        let Agent { bgp, rib, .. } = self;
+        let removal = bgp.remove_peer(addr);
+        tokio::pin!(removal);
+        loop {
+            tokio::select! {
+                () = &mut removal => break,
+                Some(ev) = events.recv() => { rib.apply(&ev); }
+            }
+        }
+    }
+
+    async fn reconcile(&mut self, events: &mut mpsc::Receiver<BgpEvent>) {
         let ds = Arc::clone(&self.ds);
         let view = match tokio::task::spawn_blocking(move || load_view(ds.as_ref())).await {
             Ok(Ok(v)) => v,
@@ -252,7 +266,7 @@ impl<B: BgpControl> Agent<B> {
             desired_peers(&view, &me, self.cfg.bgp_address).into_iter().map(|p| (p.addr, p)).collect();
         for addr in self.peers.keys().filter(|a| !want.contains_key(a)).copied().collect::<Vec<_>>() {
             info!(peer = %addr, "removing peer");
-            self.bgp.remove_peer(addr).await;
+            self.remove_peer(addr, events).await;
             self.peers.remove(&addr);
             self.rib.apply(&BgpEvent::PeerDown { peer: addr });
         }
@@ -260,7 +274,7 @@ impl<B: BgpControl> Agent<B> {
             if self.peers.get(addr) != Some(spec) {
                 info!(peer = %addr, peer_type = %spec.peer_type, asn = spec.asn, "adding peer");
                 if self.peers.contains_key(addr) {
-                    self.bgp.remove_peer(*addr).await;
+                    self.remove_peer(*addr, events).await;
                 }
                 self.bgp.add_peer(spec);
                 self.peers.insert(*addr, spec.clone());
@@ -280,7 +294,9 @@ impl<B: BgpControl> Agent<B> {
         self.push_routes();
         if let Some(tx) = &self.proxy {
             let facts = node_facts(&self.cfg, &view);
-            if self.facts.as_ref() != Some(&facts) && tx.send(ProxyEvent::Node(Box::new(facts.clone()))).await.is_ok() {
+            // Never wait on the proxy (its syncs block on iptables-restore):
+            // when its queue is full, the next pass tries again.
+            if self.facts.as_ref() != Some(&facts) && tx.try_send(ProxyEvent::Node(Box::new(facts.clone()))).is_ok() {
                 self.facts = Some(facts);
             }
         }

@@ -167,9 +167,9 @@ impl AgentConfig {
         Self::load_with(Some(path), &[])
     }
 
-    /// Reads the file (if any), then lets `overrides` (`key`, TOML value
-    /// text) from flags win, then validates.
-    pub fn load_with(path: Option<&Path>, overrides: &[(&str, String)]) -> Result<Self> {
+    /// Reads the file (if any), then lets `overrides` (`key`, value) from
+    /// flags win, then validates.
+    pub fn load_with(path: Option<&Path>, overrides: &[(&str, toml::Value)]) -> Result<Self> {
         let text = match path {
             Some(p) => std::fs::read_to_string(p)
                 .map_err(|source| AgentError::ReadConfig { path: p.display().to_string(), source })?,
@@ -177,11 +177,7 @@ impl AgentConfig {
         };
         let mut table: toml::Table = toml::from_str(&text).map_err(|e| AgentError::Config(e.to_string()))?;
         for (key, value) in overrides {
-            let v: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
-                .ok()
-                .and_then(|mut t| t.remove("v"))
-                .unwrap_or_else(|| toml::Value::String(value.clone()));
-            table.insert((*key).to_string(), v);
+            table.insert((*key).to_string(), value.clone());
         }
         let c: AgentConfig = table.try_into().map_err(|e: toml::de::Error| AgentError::Config(e.to_string()))?;
         c.validate()?;
@@ -238,10 +234,11 @@ mod tests {
 
     #[test]
     fn flags_override_the_file_and_can_replace_it() {
-        let c = AgentConfig::load_with(None, &[("node_name", "node-9".into()), ("bgp_address", "\"10.0.0.9\"".into()), ("as_number", "65001".into())]).unwrap();
-        assert_eq!((c.node_name.as_str(), c.as_number), ("node-9", Some(65001)));
+        let s = |v: &str| toml::Value::String(v.into());
+        let c = AgentConfig::load_with(None, &[("node_name", s("1234")), ("bgp_address", s("10.0.0.9")), ("as_number", toml::Value::Integer(65001))]).unwrap();
+        assert_eq!((c.node_name.as_str(), c.as_number), ("1234", Some(65001)), "a numeric node name stays a name");
         assert_eq!(c.bgp_address, "10.0.0.9".parse::<IpAddr>().unwrap());
-        let e = AgentConfig::load_with(None, &[("node_name", "n".into())]).unwrap_err();
+        let e = AgentConfig::load_with(None, &[("node_name", s("n"))]).unwrap_err();
         assert!(e.to_string().contains("bgp_address"), "{e}");
     }
 

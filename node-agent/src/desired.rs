@@ -128,20 +128,23 @@ pub fn kernel_routes(
     routes
 }
 
-/// The changes that turn `current` (the kernel's routes of our protocol)
-/// into `desired`: routes to replace and routes to delete. `foreign`
-/// destinations (routes of other protocols, such as pod routes) are never
-/// replaced.
-pub fn diff(current: &[Route], desired: &[Route], foreign: &BTreeSet<IpNetwork>) -> (Vec<Route>, Vec<Route>) {
-    let cur: BTreeMap<IpNetwork, &Route> = current.iter().map(|r| (r.dst, r)).collect();
-    let want: BTreeMap<IpNetwork, &Route> =
-        desired.iter().filter(|r| !foreign.contains(&r.dst)).map(|r| (r.dst, r)).collect();
-    let replace = want
-        .iter()
-        .filter(|(dst, r)| cur.get(*dst).is_none_or(|c| !same_route(c, r)))
-        .map(|(_, r)| (*r).clone())
-        .collect();
-    let delete = cur.iter().filter(|(dst, _)| !want.contains_key(*dst)).map(|(_, r)| (*r).clone()).collect();
+/// The changes that turn `current` (the kernel's routes of our protocol, by
+/// destination) into `desired`: routes to replace and routes to delete.
+/// `foreign` destinations (routes of other protocols, such as pod routes)
+/// are never replaced.
+pub fn diff(
+    current: &BTreeMap<IpNetwork, Route>,
+    desired: &[Route],
+    foreign: &BTreeSet<IpNetwork>,
+) -> (Vec<Route>, Vec<Route>) {
+    let mut wanted: BTreeSet<IpNetwork> = BTreeSet::new();
+    let mut replace = Vec::new();
+    for r in desired.iter().filter(|r| !foreign.contains(&r.dst)) {
+        if wanted.insert(r.dst) && current.get(&r.dst).is_none_or(|c| !same_route(c, r)) {
+            replace.push(r.clone());
+        }
+    }
+    let delete = current.iter().filter(|(dst, _)| !wanted.contains(*dst)).map(|(_, r)| r.clone()).collect();
     (replace, delete)
 }
 

@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tracing::debug;
 
@@ -47,6 +47,13 @@ fn reason(status: u16) -> &'static str {
 /// Extra response headers, `(name, value)`.
 pub type Headers = Vec<(&'static str, String)>;
 
+/// The most a request head may hold; the endpoints take no body.
+const REQUEST_LIMIT: u64 = 8 * 1024;
+/// How long a client may take to send its request head.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// The pause after a failed `accept` (e.g. EMFILE).
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Serves `handler(path)` on `listener` until the returned future is dropped.
 pub fn serve<H>(listener: TcpListener, handler: H) -> impl Future<Output = ()>
 where
@@ -64,18 +71,31 @@ where
     let handler = Arc::new(handler);
     async move {
         loop {
-            let Ok((stream, peer)) = listener.accept().await else { continue };
+            let (stream, peer) = match listener.accept().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    debug!(error = %e, "accept");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            };
             let handler = Arc::clone(&handler);
             tokio::spawn(async move {
                 let (read, mut write) = stream.into_split();
-                let mut lines = BufReader::new(read).lines();
-                let Ok(Some(request)) = lines.next_line().await else { return };
-                // Drain the headers up to the blank line.
-                while let Ok(Some(l)) = lines.next_line().await {
-                    if l.is_empty() {
-                        break;
+                // A client gets REQUEST_LIMIT bytes and REQUEST_TIMEOUT to send its head.
+                let mut lines = BufReader::new(read.take(REQUEST_LIMIT)).lines();
+                let head = async {
+                    let request = lines.next_line().await.ok().flatten()?;
+                    // Drain the headers up to the blank line.
+                    while let Ok(Some(l)) = lines.next_line().await {
+                        if l.is_empty() {
+                            break;
+                        }
                     }
-                }
+                    Some(request)
+                };
+                let Ok(Some(request)) = tokio::time::timeout(REQUEST_TIMEOUT, head).await else { return };
                 let mut parts = request.split_whitespace();
                 let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
                 let (resp, headers) =
@@ -134,6 +154,21 @@ mod tests {
         s.read_to_string(&mut out).await.unwrap();
         assert!(out.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{out}");
         assert!(out.contains("\r\nX-Test: 1\r\n") && out.ends_with("\r\n\r\n{}"), "{out}");
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_ends_its_request_line_is_cut_off_at_the_limit() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(serve(l, |_| Response::text(200, "ok\n")));
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // Far more than the limit, no newline: the server stops reading and closes.
+        let junk = vec![b'a'; 64 * 1024];
+        let _ = s.write_all(&junk).await;
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        assert!(!String::from_utf8_lossy(&out).contains("200 OK"));
         server.abort();
     }
 }

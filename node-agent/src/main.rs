@@ -62,18 +62,19 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let mut overrides: Vec<(&str, String)> = Vec::new();
+    let text = |s: String| toml::Value::String(s);
+    let mut overrides: Vec<(&str, toml::Value)> = Vec::new();
     if let Some(n) = &args.node_name {
-        overrides.push(("node_name", n.clone()));
+        overrides.push(("node_name", text(n.clone())));
     }
     if let Some(a) = args.bgp_address {
-        overrides.push(("bgp_address", a.to_string()));
+        overrides.push(("bgp_address", text(a.to_string())));
     }
     if let Some(a) = args.as_number {
-        overrides.push(("as_number", a.to_string()));
+        overrides.push(("as_number", toml::Value::Integer(i64::from(a))));
     }
     if let Some(d) = &args.datastore {
-        overrides.push(("datastore", d.display().to_string()));
+        overrides.push(("datastore", text(d.display().to_string())));
     }
     let cfg = AgentConfig::load_with(args.config.as_deref(), &overrides)?;
     let IpAddr::V4(router_id) = cfg.bgp_address else { bail!("bgp_address must be IPv4 for now") };
@@ -97,7 +98,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (c, s) = (cfg.clone(), Arc::clone(&shared));
     let mut agent = tokio::task::spawn_blocking(move || Agent::new(c, bgp, s)).await??;
     if cfg.proxy.enabled {
-        agent.set_proxy(service_proxy::start(&cfg, Arc::clone(&shared))?);
+        // Backend detection runs iptables-save: off the async workers.
+        let tx = tokio::task::block_in_place(|| service_proxy::start(&cfg, Arc::clone(&shared)))?;
+        agent.set_proxy(tx);
     }
 
     let s = Arc::clone(&shared);

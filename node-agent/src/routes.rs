@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ipnetwork::IpNetwork;
-use tabby_dataplane::{Family, Netlink, Route};
+use tabby_dataplane::{Family, Netlink, Route, RouteKind};
 use tracing::{debug, info, warn};
 
 use crate::desired::{diff, RTPROT_TABBY};
@@ -46,14 +46,18 @@ pub struct RouteProgrammer {
 
 impl RouteProgrammer {
     /// Starts the thread with a netlink socket in the current thread's netns.
-    pub fn start() -> crate::error::Result<Self> {
+    /// For `startup_grace` after the start, learned routes a previous run left
+    /// are kept even when nothing wants them yet, so that a restart does not
+    /// cut cross-node traffic until the BGP sessions are back (like BGP
+    /// graceful restart); blackholes and changed routes are applied at once.
+    pub fn start(startup_grace: Duration) -> crate::error::Result<Self> {
         let nl = Netlink::host()?;
         let (tx, rx) = mpsc::channel();
         let stats = std::sync::Arc::new(std::sync::Mutex::new(RouteStats::default()));
         let s2 = std::sync::Arc::clone(&stats);
         let thread = std::thread::Builder::new()
             .name("tabby-routes".into())
-            .spawn(move || run(nl, rx, s2))
+            .spawn(move || run(nl, rx, s2, startup_grace))
             .map_err(|e| crate::error::AgentError::Io { context: "start the route thread".into(), source: e })?;
         Ok(Self { tx: Some(tx), thread: Some(thread), stats })
     }
@@ -100,12 +104,20 @@ fn read_kernel(nl: &Netlink) -> tabby_dataplane::Result<Kernel> {
     Ok(Kernel { applied, foreign })
 }
 
-fn run(nl: Netlink, rx: Receiver<Vec<Route>>, stats: std::sync::Arc<std::sync::Mutex<RouteStats>>) {
+fn run(
+    nl: Netlink,
+    rx: Receiver<Vec<Route>>,
+    stats: std::sync::Arc<std::sync::Mutex<RouteStats>>,
+    startup_grace: Duration,
+) {
     let mut kernel: Option<Kernel> = None;
     let mut desired: Option<Vec<Route>> = None;
     let mut last_full = Instant::now();
+    let grace_ends = Instant::now() + startup_grace;
     loop {
-        match rx.recv_timeout(RESYNC) {
+        let now = Instant::now();
+        let wait = if now < grace_ends { (grace_ends - now).min(RESYNC) } else { RESYNC };
+        match rx.recv_timeout(wait) {
             Ok(mut d) => {
                 // Coalesce: only the newest set matters.
                 while let Ok(newer) = rx.try_recv() {
@@ -129,41 +141,33 @@ fn run(nl: Netlink, rx: Receiver<Vec<Route>>, stats: std::sync::Arc<std::sync::M
             }
         }
         let (Some(k), Some(want)) = (kernel.as_mut(), desired.as_ref()) else { continue };
-        apply(&nl, k, want, &stats);
+        apply(&nl, k, want, &stats, Instant::now() < grace_ends);
     }
 }
 
-fn apply(nl: &Netlink, k: &mut Kernel, want: &[Route], stats: &std::sync::Mutex<RouteStats>) {
-    let current: Vec<Route> = k.applied.values().cloned().collect();
-    let (replace, delete) = diff(&current, want, &k.foreign);
+fn apply(nl: &Netlink, k: &mut Kernel, want: &[Route], stats: &std::sync::Mutex<RouteStats>, in_grace: bool) {
+    let (replace, mut delete) = diff(&k.applied, want, &k.foreign);
+    if in_grace {
+        delete.retain(|r| r.kind == RouteKind::Blackhole);
+    }
     if replace.is_empty() && delete.is_empty() {
         return;
     }
-    let (mut ok_r, mut ok_d, mut errors) = (0u64, 0u64, 0u64);
-    for r in &delete {
-        match nl.delete_route(r) {
-            Ok(_) => {
-                k.applied.remove(&r.dst);
-                ok_d += 1;
-            }
-            Err(e) => {
-                errors += 1;
-                warn!(route = %r, error = %e, "delete route");
-            }
-        }
+    let failed = nl.apply_routes(&delete, &replace);
+    for (route, error) in &failed {
+        warn!(%route, %error, "route change failed");
     }
-    for r in &replace {
-        match nl.replace_route(r) {
-            Ok(()) => {
-                k.applied.insert(r.dst, r.clone());
-                ok_r += 1;
-            }
-            Err(e) => {
-                errors += 1;
-                warn!(route = %r, error = %e, "replace route");
-            }
-        }
+    let failed_dst: BTreeSet<IpNetwork> = failed.iter().map(|(r, _)| r.dst).collect();
+    for r in delete.iter().filter(|r| !failed_dst.contains(&r.dst)) {
+        k.applied.remove(&r.dst);
     }
+    for r in replace.iter().filter(|r| !failed_dst.contains(&r.dst)) {
+        k.applied.insert(r.dst, r.clone());
+    }
+    let (ok_d, ok_r) = (
+        delete.iter().filter(|r| !failed_dst.contains(&r.dst)).count() as u64,
+        replace.iter().filter(|r| !failed_dst.contains(&r.dst)).count() as u64,
+    );
     if ok_r + ok_d < 50 {
         debug!(replaced = ok_r, deleted = ok_d, "routes synced");
     } else {
@@ -172,7 +176,7 @@ fn apply(nl: &Netlink, k: &mut Kernel, want: &[Route], stats: &std::sync::Mutex<
     if let Ok(mut s) = stats.lock() {
         s.replaced += ok_r;
         s.deleted += ok_d;
-        s.errors += errors;
+        s.errors += failed.len() as u64;
         s.installed = k.applied.len() as u64;
     }
 }

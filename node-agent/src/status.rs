@@ -47,7 +47,14 @@ pub struct NodeStatus {
 pub async fn serve(path: PathBuf, status: Arc<dyn Fn() -> NodeStatus + Send + Sync>) -> Result<()> {
     let listener = bind(&path)?;
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let mut stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::debug!(error = %e, "accept on the status socket");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let body = serde_json::to_vec(&status()).unwrap_or_default();
         tokio::spawn(async move {
             let _ = stream.write_all(&body).await;

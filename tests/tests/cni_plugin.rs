@@ -185,3 +185,27 @@ fn status_reports_available_then_exhausted() {
     assert!(!s.ok);
     assert_eq!(s.code(), Some(50), "{}", s.stdout);
 }
+
+#[test]
+fn gc_on_one_node_never_releases_another_nodes_pods_in_a_shared_datastore() {
+    let a = Node::new();
+    let b = Node::new();
+    let shared = a.datastore().display().to_string();
+    let conf_a = a.conf("1.1.0", "10.244.0.0/16", 26);
+    let mut conf_b = b.conf("1.1.0", "10.244.0.0/16", 26);
+    conf_b["ipam"]["datastore"]["path"] = serde_json::Value::from(shared);
+    let pod_a = a.add_pod(&conf_a);
+    let pod_b = b.add_pod(&conf_b);
+    // Node b's runtime knows none of its pods any more: GC releases b's pod only.
+    let mut gc = conf_b.clone();
+    gc["cni.dev/valid-attachments"] = serde_json::json!([]);
+    let run = Call::tabby("GC", "", "").run(&b.ns, gc.to_string().as_bytes());
+    assert!(run.ok, "GC failed: {}", run.stdout);
+    let left = a.allocations();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].1, pod_a.ip, "node a's pod lost its address");
+    assert!(!left.iter().any(|(_, ip)| *ip == pod_b.ip));
+    // Without the valid list GC refuses rather than release everything.
+    let run = Call::tabby("GC", "", "").run(&b.ns, conf_b.to_string().as_bytes());
+    assert!(!run.ok && run.msg().contains("valid-attachments"), "{}", run.stdout);
+}

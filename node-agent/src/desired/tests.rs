@@ -99,7 +99,10 @@ fn kernel_routes_are_blackholes_for_local_blocks_and_via_routes_for_learned_ones
 #[test]
 fn diff_replaces_what_changed_deletes_what_is_gone_and_never_touches_foreign_routes() {
     let r = |dst: &str, gw: &str| Route::new(net(dst)).via(ip(gw)).dev(2).with_protocol(RTPROT_TABBY);
-    let current = vec![r("10.244.1.0/26", "10.98.0.2"), r("10.244.2.0/26", "10.98.0.3"), r("10.244.3.0/26", "10.98.0.3")];
+    let current: BTreeMap<IpNetwork, Route> = [r("10.244.1.0/26", "10.98.0.2"), r("10.244.2.0/26", "10.98.0.3"), r("10.244.3.0/26", "10.98.0.3")]
+        .into_iter()
+        .map(|r| (r.dst, r))
+        .collect();
     let desired = vec![r("10.244.1.0/26", "10.98.0.2"), r("10.244.2.0/26", "10.98.0.4"), r("10.244.9.5/32", "10.98.0.4")];
     let foreign: BTreeSet<IpNetwork> = [net("10.244.9.5/32")].into();
     let (replace, delete) = diff(&current, &desired, &foreign);
