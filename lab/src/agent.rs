@@ -37,6 +37,7 @@ pub fn node_agent_config(node: &NodeState, dir: &StateDir) -> String {
          # short timers: a lab converges in seconds, not minutes\n\
          hold_time = {HOLD_TIME}\n\
          connect_retry = 1\n\
+         poll_interval_ms = 200\n\
          \n\
          [proxy]\n\
          resources_dir = {resources:?}\n\
