@@ -306,26 +306,11 @@ pub(crate) fn run(mut cmd: Command, program: &str, stdin: Option<&[u8]>) -> Resu
         program: program_path.clone(),
         source,
     })?;
-    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        // A write error (EPIPE) means the program exited early: its status says why.
-        if let Err(source) = pipe.write_all(data) {
-            let out = child.wait_with_output().map_err(|source| Error::Spawn {
-                program: program_path.clone(),
-                source,
-            })?;
-            if !out.status.success() {
-                return Err(Error::Failed {
-                    program: program_path,
-                    status: out.status,
-                    stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-                });
-            }
-            return Err(Error::Stdin {
-                program: program_path,
-                source,
-            });
-        }
-    }
+    // A write error (EPIPE) means the program exited early: its status says why.
+    let write_error = match (stdin, child.stdin.take()) {
+        (Some(data), Some(mut pipe)) => pipe.write_all(data).err(),
+        _ => None,
+    };
     let out = child.wait_with_output().map_err(|source| Error::Spawn {
         program: program_path.clone(),
         source,
@@ -335,6 +320,12 @@ pub(crate) fn run(mut cmd: Command, program: &str, stdin: Option<&[u8]>) -> Resu
             program: program_path,
             status: out.status,
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    if let Some(source) = write_error {
+        return Err(Error::Stdin {
+            program: program_path,
+            source,
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
