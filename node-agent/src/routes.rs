@@ -1,5 +1,5 @@
-//! The kernel side of routing: one thread owns a netlink socket and turns
-//! each new desired route set into replace/delete calls.
+//! The kernel side of routing: one thread owns the netlink sockets and turns
+//! each new desired route set into batches of replace/delete requests.
 //!
 //! ```text
 //!  agent task ──Vec<Route> (latest wins)──▶ route thread ──rtnetlink──▶ kernel
@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ipnetwork::IpNetwork;
-use tabby_dataplane::{Family, Netlink, Route, RouteKind};
+use tabby_dataplane::{Family, Netlink, Route, RouteBatch, RouteKind};
 use tracing::{debug, info, warn};
 
 use crate::desired::{diff, RTPROT_TABBY};
@@ -52,12 +52,13 @@ impl RouteProgrammer {
     /// graceful restart); blackholes and changed routes are applied at once.
     pub fn start(startup_grace: Duration) -> crate::error::Result<Self> {
         let nl = Netlink::host()?;
+        let batch = RouteBatch::open()?;
         let (tx, rx) = mpsc::channel();
         let stats = std::sync::Arc::new(std::sync::Mutex::new(RouteStats::default()));
         let s2 = std::sync::Arc::clone(&stats);
         let thread = std::thread::Builder::new()
             .name("tabby-routes".into())
-            .spawn(move || run(nl, rx, s2, startup_grace))
+            .spawn(move || run(nl, batch, rx, s2, startup_grace))
             .map_err(|e| crate::error::AgentError::Io { context: "start the route thread".into(), source: e })?;
         Ok(Self { tx: Some(tx), thread: Some(thread), stats })
     }
@@ -106,6 +107,7 @@ fn read_kernel(nl: &Netlink) -> tabby_dataplane::Result<Kernel> {
 
 fn run(
     nl: Netlink,
+    mut batch: RouteBatch,
     rx: Receiver<Vec<Route>>,
     stats: std::sync::Arc<std::sync::Mutex<RouteStats>>,
     startup_grace: Duration,
@@ -141,11 +143,11 @@ fn run(
             }
         }
         let (Some(k), Some(want)) = (kernel.as_mut(), desired.as_ref()) else { continue };
-        apply(&nl, k, want, &stats, Instant::now() < grace_ends);
+        apply(&mut batch, k, want, &stats, Instant::now() < grace_ends);
     }
 }
 
-fn apply(nl: &Netlink, k: &mut Kernel, want: &[Route], stats: &std::sync::Mutex<RouteStats>, in_grace: bool) {
+fn apply(batch: &mut RouteBatch, k: &mut Kernel, want: &[Route], stats: &std::sync::Mutex<RouteStats>, in_grace: bool) {
     let (replace, mut delete) = diff(&k.applied, want, &k.foreign);
     if in_grace {
         delete.retain(|r| r.kind == RouteKind::Blackhole);
@@ -153,7 +155,7 @@ fn apply(nl: &Netlink, k: &mut Kernel, want: &[Route], stats: &std::sync::Mutex<
     if replace.is_empty() && delete.is_empty() {
         return;
     }
-    let failed = nl.apply_routes(&delete, &replace);
+    let failed = batch.apply(&delete, &replace);
     for (route, error) in &failed {
         warn!(%route, %error, "route change failed");
     }

@@ -13,6 +13,7 @@
 //! `tokio::task::spawn_blocking` there).
 
 mod addr;
+mod batch;
 mod link;
 mod route;
 
@@ -25,6 +26,7 @@ use tokio::runtime::{Builder, Runtime};
 use crate::error::{Error, Result};
 use crate::netns::NetNs;
 
+pub use batch::RouteBatch;
 pub use link::Link;
 pub use route::{Family, Route, RouteKind, Scope, RTPROT_BOOT, RT_TABLE_MAIN};
 

@@ -19,8 +19,6 @@ use crate::error::{Error, Result};
 
 /// `RTPROT_BOOT`, the protocol of routes added by `ip route add`; the default.
 pub const RTPROT_BOOT: u8 = 3;
-/// How many route requests [`Netlink::apply_routes`] keeps in flight.
-pub const PIPELINE_DEPTH: usize = 256;
 /// `RT_TABLE_MAIN`, the table `ip route` shows; the default.
 pub const RT_TABLE_MAIN: u32 = 254;
 
@@ -224,7 +222,7 @@ impl Route {
 
     /// Builds the `RTM_DELROUTE` message: like [`Route::to_message`] but
     /// matching any scope, as `ip route del` does.
-    fn to_delete_message(&self) -> Result<RouteMessage> {
+    pub(crate) fn to_delete_message(&self) -> Result<RouteMessage> {
         let mut message = self.to_message()?;
         message.header.scope = RouteScope::NoWhere;
         Ok(message)
@@ -338,52 +336,6 @@ impl Netlink {
         let message = route.to_delete_message()?;
         let result = self.block_on(self.handle.route().del(message).execute());
         deleted(result, || format!("delete route \"{route}\""))
-    }
-
-    /// Applies many route changes at once: every delete, then every replace,
-    /// with up to [`PIPELINE_DEPTH`] requests in flight on the socket (the
-    /// kernel answers each by sequence number), instead of one round trip
-    /// per route. Returns the routes that failed, with their errors; a delete
-    /// of a route that is already gone is not a failure.
-    pub fn apply_routes(&self, delete: &[Route], replace: &[Route]) -> Vec<(Route, Error)> {
-        use futures::stream::{self, StreamExt};
-        let deletes = stream::iter(delete.iter().map(|route| {
-            let handle = self.handle.clone();
-            async move {
-                let message = match route.to_delete_message() {
-                    Ok(m) => m,
-                    Err(e) => return Some((route.clone(), e)),
-                };
-                let result = handle.route().del(message).execute().await;
-                deleted(result, || format!("delete route \"{route}\"")).err().map(|e| (route.clone(), e))
-            }
-        }))
-        .buffer_unordered(PIPELINE_DEPTH)
-        .filter_map(|r| async move { r });
-        let replaces = stream::iter(replace.iter().map(|route| {
-            let handle = self.handle.clone();
-            async move {
-                let message = match route.to_message() {
-                    Ok(m) => m,
-                    Err(e) => return Some((route.clone(), e)),
-                };
-                handle
-                    .route()
-                    .add(message)
-                    .replace()
-                    .execute()
-                    .await
-                    .err()
-                    .map(|e| (route.clone(), Error::netlink(format!("replace route \"{route}\""), e)))
-            }
-        }))
-        .buffer_unordered(PIPELINE_DEPTH)
-        .filter_map(|r| async move { r });
-        self.block_on(async move {
-            let mut failed: Vec<(Route, Error)> = deletes.collect().await;
-            failed.extend(replaces.collect::<Vec<_>>().await);
-            failed
-        })
     }
 
     /// Lists the routes of the main table (`ip -4 route show` or `ip -6 route show`).
