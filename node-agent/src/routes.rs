@@ -116,6 +116,9 @@ fn run(
     let mut desired: Option<Vec<Route>> = None;
     let mut last_full = Instant::now();
     let grace_ends = Instant::now() + startup_grace;
+    // Learned routes a previous run left: kept through the grace unless
+    // this run wants them gone by replacing them.
+    let mut inherited: Option<BTreeSet<IpNetwork>> = None;
     loop {
         let now = Instant::now();
         let wait = if now < grace_ends { (grace_ends - now).min(RESYNC) } else { RESYNC };
@@ -143,15 +146,30 @@ fn run(
             }
         }
         let (Some(k), Some(want)) = (kernel.as_mut(), desired.as_ref()) else { continue };
-        apply(&mut batch, k, want, &stats, Instant::now() < grace_ends);
+        let inherited = inherited.get_or_insert_with(|| {
+            k.applied.values().filter(|r| r.kind != RouteKind::Blackhole).map(|r| r.dst).collect()
+        });
+        if Instant::now() >= grace_ends {
+            inherited.clear();
+        }
+        apply(&mut batch, k, want, &stats, inherited);
     }
 }
 
-fn apply(batch: &mut RouteBatch, k: &mut Kernel, want: &[Route], stats: &std::sync::Mutex<RouteStats>, in_grace: bool) {
+fn apply(
+    batch: &mut RouteBatch,
+    k: &mut Kernel,
+    want: &[Route],
+    stats: &std::sync::Mutex<RouteStats>,
+    inherited: &mut BTreeSet<IpNetwork>,
+) {
     let (replace, mut delete) = diff(&k.applied, want, &k.foreign);
-    if in_grace {
-        delete.retain(|r| r.kind == RouteKind::Blackhole);
+    for r in &replace {
+        inherited.remove(&r.dst);
     }
+    // Inherited learned routes wait out the grace; routes this run installed
+    // (and every blackhole) follow the desired set at once.
+    delete.retain(|r| !inherited.contains(&r.dst));
     if replace.is_empty() && delete.is_empty() {
         return;
     }
