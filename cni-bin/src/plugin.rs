@@ -225,18 +225,13 @@ fn del(inv: &Invocation, conf: &NetConf, stdin: &[u8]) -> Result<()> {
     // With the netns gone first (some runtimes delete it before DEL), the
     // host end may survive. Delete it only if it still routes one of this
     // container's addresses, so a newer sandbox of the same pod is left alone.
-    let mut ips = prev_ips(conf);
+    let mut ips = conf.prev_ips();
     ips.extend(ipam.addresses(inv, conf)?);
     let veth = host_veth_name(&inv.pod_identity());
     delete_veth_if_routing(&host, &veth, ips.iter())?;
     let released = ipam.del(inv, conf)?;
     info!(container = %inv.container_id, released = ?released, "pod detached");
     Ok(())
-}
-
-/// The addresses of the runtime's cached result, if it passed one.
-fn prev_ips(conf: &NetConf) -> Vec<IpAddr> {
-    conf.prev_result().ok().flatten().map(|r| r.ips.iter().map(|c| c.address.ip()).collect()).unwrap_or_default()
 }
 
 fn delete_veth_if_routing<'i>(host: &Netlink, veth: &str, ips: impl Iterator<Item = &'i IpAddr>) -> Result<()> {
@@ -260,10 +255,7 @@ fn host_routes_via(host: &Netlink, index: u32, ips: &[IpAddr]) -> Result<bool> {
 
 /// CHECK: the pod interface, its addresses and routes, the host veth and route, the allocation.
 fn check(inv: &Invocation, conf: &NetConf, stdin: &[u8]) -> Result<()> {
-    if conf.prev_result()?.is_none() {
-        return Err(CniError::new(Code::InvalidConfig, "CHECK needs prevResult"));
-    }
-    let ips = prev_ips(conf);
+    let ips = conf.required_prev_ips()?;
     let ipam = IpamBackend::from_conf(conf, stdin)?;
     let netns = inv.netns.as_ref().ok_or_else(|| CniError::new(Code::InvalidEnv, "CNI_NETNS is required for CHECK"))?;
     let pod_ns = NetNs::open(netns)?;

@@ -253,11 +253,7 @@ pub fn run(inv: &crate::env::Invocation, conf: &NetConf, version: crate::version
     match inv.command {
         Command::Add => Ok(ipam.add(&handle, allocation_attributes(inv, conf))?.to_json(version)),
         Command::Del => ipam.del(&handle).map(|_| String::new()),
-        Command::Check => {
-            let prev = conf.prev_result()?.ok_or_else(|| CniError::new(Code::InvalidConfig, "CHECK needs prevResult"))?;
-            let ips: Vec<IpAddr> = prev.ips.iter().map(|c| c.address.ip()).collect();
-            ipam.check(&handle, &ips).map(|()| String::new())
-        }
+        Command::Check => ipam.check(&handle, &conf.required_prev_ips()?).map(|()| String::new()),
         Command::Gc => {
             if conf.valid_attachments.is_none() {
                 return Err(CniError::new(Code::InvalidConfig, "GC needs cni.dev/valid-attachments"));

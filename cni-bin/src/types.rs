@@ -112,6 +112,17 @@ impl NetConf {
         format!("{}.{}", self.name, container_id)
     }
 
+    /// The addresses of the previous result; CHECK cannot run without one.
+    pub fn required_prev_ips(&self) -> Result<Vec<std::net::IpAddr>> {
+        let prev = self.prev_result()?.ok_or_else(|| CniError::new(Code::InvalidConfig, "CHECK needs prevResult"))?;
+        Ok(prev.ips.iter().map(|c| c.address.ip()).collect())
+    }
+
+    /// The addresses of the previous result, if the runtime passed a readable one.
+    pub fn prev_ips(&self) -> Vec<std::net::IpAddr> {
+        self.prev_result().ok().flatten().map(|r| r.ips.iter().map(|c| c.address.ip()).collect()).unwrap_or_default()
+    }
+
     /// The previous result, parsed.
     pub fn prev_result(&self) -> Result<Option<CniResult>> {
         self.prev_result
