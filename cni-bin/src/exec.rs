@@ -43,7 +43,12 @@ fn run_binary(bin: &Path, plugin: &str, command: Command, inv: &Invocation, stdi
         .spawn()
         .map_err(|e| io_err("start", e))?;
     if let Some(mut input) = child.stdin.take() {
-        input.write_all(stdin).map_err(|e| io_err("write config to", e))?;
+        // A plugin that rejects its environment exits before reading stdin:
+        // the broken pipe is not the error, its exit status and output are.
+        match input.write_all(stdin) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(io_err("write config to", e)),
+            _ => {}
+        }
     }
     let out = child.wait_with_output().map_err(|e| io_err("wait for", e))?;
     if out.status.success() {

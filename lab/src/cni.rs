@@ -79,12 +79,13 @@ pub fn invoke(inv: &Invocation<'_>, bin_dir: &Path, dir: &StateDir) -> anyhow::R
     let line = format!("CNI_COMMAND={} {}", inv.command, describe(&cmd));
     let mut child = cmd.spawn().with_context(|| format!("running {line}"))?;
     let conf = serde_json::to_vec(&net_conf(inv.node, dir))?;
-    child
-        .stdin
-        .take()
-        .expect("stdin is piped")
-        .write_all(&conf)
-        .with_context(|| format!("writing the network config to {line}"))?;
+    // A plugin that rejects its environment may exit before reading stdin:
+    // then its exit status and error object below say why, not the pipe.
+    if let Err(e) = child.stdin.take().expect("stdin is piped").write_all(&conf) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(e).with_context(|| format!("writing the network config to {line}"));
+        }
+    }
     let out = child
         .wait_with_output()
         .with_context(|| format!("waiting for {line}"))?;

@@ -178,7 +178,12 @@ impl<'a> Call<'a> {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
-        child.stdin.take().expect("piped stdin").write_all(conf).expect("write stdin");
+        // A plugin that rejects its environment may exit before reading
+        // stdin; its exit status and stdout, not the broken pipe, tell.
+        let written = child.stdin.take().expect("piped stdin").write_all(conf);
+        if let Err(e) = written {
+            assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "write stdin: {e}");
+        }
         let out = child.wait_with_output().expect("wait for plugin");
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         PluginRun {
