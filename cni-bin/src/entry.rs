@@ -46,9 +46,9 @@ fn run(plugin: Plugin, version: &mut CniVersion) -> Result<String> {
         return Ok(version_info());
     }
     let mut stdin = Vec::new();
-    std::io::stdin()
-        .read_to_end(&mut stdin)
-        .map_err(|e| CniError::with_source(Code::IoFailure, "read network configuration from stdin", &e))?;
+    std::io::stdin().read_to_end(&mut stdin).map_err(|e| {
+        CniError::with_source(Code::IoFailure, "read network configuration from stdin", &e)
+    })?;
     let (conf, v) = NetConf::parse(&stdin)?;
     *version = v;
     crate::logging::init(conf.log_file.as_deref(), conf.log_level.as_deref());

@@ -34,7 +34,9 @@ impl Command {
             other => {
                 return Err(CniError::new(
                     Code::InvalidEnv,
-                    format!("CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, VERSION, GC, STATUS"),
+                    format!(
+                        "CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, VERSION, GC, STATUS"
+                    ),
                 ))
             }
         })
@@ -82,19 +84,32 @@ impl Invocation {
         let need = |key: &str| -> Result<String> {
             match get(key) {
                 Some(v) if !v.is_empty() => Ok(v),
-                _ => Err(CniError::new(Code::InvalidEnv, format!("{key} is required for {}", command.as_str()))),
+                _ => Err(CniError::new(
+                    Code::InvalidEnv,
+                    format!("{key} is required for {}", command.as_str()),
+                )),
             }
         };
         let per_container = matches!(command, Command::Add | Command::Del | Command::Check);
-        let container_id = if per_container { need("CNI_CONTAINERID")? } else { String::new() };
+        let container_id = if per_container {
+            need("CNI_CONTAINERID")?
+        } else {
+            String::new()
+        };
         validate_container_id(&container_id)?;
-        let ifname = if per_container { need("CNI_IFNAME")? } else { String::new() };
+        let ifname = if per_container {
+            need("CNI_IFNAME")?
+        } else {
+            String::new()
+        };
         if per_container {
             validate_ifname(&ifname)?;
         }
         let netns = match command {
             Command::Add | Command::Check => Some(PathBuf::from(need("CNI_NETNS")?)),
-            _ => get("CNI_NETNS").filter(|s| !s.is_empty()).map(PathBuf::from),
+            _ => get("CNI_NETNS")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from),
         };
         let path = get("CNI_PATH")
             .unwrap_or_default()
@@ -103,12 +118,22 @@ impl Invocation {
             .map(PathBuf::from)
             .collect();
         let args = parse_args(&get("CNI_ARGS").unwrap_or_default())?;
-        Ok(Self { command, container_id, netns, ifname, args, path })
+        Ok(Self {
+            command,
+            container_id,
+            netns,
+            ifname,
+            args,
+            path,
+        })
     }
 
     /// One CNI_ARGS value.
     pub fn arg(&self, key: &str) -> Option<&str> {
-        self.args.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.args
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// `<namespace>.<pod>` from the Kubernetes CNI_ARGS, else the container ID.
@@ -125,7 +150,10 @@ fn parse_args(s: &str) -> Result<Vec<(String, String)>> {
         .filter(|kv| !kv.is_empty())
         .map(|kv| match kv.split_once('=') {
             Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-            _ => Err(CniError::new(Code::InvalidEnv, format!("CNI_ARGS entry {kv:?} is not KEY=VALUE"))),
+            _ => Err(CniError::new(
+                Code::InvalidEnv,
+                format!("CNI_ARGS entry {kv:?} is not KEY=VALUE"),
+            )),
         })
         .collect()
 }
@@ -134,11 +162,16 @@ fn parse_args(s: &str) -> Result<Vec<(String, String)>> {
 fn validate_container_id(id: &str) -> Result<()> {
     let ok = id.is_empty()
         || (id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-            && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')));
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')));
     if ok {
         Ok(())
     } else {
-        Err(CniError::new(Code::InvalidEnv, format!("CNI_CONTAINERID {id:?} has characters outside [A-Za-z0-9_.-]")))
+        Err(CniError::new(
+            Code::InvalidEnv,
+            format!("CNI_CONTAINERID {id:?} has characters outside [A-Za-z0-9_.-]"),
+        ))
     }
 }
 
@@ -148,13 +181,19 @@ pub fn validate_ifname(name: &str) -> Result<()> {
         Some("is longer than 15 characters")
     } else if name.is_empty() || name == "." || name == ".." {
         Some("is not a valid interface name")
-    } else if name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
+    } else if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace())
+    {
         Some("contains '/', ':' or whitespace")
     } else {
         None
     };
     match problem {
-        Some(p) => Err(CniError::new(Code::InvalidEnv, format!("CNI_IFNAME {name:?} {p}"))),
+        Some(p) => Err(CniError::new(
+            Code::InvalidEnv,
+            format!("CNI_IFNAME {name:?} {p}"),
+        )),
         None => Ok(()),
     }
 }
@@ -165,7 +204,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn inv(vars: &[(&str, &str)]) -> Result<Invocation> {
-        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Invocation::from_lookup(|k| map.get(k).cloned())
     }
 
@@ -180,7 +222,10 @@ mod tests {
     #[test]
     fn add_reads_every_variable() {
         let mut v = ADD.to_vec();
-        v.push(("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0"));
+        v.push((
+            "CNI_ARGS",
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0",
+        ));
         let i = inv(&v).unwrap();
         assert_eq!(i.command, Command::Add);
         assert_eq!(i.path.len(), 2);
@@ -203,7 +248,11 @@ mod tests {
 
     #[test]
     fn add_without_netns_is_an_env_error_but_del_is_not() {
-        let v: Vec<_> = ADD.iter().copied().filter(|(k, _)| *k != "CNI_NETNS").collect();
+        let v: Vec<_> = ADD
+            .iter()
+            .copied()
+            .filter(|(k, _)| *k != "CNI_NETNS")
+            .collect();
         assert_eq!(inv(&v).unwrap_err().code, Code::InvalidEnv);
         let mut d = v.clone();
         d[0] = ("CNI_COMMAND", "DEL");
@@ -212,7 +261,10 @@ mod tests {
 
     #[test]
     fn unknown_commands_and_bad_args_are_rejected() {
-        assert_eq!(inv(&[("CNI_COMMAND", "FROB")]).unwrap_err().code, Code::InvalidEnv);
+        assert_eq!(
+            inv(&[("CNI_COMMAND", "FROB")]).unwrap_err().code,
+            Code::InvalidEnv
+        );
         let mut v = ADD.to_vec();
         v.push(("CNI_ARGS", "novalue"));
         assert_eq!(inv(&v).unwrap_err().code, Code::InvalidEnv);
@@ -223,6 +275,9 @@ mod tests {
 
     #[test]
     fn version_needs_nothing_else() {
-        assert_eq!(inv(&[("CNI_COMMAND", "VERSION")]).unwrap().command, Command::Version);
+        assert_eq!(
+            inv(&[("CNI_COMMAND", "VERSION")]).unwrap().command,
+            Command::Version
+        );
     }
 }

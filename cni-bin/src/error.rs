@@ -44,12 +44,24 @@ pub struct CniError {
 impl CniError {
     /// An error with no further details.
     pub fn new(code: Code, msg: impl Into<String>) -> Self {
-        Self { code, msg: msg.into(), details: String::new() }
+        Self {
+            code,
+            msg: msg.into(),
+            details: String::new(),
+        }
     }
 
     /// An error whose details are the full source chain of `err`.
-    pub fn with_source(code: Code, msg: impl Into<String>, err: &(dyn std::error::Error + 'static)) -> Self {
-        Self { code, msg: msg.into(), details: chain(err) }
+    pub fn with_source(
+        code: Code,
+        msg: impl Into<String>,
+        err: &(dyn std::error::Error + 'static),
+    ) -> Self {
+        Self {
+            code,
+            msg: msg.into(),
+            details: chain(err),
+        }
     }
 
     /// The JSON object of the spec, in the version the caller asked for.
@@ -63,8 +75,14 @@ impl CniError {
             #[serde(skip_serializing_if = "str::is_empty")]
             details: &'a str,
         }
-        let wire = Wire { cni_version: version.as_str(), code: self.code as u32, msg: &self.msg, details: &self.details };
-        serde_json::to_string(&wire).unwrap_or_else(|_| format!("{{\"code\":{},\"msg\":\"error\"}}", self.code as u32))
+        let wire = Wire {
+            cni_version: version.as_str(),
+            code: self.code as u32,
+            msg: &self.msg,
+            details: &self.details,
+        };
+        serde_json::to_string(&wire)
+            .unwrap_or_else(|_| format!("{{\"code\":{},\"msg\":\"error\"}}", self.code as u32))
     }
 }
 
@@ -73,7 +91,11 @@ impl std::fmt::Display for CniError {
         if self.details.is_empty() {
             write!(f, "{} (code {})", self.msg, self.code as u32)
         } else {
-            write!(f, "{}: {} (code {})", self.msg, self.details, self.code as u32)
+            write!(
+                f,
+                "{}: {} (code {})",
+                self.msg, self.details, self.code as u32
+            )
         }
     }
 }
@@ -100,11 +122,18 @@ impl From<tabby_ipam::IpamError> for CniError {
         use tabby_ipam::{DatastoreError, IpamError};
         let code = match &e {
             IpamError::Exhausted { .. } => Code::PoolExhausted,
-            IpamError::NoPool { .. } | IpamError::InvalidPool { .. } | IpamError::PoolExists { .. } => Code::InvalidConfig,
-            IpamError::ConflictStorm { .. } | IpamError::Datastore(DatastoreError::Conflict { .. }) => Code::TryAgainLater,
+            IpamError::NoPool { .. }
+            | IpamError::InvalidPool { .. }
+            | IpamError::PoolExists { .. } => Code::InvalidConfig,
+            IpamError::ConflictStorm { .. }
+            | IpamError::Datastore(DatastoreError::Conflict { .. }) => Code::TryAgainLater,
             _ => Code::IoFailure,
         };
-        CniError { code, msg: e.to_string(), details: e.source_chain_details() }
+        CniError {
+            code,
+            msg: e.to_string(),
+            details: e.source_chain_details(),
+        }
     }
 }
 
@@ -121,8 +150,16 @@ impl<E: std::error::Error + 'static> SourceDetails for E {
 
 impl From<tabby_dataplane::Error> for CniError {
     fn from(e: tabby_dataplane::Error) -> Self {
-        let code = if matches!(e, tabby_dataplane::Error::NetnsNotFound { .. }) { Code::ContainerUnknown } else { Code::IoFailure };
-        CniError { code, msg: e.to_string(), details: e.source_chain_details() }
+        let code = if matches!(e, tabby_dataplane::Error::NetnsNotFound { .. }) {
+            Code::ContainerUnknown
+        } else {
+            Code::IoFailure
+        };
+        CniError {
+            code,
+            msg: e.to_string(),
+            details: e.source_chain_details(),
+        }
     }
 }
 

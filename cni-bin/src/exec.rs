@@ -13,30 +13,65 @@ use crate::error::{CniError, Code, Result};
 /// Finds `plugin` in the CNI_PATH directories.
 pub fn find_plugin(plugin: &str, path: &[PathBuf]) -> Result<PathBuf> {
     if plugin.contains('/') || plugin.is_empty() {
-        return Err(CniError::new(Code::InvalidConfig, format!("plugin type {plugin:?} is not a plain name")));
+        return Err(CniError::new(
+            Code::InvalidConfig,
+            format!("plugin type {plugin:?} is not a plain name"),
+        ));
     }
-    path.iter().map(|dir| dir.join(plugin)).find(|p| p.is_file()).ok_or_else(|| {
-        let dirs: Vec<String> = path.iter().map(|p| p.display().to_string()).collect();
-        CniError::new(Code::InvalidConfig, format!("plugin {plugin:?} not found in CNI_PATH [{}]", dirs.join(":")))
-    })
+    path.iter()
+        .map(|dir| dir.join(plugin))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            let dirs: Vec<String> = path.iter().map(|p| p.display().to_string()).collect();
+            CniError::new(
+                Code::InvalidConfig,
+                format!(
+                    "plugin {plugin:?} not found in CNI_PATH [{}]",
+                    dirs.join(":")
+                ),
+            )
+        })
 }
 
 /// Runs `plugin` for `command` with `stdin` and returns its stdout.
 /// A failing plugin's error object is returned with its own code.
-pub fn run_plugin(plugin: &str, command: Command, inv: &Invocation, stdin: &[u8]) -> Result<Vec<u8>> {
+pub fn run_plugin(
+    plugin: &str,
+    command: Command,
+    inv: &Invocation,
+    stdin: &[u8],
+) -> Result<Vec<u8>> {
     let bin = find_plugin(plugin, &inv.path)?;
     run_binary(&bin, plugin, command, inv, stdin)
 }
 
-fn run_binary(bin: &Path, plugin: &str, command: Command, inv: &Invocation, stdin: &[u8]) -> Result<Vec<u8>> {
-    let io_err = |what: &str, e: std::io::Error| CniError::with_source(Code::IoFailure, format!("{what} {plugin}"), &e);
+fn run_binary(
+    bin: &Path,
+    plugin: &str,
+    command: Command,
+    inv: &Invocation,
+    stdin: &[u8],
+) -> Result<Vec<u8>> {
+    let io_err = |what: &str, e: std::io::Error| {
+        CniError::with_source(Code::IoFailure, format!("{what} {plugin}"), &e)
+    };
     let mut child = Process::new(bin)
         .env("CNI_COMMAND", command.as_str())
         .env("CNI_CONTAINERID", &inv.container_id)
         .env("CNI_NETNS", inv.netns.as_deref().unwrap_or(Path::new("")))
         .env("CNI_IFNAME", &inv.ifname)
-        .env("CNI_PATH", std::env::join_paths(&inv.path).unwrap_or_default())
-        .env("CNI_ARGS", inv.args.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(";"))
+        .env(
+            "CNI_PATH",
+            std::env::join_paths(&inv.path).unwrap_or_default(),
+        )
+        .env(
+            "CNI_ARGS",
+            inv.args
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(";"),
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -46,11 +81,15 @@ fn run_binary(bin: &Path, plugin: &str, command: Command, inv: &Invocation, stdi
         // A plugin that rejects its environment exits before reading stdin:
         // the broken pipe is not the error, its exit status and output are.
         match input.write_all(stdin) {
-            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(io_err("write config to", e)),
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                return Err(io_err("write config to", e))
+            }
             _ => {}
         }
     }
-    let out = child.wait_with_output().map_err(|e| io_err("wait for", e))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| io_err("wait for", e))?;
     if out.status.success() {
         return Ok(out.stdout);
     }
@@ -66,7 +105,11 @@ fn run_binary(bin: &Path, plugin: &str, command: Command, inv: &Invocation, stdi
         Ok(w) => CniError {
             code: code_from_u32(w.code),
             msg: format!("{plugin} {}: {}", command.as_str(), w.msg),
-            details: if w.details.is_empty() { stderr } else { w.details },
+            details: if w.details.is_empty() {
+                stderr
+            } else {
+                w.details
+            },
         },
         Err(_) => CniError {
             code: Code::IoFailure,

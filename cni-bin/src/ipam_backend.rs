@@ -53,19 +53,35 @@ impl<'a> IpamBackend<'a> {
     /// Chooses and validates the IPAM from `ipam.type`.
     pub fn from_conf(conf: &NetConf, stdin: &'a [u8]) -> Result<Self> {
         match conf.ipam_type() {
-            None => Err(CniError::new(Code::InvalidConfig, "network config has no ipam.type")),
+            None => Err(CniError::new(
+                Code::InvalidConfig,
+                "network config has no ipam.type",
+            )),
             Some(TABBY_IPAM) => Ok(Self::InProcess(TabbyIpam::open(conf)?)),
-            Some(other) => Ok(Self::Delegate { plugin: other.to_string(), stdin }),
+            Some(other) => Ok(Self::Delegate {
+                plugin: other.to_string(),
+                stdin,
+            }),
         }
     }
 
     /// Assigns addresses for the invocation's container. The output is
     /// parsed separately so that the caller can register the release first.
-    pub fn add(&self, inv: &Invocation, conf: &NetConf, attrs: BTreeMap<String, String>) -> Result<IpamOutput> {
+    pub fn add(
+        &self,
+        inv: &Invocation,
+        conf: &NetConf,
+        attrs: BTreeMap<String, String>,
+    ) -> Result<IpamOutput> {
         match self {
-            Self::InProcess(t) => t.add(&conf.handle(&inv.container_id), attrs).map(IpamOutput::Parsed),
+            Self::InProcess(t) => t
+                .add(&conf.handle(&inv.container_id), attrs)
+                .map(IpamOutput::Parsed),
             Self::Delegate { plugin, stdin } => {
-                run_plugin(plugin, Command::Add, inv, stdin).map(|out| IpamOutput::Raw { plugin: plugin.clone(), out })
+                run_plugin(plugin, Command::Add, inv, stdin).map(|out| IpamOutput::Raw {
+                    plugin: plugin.clone(),
+                    out,
+                })
             }
         }
     }
@@ -81,8 +97,14 @@ impl<'a> IpamBackend<'a> {
     /// Releases the container's addresses; returns the ones released when known.
     pub fn del(&self, inv: &Invocation, conf: &NetConf) -> Result<Vec<IpAddr>> {
         match self {
-            Self::InProcess(t) => Ok(t.del(&conf.handle(&inv.container_id))?.into_iter().map(|r| r.ip).collect()),
-            Self::Delegate { plugin, stdin } => run_plugin(plugin, Command::Del, inv, stdin).map(|_| Vec::new()),
+            Self::InProcess(t) => Ok(t
+                .del(&conf.handle(&inv.container_id))?
+                .into_iter()
+                .map(|r| r.ip)
+                .collect()),
+            Self::Delegate { plugin, stdin } => {
+                run_plugin(plugin, Command::Del, inv, stdin).map(|_| Vec::new())
+            }
         }
     }
 
@@ -90,7 +112,9 @@ impl<'a> IpamBackend<'a> {
     pub fn check(&self, inv: &Invocation, conf: &NetConf, ips: &[IpAddr]) -> Result<()> {
         match self {
             Self::InProcess(t) => t.check(&conf.handle(&inv.container_id), ips),
-            Self::Delegate { plugin, stdin } => run_plugin(plugin, Command::Check, inv, stdin).map(drop),
+            Self::Delegate { plugin, stdin } => {
+                run_plugin(plugin, Command::Check, inv, stdin).map(drop)
+            }
         }
     }
 
@@ -98,7 +122,9 @@ impl<'a> IpamBackend<'a> {
     pub fn gc(&self, inv: &Invocation, conf: &NetConf) -> Result<Vec<IpAddr>> {
         match self {
             Self::InProcess(t) => Ok(t.gc(conf)?.into_iter().map(|r| r.ip).collect()),
-            Self::Delegate { plugin, stdin } => run_plugin(plugin, Command::Gc, inv, stdin).map(|_| Vec::new()),
+            Self::Delegate { plugin, stdin } => {
+                run_plugin(plugin, Command::Gc, inv, stdin).map(|_| Vec::new())
+            }
         }
     }
 
@@ -106,7 +132,9 @@ impl<'a> IpamBackend<'a> {
     pub fn status(&self, inv: &Invocation) -> Result<()> {
         match self {
             Self::InProcess(t) => t.status(),
-            Self::Delegate { plugin, stdin } => run_plugin(plugin, Command::Status, inv, stdin).map(drop),
+            Self::Delegate { plugin, stdin } => {
+                run_plugin(plugin, Command::Status, inv, stdin).map(drop)
+            }
         }
     }
 }

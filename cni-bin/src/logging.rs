@@ -20,6 +20,11 @@ pub fn init(file: Option<&Path>, level: Option<&str>) {
     let Ok(f) = OpenOptions::new().create(true).append(true).open(path) else {
         return;
     };
-    let filter = EnvFilter::try_new(level.unwrap_or("info")).unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_writer(Mutex::new(f)).with_ansi(false).with_env_filter(filter).try_init();
+    let filter =
+        EnvFilter::try_new(level.unwrap_or("info")).unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_writer(Mutex::new(f))
+        .with_ansi(false)
+        .with_env_filter(filter)
+        .try_init();
 }

@@ -12,7 +12,8 @@ pub const HOST_VETH_MAC: [u8; 6] = [0xee; 6];
 pub const GATEWAY_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 1, 1);
 
 /// The pod's IPv6 gateway: the link-local address derived from `ee:ee:ee:ee:ee:ee`.
-pub const GATEWAY_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
+pub const GATEWAY_V6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
 
 /// `tabby` + the first 10 hex characters of SHA-256(`identity`): 15 characters,
 /// stable for a pod across sandbox restarts.
@@ -24,7 +25,10 @@ pub fn host_veth_name(identity: &str) -> String {
 
 /// `ee:ee:ee:ee:ee:ee` and the like.
 pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 #[cfg(test)]

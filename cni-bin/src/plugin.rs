@@ -34,7 +34,9 @@ pub fn run(inv: &Invocation, conf: &NetConf, version: CniVersion, stdin: &[u8]) 
         }
         Command::Status => {
             require(version.supports_gc(), version, "STATUS")?;
-            IpamBackend::from_conf(conf, stdin)?.status(inv).map(|()| String::new())
+            IpamBackend::from_conf(conf, stdin)?
+                .status(inv)
+                .map(|()| String::new())
         }
         Command::Version => Ok(crate::version::version_info()),
     }
@@ -44,7 +46,13 @@ fn require(ok: bool, version: CniVersion, what: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(CniError::new(Code::IncompatibleVersion, format!("{what} needs cniVersion 0.4.0 or later (1.1.0 for GC/STATUS), config has {}", version.as_str())))
+        Err(CniError::new(
+            Code::IncompatibleVersion,
+            format!(
+                "{what} needs cniVersion 0.4.0 or later (1.1.0 for GC/STATUS), config has {}",
+                version.as_str()
+            ),
+        ))
     }
 }
 
@@ -57,29 +65,51 @@ struct AddPlan<'a> {
     ipam: IpamBackend<'a>,
 }
 
-fn plan_add<'a>(inv: &Invocation, conf: &NetConf, stdin: &'a [u8], host: &Netlink) -> Result<AddPlan<'a>> {
-    let netns = inv.netns.as_ref().ok_or_else(|| CniError::new(Code::InvalidEnv, "CNI_NETNS is required for ADD"))?;
+fn plan_add<'a>(
+    inv: &Invocation,
+    conf: &NetConf,
+    stdin: &'a [u8],
+    host: &Netlink,
+) -> Result<AddPlan<'a>> {
+    let netns = inv
+        .netns
+        .as_ref()
+        .ok_or_else(|| CniError::new(Code::InvalidEnv, "CNI_NETNS is required for ADD"))?;
     let pod_ns = NetNs::open(netns)?;
     let ipam = IpamBackend::from_conf(conf, stdin)?;
     let pod = Netlink::in_netns(&pod_ns)?;
     if pod.link(&inv.ifname)?.is_some() {
         return Err(CniError::new(
             Code::InvalidConfig,
-            format!("interface {} already exists in {}: was ADD called twice without DEL?", inv.ifname, netns.display()),
+            format!(
+                "interface {} already exists in {}: was ADD called twice without DEL?",
+                inv.ifname,
+                netns.display()
+            ),
         ));
     }
     let mtu = match conf.mtu {
         Some(m) => m,
         None => uplink_mtu(host).unwrap_or(FALLBACK_MTU),
     };
-    Ok(AddPlan { pod_ns, pod, host_veth: host_veth_name(&inv.pod_identity()), mtu, ipam })
+    Ok(AddPlan {
+        pod_ns,
+        pod,
+        host_veth: host_veth_name(&inv.pod_identity()),
+        mtu,
+        ipam,
+    })
 }
 
 /// The MTU of the interface holding the IPv4 default route.
 fn uplink_mtu(host: &Netlink) -> Option<u32> {
     let routes = host.routes(Family::V4).ok()?;
     let oif = routes.iter().find(|r| r.dst.prefix() == 0)?.oif?;
-    host.links().ok()?.into_iter().find(|l| l.index == oif).map(|l| l.mtu)
+    host.links()
+        .ok()?
+        .into_iter()
+        .find(|l| l.index == oif)
+        .map(|l| l.mtu)
 }
 
 fn add(inv: &Invocation, conf: &NetConf, version: CniVersion, stdin: &[u8]) -> Result<String> {
@@ -94,16 +124,33 @@ fn add(inv: &Invocation, conf: &NetConf, version: CniVersion, stdin: &[u8]) -> R
     let mut rollback = Rollback::new();
     let attrs = attributes(inv, conf, &plan);
     let ipam_output = plan.ipam.add(inv, conf, attrs)?;
-    rollback.push("release IPAM allocation", || plan.ipam.del(inv, conf).map(drop).map_err(|e| e.to_string()));
+    rollback.push("release IPAM allocation", || {
+        plan.ipam
+            .del(inv, conf)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    });
     let ipam_result = ipam_output.parse()?;
-    let addrs: Vec<IpNetwork> = ipam_result.ips.iter().map(|c| host_prefix(c.address.ip())).collect();
+    let addrs: Vec<IpNetwork> = ipam_result
+        .ips
+        .iter()
+        .map(|c| host_prefix(c.address.ip()))
+        .collect();
     if addrs.is_empty() {
         return Err(CniError::new(Code::IoFailure, "IPAM returned no address"));
     }
 
-    let host_index = host.create_veth(&plan.host_veth, HOST_VETH_MAC, &inv.ifname, &plan.pod_ns, Some(plan.mtu))?;
+    let host_index = host.create_veth(
+        &plan.host_veth,
+        HOST_VETH_MAC,
+        &inv.ifname,
+        &plan.pod_ns,
+        Some(plan.mtu),
+    )?;
     let veth = plan.host_veth.as_str();
-    rollback.push("delete veth", || host.delete_link(veth).map(drop).map_err(|e| e.to_string()));
+    rollback.push("delete veth", || {
+        host.delete_link(veth).map(drop).map_err(|e| e.to_string())
+    });
     configure_host_veth(&host, veth, host_index, &addrs)?;
 
     let pod_link = configure_pod(&plan.pod, &plan.pod_ns, inv, conf, &addrs)?;
@@ -115,7 +162,12 @@ fn add(inv: &Invocation, conf: &NetConf, version: CniVersion, stdin: &[u8]) -> R
     info!(pod = %inv.pod_identity(), veth, ips = ?addrs, "pod attached");
     let result = CniResult {
         interfaces: vec![
-            Interface { name: plan.host_veth.clone(), mac: Some(format_mac(&HOST_VETH_MAC)), mtu: Some(plan.mtu), sandbox: None },
+            Interface {
+                name: plan.host_veth.clone(),
+                mac: Some(format_mac(&HOST_VETH_MAC)),
+                mtu: Some(plan.mtu),
+                sandbox: None,
+            },
             Interface {
                 name: inv.ifname.clone(),
                 mac: pod_link.mac.as_ref().map(format_mac),
@@ -123,8 +175,20 @@ fn add(inv: &Invocation, conf: &NetConf, version: CniVersion, stdin: &[u8]) -> R
                 sandbox: Some(plan.pod_ns.path().display().to_string()),
             },
         ],
-        ips: addrs.iter().map(|a| IpConfig { address: *a, gateway: Some(gateway_for(a)), interface: Some(1) }).collect(),
-        routes: first_of_each_family(&addrs).map(|a| RouteEntry { dst: default_net(a), gw: Some(gateway_for(a)) }).collect(),
+        ips: addrs
+            .iter()
+            .map(|a| IpConfig {
+                address: *a,
+                gateway: Some(gateway_for(a)),
+                interface: Some(1),
+            })
+            .collect(),
+        routes: first_of_each_family(&addrs)
+            .map(|a| RouteEntry {
+                dst: default_net(a),
+                gw: Some(gateway_for(a)),
+            })
+            .collect(),
         dns: ipam_result.dns,
     };
     Ok(result.to_json(version))
@@ -162,7 +226,14 @@ fn configure_pod(
     addrs: &[IpNetwork],
 ) -> Result<tabby_dataplane::Link> {
     let link = pod.link(&inv.ifname)?.ok_or_else(|| {
-        CniError::new(Code::IoFailure, format!("{} vanished from {} right after it was created", inv.ifname, pod_ns.path().display()))
+        CniError::new(
+            Code::IoFailure,
+            format!(
+                "{} vanished from {} right after it was created",
+                inv.ifname,
+                pod_ns.path().display()
+            ),
+        )
     })?;
     if addrs.iter().any(IpNetwork::is_ipv6) {
         let name = inv.ifname.clone();
@@ -174,7 +245,11 @@ fn configure_pod(
     }
     for a in first_of_each_family(addrs) {
         let gw = gateway_for(a);
-        pod.add_route(&Route::new(host_prefix(gw)).dev(link.index).with_scope(Scope::Link))?;
+        pod.add_route(
+            &Route::new(host_prefix(gw))
+                .dev(link.index)
+                .with_scope(Scope::Link),
+        )?;
         pod.add_route(&Route::new(default_net(a)).via(gw).dev(link.index))?;
     }
     if !conf.container_settings.allow_ip_forwarding {
@@ -196,7 +271,11 @@ fn host_prefix(ip: IpAddr) -> IpNetwork {
 }
 
 fn default_net(a: &IpNetwork) -> IpNetwork {
-    let any: IpAddr = if a.is_ipv4() { IpAddr::from([0u8; 4]) } else { IpAddr::from([0u16; 8]) };
+    let any: IpAddr = if a.is_ipv4() {
+        IpAddr::from([0u8; 4])
+    } else {
+        IpAddr::from([0u16; 8])
+    };
     IpNetwork::new(any, 0).expect("a zero-length prefix is always valid")
 }
 
@@ -215,10 +294,14 @@ fn del(inv: &Invocation, conf: &NetConf, stdin: &[u8]) -> Result<()> {
     let ipam = IpamBackend::from_conf(conf, stdin)?;
     let host = Netlink::host()?;
     if let Some(path) = &inv.netns {
-        match NetNs::open(path).and_then(|ns| Netlink::in_netns(&ns)).and_then(|pod| pod.delete_link(&inv.ifname)) {
+        match NetNs::open(path)
+            .and_then(|ns| Netlink::in_netns(&ns))
+            .and_then(|pod| pod.delete_link(&inv.ifname))
+        {
             Ok(_) => {}
             // A netns that is gone, or a path the runtime already unmounted.
-            Err(e) if e.is_not_found() || matches!(e, tabby_dataplane::Error::NotANetns { .. }) => {}
+            Err(e) if e.is_not_found() || matches!(e, tabby_dataplane::Error::NotANetns { .. }) => {
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -234,8 +317,14 @@ fn del(inv: &Invocation, conf: &NetConf, stdin: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn delete_veth_if_routing<'i>(host: &Netlink, veth: &str, ips: impl Iterator<Item = &'i IpAddr>) -> Result<()> {
-    let Some(link) = host.link(veth)? else { return Ok(()) };
+fn delete_veth_if_routing<'i>(
+    host: &Netlink,
+    veth: &str,
+    ips: impl Iterator<Item = &'i IpAddr>,
+) -> Result<()> {
+    let Some(link) = host.link(veth)? else {
+        return Ok(());
+    };
     let ips: Vec<IpAddr> = ips.copied().collect();
     let owns = host_routes_via(host, link.index, &ips)?;
     if owns {
@@ -246,7 +335,11 @@ fn delete_veth_if_routing<'i>(host: &Netlink, veth: &str, ips: impl Iterator<Ite
 
 fn host_routes_via(host: &Netlink, index: u32, ips: &[IpAddr]) -> Result<bool> {
     for fam in [Family::V4, Family::V6] {
-        if host.routes(fam)?.iter().any(|r| r.oif == Some(index) && ips.iter().any(|ip| r.dst == host_prefix(*ip))) {
+        if host
+            .routes(fam)?
+            .iter()
+            .any(|r| r.oif == Some(index) && ips.iter().any(|ip| r.dst == host_prefix(*ip)))
+        {
             return Ok(true);
         }
     }
@@ -257,11 +350,20 @@ fn host_routes_via(host: &Netlink, index: u32, ips: &[IpAddr]) -> Result<bool> {
 fn check(inv: &Invocation, conf: &NetConf, stdin: &[u8]) -> Result<()> {
     let ips = conf.required_prev_ips()?;
     let ipam = IpamBackend::from_conf(conf, stdin)?;
-    let netns = inv.netns.as_ref().ok_or_else(|| CniError::new(Code::InvalidEnv, "CNI_NETNS is required for CHECK"))?;
+    let netns = inv
+        .netns
+        .as_ref()
+        .ok_or_else(|| CniError::new(Code::InvalidEnv, "CNI_NETNS is required for CHECK"))?;
     let pod_ns = NetNs::open(netns)?;
     let pod = Netlink::in_netns(&pod_ns)?;
     let fail = |what: String| Err(CniError::new(Code::IoFailure, what));
-    let Some(link) = pod.link(&inv.ifname)? else { return fail(format!("{} is missing from {}", inv.ifname, netns.display())) };
+    let Some(link) = pod.link(&inv.ifname)? else {
+        return fail(format!(
+            "{} is missing from {}",
+            inv.ifname,
+            netns.display()
+        ));
+    };
     if !link.up {
         return fail(format!("{} in {} is down", inv.ifname, netns.display()));
     }
@@ -274,19 +376,33 @@ fn check(inv: &Invocation, conf: &NetConf, stdin: &[u8]) -> Result<()> {
             return fail(format!("{} has no address {want}", inv.ifname));
         }
         let gw = gateway_for(&want);
-        if !pod_routes.iter().any(|r| r.dst == host_prefix(gw) && r.oif == Some(link.index)) {
-            return fail(format!("pod route `{gw} dev {} scope link` is missing", inv.ifname));
+        if !pod_routes
+            .iter()
+            .any(|r| r.dst == host_prefix(gw) && r.oif == Some(link.index))
+        {
+            return fail(format!(
+                "pod route `{gw} dev {} scope link` is missing",
+                inv.ifname
+            ));
         }
-        if !pod_routes.iter().any(|r| r.dst == default_net(&want) && r.gateway == Some(gw)) {
+        if !pod_routes
+            .iter()
+            .any(|r| r.dst == default_net(&want) && r.gateway == Some(gw))
+        {
             return fail(format!("pod default route via {gw} is missing"));
         }
     }
     let host = Netlink::host()?;
     let veth = host_veth_name(&inv.pod_identity());
-    let Some(hl) = host.link(&veth)? else { return fail(format!("host veth {veth} is missing")) };
+    let Some(hl) = host.link(&veth)? else {
+        return fail(format!("host veth {veth} is missing"));
+    };
     for ip in &ips {
         if !host_routes_via(&host, hl.index, std::slice::from_ref(ip))? {
-            return fail(format!("host route `{} dev {veth} scope link` is missing", host_prefix(*ip)));
+            return fail(format!(
+                "host route `{} dev {veth} scope link` is missing",
+                host_prefix(*ip)
+            ));
         }
     }
     ipam.check(inv, conf, &ips)
@@ -296,7 +412,10 @@ fn check(inv: &Invocation, conf: &NetConf, stdin: &[u8]) -> Result<()> {
 /// and remove host veths still routing a released address.
 fn gc(inv: &Invocation, conf: &NetConf, stdin: &[u8]) -> Result<()> {
     if conf.valid_attachments.is_none() {
-        return Err(CniError::new(Code::InvalidConfig, "GC needs cni.dev/valid-attachments (an empty list releases everything of this node)"));
+        return Err(CniError::new(
+            Code::InvalidConfig,
+            "GC needs cni.dev/valid-attachments (an empty list releases everything of this node)",
+        ));
     }
     let ipam = IpamBackend::from_conf(conf, stdin)?;
     let released = ipam.gc(inv, conf)?;
@@ -304,7 +423,11 @@ fn gc(inv: &Invocation, conf: &NetConf, stdin: &[u8]) -> Result<()> {
         return Ok(());
     }
     let host = Netlink::host()?;
-    for link in host.links()?.into_iter().filter(|l| l.name.starts_with(crate::naming::HOST_VETH_PREFIX)) {
+    for link in host
+        .links()?
+        .into_iter()
+        .filter(|l| l.name.starts_with(crate::naming::HOST_VETH_PREFIX))
+    {
         if host_routes_via(&host, link.index, &released)? {
             host.delete_link(&link.name)?;
         }

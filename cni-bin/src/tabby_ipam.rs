@@ -66,7 +66,10 @@ fn default_path() -> PathBuf {
 
 impl Default for DatastoreConf {
     fn default() -> Self {
-        Self { kind: file_type(), path: default_path() }
+        Self {
+            kind: file_type(),
+            path: default_path(),
+        }
     }
 }
 
@@ -94,22 +97,43 @@ pub struct TabbyIpam {
 impl TabbyIpam {
     /// Validates the `ipam` section and opens the datastore (nothing is written yet).
     pub fn open(net: &NetConf) -> Result<Self> {
-        let section = net.ipam.clone().ok_or_else(|| CniError::new(Code::InvalidConfig, "network config has no ipam section"))?;
-        let conf: IpamConf = serde_json::from_value(section)
-            .map_err(|e| CniError::with_source(Code::InvalidConfig, "invalid ipam section for tabby-ipam", &e))?;
+        let section = net.ipam.clone().ok_or_else(|| {
+            CniError::new(Code::InvalidConfig, "network config has no ipam section")
+        })?;
+        let conf: IpamConf = serde_json::from_value(section).map_err(|e| {
+            CniError::with_source(
+                Code::InvalidConfig,
+                "invalid ipam section for tabby-ipam",
+                &e,
+            )
+        })?;
         if conf.datastore.kind != "file" {
             return Err(CniError::new(
                 Code::UnsupportedField,
-                format!("ipam.datastore.type {:?} is not supported; use \"file\"", conf.datastore.kind),
+                format!(
+                    "ipam.datastore.type {:?} is not supported; use \"file\"",
+                    conf.datastore.kind
+                ),
             ));
         }
         if !conf.assign_ipv4 && !conf.assign_ipv6 {
-            return Err(CniError::new(Code::InvalidConfig, "ipam assigns neither IPv4 nor IPv6"));
+            return Err(CniError::new(
+                Code::InvalidConfig,
+                "ipam assigns neither IPv4 nor IPv6",
+            ));
         }
         let ds = FileDatastore::open(&conf.datastore.path).map_err(|e| {
-            CniError::with_source(Code::IoFailure, format!("open datastore {}", conf.datastore.path.display()), &e)
+            CniError::with_source(
+                Code::IoFailure,
+                format!("open datastore {}", conf.datastore.path.display()),
+                &e,
+            )
         })?;
-        Ok(Self { ipam: Ipam::new(ds), conf, node: net.node_name() })
+        Ok(Self {
+            ipam: Ipam::new(ds),
+            conf,
+            node: net.node_name(),
+        })
     }
 
     /// The IPAM engine.
@@ -162,7 +186,10 @@ impl TabbyIpam {
                 interface: None,
             })
             .collect();
-        Ok(CniResult { ips, ..Default::default() })
+        Ok(CniResult {
+            ips,
+            ..Default::default()
+        })
     }
 
     /// Releases `handle`; a missing handle is success.
@@ -176,15 +203,29 @@ impl TabbyIpam {
     /// on the same block document and retrying (conflicts with other nodes
     /// are still settled by compare-and-swap).
     fn node_lock(&self) -> Result<Flock<std::fs::File>> {
-        let path = self.conf.datastore.path.join(format!(".ipam-{}.lock", self.node));
+        let path = self
+            .conf
+            .datastore
+            .path
+            .join(format!(".ipam-{}.lock", self.node));
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&path)
-            .map_err(|e| CniError::with_source(Code::IoFailure, format!("open IPAM lock {}", path.display()), &e))?;
+            .map_err(|e| {
+                CniError::with_source(
+                    Code::IoFailure,
+                    format!("open IPAM lock {}", path.display()),
+                    &e,
+                )
+            })?;
         Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| {
-            CniError::with_source(Code::IoFailure, format!("lock {}", path.display()), &std::io::Error::from(errno))
+            CniError::with_source(
+                Code::IoFailure,
+                format!("lock {}", path.display()),
+                &std::io::Error::from(errno),
+            )
         })
     }
 
@@ -198,7 +239,10 @@ impl TabbyIpam {
                 IpInfo::NotInPool => "no pool".to_string(),
             };
             if holder != handle {
-                return Err(CniError::new(Code::IoFailure, format!("IPAM: {ip} is not allocated to {handle} (held by {holder})")));
+                return Err(CniError::new(
+                    Code::IoFailure,
+                    format!("IPAM: {ip} is not allocated to {handle} (held by {holder})"),
+                ));
             }
         }
         Ok(())
@@ -213,8 +257,12 @@ impl TabbyIpam {
     /// is not in `cni.dev/valid-attachments`. Other nodes' and other
     /// networks' allocations in a shared datastore are never touched.
     pub fn gc(&self, conf: &NetConf) -> Result<Vec<Released>> {
-        let valid: HashSet<String> =
-            conf.valid_attachments.iter().flatten().map(|a| conf.handle(&a.container_id)).collect();
+        let valid: HashSet<String> = conf
+            .valid_attachments
+            .iter()
+            .flatten()
+            .map(|a| conf.handle(&a.container_id))
+            .collect();
         let (node, network) = (self.node.as_str(), conf.name.as_str());
         let prefix = format!("{network}.");
         Ok(self.ipam.gc_where(|attr| {
@@ -230,33 +278,58 @@ impl TabbyIpam {
     /// STATUS: the datastore answers and some enabled pool has a free address.
     pub fn status(&self) -> Result<()> {
         self.ipam.datastore().ping().map_err(|e| {
-            CniError::with_source(Code::NotAvailable, format!("datastore {} unreachable", self.ipam.datastore().describe()), &e)
+            CniError::with_source(
+                Code::NotAvailable,
+                format!("datastore {} unreachable", self.ipam.datastore().describe()),
+                &e,
+            )
         })?;
         let pools = self.ipam.pools()?;
         if pools.iter().all(|p| p.disabled) && self.conf.pool.is_none() {
-            return Err(CniError::new(Code::NotAvailable, "no enabled IP pool: create one with `tabbyctl pool create`"));
+            return Err(CniError::new(
+                Code::NotAvailable,
+                "no enabled IP pool: create one with `tabbyctl pool create`",
+            ));
         }
         let snap = Snapshot::load(self.ipam.datastore())?;
-        let free: u128 = report::usage(&snap).iter().filter(|p| !p.pool.disabled).map(|p| p.usage.free()).sum();
+        let free: u128 = report::usage(&snap)
+            .iter()
+            .filter(|p| !p.pool.disabled)
+            .map(|p| p.usage.free())
+            .sum();
         if !pools.is_empty() && free == 0 {
-            return Err(CniError::new(Code::NotAvailable, "every enabled IP pool is exhausted"));
+            return Err(CniError::new(
+                Code::NotAvailable,
+                "every enabled IP pool is exhausted",
+            ));
         }
         Ok(())
     }
 }
 
 /// `tabby-ipam` as a standalone IPAM plugin (under `ptp`, `bridge`, ...).
-pub fn run(inv: &crate::env::Invocation, conf: &NetConf, version: crate::version::CniVersion) -> Result<String> {
+pub fn run(
+    inv: &crate::env::Invocation,
+    conf: &NetConf,
+    version: crate::version::CniVersion,
+) -> Result<String> {
     use crate::env::Command;
     let ipam = TabbyIpam::open(conf)?;
     let handle = conf.handle(&inv.container_id);
     match inv.command {
-        Command::Add => Ok(ipam.add(&handle, allocation_attributes(inv, conf))?.to_json(version)),
+        Command::Add => Ok(ipam
+            .add(&handle, allocation_attributes(inv, conf))?
+            .to_json(version)),
         Command::Del => ipam.del(&handle).map(|_| String::new()),
-        Command::Check => ipam.check(&handle, &conf.required_prev_ips()?).map(|()| String::new()),
+        Command::Check => ipam
+            .check(&handle, &conf.required_prev_ips()?)
+            .map(|()| String::new()),
         Command::Gc => {
             if conf.valid_attachments.is_none() {
-                return Err(CniError::new(Code::InvalidConfig, "GC needs cni.dev/valid-attachments"));
+                return Err(CniError::new(
+                    Code::InvalidConfig,
+                    "GC needs cni.dev/valid-attachments",
+                ));
             }
             ipam.gc(conf).map(|_| String::new())
         }
@@ -267,7 +340,10 @@ pub fn run(inv: &crate::env::Invocation, conf: &NetConf, version: crate::version
 
 /// The attributes stored with every allocation: who holds the address, for
 /// `tabbyctl ipam show --ip`, `ipam check` and GC.
-pub fn allocation_attributes(inv: &crate::env::Invocation, conf: &NetConf) -> BTreeMap<String, String> {
+pub fn allocation_attributes(
+    inv: &crate::env::Invocation,
+    conf: &NetConf,
+) -> BTreeMap<String, String> {
     let mut a = BTreeMap::new();
     a.insert("node".into(), conf.node_name());
     a.insert("network".into(), conf.name.clone());

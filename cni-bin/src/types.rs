@@ -71,10 +71,18 @@ impl NetConf {
     /// Parses and validates stdin: JSON, required fields, a supported version.
     pub fn parse(bytes: &[u8]) -> Result<(Self, CniVersion)> {
         if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Err(CniError::new(Code::DecodeFailure, "no network configuration on stdin"));
+            return Err(CniError::new(
+                Code::DecodeFailure,
+                "no network configuration on stdin",
+            ));
         }
-        let raw: Value = serde_json::from_slice(bytes)
-            .map_err(|e| CniError::with_source(Code::DecodeFailure, "network configuration on stdin is not valid JSON", &e))?;
+        let raw: Value = serde_json::from_slice(bytes).map_err(|e| {
+            CniError::with_source(
+                Code::DecodeFailure,
+                "network configuration on stdin is not valid JSON",
+                &e,
+            )
+        })?;
         for field in ["cniVersion", "name", "type"] {
             if !raw.get(field).is_some_and(Value::is_string) {
                 return Err(CniError::new(
@@ -83,15 +91,19 @@ impl NetConf {
                 ));
             }
         }
-        let conf: NetConf = serde_json::from_value(raw)
-            .map_err(|e| CniError::with_source(Code::InvalidConfig, "invalid network configuration", &e))?;
+        let conf: NetConf = serde_json::from_value(raw).map_err(|e| {
+            CniError::with_source(Code::InvalidConfig, "invalid network configuration", &e)
+        })?;
         let version = CniVersion::parse(&conf.cni_version)?;
         if conf.name.is_empty() {
             return Err(CniError::new(Code::InvalidConfig, "network name is empty"));
         }
         if let Some(mtu) = conf.mtu {
             if !(68..=65535).contains(&mtu) {
-                return Err(CniError::new(Code::InvalidConfig, format!("mtu {mtu} is outside 68..65535")));
+                return Err(CniError::new(
+                    Code::InvalidConfig,
+                    format!("mtu {mtu} is outside 68..65535"),
+                ));
             }
         }
         Ok((conf, version))
@@ -104,7 +116,10 @@ impl NetConf {
 
     /// This node's name: `nodename`, else the host name.
     pub fn node_name(&self) -> String {
-        self.nodename.clone().filter(|n| !n.is_empty()).unwrap_or_else(host_name)
+        self.nodename
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(host_name)
     }
 
     /// The IPAM handle of a container on this network.
@@ -114,13 +129,19 @@ impl NetConf {
 
     /// The addresses of the previous result; CHECK cannot run without one.
     pub fn required_prev_ips(&self) -> Result<Vec<std::net::IpAddr>> {
-        let prev = self.prev_result()?.ok_or_else(|| CniError::new(Code::InvalidConfig, "CHECK needs prevResult"))?;
+        let prev = self
+            .prev_result()?
+            .ok_or_else(|| CniError::new(Code::InvalidConfig, "CHECK needs prevResult"))?;
         Ok(prev.ips.iter().map(|c| c.address.ip()).collect())
     }
 
     /// The addresses of the previous result, if the runtime passed a readable one.
     pub fn prev_ips(&self) -> Vec<std::net::IpAddr> {
-        self.prev_result().ok().flatten().map(|r| r.ips.iter().map(|c| c.address.ip()).collect()).unwrap_or_default()
+        self.prev_result()
+            .ok()
+            .flatten()
+            .map(|r| r.ips.iter().map(|c| c.address.ip()).collect())
+            .unwrap_or_default()
     }
 
     /// The previous result, parsed.
@@ -128,8 +149,9 @@ impl NetConf {
         self.prev_result
             .as_ref()
             .map(|v| {
-                serde_json::from_value(v.clone())
-                    .map_err(|e| CniError::with_source(Code::DecodeFailure, "prevResult is not a CNI result", &e))
+                serde_json::from_value(v.clone()).map_err(|e| {
+                    CniError::with_source(Code::DecodeFailure, "prevResult is not a CNI result", &e)
+                })
             })
             .transpose()
     }
@@ -247,7 +269,11 @@ impl CniResult {
     /// Parses a result printed by another plugin (any version).
     pub fn from_plugin_output(bytes: &[u8], plugin: &str) -> Result<Self> {
         serde_json::from_slice(bytes).map_err(|e| {
-            CniError::with_source(Code::DecodeFailure, format!("{plugin} printed something that is not a CNI result"), &e)
+            CniError::with_source(
+                Code::DecodeFailure,
+                format!("{plugin} printed something that is not a CNI result"),
+                &e,
+            )
         })
     }
 }
@@ -271,22 +297,37 @@ mod tests {
 
     #[test]
     fn malformed_json_is_a_decode_error_and_missing_fields_a_config_error() {
-        assert_eq!(NetConf::parse(b"{\"cniVersion\":").unwrap_err().code, Code::DecodeFailure);
+        assert_eq!(
+            NetConf::parse(b"{\"cniVersion\":").unwrap_err().code,
+            Code::DecodeFailure
+        );
         assert_eq!(NetConf::parse(b"").unwrap_err().code, Code::DecodeFailure);
         let e = NetConf::parse(br#"{"cniVersion":"1.0.0","type":"tabby"}"#).unwrap_err();
         assert_eq!(e.code, Code::InvalidConfig);
         assert!(e.msg.contains("name"));
         let e = NetConf::parse(br#"{"cniVersion":"9.9.9","name":"n","type":"tabby"}"#).unwrap_err();
         assert_eq!(e.code, Code::IncompatibleVersion);
-        let e = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"tabby","mtu":10}"#).unwrap_err();
+        let e = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"tabby","mtu":10}"#)
+            .unwrap_err();
         assert_eq!(e.code, Code::InvalidConfig);
     }
 
     fn sample() -> CniResult {
         CniResult {
-            interfaces: vec![Interface { name: "eth0".into(), mtu: Some(1450), ..Default::default() }],
-            ips: vec![IpConfig { address: "10.244.0.5/32".parse().unwrap(), gateway: None, interface: Some(0) }],
-            routes: vec![RouteEntry { dst: "0.0.0.0/0".parse().unwrap(), gw: Some("169.254.1.1".parse().unwrap()) }],
+            interfaces: vec![Interface {
+                name: "eth0".into(),
+                mtu: Some(1450),
+                ..Default::default()
+            }],
+            ips: vec![IpConfig {
+                address: "10.244.0.5/32".parse().unwrap(),
+                gateway: None,
+                interface: Some(0),
+            }],
+            routes: vec![RouteEntry {
+                dst: "0.0.0.0/0".parse().unwrap(),
+                gw: Some("169.254.1.1".parse().unwrap()),
+            }],
             dns: Dns::default(),
         }
     }

@@ -18,8 +18,13 @@ pub enum CniVersion {
 }
 
 /// Every version, oldest first, as VERSION reports them.
-pub const SUPPORTED: [CniVersion; 5] =
-    [CniVersion::V0_3_0, CniVersion::V0_3_1, CniVersion::V0_4_0, CniVersion::V1_0_0, CniVersion::V1_1_0];
+pub const SUPPORTED: [CniVersion; 5] = [
+    CniVersion::V0_3_0,
+    CniVersion::V0_3_1,
+    CniVersion::V0_4_0,
+    CniVersion::V1_0_0,
+    CniVersion::V1_1_0,
+];
 
 impl CniVersion {
     /// The newest version, used for errors when the config could not be read.
@@ -37,7 +42,10 @@ impl CniVersion {
                 let list: Vec<&str> = SUPPORTED.iter().map(|v| v.as_str()).collect();
                 return Err(CniError::new(
                     Code::IncompatibleVersion,
-                    format!("unsupported cniVersion {other:?}: tabby supports {}", list.join(", ")),
+                    format!(
+                        "unsupported cniVersion {other:?}: tabby supports {}",
+                        list.join(", ")
+                    ),
                 ));
             }
         })
@@ -73,7 +81,8 @@ impl CniVersion {
 /// The VERSION answer.
 pub fn version_info() -> String {
     let list: Vec<&str> = SUPPORTED.iter().map(|v| v.as_str()).collect();
-    serde_json::json!({"cniVersion": CniVersion::LATEST.as_str(), "supportedVersions": list}).to_string()
+    serde_json::json!({"cniVersion": CniVersion::LATEST.as_str(), "supportedVersions": list})
+        .to_string()
 }
 
 #[cfg(test)]
@@ -91,7 +100,11 @@ mod tests {
     fn an_unknown_version_is_error_code_1_naming_the_supported_ones() {
         let e = CniVersion::parse("0.2.0").unwrap_err();
         assert_eq!(e.code, Code::IncompatibleVersion);
-        assert!(e.msg.contains("1.1.0") && e.msg.contains("0.2.0"), "{}", e.msg);
+        assert!(
+            e.msg.contains("1.1.0") && e.msg.contains("0.2.0"),
+            "{}",
+            e.msg
+        );
     }
 
     #[test]

@@ -76,17 +76,35 @@ pub enum OnOff {
 pub fn run(ds: &FileDatastore, cmd: BgpCommand) -> anyhow::Result<()> {
     match cmd {
         BgpCommand::Peer(PeerCommand::Create(a)) => {
-            let peer = BgpPeer { name: a.name, peer_ip: a.peer_ip, as_number: a.as_number, node: a.node, password: a.password };
+            let peer = BgpPeer {
+                name: a.name,
+                peer_ip: a.peer_ip,
+                as_number: a.as_number,
+                node: a.node,
+                password: a.password,
+            };
             match resources::create_bgp_peer(ds, &peer) {
-                Err(DatastoreError::Conflict { .. }) => anyhow::bail!("BGP peer {} already exists", peer.name),
+                Err(DatastoreError::Conflict { .. }) => {
+                    anyhow::bail!("BGP peer {} already exists", peer.name)
+                }
                 r => r.context("create BGP peer")?,
             }
             println!("Successfully created BGP peer {}", peer.name);
         }
         BgpCommand::Peer(PeerCommand::List) => {
-            let mut t = Table::new(&[("NAME", Align::Left), ("PEERIP", Align::Left), ("NODE", Align::Left), ("ASN", Align::Right)]);
+            let mut t = Table::new(&[
+                ("NAME", Align::Left),
+                ("PEERIP", Align::Left),
+                ("NODE", Align::Left),
+                ("ASN", Align::Right),
+            ]);
             for p in resources::bgp_peers(ds)? {
-                t.row(vec![p.name, p.peer_ip.to_string(), p.node.unwrap_or_else(|| "(global)".into()), p.as_number.to_string()]);
+                t.row(vec![
+                    p.name,
+                    p.peer_ip.to_string(),
+                    p.node.unwrap_or_else(|| "(global)".into()),
+                    p.as_number.to_string(),
+                ]);
             }
             print!("{}", t.plain());
         }
@@ -96,7 +114,10 @@ pub fn run(ds: &FileDatastore, cmd: BgpCommand) -> anyhow::Result<()> {
             }
             println!("Successfully deleted BGP peer {name}");
         }
-        BgpCommand::Config(ConfigCommand::Set { as_number, node_to_node_mesh }) => {
+        BgpCommand::Config(ConfigCommand::Set {
+            as_number,
+            node_to_node_mesh,
+        }) => {
             let mut c = resources::bgp_config(ds)?;
             if let Some(a) = as_number {
                 c.as_number = a;
@@ -113,5 +134,8 @@ pub fn run(ds: &FileDatastore, cmd: BgpCommand) -> anyhow::Result<()> {
 }
 
 fn show(c: &BgpConfiguration) {
-    println!("asNumber: {}\nnodeToNodeMeshEnabled: {}", c.as_number, c.node_to_node_mesh);
+    println!(
+        "asNumber: {}\nnodeToNodeMeshEnabled: {}",
+        c.as_number, c.node_to_node_mesh
+    );
 }

@@ -85,14 +85,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let creates_store = matches!(
         cli.command,
-        Command::Pool(pool::PoolCommand::Create(_)) | Command::Bgp(bgp::BgpCommand::Config(_)) | Command::Bgp(bgp::BgpCommand::Peer(bgp::PeerCommand::Create(_)))
+        Command::Pool(pool::PoolCommand::Create(_))
+            | Command::Bgp(bgp::BgpCommand::Config(_))
+            | Command::Bgp(bgp::BgpCommand::Peer(bgp::PeerCommand::Create(_)))
     );
     let ipam = open(&cli.datastore, creates_store)?;
     match cli.command {
         Command::Ipam(cmd) => ipam::run(&ipam, cmd),
         Command::Pool(cmd) => pool::run(&ipam, cmd),
         Command::Bgp(cmd) => bgp::run(ipam.datastore(), cmd),
-        Command::Node(_) | Command::Service(_) => unreachable!("handled before the datastore is opened"),
+        Command::Node(_) | Command::Service(_) => {
+            unreachable!("handled before the datastore is opened")
+        }
     }
 }
 

@@ -37,8 +37,10 @@ pub fn status(socket: &Path) -> anyhow::Result<()> {
     })?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut body = Vec::new();
-    s.read_to_end(&mut body).context("read the agent's answer")?;
-    let st: NodeStatus = serde_json::from_slice(&body).context("the agent's answer is not node status JSON")?;
+    s.read_to_end(&mut body)
+        .context("read the agent's answer")?;
+    let st: NodeStatus =
+        serde_json::from_slice(&body).context("the agent's answer is not node status JSON")?;
     print!("{}", render(&st));
     Ok(())
 }
@@ -46,7 +48,11 @@ pub fn status(socket: &Path) -> anyhow::Result<()> {
 fn render(st: &NodeStatus) -> String {
     let mut out = format!("Tabby process is running on {}.\n", st.node);
     for (family, v6) in [("IPv4", false), ("IPv6", true)] {
-        let rows: Vec<&PeerRow> = st.peers.iter().filter(|p| p.peer_address.contains(':') == v6).collect();
+        let rows: Vec<&PeerRow> = st
+            .peers
+            .iter()
+            .filter(|p| p.peer_address.contains(':') == v6)
+            .collect();
         out.push_str(&format!("\n{family} BGP status\n"));
         if rows.is_empty() {
             out.push_str(&format!("No {family} peers found.\n"));
@@ -60,7 +66,13 @@ fn render(st: &NodeStatus) -> String {
             ("INFO", Align::Left),
         ]);
         for p in rows {
-            t.row(vec![p.peer_address.clone(), p.peer_type.clone(), p.state.clone(), p.since.clone(), p.info.clone()]);
+            t.row(vec![
+                p.peer_address.clone(),
+                p.peer_type.clone(),
+                p.state.clone(),
+                p.since.clone(),
+                p.info.clone(),
+            ]);
         }
         out.push_str(&t.boxed());
     }
@@ -80,7 +92,10 @@ mod tests {
         .unwrap();
         let out = render(&st);
         assert!(out.contains("| PEER ADDRESS |"), "{out}");
-        assert!(out.contains("| 10.98.0.2    | node-to-node mesh | up    | 17:40:02 | Established |"), "{out}");
+        assert!(
+            out.contains("| 10.98.0.2    | node-to-node mesh | up    | 17:40:02 | Established |"),
+            "{out}"
+        );
         assert!(out.contains("No IPv6 peers found."));
     }
 }

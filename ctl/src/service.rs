@@ -207,7 +207,7 @@ fn endpoints(ns: &str, name: &str, slices: &[EndpointSlice]) -> String {
                 .map(String::as_str)
                 == Some(name)
     }) {
-        for ep in &slice.endpoints {
+        for ep in slice.endpoints.iter().flatten() {
             let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
             let Some(addr) = ep.addresses.first().filter(|_| ready) else {
                 continue;

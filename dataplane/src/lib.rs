@@ -13,5 +13,7 @@ pub mod netns;
 pub mod sysctl;
 
 pub use error::{Error, Result};
-pub use netlink::{Family, Link, Netlink, Route, RouteBatch, RouteKind, Scope, RTPROT_BOOT, RT_TABLE_MAIN};
+pub use netlink::{
+    Family, Link, Netlink, Route, RouteBatch, RouteKind, Scope, RTPROT_BOOT, RT_TABLE_MAIN,
+};
 pub use netns::NetNs;

@@ -13,7 +13,9 @@ const PROTO: u8 = 201;
 #[test]
 fn thousands_of_routes_go_in_and_out_in_batches_and_failures_name_their_route() {
     let ns = ScratchNetns::new();
-    ns.exec_ok(&["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+    ns.exec_ok(&[
+        "ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+    ]);
     ns.exec_ok(&["ip", "addr", "add", "10.50.0.1/24", "dev", "v0"]);
     ns.exec_ok(&["ip", "link", "set", "v0", "up"]);
     ns.exec_ok(&["ip", "link", "set", "v1", "up"]);
@@ -38,8 +40,18 @@ fn thousands_of_routes_go_in_and_out_in_batches_and_failures_name_their_route() 
     let failed = batch.apply(&[], &all);
     assert_eq!(failed.len(), 1, "{failed:?}");
     assert_eq!(failed[0].0, unreachable);
-    assert!(failed[0].1.to_string().contains("100.80.0.0/24"), "{}", failed[0].1);
-    let ours = |nl: &tabby_dataplane::Netlink| nl.routes(Family::V4).unwrap().into_iter().filter(|r| r.protocol == PROTO).count();
+    assert!(
+        failed[0].1.to_string().contains("100.80.0.0/24"),
+        "{}",
+        failed[0].1
+    );
+    let ours = |nl: &tabby_dataplane::Netlink| {
+        nl.routes(Family::V4)
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.protocol == PROTO)
+            .count()
+    };
     assert_eq!(ours(&nl), 3000);
 
     // Replacing again is idempotent; deleting works, and an already-gone route is no failure.

@@ -30,7 +30,9 @@ use ipnetwork::IpNetwork;
 use crate::block::{block_of, ip_to_u128, normalize};
 use crate::datastore::{Datastore, DatastoreError};
 use crate::store::{self, Doc};
-use crate::types::{AffinityState, AllocationAttribute, Block, BlockAffinity, Handle, IpPool, IpamConfig};
+use crate::types::{
+    AffinityState, AllocationAttribute, Block, BlockAffinity, Handle, IpPool, IpamConfig,
+};
 
 /// How many conflicting attempts an operation makes before giving up.
 pub const MAX_ATTEMPTS: u32 = 100;
@@ -562,9 +564,20 @@ impl<D: Datastore> Ipam<D> {
             return Ok(Vec::new());
         };
         let mut ips = Vec::new();
-        for cidr in doc.value.block.keys().filter_map(|k| k.parse::<IpNetwork>().ok()) {
+        for cidr in doc
+            .value
+            .block
+            .keys()
+            .filter_map(|k| k.parse::<IpNetwork>().ok())
+        {
             if let Some(block) = store::get_block(&self.ds, &cidr)? {
-                ips.extend(block.value.allocated().filter(|(_, a)| a.handle_id == handle).map(|(ip, _)| ip));
+                ips.extend(
+                    block
+                        .value
+                        .allocated()
+                        .filter(|(_, a)| a.handle_id == handle)
+                        .map(|(ip, _)| ip),
+                );
             }
         }
         Ok(ips)
@@ -578,7 +591,13 @@ impl<D: Datastore> Ipam<D> {
         let mut handles = std::collections::BTreeSet::new();
         for entry in self.ds.list(store::BLOCKS)? {
             let block = store::checked_block(store::decode::<Block>(entry)?)?;
-            handles.extend(block.value.allocated().filter(|(_, a)| stale(a)).map(|(_, a)| a.handle_id.clone()));
+            handles.extend(
+                block
+                    .value
+                    .allocated()
+                    .filter(|(_, a)| stale(a))
+                    .map(|(_, a)| a.handle_id.clone()),
+            );
         }
         let mut released = Vec::new();
         for handle in &handles {
@@ -588,8 +607,15 @@ impl<D: Datastore> Ipam<D> {
         for entry in self.ds.list(store::BLOCKS)? {
             let block = store::checked_block(store::decode::<Block>(entry)?)?;
             let cidr = block.value.cidr;
-            for handle in block.value.handle_counts().into_keys().filter(|h| handles.contains(h)) {
-                released.extend(self.retry(|| self.release_in_block(&cidr, |b| b.release_handle(&handle), &handle))?);
+            for handle in block
+                .value
+                .handle_counts()
+                .into_keys()
+                .filter(|h| handles.contains(h))
+            {
+                released.extend(self.retry(|| {
+                    self.release_in_block(&cidr, |b| b.release_handle(&handle), &handle)
+                })?);
             }
         }
         Ok(released)

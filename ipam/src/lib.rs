@@ -32,6 +32,9 @@ pub mod types;
 pub use allocator::{AssignArgs, Ipam, IpamError, Released};
 pub use datastore::{Datastore, DatastoreError, Revision};
 pub use file::FileDatastore;
-pub use mem::MemDatastore;
-pub use types::{AffinityState, AllocationAttribute, Block, BlockAffinity, EncapMode, Handle, IpPool, IpamConfig, Node};
 pub use file::DEFAULT_PATH;
+pub use mem::MemDatastore;
+pub use types::{
+    AffinityState, AllocationAttribute, Block, BlockAffinity, EncapMode, Handle, IpPool,
+    IpamConfig, Node,
+};

@@ -39,7 +39,10 @@ fn yes() -> bool {
 
 impl Default for BgpConfiguration {
     fn default() -> Self {
-        Self { as_number: DEFAULT_ASN, node_to_node_mesh: true }
+        Self {
+            as_number: DEFAULT_ASN,
+            node_to_node_mesh: true,
+        }
     }
 }
 
@@ -68,7 +71,9 @@ pub fn bgp_peer_key(name: &str) -> String {
 
 /// The cluster BGP settings (defaults when none are stored).
 pub fn bgp_config(ds: &impl Datastore) -> Result<BgpConfiguration> {
-    Ok(store::get::<BgpConfiguration>(ds, BGP_CONFIG_KEY)?.map(|d| d.value).unwrap_or_default())
+    Ok(store::get::<BgpConfiguration>(ds, BGP_CONFIG_KEY)?
+        .map(|d| d.value)
+        .unwrap_or_default())
 }
 
 /// Stores the cluster BGP settings (create or compare-and-swap update).
@@ -81,7 +86,10 @@ pub fn set_bgp_config(ds: &impl Datastore, config: &BgpConfiguration) -> Result<
 
 /// Every explicit peer, sorted by name.
 pub fn bgp_peers(ds: &impl Datastore) -> Result<Vec<BgpPeer>> {
-    Ok(store::list::<BgpPeer>(ds, BGP_PEERS)?.into_iter().map(|d| d.value).collect())
+    Ok(store::list::<BgpPeer>(ds, BGP_PEERS)?
+        .into_iter()
+        .map(|d| d.value)
+        .collect())
 }
 
 /// Creates a peer; `Conflict` if the name is taken.
@@ -107,7 +115,10 @@ mod tests {
     fn bgp_settings_default_to_a_64512_full_mesh_and_round_trip() {
         let ds = MemDatastore::default();
         assert_eq!(bgp_config(&ds).unwrap(), BgpConfiguration::default());
-        let c = BgpConfiguration { as_number: 65001, node_to_node_mesh: false };
+        let c = BgpConfiguration {
+            as_number: 65001,
+            node_to_node_mesh: false,
+        };
         set_bgp_config(&ds, &c).unwrap();
         set_bgp_config(&ds, &c).unwrap();
         assert_eq!(bgp_config(&ds).unwrap(), c);
@@ -116,7 +127,13 @@ mod tests {
     #[test]
     fn peers_are_created_once_listed_and_deleted() {
         let ds = MemDatastore::default();
-        let p = BgpPeer { name: "tor".into(), peer_ip: "10.98.0.254".parse().unwrap(), as_number: 65000, node: None, password: None };
+        let p = BgpPeer {
+            name: "tor".into(),
+            peer_ip: "10.98.0.254".parse().unwrap(),
+            as_number: 65000,
+            node: None,
+            password: None,
+        };
         create_bgp_peer(&ds, &p).unwrap();
         assert!(create_bgp_peer(&ds, &p).is_err());
         assert_eq!(bgp_peers(&ds).unwrap(), vec![p]);

@@ -388,7 +388,8 @@ fn leftovers_of_a_crashed_claim_are_resolved() {
 #[test]
 fn scoped_gc_releases_only_what_the_predicate_accepts() {
     let ipam = Ipam::new(MemDatastore::new());
-    ipam.create_pool(&pool("p", "10.1.0.0/24", 26)).expect("pool");
+    ipam.create_pool(&pool("p", "10.1.0.0/24", 26))
+        .expect("pool");
     let with_net = |h: &str, node: &str| {
         let mut a = v4(h, node);
         a.attrs.insert("network".into(), "k8s".into());
@@ -396,24 +397,35 @@ fn scoped_gc_releases_only_what_the_predicate_accepts() {
     };
     ipam.assign(&with_net("k8s.mine", "a")).expect("assign");
     ipam.assign(&with_net("k8s.theirs", "b")).expect("assign");
-    ipam.assign(&v4("k8s.pod.other-network", "a")).expect("assign");
+    ipam.assign(&v4("k8s.pod.other-network", "a"))
+        .expect("assign");
     let released = ipam
-        .gc_where(|attr| attr.secondary.get("node").map(String::as_str) == Some("a")
-            && attr.secondary.get("network").map(String::as_str) == Some("k8s"))
+        .gc_where(|attr| {
+            attr.secondary.get("node").map(String::as_str) == Some("a")
+                && attr.secondary.get("network").map(String::as_str) == Some("k8s")
+        })
         .expect("gc");
     let handles: Vec<&str> = released.iter().map(|r| r.handle.as_str()).collect();
-    assert_eq!(handles, ["k8s.mine"], "another node's and another network's addresses must survive");
+    assert_eq!(
+        handles,
+        ["k8s.mine"],
+        "another node's and another network's addresses must survive"
+    );
 }
 
 #[test]
 fn a_pool_restriction_of_one_family_leaves_the_other_family_free() {
     let ipam = Ipam::new(MemDatastore::new());
-    ipam.create_pool(&pool("v4", "10.1.0.0/24", 26)).expect("pool");
-    ipam.create_pool(&pool("v6", "fd00::/120", 122)).expect("pool");
+    ipam.create_pool(&pool("v4", "10.1.0.0/24", 26))
+        .expect("pool");
+    ipam.create_pool(&pool("v6", "fd00::/120", 122))
+        .expect("pool");
     let mut args = v4("net.dual", "n");
     args.num_v6 = 1;
     args.pools = vec!["10.1.0.0/24".parse().unwrap()];
-    let got = ipam.assign(&args).expect("dual-stack assign with an IPv4 pool restriction");
+    let got = ipam
+        .assign(&args)
+        .expect("dual-stack assign with an IPv4 pool restriction");
     assert_eq!(got.len(), 2);
     assert!(got.iter().any(|n| n.is_ipv6()));
 }

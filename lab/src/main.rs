@@ -238,9 +238,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::EchoServer { name, port, .. } => {
             return echo::serve(name, *port).map(|()| ExitCode::SUCCESS)
         }
-        Command::HttpGet { url, timeout_ms, count } => {
-            return http_get(url, Duration::from_millis(*timeout_ms), *count)
-        }
+        Command::HttpGet {
+            url,
+            timeout_ms,
+            count,
+        } => return http_get(url, Duration::from_millis(*timeout_ms), *count),
         _ => {}
     }
     let (lab, state) = Lab::resolve(&cli)?;
@@ -294,18 +296,30 @@ fn agent_cmd(lab: &Lab, cmd: AgentCommand) -> anyhow::Result<()> {
     let mut state = lab.require(LabState::load(&lab.dir)?)?;
     match cmd {
         AgentCommand::Kill { node } => {
-            let n = state.node_mut(&node).with_context(|| format!("no node {node} in the lab"))?;
-            let proc = n.agent.take().filter(|p| p.alive()).with_context(|| format!("{node}'s agent is not running"))?;
+            let n = state
+                .node_mut(&node)
+                .with_context(|| format!("no node {node} in the lab"))?;
+            let proc = n
+                .agent
+                .take()
+                .filter(|p| p.alive())
+                .with_context(|| format!("{node}'s agent is not running"))?;
             process::kill_now(&proc)?;
             println!("{node}: agent (pid {}) killed with SIGKILL", proc.pid);
         }
         AgentCommand::Start { node } => {
-            let n = state.node(&node).cloned().with_context(|| format!("no node {node} in the lab"))?;
+            let n = state
+                .node(&node)
+                .cloned()
+                .with_context(|| format!("no node {node} in the lab"))?;
             if n.agent.as_ref().is_some_and(|p| p.alive()) {
                 anyhow::bail!("{node}'s agent is already running");
             }
             let started = agent::start(&n, &lab.dir, &lab.bin_dir)?;
-            println!("{node}: {}", started.describe(&lab.bin_dir.join("tabby-node"), &lab.dir.agent_log(&node)));
+            println!(
+                "{node}: {}",
+                started.describe(&lab.bin_dir.join("tabby-node"), &lab.dir.agent_log(&node))
+            );
             if let Some(n) = state.node_mut(&node) {
                 n.agent = started.process().cloned();
             }
@@ -373,7 +387,11 @@ fn http_get(url: &str, timeout: Duration, count: u32) -> anyhow::Result<ExitCode
             }
         }
     }
-    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(22) })
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(22)
+    })
 }
 
 /// The exit code of a finished child: its own, or 128 + the signal.

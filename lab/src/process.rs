@@ -111,7 +111,9 @@ pub fn netns_pids(ns: &str) -> Vec<i32> {
 pub fn kill_now(p: &ProcRef) -> anyhow::Result<()> {
     kill(Pid::from_raw(p.pid), Signal::SIGKILL)
         .map_err(|e| anyhow::anyhow!("SIGKILL pid {}: {e}", p.pid))?;
-    if poll_until(Duration::from_secs(5), Duration::from_millis(10), || !p.alive()) {
+    if poll_until(Duration::from_secs(5), Duration::from_millis(10), || {
+        !p.alive()
+    }) {
         Ok(())
     } else {
         anyhow::bail!("pid {} survived SIGKILL", p.pid)

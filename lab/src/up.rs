@@ -134,7 +134,12 @@ const CONVERGENCE_DEADLINE: Duration = Duration::from_secs(30);
 /// the lab is usable across nodes when `up` returns; prints how long it took.
 fn wait_for_routes(state: &LabState) {
     let mask = u32::MAX << (32 - u32::from(BLOCK_SIZE));
-    let blocks: BTreeSet<u32> = state.pods.iter().filter_map(|p| p.ip).map(|ip| u32::from(ip) & mask).collect();
+    let blocks: BTreeSet<u32> = state
+        .pods
+        .iter()
+        .filter_map(|p| p.ip)
+        .map(|ip| u32::from(ip) & mask)
+        .collect();
     let start = Instant::now();
     let count = |ns: &str| -> usize {
         sh::run({
@@ -149,9 +154,18 @@ fn wait_for_routes(state: &LabState) {
         state.nodes.iter().all(|n| count(&n.netns) >= blocks.len())
     });
     if converged {
-        println!("routes: every node has all {} block routes (waited {:.1?} after the pods)", blocks.len(), start.elapsed());
+        println!(
+            "routes: every node has all {} block routes (waited {:.1?} after the pods)",
+            blocks.len(),
+            start.elapsed()
+        );
     } else {
-        let lagging: Vec<&str> = state.nodes.iter().filter(|n| count(&n.netns) < blocks.len()).map(|n| n.name.as_str()).collect();
+        let lagging: Vec<&str> = state
+            .nodes
+            .iter()
+            .filter(|n| count(&n.netns) < blocks.len())
+            .map(|n| n.name.as_str())
+            .collect();
         println!(
             "WARNING: after {CONVERGENCE_DEADLINE:?} {} still miss block routes: see `tabby-lab status` and the agent logs",
             lagging.join(", ")

@@ -124,8 +124,14 @@ fn down_cleans_up_after_up_is_killed_half_way() {
 /// `ip -n NS route show proto 201` of a node: the routes tabby-node owns.
 fn tabby_routes(lab: &TestLab, node: &str) -> Vec<String> {
     let ns = format!("{}-{node}", lab.prefix);
-    let out = Command::new("ip").args(["-n", &ns, "route", "show", "proto", "201"]).output().unwrap();
-    let mut r: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(|l| l.trim().to_string()).collect();
+    let out = Command::new("ip")
+        .args(["-n", &ns, "route", "show", "proto", "201"])
+        .output()
+        .unwrap();
+    let mut r: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect();
     r.sort();
     r
 }
@@ -138,7 +144,13 @@ fn expected_routes(lab: &TestLab, i: usize, n: usize) -> Vec<String> {
         format!("{}.{}.{}.{}/26", o[0], o[1], o[2], o[3] & 0xc0)
     };
     let mut want: Vec<String> = (1..=n)
-        .map(|k| if k == i { format!("blackhole {}", block(k)) } else { format!("{} via 10.98.0.{k} dev eth0", block(k)) })
+        .map(|k| {
+            if k == i {
+                format!("blackhole {}", block(k))
+            } else {
+                format!("{} via 10.98.0.{k} dev eth0", block(k))
+            }
+        })
         .collect();
     want.sort();
     want
@@ -148,7 +160,9 @@ fn all_pods_reach_each_other(lab: &TestLab, pods: &[&str]) {
     for from in pods {
         for to in pods.iter().filter(|to| *to != from) {
             let to_ip = lab.pod_ip(to);
-            let reached = eventually(Duration::from_secs(30), || lab.http_get(from, &to_ip, 500).status.success());
+            let reached = eventually(Duration::from_secs(30), || {
+                lab.http_get(from, &to_ip, 500).status.success()
+            });
             assert!(reached, "{from} never reached {to} ({to_ip})");
             assert_echo(lab, from, to);
         }
@@ -163,21 +177,49 @@ fn pods_on_different_nodes_reach_each_other_and_survive_an_agent_crash() {
     let lab = TestLab::new("x");
     let out = lab.run(&["up", "--nodes", "3", "--pods-per-node", "2"]);
     assert!(!out.contains("agent NOT running"), "{out}");
-    let pods = ["node-1-pod1", "node-1-pod2", "node-2-pod1", "node-2-pod2", "node-3-pod1", "node-3-pod2"];
+    let pods = [
+        "node-1-pod1",
+        "node-1-pod2",
+        "node-2-pod1",
+        "node-2-pod2",
+        "node-3-pod1",
+        "node-3-pod2",
+    ];
     all_pods_reach_each_other(&lab, &pods);
     for i in 1..=3 {
         let want = expected_routes(&lab, i, 3);
-        assert!(eventually(Duration::from_secs(10), || tabby_routes(&lab, &format!("node-{i}")) == want), "node-{i}: {:?} != {want:?}", tabby_routes(&lab, &format!("node-{i}")));
+        assert!(
+            eventually(Duration::from_secs(10), || tabby_routes(
+                &lab,
+                &format!("node-{i}")
+            ) == want),
+            "node-{i}: {:?} != {want:?}",
+            tabby_routes(&lab, &format!("node-{i}"))
+        );
     }
     // No encapsulation: cross-node routes go straight out of the uplink.
-    assert!(tabby_routes(&lab, "node-1").iter().all(|r| !r.contains("tunl0") && !r.contains("vxlan")));
+    assert!(tabby_routes(&lab, "node-1")
+        .iter()
+        .all(|r| !r.contains("tunl0") && !r.contains("vxlan")));
 
     // A crash: the agent dies, its routes stay; a stale route of ours appears meanwhile.
     let killed = lab.run(&["agent", "kill", "node-2"]);
     assert!(killed.contains("SIGKILL"), "{killed}");
     let ns2 = format!("{}-node-2", lab.prefix);
     let stale = Command::new("ip")
-        .args(["-n", &ns2, "route", "add", "10.244.250.0/26", "via", "10.98.0.3", "dev", "eth0", "proto", "201"])
+        .args([
+            "-n",
+            &ns2,
+            "route",
+            "add",
+            "10.244.250.0/26",
+            "via",
+            "10.98.0.3",
+            "dev",
+            "eth0",
+            "proto",
+            "201",
+        ])
         .status()
         .unwrap();
     assert!(stale.success());
@@ -185,13 +227,20 @@ fn pods_on_different_nodes_reach_each_other_and_survive_an_agent_crash() {
     assert!(started.contains("agent started"), "{started}");
     let want2 = expected_routes(&lab, 2, 3);
     assert!(
-        eventually(Duration::from_secs(45), || tabby_routes(&lab, "node-2") == want2),
+        eventually(Duration::from_secs(45), || tabby_routes(&lab, "node-2")
+            == want2),
         "after the restart node-2 owns {:?}, want {want2:?}",
         tabby_routes(&lab, "node-2")
     );
     for i in [1, 3] {
         let want = expected_routes(&lab, i, 3);
-        assert!(eventually(Duration::from_secs(45), || tabby_routes(&lab, &format!("node-{i}")) == want), "node-{i} after the restart");
+        assert!(
+            eventually(Duration::from_secs(45), || tabby_routes(
+                &lab,
+                &format!("node-{i}")
+            ) == want),
+            "node-{i} after the restart"
+        );
     }
     all_pods_reach_each_other(&lab, &pods);
     lab.run(&["down"]);

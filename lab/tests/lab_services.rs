@@ -27,7 +27,18 @@ fn service(name: &str, ip: &str, selector: &str, extra: &str) -> String {
 /// (which are printed).
 fn requests(lab: &TestLab, from: &str, url: &str, n: u32) -> (BTreeMap<String, u32>, u32) {
     let out = lab
-        .cmd(&["exec", from, "--", "tabby-lab", "http-get", "--timeout-ms", "2000", "--count", &n.to_string(), url])
+        .cmd(&[
+            "exec",
+            from,
+            "--",
+            "tabby-lab",
+            "http-get",
+            "--timeout-ms",
+            "2000",
+            "--count",
+            &n.to_string(),
+            url,
+        ])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -47,7 +58,19 @@ fn requests(lab: &TestLab, from: &str, url: &str, n: u32) -> (BTreeMap<String, u
 
 /// One GET; its body or the error.
 fn get(lab: &TestLab, from: &str, url: &str, timeout_ms: u32) -> Result<String, String> {
-    let out = lab.cmd(&["exec", from, "--", "tabby-lab", "http-get", "--timeout-ms", &timeout_ms.to_string(), url]).output().unwrap();
+    let out = lab
+        .cmd(&[
+            "exec",
+            from,
+            "--",
+            "tabby-lab",
+            "http-get",
+            "--timeout-ms",
+            &timeout_ms.to_string(),
+            url,
+        ])
+        .output()
+        .unwrap();
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
@@ -66,7 +89,14 @@ fn wait_for(lab: &TestLab, from: &str, url: &str) {
 
 fn nat_rules(lab: &TestLab, node: &str) -> String {
     let out = Command::new("ip")
-        .args(["netns", "exec", &format!("{}-{node}", lab.prefix), "iptables-save", "-t", "nat"])
+        .args([
+            "netns",
+            "exec",
+            &format!("{}-{node}", lab.prefix),
+            "iptables-save",
+            "-t",
+            "nat",
+        ])
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -93,15 +123,32 @@ fn a_cluster_ip_spreads_requests_from_every_node_over_all_endpoints_and_hairpins
         assert_eq!(failures, 0, "{client}: {hosts:?}");
         assert_eq!(hosts.len(), 3, "{client} reached {hosts:?}");
         for (h, n) in &hosts {
-            assert!((15..=55).contains(n), "{client} -> {h}: {n} of 100 ({hosts:?})");
+            assert!(
+                (15..=55).contains(n),
+                "{client} -> {h}: {n} of 100 ({hosts:?})"
+            );
         }
         // Hairpin: a pod reaches itself through its own service.
-        assert!(hosts.get(client).copied().unwrap_or(0) > 0, "{client} never reached itself: {hosts:?}");
+        assert!(
+            hosts.get(client).copied().unwrap_or(0) > 0,
+            "{client} never reached itself: {hosts:?}"
+        );
     }
     let nat = nat_rules(&lab, "node-1");
-    assert!(nat.contains("-A PREROUTING -m comment --comment \"kubernetes service portals\" -j TABBY-SERVICES"), "{nat}");
-    assert!(nat.contains("-m statistic --mode random --probability 0.33333333349"), "{nat}");
-    assert!(nat.contains("--comment \"default/hello:http cluster IP\""), "{nat}");
+    assert!(
+        nat.contains(
+            "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j TABBY-SERVICES"
+        ),
+        "{nat}"
+    );
+    assert!(
+        nat.contains("-m statistic --mode random --probability 0.33333333349"),
+        "{nat}"
+    );
+    assert!(
+        nat.contains("--comment \"default/hello:http cluster IP\""),
+        "{nat}"
+    );
 }
 
 #[test]
@@ -111,7 +158,10 @@ fn session_affinity_keeps_a_client_on_one_endpoint_until_the_timeout() {
     }
     let lab = up("a", "1");
     let affinity = "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 5\n";
-    apply(&lab, &service("sticky", "10.96.0.11", "app: echo", affinity));
+    apply(
+        &lab,
+        &service("sticky", "10.96.0.11", "app: echo", affinity),
+    );
     let url = "http://10.96.0.11/";
     wait_for(&lab, "node-1-pod1", url);
     let (hosts, failures) = requests(&lab, "node-1-pod1", url, 100);
@@ -131,7 +181,10 @@ fn session_affinity_keeps_a_client_on_one_endpoint_until_the_timeout() {
             break;
         }
     }
-    assert!(moved, "the client never left {sticky} after the affinity timeout");
+    assert!(
+        moved,
+        "the client never left {sticky} after the affinity timeout"
+    );
 }
 
 #[test]
@@ -140,9 +193,23 @@ fn node_ports_answer_outside_clients_on_every_node_and_local_policy_keeps_their_
         return;
     }
     let lab = up("n", "1");
-    apply(&lab, &service("web", "10.96.0.12", "app: echo", "  type: NodePort\n").replace("targetPort: 8080\n", "targetPort: 8080\n    nodePort: 30080\n"));
-    let local = service("local", "10.96.0.13", "tabby.dev/node: node-1", "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n")
-        .replace("targetPort: 8080\n", "targetPort: 8080\n    nodePort: 30081\n");
+    apply(
+        &lab,
+        &service("web", "10.96.0.12", "app: echo", "  type: NodePort\n").replace(
+            "targetPort: 8080\n",
+            "targetPort: 8080\n    nodePort: 30080\n",
+        ),
+    );
+    let local = service(
+        "local",
+        "10.96.0.13",
+        "tabby.dev/node: node-1",
+        "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n",
+    )
+    .replace(
+        "targetPort: 8080\n",
+        "targetPort: 8080\n    nodePort: 30081\n",
+    );
     apply(&lab, &local);
     for i in 1..=3 {
         let url = format!("http://10.98.0.{i}:30080/");
@@ -155,8 +222,14 @@ fn node_ports_answer_outside_clients_on_every_node_and_local_policy_keeps_their_
     wait_for(&lab, "external", url);
     let body = get(&lab, "external", url, 2000).unwrap();
     assert!(body.contains("Hostname: node-1-pod1"), "{body}");
-    assert!(body.contains("RemoteAddr: 10.98.0.200:"), "the client address was not kept: {body}");
-    assert!(get(&lab, "external", "http://10.98.0.2:30081/", 1000).is_err(), "node-2 has no local endpoint and must not serve");
+    assert!(
+        body.contains("RemoteAddr: 10.98.0.200:"),
+        "the client address was not kept: {body}"
+    );
+    assert!(
+        get(&lab, "external", "http://10.98.0.2:30081/", 1000).is_err(),
+        "node-2 has no local endpoint and must not serve"
+    );
     // The health check node port tells load balancers where endpoints are.
     wait_for(&lab, "external", "http://10.98.0.1:32000/");
     let health = get(&lab, "external", "http://10.98.0.1:32000/", 2000).unwrap();
@@ -176,7 +249,10 @@ fn a_service_without_endpoints_is_rejected_at_once() {
     apply(&lab, &service("hello", CLUSTER_IP, "app: echo", ""));
     wait_for(&lab, "node-1-pod1", &format!("http://{CLUSTER_IP}/"));
     let err = get(&lab, "node-1-pod1", "http://10.96.0.14/", 5000).unwrap_err();
-    assert!(err.to_lowercase().contains("refused"), "expected a REJECT, got: {err}");
+    assert!(
+        err.to_lowercase().contains("refused"),
+        "expected a REJECT, got: {err}"
+    );
 }
 
 #[test]
@@ -190,13 +266,21 @@ fn a_deleted_endpoint_pod_leaves_the_rotation_within_a_second() {
     wait_for(&lab, "node-1-pod1", &url);
     let gone_ip = lab.pod_ip("node-3-pod1");
     let dnat = format!("--to-destination {gone_ip}:8080");
-    assert!(eventually(Duration::from_secs(10), || nat_rules(&lab, "node-1").contains(&dnat)));
+    assert!(eventually(Duration::from_secs(10), || nat_rules(
+        &lab, "node-1"
+    )
+    .contains(&dnat)));
     let start = Instant::now();
     lab.run(&["pod", "del", "node-3-pod1"]);
-    let gone = eventually(Duration::from_secs(1), || (1..=3).all(|i| !nat_rules(&lab, &format!("node-{i}")).contains(&dnat)));
+    let gone = eventually(Duration::from_secs(1), || {
+        (1..=3).all(|i| !nat_rules(&lab, &format!("node-{i}")).contains(&dnat))
+    });
     let took = start.elapsed();
     eprintln!("endpoint left every node's rules {took:?} after `pod del` started");
-    assert!(gone, "the deleted pod is still a DNAT target after {took:?}");
+    assert!(
+        gone,
+        "the deleted pod is still a DNAT target after {took:?}"
+    );
     let (hosts, failures) = requests(&lab, "node-1-pod1", &url, 40);
     assert_eq!(failures, 0, "{hosts:?}");
     assert!(!hosts.contains_key("node-3-pod1"), "{hosts:?}");

@@ -25,11 +25,11 @@ use crate::config::AgentConfig;
 use crate::desired::{desired_peers, kernel_routes, local_blocks, local_prefixes, PeerSpec};
 use crate::error::{AgentError, Result};
 use crate::register::{load_view, register_node};
-use crate::proxy::model::NodeFacts;
-use crate::proxy::proxier::ProxyEvent;
 use crate::routes::RouteProgrammer;
 use crate::service_proxy::node_facts;
 use crate::status::{NodeStatus, PeerRow};
+use tabby_proxy::model::NodeFacts;
+use tabby_proxy::proxier::ProxyEvent;
 
 /// What happened in BGP, as the agent needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,7 +82,11 @@ impl Rib {
     /// Applies one event; returns whether the best paths may have changed.
     pub fn apply(&mut self, ev: &BgpEvent) -> bool {
         match ev {
-            BgpEvent::Learned { peer, prefixes, next_hop } => {
+            BgpEvent::Learned {
+                peer,
+                prefixes,
+                next_hop,
+            } => {
                 for p in prefixes {
                     self.routes.entry(*p).or_default().insert(*peer, *next_hop);
                 }
@@ -114,7 +118,10 @@ impl Rib {
 
     /// The best next hop per prefix.
     pub fn best(&self) -> BTreeMap<IpNetwork, IpAddr> {
-        self.routes.iter().filter_map(|(p, paths)| paths.values().next().map(|nh| (*p, *nh))).collect()
+        self.routes
+            .iter()
+            .filter_map(|(p, paths)| paths.values().next().map(|nh| (*p, *nh)))
+            .collect()
     }
 
     /// How many prefixes are known.
@@ -173,11 +180,18 @@ pub fn resolve_uplink(cfg: &AgentConfig) -> Result<u32> {
             .ok_or_else(|| AgentError::Config(format!("uplink {name} does not exist")));
     }
     for link in nl.links()? {
-        if nl.addresses(link.index)?.iter().any(|a| a.ip() == cfg.bgp_address) {
+        if nl
+            .addresses(link.index)?
+            .iter()
+            .any(|a| a.ip() == cfg.bgp_address)
+        {
             return Ok(link.index);
         }
     }
-    Err(AgentError::Config(format!("no interface holds bgp_address {}; set uplink", cfg.bgp_address)))
+    Err(AgentError::Config(format!(
+        "no interface holds bgp_address {}; set uplink",
+        cfg.bgp_address
+    )))
 }
 
 impl<B: BgpControl> Agent<B> {
@@ -187,7 +201,9 @@ impl<B: BgpControl> Agent<B> {
         let node = register_node(ds.as_ref(), &cfg)?;
         info!(node = %node.name, address = ?node.address, "registered");
         let uplink = resolve_uplink(&cfg)?;
-        let routes = RouteProgrammer::start(std::time::Duration::from_secs(u64::from(cfg.hold_time.max(3))))?;
+        let routes = RouteProgrammer::start(std::time::Duration::from_secs(u64::from(
+            cfg.hold_time.max(3),
+        )))?;
         Ok(Self {
             cfg,
             ds,
@@ -210,7 +226,11 @@ impl<B: BgpControl> Agent<B> {
     }
 
     /// Runs until `shutdown` resolves; gives the speaker back for a clean close.
-    pub async fn run(mut self, mut events: mpsc::Receiver<BgpEvent>, shutdown: impl std::future::Future<Output = ()>) -> B {
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<BgpEvent>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> B {
         let mut tick = tokio::time::interval(self.cfg.poll_interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         tokio::pin!(shutdown);
@@ -262,9 +282,17 @@ impl<B: BgpControl> Agent<B> {
             }
         };
         let me = self.cfg.node_name.clone();
-        let want: BTreeMap<IpAddr, PeerSpec> =
-            desired_peers(&view, &me, self.cfg.bgp_address).into_iter().map(|p| (p.addr, p)).collect();
-        for addr in self.peers.keys().filter(|a| !want.contains_key(a)).copied().collect::<Vec<_>>() {
+        let want: BTreeMap<IpAddr, PeerSpec> = desired_peers(&view, &me, self.cfg.bgp_address)
+            .into_iter()
+            .map(|p| (p.addr, p))
+            .collect();
+        for addr in self
+            .peers
+            .keys()
+            .filter(|a| !want.contains_key(a))
+            .copied()
+            .collect::<Vec<_>>()
+        {
             info!(peer = %addr, "removing peer");
             self.remove_peer(addr, events).await;
             self.peers.remove(&addr);
@@ -296,7 +324,11 @@ impl<B: BgpControl> Agent<B> {
             let facts = node_facts(&self.cfg, &view);
             // Never wait on the proxy (its syncs block on iptables-restore):
             // when its queue is full, the next pass tries again.
-            if self.facts.as_ref() != Some(&facts) && tx.try_send(ProxyEvent::Node(Box::new(facts.clone()))).is_ok() {
+            if self.facts.as_ref() != Some(&facts)
+                && tx
+                    .try_send(ProxyEvent::Node(Box::new(facts.clone())))
+                    .is_ok()
+            {
                 self.facts = Some(facts);
             }
         }
@@ -317,7 +349,12 @@ impl<B: BgpControl> Agent<B> {
     }
 
     fn push_routes(&self) {
-        self.routes.set(kernel_routes(&self.blocks, &self.rib.best(), self.cfg.bgp_address, self.uplink));
+        self.routes.set(kernel_routes(
+            &self.blocks,
+            &self.rib.best(),
+            self.cfg.bgp_address,
+            self.uplink,
+        ));
     }
 }
 
@@ -335,13 +372,32 @@ mod tests {
     #[test]
     fn the_rib_keeps_one_best_path_and_forgets_a_peer_that_went_down() {
         let mut rib = Rib::default();
-        assert!(rib.apply(&BgpEvent::Learned { peer: ip("10.0.0.3"), prefixes: vec![net("10.244.1.0/26")], next_hop: ip("10.0.0.3") }));
-        rib.apply(&BgpEvent::Learned { peer: ip("10.0.0.2"), prefixes: vec![net("10.244.1.0/26")], next_hop: ip("10.0.0.9") });
-        assert_eq!(rib.best()[&net("10.244.1.0/26")], ip("10.0.0.9"), "the lowest peer address wins");
-        assert!(rib.apply(&BgpEvent::PeerDown { peer: ip("10.0.0.2") }));
+        assert!(rib.apply(&BgpEvent::Learned {
+            peer: ip("10.0.0.3"),
+            prefixes: vec![net("10.244.1.0/26")],
+            next_hop: ip("10.0.0.3")
+        }));
+        rib.apply(&BgpEvent::Learned {
+            peer: ip("10.0.0.2"),
+            prefixes: vec![net("10.244.1.0/26")],
+            next_hop: ip("10.0.0.9"),
+        });
+        assert_eq!(
+            rib.best()[&net("10.244.1.0/26")],
+            ip("10.0.0.9"),
+            "the lowest peer address wins"
+        );
+        assert!(rib.apply(&BgpEvent::PeerDown {
+            peer: ip("10.0.0.2")
+        }));
         assert_eq!(rib.best()[&net("10.244.1.0/26")], ip("10.0.0.3"));
-        assert!(rib.apply(&BgpEvent::Withdrawn { peer: ip("10.0.0.3"), prefixes: vec![net("10.244.1.0/26")] }));
+        assert!(rib.apply(&BgpEvent::Withdrawn {
+            peer: ip("10.0.0.3"),
+            prefixes: vec![net("10.244.1.0/26")]
+        }));
         assert!(rib.is_empty());
-        assert!(!rib.apply(&BgpEvent::PeerDown { peer: ip("10.0.0.3") }));
+        assert!(!rib.apply(&BgpEvent::PeerDown {
+            peer: ip("10.0.0.3")
+        }));
     }
 }

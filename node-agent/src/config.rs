@@ -171,15 +171,20 @@ impl AgentConfig {
     /// flags win, then validates.
     pub fn load_with(path: Option<&Path>, overrides: &[(&str, toml::Value)]) -> Result<Self> {
         let text = match path {
-            Some(p) => std::fs::read_to_string(p)
-                .map_err(|source| AgentError::ReadConfig { path: p.display().to_string(), source })?,
+            Some(p) => std::fs::read_to_string(p).map_err(|source| AgentError::ReadConfig {
+                path: p.display().to_string(),
+                source,
+            })?,
             None => String::new(),
         };
-        let mut table: toml::Table = toml::from_str(&text).map_err(|e| AgentError::Config(e.to_string()))?;
+        let mut table: toml::Table =
+            toml::from_str(&text).map_err(|e| AgentError::Config(e.to_string()))?;
         for (key, value) in overrides {
             table.insert((*key).to_string(), value.clone());
         }
-        let c: AgentConfig = table.try_into().map_err(|e: toml::de::Error| AgentError::Config(e.to_string()))?;
+        let c: AgentConfig = table
+            .try_into()
+            .map_err(|e: toml::de::Error| AgentError::Config(e.to_string()))?;
         c.validate()?;
         Ok(c)
     }
@@ -187,20 +192,32 @@ impl AgentConfig {
     /// Checks the values a peer would reject later.
     pub fn validate(&self) -> Result<()> {
         if !matches!(self.proxy.backend.as_str(), "auto" | "legacy" | "nft") {
-            return Err(AgentError::Config(format!("proxy.backend {:?} is not auto, legacy or nft", self.proxy.backend)));
+            return Err(AgentError::Config(format!(
+                "proxy.backend {:?} is not auto, legacy or nft",
+                self.proxy.backend
+            )));
         }
         if self.proxy.masquerade_mark.count_ones() != 1 {
-            return Err(AgentError::Config(format!("proxy.masquerade_mark {:#x} must be a single bit", self.proxy.masquerade_mark)));
+            return Err(AgentError::Config(format!(
+                "proxy.masquerade_mark {:#x} must be a single bit",
+                self.proxy.masquerade_mark
+            )));
         }
         if self.node_name.is_empty() {
             return Err(AgentError::Config("node_name is empty".into()));
         }
         if self.hold_time != 0 && self.hold_time < 3 {
-            return Err(AgentError::Config(format!("hold_time {} must be 0 or at least 3 seconds (RFC 4271)", self.hold_time)));
+            return Err(AgentError::Config(format!(
+                "hold_time {} must be 0 or at least 3 seconds (RFC 4271)",
+                self.hold_time
+            )));
         }
         if let Some(k) = self.keepalive {
             if self.hold_time != 0 && k >= self.hold_time {
-                return Err(AgentError::Config(format!("keepalive {k} must be below hold_time {}", self.hold_time)));
+                return Err(AgentError::Config(format!(
+                    "keepalive {k} must be below hold_time {}",
+                    self.hold_time
+                )));
             }
         }
         Ok(())
@@ -223,20 +240,40 @@ mod tests {
 
     #[test]
     fn a_minimal_file_gets_calico_like_defaults() {
-        let c = AgentConfig::parse("node_name = \"node-1\"\nbgp_address = \"10.98.0.1\"\n").unwrap();
+        let c =
+            AgentConfig::parse("node_name = \"node-1\"\nbgp_address = \"10.98.0.1\"\n").unwrap();
         assert_eq!(c.bgp_port, 179);
         assert_eq!(c.hold_time, 90);
         assert_eq!(c.keepalive(), Duration::from_secs(30));
         assert_eq!(c.health_listen.to_string(), "127.0.0.1:9099");
         assert!(c.proxy.enabled);
-        assert_eq!((c.proxy.backend.as_str(), c.proxy.masquerade_mark, c.proxy.min_sync_period_ms), ("auto", 0x4000, 1000));
+        assert_eq!(
+            (
+                c.proxy.backend.as_str(),
+                c.proxy.masquerade_mark,
+                c.proxy.min_sync_period_ms
+            ),
+            ("auto", 0x4000, 1000)
+        );
     }
 
     #[test]
     fn flags_override_the_file_and_can_replace_it() {
         let s = |v: &str| toml::Value::String(v.into());
-        let c = AgentConfig::load_with(None, &[("node_name", s("1234")), ("bgp_address", s("10.0.0.9")), ("as_number", toml::Value::Integer(65001))]).unwrap();
-        assert_eq!((c.node_name.as_str(), c.as_number), ("1234", Some(65001)), "a numeric node name stays a name");
+        let c = AgentConfig::load_with(
+            None,
+            &[
+                ("node_name", s("1234")),
+                ("bgp_address", s("10.0.0.9")),
+                ("as_number", toml::Value::Integer(65001)),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            (c.node_name.as_str(), c.as_number),
+            ("1234", Some(65001)),
+            "a numeric node name stays a name"
+        );
         assert_eq!(c.bgp_address, "10.0.0.9".parse::<IpAddr>().unwrap());
         let e = AgentConfig::load_with(None, &[("node_name", s("n"))]).unwrap_err();
         assert!(e.to_string().contains("bgp_address"), "{e}");
@@ -244,11 +281,14 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused_with_a_reason() {
-        let e = AgentConfig::parse("node_name = \"n\"\nbgp_address = \"10.0.0.1\"\nhold_time = 2\n").unwrap_err();
+        let e =
+            AgentConfig::parse("node_name = \"n\"\nbgp_address = \"10.0.0.1\"\nhold_time = 2\n")
+                .unwrap_err();
         assert!(e.to_string().contains("hold_time"), "{e}");
         let e = AgentConfig::parse("node_name = \"n\"\nbgp_address = \"nope\"\n").unwrap_err();
         assert!(e.to_string().contains("bgp_address"), "{e}");
-        let e = AgentConfig::parse("node_name = \"n\"\nbgp_address = \"10.0.0.1\"\ncolour = 1\n").unwrap_err();
+        let e = AgentConfig::parse("node_name = \"n\"\nbgp_address = \"10.0.0.1\"\ncolour = 1\n")
+            .unwrap_err();
         assert!(e.to_string().contains("colour"), "{e}");
     }
 }

@@ -17,7 +17,7 @@ use tabby_ipam::report::Snapshot;
 use tabby_ipam::resources::{BgpConfiguration, BgpPeer};
 use tabby_ipam::AffinityState;
 
-pub use crate::bgp::PeerType;
+pub use tabby_bgp::PeerType;
 
 /// Protocol number of every route `tabby-node` installs (`ip route show proto 201`).
 /// Pod routes added by the CNI plugin carry `proto boot` and are never touched.
@@ -50,7 +50,12 @@ pub struct ClusterView {
 impl ClusterView {
     /// The AS of `node`: its own, else the cluster's.
     pub fn asn_of(&self, node: &str) -> u32 {
-        self.snapshot.nodes.iter().find(|n| n.name == node).and_then(|n| n.asn).unwrap_or(self.bgp.as_number)
+        self.snapshot
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .and_then(|n| n.asn)
+            .unwrap_or(self.bgp.as_number)
     }
 }
 
@@ -62,7 +67,15 @@ pub fn desired_peers(view: &ClusterView, me: &str, my_addr: IpAddr) -> Vec<PeerS
         for n in &view.snapshot.nodes {
             if let Some(addr) = n.address.filter(|a| n.name != me && *a != my_addr) {
                 let asn = n.asn.unwrap_or(view.bgp.as_number);
-                by_addr.insert(addr, PeerSpec { addr, asn, peer_type: PeerType::NodeMesh, password: None });
+                by_addr.insert(
+                    addr,
+                    PeerSpec {
+                        addr,
+                        asn,
+                        peer_type: PeerType::NodeMesh,
+                        password: None,
+                    },
+                );
             }
         }
     }
@@ -75,7 +88,15 @@ pub fn desired_peers(view: &ClusterView, me: &str, my_addr: IpAddr) -> Vec<PeerS
         if p.peer_ip == my_addr {
             continue;
         }
-        by_addr.insert(p.peer_ip, PeerSpec { addr: p.peer_ip, asn: p.as_number, peer_type, password: p.password.clone() });
+        by_addr.insert(
+            p.peer_ip,
+            PeerSpec {
+                addr: p.peer_ip,
+                asn: p.as_number,
+                peer_type,
+                password: p.password.clone(),
+            },
+        );
     }
     by_addr.into_values().collect()
 }
@@ -87,7 +108,12 @@ pub fn local_blocks(view: &ClusterView, me: &str) -> BTreeSet<IpNetwork> {
         .iter()
         .filter(|a| a.node == me && a.state == AffinityState::Confirmed)
         .map(|a| a.cidr)
-        .filter(|cidr| view.snapshot.blocks.iter().any(|b| b.cidr == *cidr && b.node() == Some(me)))
+        .filter(|cidr| {
+            view.snapshot
+                .blocks
+                .iter()
+                .any(|b| b.cidr == *cidr && b.node() == Some(me))
+        })
         .collect()
 }
 
@@ -117,13 +143,20 @@ pub fn kernel_routes(
     my_addr: IpAddr,
     uplink: u32,
 ) -> Vec<Route> {
-    let mut routes: Vec<Route> =
-        local_blocks.iter().map(|b| Route::blackhole(*b).with_protocol(RTPROT_TABBY)).collect();
+    let mut routes: Vec<Route> = local_blocks
+        .iter()
+        .map(|b| Route::blackhole(*b).with_protocol(RTPROT_TABBY))
+        .collect();
     for (prefix, nh) in learned {
         if local_blocks.contains(prefix) || *nh == my_addr || prefix.is_ipv4() != nh.is_ipv4() {
             continue;
         }
-        routes.push(Route::new(*prefix).via(*nh).dev(uplink).with_protocol(RTPROT_TABBY));
+        routes.push(
+            Route::new(*prefix)
+                .via(*nh)
+                .dev(uplink)
+                .with_protocol(RTPROT_TABBY),
+        );
     }
     routes
 }
@@ -144,12 +177,19 @@ pub fn diff(
             replace.push(r.clone());
         }
     }
-    let delete = current.iter().filter(|(dst, _)| !wanted.contains(*dst)).map(|(_, r)| r.clone()).collect();
+    let delete = current
+        .iter()
+        .filter(|(dst, _)| !wanted.contains(*dst))
+        .map(|(_, r)| r.clone())
+        .collect();
     (replace, delete)
 }
 
 fn same_route(a: &Route, b: &Route) -> bool {
-    a.dst == b.dst && a.gateway == b.gateway && a.kind == b.kind && (a.oif == b.oif || b.oif.is_none())
+    a.dst == b.dst
+        && a.gateway == b.gateway
+        && a.kind == b.kind
+        && (a.oif == b.oif || b.oif.is_none())
 }
 
 #[cfg(test)]

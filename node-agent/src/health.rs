@@ -6,17 +6,22 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::agent::Shared;
-use crate::http::{self, Response};
+use tabby_proxy::http::{self, Response};
 
 /// Serves the endpoints from the agent's shared snapshot. The agent is
 /// healthy while its loop keeps passing (within ten poll intervals).
 pub async fn serve(listener: TcpListener, shared: Arc<Mutex<Shared>>, poll: Duration) {
     http::serve(listener, move |path| {
-        let Ok(s) = shared.lock() else { return Response::text(503, "state poisoned\n") };
+        let Ok(s) = shared.lock() else {
+            return Response::text(503, "state poisoned\n");
+        };
         match path {
             "/healthz" | "/livez" => match s.last_pass {
                 Some(t) if t.elapsed() <= poll * 10 => Response::text(200, "ok\n"),
-                Some(t) => Response::text(503, format!("the agent loop last ran {:?} ago\n", t.elapsed())),
+                Some(t) => Response::text(
+                    503,
+                    format!("the agent loop last ran {:?} ago\n", t.elapsed()),
+                ),
                 None => Response::text(503, "starting\n"),
             },
             "/readyz" => {

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use tabby_bgp::{Speaker, SpeakerConfig};
 use tabby_node::agent::{Agent, Shared};
-use tabby_node::bgp::{Speaker, SpeakerConfig};
 use tabby_node::config::AgentConfig;
 use tabby_node::speaker_control::{forward_events, SpeakerControl};
 use tabby_node::{health, service_proxy, status};
@@ -42,7 +42,10 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log_level)
+                .unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -77,7 +80,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         overrides.push(("datastore", text(d.display().to_string())));
     }
     let cfg = AgentConfig::load_with(args.config.as_deref(), &overrides)?;
-    let IpAddr::V4(router_id) = cfg.bgp_address else { bail!("bgp_address must be IPv4 for now") };
+    let IpAddr::V4(router_id) = cfg.bgp_address else {
+        bail!("bgp_address must be IPv4 for now")
+    };
     let datastore = cfg.datastore.clone();
     let cluster_asn = tokio::task::spawn_blocking(move || {
         let ds = tabby_ipam::FileDatastore::open(&datastore)?;
@@ -85,10 +90,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     })
     .await??;
     let asn = cfg.as_number.unwrap_or(cluster_asn);
-    let (speaker, speaker_events) =
-        Speaker::start(SpeakerConfig { router_id, asn, listen_addr: router_id, listen_port: cfg.bgp_port })
-            .await
-            .context("start the BGP speaker")?;
+    let (speaker, speaker_events) = Speaker::start(SpeakerConfig {
+        router_id,
+        asn,
+        listen_addr: router_id,
+        listen_port: cfg.bgp_port,
+    })
+    .await
+    .context("start the BGP speaker")?;
     let (tx, events) = tokio::sync::mpsc::channel(1024);
     tokio::spawn(forward_events(speaker_events, tx));
 
@@ -111,7 +120,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.health_listen)
         .await
         .with_context(|| format!("listen on {}", cfg.health_listen))?;
-    let health_task = tokio::spawn(health::serve(listener, Arc::clone(&shared), cfg.poll_interval()));
+    let health_task = tokio::spawn(health::serve(
+        listener,
+        Arc::clone(&shared),
+        cfg.poll_interval(),
+    ));
     info!(node = %cfg.node_name, address = %cfg.bgp_address, asn, "tabby-node running");
 
     let mut term = signal(SignalKind::terminate())?;

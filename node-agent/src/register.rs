@@ -26,7 +26,12 @@ pub fn register_node(ds: &impl Datastore, cfg: &AgentConfig) -> Result<Node> {
                 store::update(ds, &key, &node, &doc.revision).map(|_| node)
             }
             None => {
-                let node = Node { name: cfg.node_name.clone(), address: Some(cfg.bgp_address), asn: cfg.as_number, labels: Default::default() };
+                let node = Node {
+                    name: cfg.node_name.clone(),
+                    address: Some(cfg.bgp_address),
+                    asn: cfg.as_number,
+                    labels: Default::default(),
+                };
                 store::create(ds, &key, &node).map(|_| node)
             }
         };
@@ -41,7 +46,11 @@ pub fn register_node(ds: &impl Datastore, cfg: &AgentConfig) -> Result<Node> {
 
 /// Reads everything the agent acts on.
 pub fn load_view(ds: &impl Datastore) -> Result<ClusterView> {
-    Ok(ClusterView { snapshot: Snapshot::load(ds)?, bgp: resources::bgp_config(ds)?, peers: resources::bgp_peers(ds)? })
+    Ok(ClusterView {
+        snapshot: Snapshot::load(ds)?,
+        bgp: resources::bgp_config(ds)?,
+        peers: resources::bgp_peers(ds)?,
+    })
 }
 
 #[cfg(test)]

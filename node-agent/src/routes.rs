@@ -59,8 +59,15 @@ impl RouteProgrammer {
         let thread = std::thread::Builder::new()
             .name("tabby-routes".into())
             .spawn(move || run(nl, batch, rx, s2, startup_grace))
-            .map_err(|e| crate::error::AgentError::Io { context: "start the route thread".into(), source: e })?;
-        Ok(Self { tx: Some(tx), thread: Some(thread), stats })
+            .map_err(|e| crate::error::AgentError::Io {
+                context: "start the route thread".into(),
+                source: e,
+            })?;
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+            stats,
+        })
     }
 
     /// Hands over the complete desired set of our routes.
@@ -121,7 +128,11 @@ fn run(
     let mut inherited: Option<BTreeSet<IpNetwork>> = None;
     loop {
         let now = Instant::now();
-        let wait = if now < grace_ends { (grace_ends - now).min(RESYNC) } else { RESYNC };
+        let wait = if now < grace_ends {
+            (grace_ends - now).min(RESYNC)
+        } else {
+            RESYNC
+        };
         match rx.recv_timeout(wait) {
             Ok(mut d) => {
                 // Coalesce: only the newest set matters.
@@ -145,9 +156,15 @@ fn run(
                 }
             }
         }
-        let (Some(k), Some(want)) = (kernel.as_mut(), desired.as_ref()) else { continue };
+        let (Some(k), Some(want)) = (kernel.as_mut(), desired.as_ref()) else {
+            continue;
+        };
         let inherited = inherited.get_or_insert_with(|| {
-            k.applied.values().filter(|r| r.kind != RouteKind::Blackhole).map(|r| r.dst).collect()
+            k.applied
+                .values()
+                .filter(|r| r.kind != RouteKind::Blackhole)
+                .map(|r| r.dst)
+                .collect()
         });
         if Instant::now() >= grace_ends {
             inherited.clear();
@@ -185,8 +202,14 @@ fn apply(
         k.applied.insert(r.dst, r.clone());
     }
     let (ok_d, ok_r) = (
-        delete.iter().filter(|r| !failed_dst.contains(&r.dst)).count() as u64,
-        replace.iter().filter(|r| !failed_dst.contains(&r.dst)).count() as u64,
+        delete
+            .iter()
+            .filter(|r| !failed_dst.contains(&r.dst))
+            .count() as u64,
+        replace
+            .iter()
+            .filter(|r| !failed_dst.contains(&r.dst))
+            .count() as u64,
     );
     if ok_r + ok_d < 50 {
         debug!(replaced = ok_r, deleted = ok_d, "routes synced");

@@ -21,17 +21,17 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::agent::Shared;
-use crate::cluster_state::{ClusterState, FileClusterState};
 use crate::config::AgentConfig;
 use crate::desired::ClusterView;
 use crate::error::{AgentError, Result};
-use crate::proxy::conntrack::ConntrackCli;
-use crate::proxy::healthcheck::HealthCheckServer;
-use crate::proxy::iptables::{detect_backend, Backend, Iptables};
-use crate::proxy::metrics::render_prometheus;
-use crate::proxy::model::NodeFacts;
-use crate::proxy::proxier::{Proxier, ProxyEvent, SyncConfig};
-use crate::proxy::rules::ProxyOptions;
+use tabby_proxy::cluster_state::{ClusterState, FileClusterState};
+use tabby_proxy::conntrack::ConntrackCli;
+use tabby_proxy::healthcheck::HealthCheckServer;
+use tabby_proxy::iptables::{detect_backend, Backend, Iptables};
+use tabby_proxy::metrics::render_prometheus;
+use tabby_proxy::model::NodeFacts;
+use tabby_proxy::proxier::{Proxier, ProxyEvent, SyncConfig};
+use tabby_proxy::rules::ProxyOptions;
 
 /// Starts the proxy; returns where node facts changes go.
 pub fn start(cfg: &AgentConfig, shared: Arc<Mutex<Shared>>) -> Result<mpsc::Sender<ProxyEvent>> {
@@ -42,14 +42,26 @@ pub fn start(cfg: &AgentConfig, shared: Arc<Mutex<Shared>>) -> Result<mpsc::Send
         _ => detect_backend(None),
     };
     info!(backend = backend.name(), resources = %pc.resources_dir.display(), "service proxy starting");
-    let opts = ProxyOptions { masquerade_mark: pc.masquerade_mark, ..ProxyOptions::default() };
+    let opts = ProxyOptions {
+        masquerade_mark: pc.masquerade_mark,
+        ..ProxyOptions::default()
+    };
     let sync = SyncConfig {
         min_sync_period: Duration::from_millis(pc.min_sync_period_ms),
         max_sync_period: Duration::from_millis(pc.max_sync_period_ms),
         ..SyncConfig::default()
     };
-    let facts = NodeFacts { name: cfg.node_name.clone(), ..NodeFacts::default() };
-    let proxier = Proxier::new(facts, opts, sync, Iptables::new(backend), ConntrackCli::default());
+    let facts = NodeFacts {
+        name: cfg.node_name.clone(),
+        ..NodeFacts::default()
+    };
+    let proxier = Proxier::new(
+        facts,
+        opts,
+        sync,
+        Iptables::new(backend),
+        ConntrackCli::default(),
+    );
     let (tx, rx) = mpsc::channel(4096);
     let main = tokio::runtime::Handle::current();
     let mut health = {
@@ -59,25 +71,36 @@ pub fn start(cfg: &AgentConfig, shared: Arc<Mutex<Shared>>) -> Result<mpsc::Send
     std::thread::Builder::new()
         .name("tabby-proxy".into())
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     warn!(error = %e, "service proxy runtime");
                     return;
                 }
             };
-            rt.block_on(proxier.run_observed(rx, move |p: &Proxier<Iptables, ConntrackCli>| {
-                {
-                    let _in_main = main.enter();
-                    health.update(p.health_checks());
-                }
-                if let Ok(mut s) = shared.lock() {
-                    s.proxy_metrics = render_prometheus(p.metrics());
-                }
-            }));
+            rt.block_on(
+                proxier.run_observed(rx, move |p: &Proxier<Iptables, ConntrackCli>| {
+                    {
+                        let _in_main = main.enter();
+                        health.update(p.health_checks());
+                    }
+                    if let Ok(mut s) = shared.lock() {
+                        s.proxy_metrics = render_prometheus(p.metrics());
+                    }
+                }),
+            );
         })
-        .map_err(|source| AgentError::Io { context: "start the service proxy thread".into(), source })?;
-    let source = FileClusterState { dir: pc.resources_dir.clone(), interval: Duration::from_millis(pc.resources_poll_ms.max(20)) };
+        .map_err(|source| AgentError::Io {
+            context: "start the service proxy thread".into(),
+            source,
+        })?;
+    let source = FileClusterState {
+        dir: pc.resources_dir.clone(),
+        interval: Duration::from_millis(pc.resources_poll_ms.max(20)),
+    };
     tokio::spawn(source.run(tx.clone()));
     Ok(tx)
 }
@@ -89,14 +112,25 @@ pub fn node_facts(cfg: &AgentConfig, view: &ClusterView) -> NodeFacts {
         IpNetwork::V4(n) => Some(*n),
         IpNetwork::V6(_) => None,
     };
-    let cluster_cidr: Option<Ipv4Network> = cfg
-        .proxy
-        .cluster_cidr
-        .or_else(|| view.snapshot.pools.iter().filter(|p| !p.disabled).find_map(|p| v4(&p.cidr)));
-    let pod_cidrs = crate::desired::local_blocks(view, &cfg.node_name).iter().filter_map(v4).collect();
+    let cluster_cidr: Option<Ipv4Network> = cfg.proxy.cluster_cidr.or_else(|| {
+        view.snapshot
+            .pools
+            .iter()
+            .filter(|p| !p.disabled)
+            .find_map(|p| v4(&p.cidr))
+    });
+    let pod_cidrs = crate::desired::local_blocks(view, &cfg.node_name)
+        .iter()
+        .filter_map(v4)
+        .collect();
     let node_ips = match cfg.bgp_address {
         IpAddr::V4(a) => vec![a],
         IpAddr::V6(_) => Vec::new(),
     };
-    NodeFacts { name: cfg.node_name.clone(), node_ips, cluster_cidr, pod_cidrs }
+    NodeFacts {
+        name: cfg.node_name.clone(),
+        node_ips,
+        cluster_cidr,
+        pod_cidrs,
+    }
 }

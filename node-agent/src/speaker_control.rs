@@ -9,10 +9,10 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::agent::{BgpControl, BgpEvent};
-use crate::bgp::{PeerConfig, PeerStatus, Speaker, SpeakerEvent, State};
 use crate::config::AgentConfig;
 use crate::desired::PeerSpec;
 use crate::status::PeerRow;
+use tabby_bgp::{PeerConfig, PeerStatus, Speaker, SpeakerEvent, State};
 
 /// A started speaker with the agent's session settings.
 pub struct SpeakerControl {
@@ -101,7 +101,11 @@ pub fn row(s: &PeerStatus) -> PeerRow {
 
 /// BIRD's SINCE column: the UTC time of day for today, else the date.
 pub fn since(t: SystemTime, now: SystemTime) -> String {
-    let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = |t: SystemTime| {
+        t.duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    };
     let (ts, ns) = (secs(t), secs(now));
     if ns / 86_400 == ts / 86_400 {
         let d = ts % 86_400;
@@ -132,14 +136,19 @@ pub async fn forward_events(mut from: mpsc::Receiver<SpeakerEvent>, to: mpsc::Se
         let ev = match ev {
             SpeakerEvent::PeerUp { .. } => continue,
             SpeakerEvent::PeerDown { peer } => BgpEvent::PeerDown { peer: v4(peer) },
-            SpeakerEvent::RoutesLearned { peer, next_hop, prefixes } => BgpEvent::Learned {
+            SpeakerEvent::RoutesLearned {
+                peer,
+                next_hop,
+                prefixes,
+            } => BgpEvent::Learned {
                 peer: v4(peer),
                 next_hop: v4(next_hop),
                 prefixes: prefixes.into_iter().map(IpNetwork::V4).collect(),
             },
-            SpeakerEvent::RoutesWithdrawn { peer, prefixes } => {
-                BgpEvent::Withdrawn { peer: v4(peer), prefixes: prefixes.into_iter().map(IpNetwork::V4).collect() }
-            }
+            SpeakerEvent::RoutesWithdrawn { peer, prefixes } => BgpEvent::Withdrawn {
+                peer: v4(peer),
+                prefixes: prefixes.into_iter().map(IpNetwork::V4).collect(),
+            },
         };
         if to.send(ev).await.is_err() {
             return;
@@ -162,16 +171,22 @@ mod tests {
     fn an_established_session_is_up_and_others_say_why_not() {
         let mut s = PeerStatus {
             addr: "10.98.0.2".parse().unwrap(),
-            peer_type: crate::bgp::PeerType::NodeMesh,
+            peer_type: tabby_bgp::PeerType::NodeMesh,
             state: State::Established,
             since: SystemTime::now(),
             info: String::new(),
         };
         let r = row(&s);
-        assert_eq!((r.state.as_str(), r.info.as_str(), r.peer_type.as_str()), ("up", "Established", "node-to-node mesh"));
+        assert_eq!(
+            (r.state.as_str(), r.info.as_str(), r.peer_type.as_str()),
+            ("up", "Established", "node-to-node mesh")
+        );
         s.state = State::Active;
         s.info = "Connection refused".into();
         let r = row(&s);
-        assert_eq!((r.state.as_str(), r.info.as_str()), ("start", "Active Connection refused"));
+        assert_eq!(
+            (r.state.as_str(), r.info.as_str()),
+            ("start", "Active Connection refused")
+        );
     }
 }

@@ -3,16 +3,14 @@
 //! Tabby's kernel with Tabby's protocol, withdraws and a silent peer remove
 //! them, and `node status` reports the session (root only).
 
-mod bgp_support;
-
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bgp_support::*;
 use tabby_ipam::resources::{create_bgp_peer, BgpPeer};
 use tabby_ipam::{AssignArgs, FileDatastore, IpPool, Ipam};
+use tabby_testkit::bgp::*;
 
 /// The agent process, killed on drop.
 struct AgentProc(Child);
@@ -50,7 +48,13 @@ fn datastore(lab: &Lab, peer_asn: u32) -> std::path::PathBuf {
         })
         .unwrap();
     assert!(got[0].ip().to_string().starts_with("10.244.1."), "{got:?}");
-    let peer = BgpPeer { name: "router".into(), peer_ip: PEER_ADDR.into(), as_number: peer_asn, node: None, password: None };
+    let peer = BgpPeer {
+        name: "router".into(),
+        peer_ip: PEER_ADDR.into(),
+        as_number: peer_asn,
+        node: None,
+        password: None,
+    };
     create_bgp_peer(ipam.datastore(), &peer).unwrap();
     dir
 }
@@ -69,7 +73,13 @@ fn start_agent(lab: &Lab, store: &std::path::Path) -> AgentProc {
     .unwrap();
     let log = std::fs::File::create(lab.dir.join("agent.log")).unwrap();
     let child = Command::new("ip")
-        .args(["netns", "exec", &lab.tabby_ns, env!("CARGO_BIN_EXE_tabby-node"), "--config"])
+        .args([
+            "netns",
+            "exec",
+            &lab.tabby_ns,
+            env!("CARGO_BIN_EXE_tabby-node"),
+            "--config",
+        ])
         .arg(&conf)
         .env("TABBY_LOG", "debug")
         .stdin(Stdio::null())
@@ -85,7 +95,9 @@ fn tabby_kernel_route(lab: &Lab) -> String {
 }
 
 fn node_status(lab: &Lab) -> String {
-    let Ok(mut s) = UnixStream::connect(lab.dir.join("node.sock")) else { return String::new() };
+    let Ok(mut s) = UnixStream::connect(lab.dir.join("node.sock")) else {
+        return String::new();
+    };
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
@@ -108,29 +120,65 @@ fn agent_with(daemon: fn(&mut Lab, u32, Option<&str>) -> Peer, peer_asn: u32) {
     let peer = daemon(&mut lab, peer_asn, None);
     let _agent = start_agent(&lab, &store);
 
-    wait("the session in node status", Duration::from_secs(30), &lab, || node_status(&lab).contains("Established"));
+    wait(
+        "the session in node status",
+        Duration::from_secs(30),
+        &lab,
+        || node_status(&lab).contains("Established"),
+    );
     let status = node_status(&lab);
-    assert!(status.contains("\"peerType\":\"global\"") && status.contains(&PEER_ADDR.to_string()), "{status}");
-    wait("Tabby's block at the peer", Duration::from_secs(30), &lab, || peer.has_tabby_route(&lab));
+    assert!(
+        status.contains("\"peerType\":\"global\"") && status.contains(&PEER_ADDR.to_string()),
+        "{status}"
+    );
+    wait(
+        "Tabby's block at the peer",
+        Duration::from_secs(30),
+        &lab,
+        || peer.has_tabby_route(&lab),
+    );
     peer.announce(&lab);
-    wait("the peer's prefix in Tabby's kernel", Duration::from_secs(30), &lab, || {
-        let r = tabby_kernel_route(&lab);
-        r.contains(&format!("via {PEER_ADDR}")) && r.contains("proto 201")
-    });
+    wait(
+        "the peer's prefix in Tabby's kernel",
+        Duration::from_secs(30),
+        &lab,
+        || {
+            let r = tabby_kernel_route(&lab);
+            r.contains(&format!("via {PEER_ADDR}")) && r.contains("proto 201")
+        },
+    );
     let blackhole = run(&["ip", "-n", &lab.tabby_ns, "route", "show", TABBY_PREFIX]);
-    assert!(blackhole.contains("blackhole") && blackhole.contains("proto 201"), "{blackhole}");
+    assert!(
+        blackhole.contains("blackhole") && blackhole.contains("proto 201"),
+        "{blackhole}"
+    );
 
     peer.withdraw(&lab);
-    wait("the withdraw in Tabby's kernel", Duration::from_secs(30), &lab, || tabby_kernel_route(&lab).is_empty());
+    wait(
+        "the withdraw in Tabby's kernel",
+        Duration::from_secs(30),
+        &lab,
+        || tabby_kernel_route(&lab).is_empty(),
+    );
     peer.announce_again(&lab);
-    wait("the prefix again", Duration::from_secs(30), &lab, || !tabby_kernel_route(&lab).is_empty());
+    wait("the prefix again", Duration::from_secs(30), &lab, || {
+        !tabby_kernel_route(&lab).is_empty()
+    });
 
     // A peer that goes silent loses its routes when the hold time (9 s) runs out.
     let frozen = Instant::now();
     lab.signal_daemon("STOP");
-    wait("the routes of a silent peer to go", Duration::from_secs(20), &lab, || tabby_kernel_route(&lab).is_empty());
+    wait(
+        "the routes of a silent peer to go",
+        Duration::from_secs(20),
+        &lab,
+        || tabby_kernel_route(&lab).is_empty(),
+    );
     let after = frozen.elapsed();
-    assert!(after >= Duration::from_secs(5), "routes dropped after {after:?}, before the hold time");
+    assert!(
+        after >= Duration::from_secs(5),
+        "routes dropped after {after:?}, before the hold time"
+    );
     lab.signal_daemon("CONT");
 }
 

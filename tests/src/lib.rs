@@ -15,13 +15,24 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A name unique to this process and call: `<prefix><pid>x<n>`.
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}{}x{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}{}x{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Runs a command and fails the test with its output if it fails.
 pub fn sh(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("run {cmd}: {e}"));
-    assert!(out.status.success(), "{cmd} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -82,15 +93,26 @@ impl Netns {
 
     /// `ip route show table all` lines, minus the kernel's own local/multicast entries.
     pub fn routes(&self) -> Vec<String> {
-        let mut r: Vec<String> = self.ip(&["route", "show"]).lines().map(str::to_string).collect();
-        r.extend(self.ip(&["-6", "route", "show"]).lines().filter(|l| !l.starts_with("fe80") && !l.starts_with("multicast")).map(str::to_string));
+        let mut r: Vec<String> = self
+            .ip(&["route", "show"])
+            .lines()
+            .map(str::to_string)
+            .collect();
+        r.extend(
+            self.ip(&["-6", "route", "show"])
+                .lines()
+                .filter(|l| !l.starts_with("fe80") && !l.starts_with("multicast"))
+                .map(str::to_string),
+        );
         r
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -99,8 +121,15 @@ pub fn bin_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("TABBY_BIN_DIR") {
         return PathBuf::from(d);
     }
-    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target").join(profile)
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("target")
+        .join(profile)
 }
 
 /// The CNI_PATH for tests: our binaries, then Debian's reference plugins.
@@ -134,7 +163,9 @@ impl PluginRun {
 
     /// The first address of a successful ADD, without prefix.
     pub fn ip(&self) -> String {
-        let a = self.json["ips"][0]["address"].as_str().unwrap_or_else(|| panic!("no ips in {}", self.stdout));
+        let a = self.json["ips"][0]["address"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no ips in {}", self.stdout));
         a.split('/').next().unwrap_or(a).to_string()
     }
 }
@@ -158,7 +189,14 @@ pub struct Call<'a> {
 impl<'a> Call<'a> {
     /// A `tabby` call with ifname eth0.
     pub fn tabby(command: &'a str, container_id: &'a str, netns: &'a str) -> Self {
-        Self { plugin: "tabby", command, container_id, netns, ifname: "eth0", args: "" }
+        Self {
+            plugin: "tabby",
+            command,
+            container_id,
+            netns,
+            ifname: "eth0",
+            args: "",
+        }
     }
 
     /// Runs the plugin inside `node` (as the kubelet's runtime would on that node) with `conf` on stdin.
@@ -225,10 +263,24 @@ impl Node {
         ns.ip(&["link", "set", "up1", "up"]);
         ns.ip(&["link", "set", "up0", "up"]);
         ns.ip(&["addr", "add", "192.0.2.1/24", "dev", "up0"]);
-        ns.ip(&["route", "add", "default", "via", "192.0.2.254", "dev", "up0"]);
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "192.0.2.254",
+            "dev",
+            "up0",
+        ]);
         let name = ns.name().to_string();
         let (base_links, base_routes) = (ns.links(), ns.routes());
-        Self { ns, dir, name, base_links, base_routes }
+        Self {
+            ns,
+            dir,
+            name,
+            base_links,
+            base_routes,
+        }
     }
 
     /// The datastore directory.
@@ -258,15 +310,29 @@ impl Node {
     pub fn add_pod(&self, conf: &Value) -> Pod {
         let ns = Netns::new("tbp");
         let id = ns.name().to_string();
-        let run = Call::tabby("ADD", &id, &ns.path().display().to_string()).run(&self.ns, conf.to_string().as_bytes());
+        let run = Call::tabby("ADD", &id, &ns.path().display().to_string())
+            .run(&self.ns, conf.to_string().as_bytes());
         assert!(run.ok, "ADD failed: {}", run.stdout);
-        Pod { ip: run.ip(), result: run.json, ns, id }
+        Pod {
+            ip: run.ip(),
+            result: run.json,
+            ns,
+            id,
+        }
     }
 
     /// Panics unless the node has exactly the links and routes it started with.
     pub fn assert_no_leftovers(&self) {
-        assert_eq!(self.ns.links(), self.base_links, "links were left on the node");
-        assert_eq!(self.ns.routes(), self.base_routes, "routes were left on the node");
+        assert_eq!(
+            self.ns.links(),
+            self.base_links,
+            "links were left on the node"
+        );
+        assert_eq!(
+            self.ns.routes(),
+            self.base_routes,
+            "routes were left on the node"
+        );
     }
 
     /// Every allocated address in the datastore, by handle.
@@ -299,7 +365,11 @@ pub fn allocations(dir: &Path) -> Vec<(String, String)> {
     let snap = tabby_ipam::report::Snapshot::load(&ds).expect("read datastore");
     snap.blocks
         .iter()
-        .flat_map(|b| b.allocated().map(|(ip, a)| (a.handle_id.clone(), ip.to_string())).collect::<Vec<_>>())
+        .flat_map(|b| {
+            b.allocated()
+                .map(|(ip, a)| (a.handle_id.clone(), ip.to_string()))
+                .collect::<Vec<_>>()
+        })
         .collect()
 }
 
@@ -328,7 +398,8 @@ pub fn all_json(dir: &Path) -> Result<usize, String> {
                 stack.push(p);
             } else if p.extension().is_some_and(|x| x == "json") {
                 let bytes = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-                serde_json::from_slice::<Value>(&bytes).map_err(|e| format!("{}: {e}", p.display()))?;
+                serde_json::from_slice::<Value>(&bytes)
+                    .map_err(|e| format!("{}: {e}", p.display()))?;
                 n += 1;
             }
         }

@@ -15,7 +15,10 @@ fn parallel<T: Send + 'static>(n: usize, f: impl Fn(usize) -> T + Send + Sync + 
             std::thread::spawn(move || f(i))
         })
         .collect();
-    handles.into_iter().map(|h| h.join().expect("worker panicked")).collect()
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("worker panicked"))
+        .collect()
 }
 
 #[test]
@@ -35,7 +38,8 @@ fn sixty_four_concurrent_adds_on_one_node_get_distinct_addresses_and_del_cleans_
     let (n3, c3, p3) = (Arc::clone(&node), Arc::clone(&conf), Arc::clone(&pods));
     let dels = parallel(64, move |i| {
         let p = &p3[i];
-        Call::tabby("DEL", &p.id, &p.ns.path().display().to_string()).run(&n3.ns, c3.to_string().as_bytes())
+        Call::tabby("DEL", &p.id, &p.ns.path().display().to_string())
+            .run(&n3.ns, c3.to_string().as_bytes())
     });
     assert!(dels.iter().all(|d| d.ok), "a DEL failed");
     node.assert_no_leftovers();
@@ -72,24 +76,38 @@ fn four_nodes_racing_for_blocks_of_a_small_pool_never_share_a_block() {
     let mut owner: HashMap<String, String> = HashMap::new();
     for e in ds.list("blocks/").unwrap() {
         let b: Block = serde_json::from_slice(&e.value).unwrap();
-        let node = b.affinity.clone().expect("every claimed block names a node");
+        let node = b
+            .affinity
+            .clone()
+            .expect("every claimed block names a node");
         assert!(owner.insert(b.cidr.to_string(), node).is_none());
     }
     let mut confirmed: HashMap<String, Vec<String>> = HashMap::new();
     for e in ds.list("affinities/").unwrap() {
         let a: BlockAffinity = serde_json::from_slice(&e.value).unwrap();
         if a.state == AffinityState::Confirmed {
-            confirmed.entry(a.cidr.to_string()).or_default().push(a.node);
+            confirmed
+                .entry(a.cidr.to_string())
+                .or_default()
+                .push(a.node);
         }
     }
     for (cidr, nodes) in &confirmed {
         assert_eq!(nodes.len(), 1, "block {cidr} is confirmed for {nodes:?}");
-        assert_eq!(owner.get(cidr).map(|o| o.trim_start_matches("host:")), Some(nodes[0].as_str()));
+        assert_eq!(
+            owner.get(cidr).map(|o| o.trim_start_matches("host:")),
+            Some(nodes[0].as_str())
+        );
     }
     // Every pod's address is in a block its own node owns or borrowed from another.
     for (node, pod) in &pods {
         let ip: std::net::IpAddr = pod.ip.parse().unwrap();
-        assert!(owner.keys().any(|c| c.parse::<ipnetwork::IpNetwork>().unwrap().contains(ip)), "{node}: {ip} in no block");
+        assert!(
+            owner
+                .keys()
+                .any(|c| c.parse::<ipnetwork::IpNetwork>().unwrap().contains(ip)),
+            "{node}: {ip} in no block"
+        );
     }
     all_json(&store).expect("every datastore document is valid JSON");
 }

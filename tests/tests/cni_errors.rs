@@ -7,9 +7,17 @@ use tabby_tests::{Call, Netns, Node};
 /// What a failed ADD must not leave behind.
 fn assert_untouched(node: &Node, pod: Option<&Netns>) {
     node.assert_no_leftovers();
-    assert!(node.allocations().is_empty(), "allocations were left: {:?}", node.allocations());
+    assert!(
+        node.allocations().is_empty(),
+        "allocations were left: {:?}",
+        node.allocations()
+    );
     if let Some(p) = pod {
-        assert_eq!(p.links(), vec!["lo".to_string()], "a link was left in the pod");
+        assert_eq!(
+            p.links(),
+            vec!["lo".to_string()],
+            "a link was left in the pod"
+        );
     }
 }
 
@@ -50,9 +58,19 @@ fn missing_fields_and_broken_ipam_sections_are_code_7() {
 fn an_unknown_cni_version_is_code_1() {
     let node = Node::new();
     let pod = Netns::new("tbp");
-    let run = add(&node, &pod, node.conf("0.2.0", "10.244.0.0/16", 26).to_string().as_bytes());
+    let run = add(
+        &node,
+        &pod,
+        node.conf("0.2.0", "10.244.0.0/16", 26)
+            .to_string()
+            .as_bytes(),
+    );
     assert_eq!(run.code(), Some(1), "{}", run.stdout);
-    assert!(run.msg().contains("1.1.0"), "the message should name the supported versions: {}", run.msg());
+    assert!(
+        run.msg().contains("1.1.0"),
+        "the message should name the supported versions: {}",
+        run.msg()
+    );
     assert_untouched(&node, Some(&pod));
 }
 
@@ -60,7 +78,8 @@ fn an_unknown_cni_version_is_code_1() {
 fn a_bad_netns_path_is_code_3() {
     let node = Node::new();
     let conf = node.conf("1.1.0", "10.244.0.0/16", 26);
-    let run = Call::tabby("ADD", "c1", "/run/netns/does-not-exist-tabby").run(&node.ns, conf.to_string().as_bytes());
+    let run = Call::tabby("ADD", "c1", "/run/netns/does-not-exist-tabby")
+        .run(&node.ns, conf.to_string().as_bytes());
     assert_eq!(run.code(), Some(3), "{}", run.stdout);
     assert_untouched(&node, None);
 }
@@ -103,7 +122,13 @@ fn a_failure_after_the_veth_exists_rolls_back_the_veth_routes_and_allocation() {
     // The pod already routes 169.254.1.1 elsewhere, so adding the gateway
     // route fails after IPAM, the veth and the address are done.
     pod.ip(&["route", "add", "169.254.1.1/32", "dev", "lo"]);
-    let run = add(&node, &pod, node.conf("1.1.0", "10.244.0.0/16", 26).to_string().as_bytes());
+    let run = add(
+        &node,
+        &pod,
+        node.conf("1.1.0", "10.244.0.0/16", 26)
+            .to_string()
+            .as_bytes(),
+    );
     assert!(!run.ok, "ADD should fail: {}", run.stdout);
     assert_eq!(run.code(), Some(5), "{}", run.stdout);
     assert_untouched(&node, Some(&pod));
@@ -192,14 +217,24 @@ fn a_datastore_conflict_storm_ends_in_success_or_code_11_never_in_a_half_done_po
             assert!(held, "a successful ADD has no allocation");
             assert!(pod.links().contains(&"eth0".to_string()));
         } else {
-            assert_eq!(run.code(), Some(11), "a failed ADD under conflicts must say 'try again later': {}", run.stdout);
+            assert_eq!(
+                run.code(),
+                Some(11),
+                "a failed ADD under conflicts must say 'try again later': {}",
+                run.stdout
+            );
             assert!(!held, "a failed ADD left its allocation");
             assert_eq!(pod.links(), vec!["lo".to_string()]);
         }
     }
     let succeeded = outcomes.iter().filter(|(_, r)| r.ok).count();
     assert_eq!(allocs.len(), succeeded + 1);
-    let veths = node.ns.links().iter().filter(|l| l.starts_with("tabby")).count();
+    let veths = node
+        .ns
+        .links()
+        .iter()
+        .filter(|l| l.starts_with("tabby"))
+        .count();
     assert_eq!(veths, succeeded + 1);
     assert!(first.ns.ping(&first.ip));
 }

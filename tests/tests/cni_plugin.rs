@@ -11,7 +11,11 @@ const VERSIONS: [&str; 4] = ["0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
 /// Accepts one connection in `server`'s netns and echoes a line back; connects from `client`.
 fn tcp_works(server: &Netns, server_ip: &str, client: &Netns) -> bool {
-    let listener = NetNs::open(server.path()).unwrap().run(|| TcpListener::bind((server_ip, 0))).unwrap().unwrap();
+    let listener = NetNs::open(server.path())
+        .unwrap()
+        .run(|| TcpListener::bind((server_ip, 0)))
+        .unwrap()
+        .unwrap();
     let port = listener.local_addr().unwrap().port();
     let t = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
@@ -19,7 +23,10 @@ fn tcp_works(server: &Netns, server_ip: &str, client: &Netns) -> bool {
         s.read_exact(&mut buf).unwrap();
         s.write_all(&buf).unwrap();
     });
-    let conn = NetNs::open(client.path()).unwrap().run(|| TcpStream::connect((server_ip, port))).unwrap();
+    let conn = NetNs::open(client.path())
+        .unwrap()
+        .run(|| TcpStream::connect((server_ip, port)))
+        .unwrap();
     let ok = match conn {
         Ok(mut c) => {
             c.write_all(b"hello").unwrap();
@@ -42,7 +49,10 @@ fn two_pods_on_one_node_reach_each_other_and_the_host() {
     assert_ne!(a.ip, b.ip);
     assert!(a.ns.ping(&b.ip), "pod a cannot ping pod b");
     assert!(b.ns.ping(&a.ip), "pod b cannot ping pod a");
-    assert!(tcp_works(&b.ns, &b.ip, &a.ns), "TCP from pod a to pod b failed");
+    assert!(
+        tcp_works(&b.ns, &b.ip, &a.ns),
+        "TCP from pod a to pod b failed"
+    );
     assert!(node.ns.ping(&a.ip), "host cannot ping pod a");
     assert!(a.ns.ping("10.123.0.1"), "pod a cannot ping the host");
 }
@@ -52,24 +62,51 @@ fn add_builds_the_calico_data_path() {
     let node = Node::new();
     let conf = node.conf("1.1.0", "10.244.0.0/16", 26);
     let pod = node.add_pod(&conf);
-    let veth = pod.result["interfaces"][0]["name"].as_str().unwrap().to_string();
+    let veth = pod.result["interfaces"][0]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(veth.starts_with("tabby") && veth.len() == 15, "{veth}");
     assert_eq!(pod.result["interfaces"][0]["mac"], "ee:ee:ee:ee:ee:ee");
     assert_eq!(pod.result["ips"][0]["address"], format!("{}/32", pod.ip));
 
     let host_link = node.ns.ip(&["link", "show", &veth]);
-    assert!(host_link.contains("ee:ee:ee:ee:ee:ee") && host_link.contains("mtu 1450"), "{host_link}");
-    assert!(node.ns.ip(&["-4", "addr", "show", &veth]).trim().is_empty(), "the host veth must have no IPv4 address");
-    let proxy_arp = node.ns.exec("cat", &[&format!("/proc/sys/net/ipv4/conf/{veth}/proxy_arp")]);
+    assert!(
+        host_link.contains("ee:ee:ee:ee:ee:ee") && host_link.contains("mtu 1450"),
+        "{host_link}"
+    );
+    assert!(
+        node.ns.ip(&["-4", "addr", "show", &veth]).trim().is_empty(),
+        "the host veth must have no IPv4 address"
+    );
+    let proxy_arp = node.ns.exec(
+        "cat",
+        &[&format!("/proc/sys/net/ipv4/conf/{veth}/proxy_arp")],
+    );
     assert_eq!(String::from_utf8_lossy(&proxy_arp.stdout).trim(), "1");
     let host_routes = node.ns.routes();
-    assert!(host_routes.iter().any(|r| r.starts_with(&format!("{} dev {veth} scope link", pod.ip))), "{host_routes:?}");
+    assert!(
+        host_routes
+            .iter()
+            .any(|r| r.starts_with(&format!("{} dev {veth} scope link", pod.ip))),
+        "{host_routes:?}"
+    );
 
     let addr = pod.ns.ip(&["-4", "addr", "show", "eth0"]);
     assert!(addr.contains(&format!("inet {}/32", pod.ip)), "{addr}");
     let pod_routes = pod.ns.routes();
-    assert!(pod_routes.iter().any(|r| r.starts_with("default via 169.254.1.1 dev eth0")), "{pod_routes:?}");
-    assert!(pod_routes.iter().any(|r| r.starts_with("169.254.1.1 dev eth0 scope link")), "{pod_routes:?}");
+    assert!(
+        pod_routes
+            .iter()
+            .any(|r| r.starts_with("default via 169.254.1.1 dev eth0")),
+        "{pod_routes:?}"
+    );
+    assert!(
+        pod_routes
+            .iter()
+            .any(|r| r.starts_with("169.254.1.1 dev eth0 scope link")),
+        "{pod_routes:?}"
+    );
     // The pod resolves its gateway to the host veth's MAC by proxy ARP.
     assert!(pod.ns.ping(&pod.ip));
     node.ns.ip(&["addr", "add", "10.123.0.1/32", "dev", "lo"]);
@@ -85,7 +122,12 @@ fn every_cni_version_gets_a_result_in_its_own_format() {
         let pod = node.add_pod(&node.conf(v, "10.244.0.0/16", 26));
         assert_eq!(pod.result["cniVersion"], v);
         let has_version = pod.result["ips"][0].get("version").is_some();
-        assert_eq!(has_version, v.starts_with('0'), "ips[].version in {v}: {}", pod.result);
+        assert_eq!(
+            has_version,
+            v.starts_with('0'),
+            "ips[].version in {v}: {}",
+            pod.result
+        );
     }
 }
 
@@ -96,20 +138,39 @@ fn check_passes_then_fails_when_the_default_route_or_host_route_is_deleted() {
     let pod = node.add_pod(&conf);
     conf["prevResult"] = pod.result.clone();
     let netns = pod.ns.path().display().to_string();
-    let check = |c: &serde_json::Value| Call::tabby("CHECK", &pod.id, &netns).run(&node.ns, c.to_string().as_bytes());
+    let check = |c: &serde_json::Value| {
+        Call::tabby("CHECK", &pod.id, &netns).run(&node.ns, c.to_string().as_bytes())
+    };
     let ok = check(&conf);
     assert!(ok.ok, "CHECK of a healthy pod failed: {}", ok.stdout);
 
     pod.ns.ip(&["route", "del", "default"]);
     let bad = check(&conf);
-    assert!(!bad.ok && bad.msg().contains("default route"), "{}", bad.stdout);
-    pod.ns.ip(&["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]);
+    assert!(
+        !bad.ok && bad.msg().contains("default route"),
+        "{}",
+        bad.stdout
+    );
+    pod.ns.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+    ]);
     assert!(check(&conf).ok);
 
     let veth = pod.result["interfaces"][0]["name"].as_str().unwrap();
-    node.ns.ip(&["route", "del", &format!("{}/32", pod.ip), "dev", veth]);
+    node.ns
+        .ip(&["route", "del", &format!("{}/32", pod.ip), "dev", veth]);
     let bad = check(&conf);
-    assert!(!bad.ok && bad.msg().contains("host route"), "{}", bad.stdout);
+    assert!(
+        !bad.ok && bad.msg().contains("host route"),
+        "{}",
+        bad.stdout
+    );
 }
 
 #[test]
@@ -150,7 +211,12 @@ fn version_lists_every_supported_version() {
     let node = Node::new();
     let run = Call::tabby("VERSION", "", "").run(&node.ns, b"{}");
     assert!(run.ok);
-    let list: Vec<&str> = run.json["supportedVersions"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
+    let list: Vec<&str> = run.json["supportedVersions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
     for v in VERSIONS {
         assert!(list.contains(&v), "{list:?}");
     }
@@ -162,15 +228,22 @@ fn gc_releases_allocations_not_in_the_valid_list_and_their_veths() {
     let conf = node.conf("1.1.0", "10.244.0.0/16", 26);
     let keep = node.add_pod(&conf);
     let gone = node.add_pod(&conf);
-    let gone_veth = gone.result["interfaces"][0]["name"].as_str().unwrap().to_string();
+    let gone_veth = gone.result["interfaces"][0]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let mut gc = conf.clone();
-    gc["cni.dev/valid-attachments"] = serde_json::json!([{"containerID": keep.id, "ifname": "eth0"}]);
+    gc["cni.dev/valid-attachments"] =
+        serde_json::json!([{"containerID": keep.id, "ifname": "eth0"}]);
     let run = Call::tabby("GC", "", "").run(&node.ns, gc.to_string().as_bytes());
     assert!(run.ok, "GC failed: {}", run.stdout);
     let left = node.allocations();
     assert_eq!(left.len(), 1, "{left:?}");
     assert!(left[0].0.ends_with(&keep.id));
-    assert!(!node.ns.links().contains(&gone_veth), "GC left the stale host veth");
+    assert!(
+        !node.ns.links().contains(&gone_veth),
+        "GC left the stale host veth"
+    );
     assert!(keep.ns.ping(&keep.ip));
 }
 
@@ -207,5 +280,9 @@ fn gc_on_one_node_never_releases_another_nodes_pods_in_a_shared_datastore() {
     assert!(!left.iter().any(|(_, ip)| *ip == pod_b.ip));
     // Without the valid list GC refuses rather than release everything.
     let run = Call::tabby("GC", "", "").run(&b.ns, conf_b.to_string().as_bytes());
-    assert!(!run.ok && run.msg().contains("valid-attachments"), "{}", run.stdout);
+    assert!(
+        !run.ok && run.msg().contains("valid-attachments"),
+        "{}",
+        run.stdout
+    );
 }

@@ -22,10 +22,10 @@ use anyhow::{bail, Context, Result};
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use tabby_node::proxy::conntrack::NoConntrack;
-use tabby_node::proxy::iptables::{Backend, Iptables};
-use tabby_node::proxy::proxier::{Proxier, ProxyEvent, SyncConfig};
-use tabby_node::proxy::{NodeFacts, ProxyOptions};
+use tabby_proxy::conntrack::NoConntrack;
+use tabby_proxy::iptables::{Backend, Iptables};
+use tabby_proxy::proxier::{Proxier, ProxyEvent, SyncConfig};
+use tabby_proxy::{NodeFacts, ProxyOptions};
 
 const ENDPOINTS: usize = 10;
 
@@ -88,7 +88,7 @@ fn service(i: usize) -> Service {
 
 fn slice(i: usize, generation: usize) -> EndpointSlice {
     let labels = BTreeMap::from([("kubernetes.io/service-name".to_string(), format!("svc-{i}"))]);
-    let endpoints = (0..ENDPOINTS)
+    let endpoints: Vec<_> = (0..ENDPOINTS)
         .map(|e| {
             let n = i * ENDPOINTS + e + generation * 7;
             Endpoint {
@@ -106,7 +106,7 @@ fn slice(i: usize, generation: usize) -> EndpointSlice {
     EndpointSlice {
         metadata: meta(&format!("svc-{i}-1"), Some(labels)),
         address_type: "IPv4".into(),
-        endpoints,
+        endpoints: Some(endpoints),
         ports: Some(vec![EndpointPort {
             name: Some("http".into()),
             port: Some(8080),
@@ -192,7 +192,8 @@ fn run(backend: Backend, n: usize) -> Result<()> {
     let (mut partial, mut raw_partial, mut gen) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=5 {
         let mut changed = slice(n / 2, 0);
-        changed.endpoints[3].addresses = vec![format!("10.250.{}.{}", round, n % 250 + 1)];
+        changed.endpoints.as_mut().expect("endpoints")[3].addresses =
+            vec![format!("10.250.{}.{}", round, n % 250 + 1)];
         p.apply_event(ProxyEvent::SliceUpsert(Box::new(changed)));
         let r = p.sync(t0 + Duration::from_secs(2 * round))?;
         assert!(!r.full, "expected a partial sync");

@@ -14,7 +14,8 @@ use std::collections::HashMap;
 use std::io;
 
 use rtnetlink::packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE,
+    NLM_F_REQUEST,
 };
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket};
@@ -38,13 +39,20 @@ pub struct RouteBatch {
 impl RouteBatch {
     /// Opens the socket in the current thread's network namespace.
     pub fn open() -> Result<Self> {
-        let sock_err = |e: io::Error| Error::Socket { netns: "/proc/thread-self/ns/net".into(), source: e };
+        let sock_err = |e: io::Error| Error::Socket {
+            netns: "/proc/thread-self/ns/net".into(),
+            source: e,
+        };
         let mut socket = Socket::new(NETLINK_ROUTE).map_err(sock_err)?;
         socket.bind_auto().map_err(sock_err)?;
         // Errors then echo only the header, not the whole request.
         socket.set_cap_ack(true).map_err(sock_err)?;
         socket.set_rx_buf_sz(1 << 20).map_err(sock_err)?;
-        Ok(Self { socket, seq: 0, buf: Vec::new() })
+        Ok(Self {
+            socket,
+            seq: 0,
+            buf: Vec::new(),
+        })
     }
 
     /// Deletes `delete`, then replaces (adds or changes) `replace`; returns
@@ -79,7 +87,13 @@ impl RouteBatch {
             };
             self.seq = self.seq.wrapping_add(1);
             let mut header = NetlinkHeader::default();
-            header.flags = NLM_F_REQUEST | NLM_F_ACK | if op == Op::Replace { NLM_F_CREATE | NLM_F_REPLACE } else { 0 };
+            header.flags = NLM_F_REQUEST
+                | NLM_F_ACK
+                | if op == Op::Replace {
+                    NLM_F_CREATE | NLM_F_REPLACE
+                } else {
+                    0
+                };
             header.sequence_number = self.seq;
             let mut msg = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(inner));
             msg.finalize();
@@ -92,19 +106,30 @@ impl RouteBatch {
             return failed;
         }
         if let Err(e) = self.socket.send(&self.buf, 0) {
-            failed.extend(pending.values().map(|r| ((*r).clone(), io_error(op, r, same_errno(&e)))));
+            failed.extend(
+                pending
+                    .values()
+                    .map(|r| ((*r).clone(), io_error(op, r, same_errno(&e)))),
+            );
             return failed;
         }
         let mut rx = Vec::with_capacity(64 * 1024);
         while !pending.is_empty() {
             rx.clear();
             if let Err(e) = self.socket.recv(&mut rx, 0) {
-                failed.extend(pending.drain().map(|(_, r)| (r.clone(), io_error(op, r, same_errno(&e)))));
+                failed.extend(
+                    pending
+                        .drain()
+                        .map(|(_, r)| (r.clone(), io_error(op, r, same_errno(&e)))),
+                );
                 break;
             }
             let mut offset = 0;
             while offset < rx.len() {
-                let Ok(msg) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rx[offset..]) else { break };
+                let Ok(msg) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rx[offset..])
+                else {
+                    break;
+                };
                 let len = msg.header.length as usize;
                 if let NetlinkPayload::Error(ack) = &msg.payload {
                     if let Some(route) = pending.remove(&msg.header.sequence_number) {
@@ -112,7 +137,10 @@ impl RouteBatch {
                             let errno = -code.get();
                             let gone = op == Op::Delete && errno == libc::ESRCH;
                             if !gone {
-                                failed.push((route.clone(), io_error(op, route, io::Error::from_raw_os_error(errno))));
+                                failed.push((
+                                    route.clone(),
+                                    io_error(op, route, io::Error::from_raw_os_error(errno)),
+                                ));
                             }
                         }
                     }

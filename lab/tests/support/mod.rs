@@ -227,4 +227,3 @@ pub fn assert_echo(lab: &TestLab, from: &str, to: &str) {
     assert!(body.contains(&format!("RemoteAddr: {from_ip}:")), "{body}");
     assert!(body.contains("GET / HTTP/1.1\n"), "{body}");
 }
-

@@ -17,12 +17,21 @@ fn ip(s: &str) -> IpAddr {
 }
 
 fn node(name: &str, addr: &str) -> Node {
-    Node { name: name.into(), address: Some(ip(addr)), asn: None, labels: Default::default() }
+    Node {
+        name: name.into(),
+        address: Some(ip(addr)),
+        asn: None,
+        labels: Default::default(),
+    }
 }
 
 fn view() -> ClusterView {
     let mut v = ClusterView::default();
-    v.snapshot.nodes = vec![node("node-1", "10.98.0.1"), node("node-2", "10.98.0.2"), node("node-3", "10.98.0.3")];
+    v.snapshot.nodes = vec![
+        node("node-1", "10.98.0.1"),
+        node("node-2", "10.98.0.2"),
+        node("node-3", "10.98.0.3"),
+    ];
     let mut b1 = Block::new(net("10.244.0.0/26"), Some("node-1"));
     let mut attrs = BTreeMap::new();
     attrs.insert("node".to_string(), "node-1".to_string());
@@ -32,9 +41,21 @@ fn view() -> ClusterView {
     b2.assign(1, "k8s-pod-network.b", &attrs);
     v.snapshot.blocks = vec![b1, b2];
     v.snapshot.affinities = vec![
-        BlockAffinity { node: "node-1".into(), cidr: net("10.244.0.0/26"), state: AffinityState::Confirmed },
-        BlockAffinity { node: "node-2".into(), cidr: net("10.244.0.64/26"), state: AffinityState::Confirmed },
-        BlockAffinity { node: "node-1".into(), cidr: net("10.244.0.128/26"), state: AffinityState::Pending },
+        BlockAffinity {
+            node: "node-1".into(),
+            cidr: net("10.244.0.0/26"),
+            state: AffinityState::Confirmed,
+        },
+        BlockAffinity {
+            node: "node-2".into(),
+            cidr: net("10.244.0.64/26"),
+            state: AffinityState::Confirmed,
+        },
+        BlockAffinity {
+            node: "node-1".into(),
+            cidr: net("10.244.0.128/26"),
+            state: AffinityState::Pending,
+        },
     ];
     v
 }
@@ -42,17 +63,27 @@ fn view() -> ClusterView {
 #[test]
 fn the_mesh_peers_with_every_other_node_that_has_an_address() {
     let mut v = view();
-    v.snapshot.nodes.push(Node { name: "node-4".into(), address: None, asn: None, labels: Default::default() });
+    v.snapshot.nodes.push(Node {
+        name: "node-4".into(),
+        address: None,
+        asn: None,
+        labels: Default::default(),
+    });
     let peers = desired_peers(&v, "node-1", ip("10.98.0.1"));
     let addrs: Vec<IpAddr> = peers.iter().map(|p| p.addr).collect();
     assert_eq!(addrs, vec![ip("10.98.0.2"), ip("10.98.0.3")]);
-    assert!(peers.iter().all(|p| p.peer_type == PeerType::NodeMesh && p.asn == 64512));
+    assert!(peers
+        .iter()
+        .all(|p| p.peer_type == PeerType::NodeMesh && p.asn == 64512));
 }
 
 #[test]
 fn turning_the_mesh_off_leaves_only_explicit_peers_global_and_our_own() {
     let mut v = view();
-    v.bgp = BgpConfiguration { as_number: 64512, node_to_node_mesh: false };
+    v.bgp = BgpConfiguration {
+        as_number: 64512,
+        node_to_node_mesh: false,
+    };
     let peer = |name: &str, addr: &str, node: Option<&str>| BgpPeer {
         name: name.into(),
         peer_ip: ip(addr),
@@ -60,7 +91,11 @@ fn turning_the_mesh_off_leaves_only_explicit_peers_global_and_our_own() {
         node: node.map(str::to_string),
         password: Some("s3cret".into()),
     };
-    v.peers = vec![peer("tor", "10.98.0.254", None), peer("mine", "10.98.0.100", Some("node-1")), peer("theirs", "10.98.0.101", Some("node-2"))];
+    v.peers = vec![
+        peer("tor", "10.98.0.254", None),
+        peer("mine", "10.98.0.100", Some("node-1")),
+        peer("theirs", "10.98.0.101", Some("node-2")),
+    ];
     let peers = desired_peers(&v, "node-1", ip("10.98.0.1"));
     assert_eq!(peers.len(), 2);
     assert_eq!(peers[0].addr, ip("10.98.0.100"));
@@ -75,10 +110,19 @@ fn a_node_originates_its_confirmed_blocks_and_its_borrowed_addresses() {
     let v = view();
     let p = local_prefixes(&v, "node-1");
     assert!(p.contains(&net("10.244.0.0/26")));
-    assert!(!p.contains(&net("10.244.0.128/26")), "a pending claim is not announced");
-    assert!(p.contains(&net("10.244.0.64/32")), "the borrowed address is announced as a /32: {p:?}");
+    assert!(
+        !p.contains(&net("10.244.0.128/26")),
+        "a pending claim is not announced"
+    );
+    assert!(
+        p.contains(&net("10.244.0.64/32")),
+        "the borrowed address is announced as a /32: {p:?}"
+    );
     let p2 = local_prefixes(&v, "node-2");
-    assert_eq!(p2.into_iter().collect::<Vec<_>>(), vec![net("10.244.0.64/26")]);
+    assert_eq!(
+        p2.into_iter().collect::<Vec<_>>(),
+        vec![net("10.244.0.64/26")]
+    );
 }
 
 #[test]
@@ -98,12 +142,25 @@ fn kernel_routes_are_blackholes_for_local_blocks_and_via_routes_for_learned_ones
 
 #[test]
 fn diff_replaces_what_changed_deletes_what_is_gone_and_never_touches_foreign_routes() {
-    let r = |dst: &str, gw: &str| Route::new(net(dst)).via(ip(gw)).dev(2).with_protocol(RTPROT_TABBY);
-    let current: BTreeMap<IpNetwork, Route> = [r("10.244.1.0/26", "10.98.0.2"), r("10.244.2.0/26", "10.98.0.3"), r("10.244.3.0/26", "10.98.0.3")]
-        .into_iter()
-        .map(|r| (r.dst, r))
-        .collect();
-    let desired = vec![r("10.244.1.0/26", "10.98.0.2"), r("10.244.2.0/26", "10.98.0.4"), r("10.244.9.5/32", "10.98.0.4")];
+    let r = |dst: &str, gw: &str| {
+        Route::new(net(dst))
+            .via(ip(gw))
+            .dev(2)
+            .with_protocol(RTPROT_TABBY)
+    };
+    let current: BTreeMap<IpNetwork, Route> = [
+        r("10.244.1.0/26", "10.98.0.2"),
+        r("10.244.2.0/26", "10.98.0.3"),
+        r("10.244.3.0/26", "10.98.0.3"),
+    ]
+    .into_iter()
+    .map(|r| (r.dst, r))
+    .collect();
+    let desired = vec![
+        r("10.244.1.0/26", "10.98.0.2"),
+        r("10.244.2.0/26", "10.98.0.4"),
+        r("10.244.9.5/32", "10.98.0.4"),
+    ];
     let foreign: BTreeSet<IpNetwork> = [net("10.244.9.5/32")].into();
     let (replace, delete) = diff(&current, &desired, &foreign);
     assert_eq!(replace, vec![r("10.244.2.0/26", "10.98.0.4")]);

@@ -1,0 +1,274 @@
+//! The speaker against a scripted peer on loopback, with tokio's clock
+//! paused: timers fire at exact virtual times and no test sleeps.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tabby_bgp::codec::{decode_from, encode};
+use tabby_bgp::message::{
+    Capability, Message, Notification, Open, Origin, PathAttributes, RouteRefresh, Update,
+};
+use tabby_bgp::{PeerConfig, PeerType, Speaker, SpeakerConfig, SpeakerEvent, State};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+const SPEAKER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
+const PEER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+
+/// A peer played by the test, one message at a time.
+struct FakePeer {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl FakePeer {
+    async fn send(&mut self, msg: Message) {
+        let mut out = BytesMut::new();
+        encode(&msg, true, &mut out).unwrap();
+        self.stream.write_all(&out).await.unwrap();
+    }
+
+    async fn recv(&mut self) -> Option<Message> {
+        loop {
+            if let Some(msg) = decode_from(&mut self.buf, true).unwrap() {
+                return Some(msg);
+            }
+            if self.stream.read_buf(&mut self.buf).await.ok()? == 0 {
+                return None;
+            }
+        }
+    }
+
+    /// Answers the speaker's OPEN and KEEPALIVE.
+    async fn establish(&mut self, hold_time: u16) {
+        assert!(
+            matches!(self.recv().await, Some(Message::Open(o)) if o.asn == 64512 && o.four_octet_as())
+        );
+        self.send(Message::Open(Open {
+            asn: 64512,
+            hold_time,
+            router_id: PEER,
+            capabilities: vec![Capability::FourOctetAs(64512), Capability::RouteRefresh],
+        }))
+        .await;
+        self.send(Message::Keepalive).await;
+        assert_eq!(self.recv().await, Some(Message::Keepalive));
+    }
+}
+
+/// Starts a speaker on 127.0.0.1 peering with a listener on 127.0.0.2.
+async fn setup(hold_time: u16) -> (Speaker, mpsc::Receiver<SpeakerEvent>, TcpListener) {
+    let listener = TcpListener::bind((PEER, 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (speaker, events) = Speaker::start(SpeakerConfig {
+        router_id: SPEAKER,
+        asn: 64512,
+        listen_addr: SPEAKER,
+        listen_port: port,
+    })
+    .await
+    .unwrap();
+    let mut peer = PeerConfig::new(PEER, 64512, PeerType::NodeMesh);
+    peer.hold_time = hold_time;
+    peer.keepalive = hold_time / 3;
+    peer.connect_retry = Duration::from_secs(1);
+    speaker.add_peer(peer).unwrap();
+    (speaker, events, listener)
+}
+
+async fn accept(listener: &TcpListener) -> FakePeer {
+    let (stream, _) = listener.accept().await.unwrap();
+    FakePeer {
+        stream,
+        buf: BytesMut::new(),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn keepalives_go_out_every_third_of_hold_and_hold_expiry_sends_4_0() {
+    let (speaker, mut events, listener) = setup(9).await;
+    let mut peer = accept(&listener).await;
+    peer.establish(9).await;
+    assert_eq!(
+        events.recv().await,
+        Some(SpeakerEvent::PeerUp { peer: PEER })
+    );
+    assert_eq!(speaker.status()[0].state, State::Established);
+    let up = Instant::now();
+    assert_eq!(peer.recv().await, Some(Message::Keepalive));
+    assert_eq!(up.elapsed(), Duration::from_secs(3));
+    assert_eq!(peer.recv().await, Some(Message::Keepalive));
+    assert_eq!(up.elapsed(), Duration::from_secs(6));
+    // The peer stays silent: at 9 s the hold timer expires.
+    let mut last = None;
+    while let Some(msg) = peer.recv().await {
+        last = Some(msg);
+    }
+    assert_eq!(last, Some(Message::Notification(Notification::new(4, 0))));
+    assert_eq!(up.elapsed(), Duration::from_secs(9));
+    assert_eq!(
+        events.recv().await,
+        Some(SpeakerEvent::PeerDown { peer: PEER })
+    );
+    assert_eq!(speaker.status()[0].info, "hold timer expired");
+}
+
+#[tokio::test(start_paused = true)]
+async fn connect_retry_back_off_doubles_between_attempts() {
+    let (_speaker, _events, listener) = setup(9).await;
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let peer = accept(&listener).await;
+        times.push(Instant::now());
+        drop(peer);
+    }
+    let gaps: Vec<u64> = times.windows(2).map(|w| (w[1] - w[0]).as_secs()).collect();
+    assert_eq!(gaps, vec![1, 2, 4, 8]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn malformed_update_resets_the_session_and_it_comes_back() {
+    let (_speaker, mut events, listener) = setup(9).await;
+    let mut peer = accept(&listener).await;
+    peer.establish(9).await;
+    assert_eq!(
+        events.recv().await,
+        Some(SpeakerEvent::PeerUp { peer: PEER })
+    );
+    // An UPDATE whose withdrawn-routes length runs past the message.
+    let mut bad = vec![0xff; 16];
+    bad.extend_from_slice(&[0, 23, 2, 0, 200, 0, 0]);
+    peer.stream.write_all(&bad).await.unwrap();
+    let mut last = None;
+    while let Some(msg) = peer.recv().await {
+        last = Some(msg);
+    }
+    assert!(
+        matches!(
+            last,
+            Some(Message::Notification(Notification {
+                code: 3,
+                subcode: 1,
+                ..
+            }))
+        ),
+        "{last:?}"
+    );
+    assert_eq!(
+        events.recv().await,
+        Some(SpeakerEvent::PeerDown { peer: PEER })
+    );
+    let mut peer = accept(&listener).await;
+    peer.establish(9).await;
+    assert_eq!(
+        events.recv().await,
+        Some(SpeakerEvent::PeerUp { peer: PEER })
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn routes_flow_both_ways_and_route_refresh_re_advertises() {
+    let (speaker, mut events, listener) = setup(90).await;
+    speaker.announce("10.244.1.0/26".parse().unwrap(), None);
+    let mut peer = accept(&listener).await;
+    peer.establish(90).await;
+    assert_eq!(
+        events.recv().await,
+        Some(SpeakerEvent::PeerUp { peer: PEER })
+    );
+    let Some(Message::Update(u)) = peer.recv().await else {
+        panic!()
+    };
+    assert_eq!(u.nlri, vec!["10.244.1.0/26".parse().unwrap()]);
+    let attrs = u.attributes.unwrap();
+    assert_eq!(
+        (attrs.next_hop, attrs.local_pref, attrs.as_path.len()),
+        (SPEAKER, Some(100), 0)
+    );
+
+    speaker.withdraw("10.244.1.0/26".parse().unwrap());
+    let Some(Message::Update(u)) = peer.recv().await else {
+        panic!()
+    };
+    assert_eq!(u.withdrawn, vec!["10.244.1.0/26".parse().unwrap()]);
+
+    speaker.announce("10.244.2.0/26".parse().unwrap(), None);
+    assert!(matches!(peer.recv().await, Some(Message::Update(_))));
+    peer.send(Message::RouteRefresh(RouteRefresh { afi: 1, safi: 1 }))
+        .await;
+    let Some(Message::Update(u)) = peer.recv().await else {
+        panic!()
+    };
+    assert_eq!(u.nlri, vec!["10.244.2.0/26".parse().unwrap()]);
+
+    let learned: Vec<_> = (0..2000u32)
+        .map(|i| {
+            format!("10.{}.{}.0/24", 100 + i / 256, i % 256)
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    for chunk in learned.chunks(500) {
+        peer.send(Message::Update(Update {
+            withdrawn: vec![],
+            attributes: Some(PathAttributes {
+                origin: Origin::Igp,
+                as_path: vec![],
+                next_hop: PEER,
+                local_pref: Some(100),
+                med: None,
+            }),
+            nlri: chunk.to_vec(),
+        }))
+        .await;
+    }
+    let mut got = Vec::new();
+    while got.len() < learned.len() {
+        match events.recv().await {
+            Some(SpeakerEvent::RoutesLearned {
+                peer: p,
+                next_hop,
+                prefixes,
+            }) => {
+                assert_eq!((p, next_hop), (PEER, PEER));
+                got.extend(prefixes);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(got, learned);
+    peer.send(Message::Update(Update {
+        withdrawn: learned[..3].to_vec(),
+        attributes: None,
+        nlri: vec![],
+    }))
+    .await;
+    let Some(SpeakerEvent::RoutesWithdrawn { prefixes, .. }) = events.recv().await else {
+        panic!()
+    };
+    assert_eq!(prefixes, learned[..3].to_vec());
+}
+
+#[tokio::test(start_paused = true)]
+async fn removing_a_peer_sends_cease() {
+    let (speaker, mut events, listener) = setup(90).await;
+    let mut peer = accept(&listener).await;
+    peer.establish(90).await;
+    assert_eq!(
+        events.recv().await,
+        Some(SpeakerEvent::PeerUp { peer: PEER })
+    );
+    assert!(speaker.remove_peer(PEER).await);
+    assert_eq!(
+        events.recv().await,
+        Some(SpeakerEvent::PeerDown { peer: PEER })
+    );
+    assert_eq!(
+        peer.recv().await,
+        Some(Message::Notification(Notification::new(6, 2)))
+    );
+    assert!(speaker.status().is_empty());
+}

@@ -1,0 +1,350 @@
+//! Sources of cluster state for the service proxy: Services and
+//! EndpointSlices as [`ProxyEvent`]s. The file backend watches a directory of
+//! Kubernetes YAML (what the lab writes); a Kubernetes backend will watch the
+//! API server behind the same trait.
+//!
+//! ```text
+//!  every interval: list DIR ──changed files (mtime, size, inode)──▶ parse
+//!      ──union of all files' objects──▶ diff with what was sent ──▶ mpsc<ProxyEvent>
+//! ```
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::model::ServiceKey;
+use crate::ProxyEvent;
+
+/// A source of cluster state for the proxy (file backend now, Kubernetes later).
+pub trait ClusterState: Send + 'static {
+    /// Sends every object once, then every change, until `tx` closes.
+    fn run(self, tx: mpsc::Sender<ProxyEvent>) -> impl Future<Output = ()> + Send;
+}
+
+/// A directory of Kubernetes YAML: every file whose name ends in `.yaml` or
+/// `.yml` (hidden files skipped), each holding one or more `---`-separated
+/// documents. Kinds `Service` (v1) and `EndpointSlice` (discovery.k8s.io/v1)
+/// are read, other kinds ignored. The directory is polled every `interval`;
+/// a file is re-read when its mtime, size or inode changes (the lab writes
+/// files atomically by rename).
+///
+/// A file that does not parse is logged and keeps the objects it last held
+/// until its next change; a missing directory holds no objects.
+#[derive(Debug, Clone)]
+pub struct FileClusterState {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Time between two scans.
+    pub interval: Duration,
+}
+
+impl ClusterState for FileClusterState {
+    async fn run(self, tx: mpsc::Sender<ProxyEvent>) {
+        let mut scanner = Scanner::new(self.dir);
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = tx.closed() => return,
+            }
+            // Reading and parsing files blocks: keep it off the runtime's threads.
+            let scanned = tokio::task::spawn_blocking(move || {
+                let events = scanner.scan();
+                (scanner, events)
+            })
+            .await;
+            let Ok((next, events)) = scanned else {
+                warn!("resource directory scan panicked; stopping the file source");
+                return;
+            };
+            scanner = next;
+            for ev in events {
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Identity of an object: kind, namespace, name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum ObjectKey {
+    Service(ServiceKey),
+    Slice(String, String),
+}
+
+/// An object read from a file.
+#[derive(Debug, Clone, PartialEq)]
+enum Object {
+    Service(Box<Service>),
+    Slice(Box<EndpointSlice>),
+}
+
+impl Object {
+    fn upsert(&self) -> ProxyEvent {
+        match self {
+            Self::Service(s) => ProxyEvent::ServiceUpsert(s.clone()),
+            Self::Slice(s) => ProxyEvent::SliceUpsert(s.clone()),
+        }
+    }
+}
+
+impl ObjectKey {
+    fn delete(&self) -> ProxyEvent {
+        match self {
+            Self::Service(k) => ProxyEvent::ServiceDelete(k.clone()),
+            Self::Slice(ns, name) => ProxyEvent::SliceDelete(ns.clone(), name.clone()),
+        }
+    }
+}
+
+/// What identifies a version of a file without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+#[derive(Debug)]
+struct FileState {
+    stamp: Stamp,
+    objects: BTreeMap<ObjectKey, Object>,
+}
+
+/// The polling state: each file's objects and what was last sent.
+#[derive(Debug)]
+pub(crate) struct Scanner {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+    sent: BTreeMap<ObjectKey, Object>,
+}
+
+impl Scanner {
+    pub(crate) fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            files: BTreeMap::new(),
+            sent: BTreeMap::new(),
+        }
+    }
+
+    /// One pass over the directory: the events that bring the receiver from
+    /// what was sent to what the files now hold.
+    pub(crate) fn scan(&mut self) -> Vec<ProxyEvent> {
+        let listing = match list(&self.dir) {
+            Ok(l) => l,
+            Err(error) => {
+                warn!(dir = %self.dir.display(), %error, "cannot list the resource directory");
+                return Vec::new();
+            }
+        };
+        let mut changed = false;
+        self.files.retain(|path, _| {
+            let keep = listing.contains_key(path);
+            changed |= !keep;
+            keep
+        });
+        for (path, stamp) in listing {
+            if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
+                continue;
+            }
+            match std::fs::read_to_string(&path) {
+                Ok(text) => match parse(&text) {
+                    Ok(objects) => {
+                        debug!(file = %path.display(), objects = objects.len(), "resource file read");
+                        self.files.insert(path, FileState { stamp, objects });
+                        changed = true;
+                    }
+                    Err(error) => {
+                        warn!(file = %path.display(), %error, "cannot parse resource file; keeping its previous objects");
+                        let state = self.files.entry(path).or_insert_with(|| FileState {
+                            stamp,
+                            objects: BTreeMap::new(),
+                        });
+                        state.stamp = stamp;
+                    }
+                },
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    changed |= self.files.remove(&path).is_some();
+                }
+                Err(error) => warn!(file = %path.display(), %error, "cannot read resource file"),
+            }
+        }
+        if changed {
+            self.diff()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Events from `sent` to the union of the files' objects (for an object
+    /// in several files, the last file by name wins), then record it as sent.
+    fn diff(&mut self) -> Vec<ProxyEvent> {
+        let mut now: BTreeMap<ObjectKey, Object> = BTreeMap::new();
+        for f in self.files.values() {
+            now.extend(f.objects.iter().map(|(k, o)| (k.clone(), o.clone())));
+        }
+        let mut events: Vec<ProxyEvent> = self
+            .sent
+            .keys()
+            .filter(|k| !now.contains_key(*k))
+            .map(ObjectKey::delete)
+            .collect();
+        events.extend(
+            now.iter()
+                .filter(|(k, o)| self.sent.get(*k) != Some(*o))
+                .map(|(_, o)| o.upsert()),
+        );
+        self.sent = now;
+        events
+    }
+}
+
+/// The YAML files of `dir` with their stamps; a missing directory is empty.
+fn list(dir: &Path) -> io::Result<BTreeMap<PathBuf, Stamp>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = BTreeMap::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') || !(name.ends_with(".yaml") || name.ends_with(".yml")) {
+            continue;
+        }
+        // Follows symlinks; a file removed meanwhile is simply not listed.
+        let Ok(meta) = std::fs::metadata(entry.path()) else {
+            continue;
+        };
+        if !meta.is_file() {
+            continue;
+        }
+        let stamp = Stamp {
+            modified: meta.modified().ok(),
+            len: meta.len(),
+            inode: meta.ino(),
+        };
+        out.insert(entry.path(), stamp);
+    }
+    Ok(out)
+}
+
+/// Why a resource file was rejected.
+#[derive(Debug, thiserror::Error)]
+enum ParseError {
+    /// The text is not YAML.
+    #[error("document {index}")]
+    Yaml {
+        index: usize,
+        #[source]
+        source: serde_norway::Error,
+    },
+    /// A Service or EndpointSlice does not match its schema.
+    #[error("document {index}: {kind}")]
+    Object {
+        index: usize,
+        kind: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// An object without `metadata.name`.
+    #[error("document {index}: {kind} has no metadata.name")]
+    NoName { index: usize, kind: &'static str },
+}
+
+/// The Services and EndpointSlices of a multi-document YAML text (also
+/// inside `kind: List` items). Any invalid document rejects the whole text.
+fn parse(text: &str) -> Result<BTreeMap<ObjectKey, Object>, ParseError> {
+    let mut out = BTreeMap::new();
+    for (index, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let value = serde_json::Value::deserialize(doc)
+            .map_err(|source| ParseError::Yaml { index, source })?;
+        add_value(value, index, &mut out)?;
+    }
+    Ok(out)
+}
+
+fn add_value(
+    value: serde_json::Value,
+    index: usize,
+    out: &mut BTreeMap<ObjectKey, Object>,
+) -> Result<(), ParseError> {
+    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+    let api = value
+        .get("apiVersion")
+        .and_then(|k| k.as_str())
+        .unwrap_or("");
+    match (api, kind) {
+        ("v1", "Service") => {
+            let mut svc: Service = from_value(value, index, "Service")?;
+            let key = ObjectKey::Service(ServiceKey::of(normalize(
+                &mut svc.metadata,
+                index,
+                "Service",
+            )?));
+            out.insert(key, Object::Service(Box::new(svc)));
+        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            let mut slice: EndpointSlice = from_value(value, index, "EndpointSlice")?;
+            let meta = normalize(&mut slice.metadata, index, "EndpointSlice")?;
+            let key = ObjectKey::Slice(
+                meta.namespace.clone().unwrap_or_default(),
+                meta.name.clone().unwrap_or_default(),
+            );
+            out.insert(key, Object::Slice(Box::new(slice)));
+        }
+        (_, "List") => {
+            if let Some(serde_json::Value::Array(items)) = value.get("items").cloned() {
+                for item in items {
+                    add_value(item, index, out)?;
+                }
+            }
+        }
+        _ => {} // other kinds, and empty documents
+    }
+    Ok(())
+}
+
+fn from_value<T: serde::de::DeserializeOwned>(
+    value: serde_json::Value,
+    index: usize,
+    kind: &'static str,
+) -> Result<T, ParseError> {
+    serde_json::from_value(value).map_err(|source| ParseError::Object {
+        index,
+        kind,
+        source,
+    })
+}
+
+/// Default the namespace, drop managedFields, require a name.
+fn normalize<'m>(
+    meta: &'m mut ObjectMeta,
+    index: usize,
+    kind: &'static str,
+) -> Result<&'m ObjectMeta, ParseError> {
+    if meta.name.as_deref().unwrap_or("").is_empty() {
+        return Err(ParseError::NoName { index, kind });
+    }
+    meta.namespace.get_or_insert_with(|| "default".into());
+    meta.managed_fields = None;
+    Ok(meta)
+}
+
+#[cfg(test)]
+mod tests;

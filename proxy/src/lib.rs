@@ -1,0 +1,32 @@
+//! `tabby-proxy`: the service proxy embedded in `tabby-node` (kube-proxy's
+//! iptables mode), and the sources of the cluster state it consumes.
+//!
+//! - [`cluster_state`]: sources of Services and EndpointSlices (a watched YAML directory).
+//!
+//! - [`model`]: Services and EndpointSlices to service ports and endpoints (pure).
+//! - [`names`]: chain names and kube-proxy's hash.
+//! - [`rules`]: rule generation as data (pure); the per-service chains are built in `chains`.
+//! - [`payload`]: full and partial `iptables-restore --noflush` payloads (pure).
+//! - [`iptables`]: the executor: backends, jump rules, one restore per sync.
+//! - [`conntrack`]: stale UDP flows of removed endpoints, and their deletion.
+//! - [`proxier`]: the sync state machine (full then partial syncs, rate limits, metrics).
+//! - [`healthcheck`]: the health-check node ports of `externalTrafficPolicy: Local` services.
+
+mod chains;
+pub mod cluster_state;
+pub mod conntrack;
+pub mod error;
+pub mod healthcheck;
+pub mod http;
+pub mod iptables;
+pub mod metrics;
+pub mod model;
+pub mod names;
+pub mod payload;
+pub mod proxier;
+pub mod rules;
+
+pub use error::{Error, Result};
+pub use model::NodeFacts;
+pub use proxier::ProxyEvent;
+pub use rules::{generate, ProxyOptions, RuleSet};

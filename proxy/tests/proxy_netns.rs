@@ -1,0 +1,212 @@
+//! Root tests: program real tables in a fresh network namespace with both
+//! backends, then a partial update, and read them back with iptables-save.
+//! Skipped (with a note) when not run as root.
+
+mod proxy_support;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use proxy_support::{load, node, parse_objects};
+use tabby_proxy::conntrack::ConntrackCli;
+use tabby_proxy::iptables::{Backend, Iptables};
+use tabby_proxy::model::ServiceKey;
+use tabby_proxy::proxier::{Proxier, ProxyEvent, SyncConfig};
+use tabby_proxy::ProxyOptions;
+
+/// A network namespace deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "tabby-px-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("run ip")
+            .success();
+        assert!(ok, "ip netns add {name}");
+        Netns(name)
+    }
+    fn path(&self) -> String {
+        format!("/run/netns/{}", self.0)
+    }
+    fn save(&self, backend: Backend, table: &str) -> String {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", self.path()))
+            .arg(backend.save_program())
+            .args(["-t", table])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn is_root() -> bool {
+    // The effective UID is the third field of the Uid: line.
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+const HELLO_TWO_LEFT: &str = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: hello-service-abcde, namespace: default, labels: {kubernetes.io/service-name: hello-service}}
+addressType: IPv4
+ports: [{protocol: TCP, port: 8080}]
+endpoints:
+- {addresses: [10.244.0.131], nodeName: worker-node3}
+- {addresses: [10.244.1.131], nodeName: worker-node2}
+"#;
+
+fn chains(save: &str) -> Vec<String> {
+    save.lines()
+        .filter_map(|l| l.strip_prefix(':'))
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .collect()
+}
+
+fn full_then_partial(backend: Backend) {
+    let ns = Netns::new();
+    let ipt = Iptables::new(backend).in_netns(ns.path());
+    let ct = ConntrackCli {
+        netns: Some(ns.path().into()),
+    };
+    let mut p = Proxier::new(
+        node(),
+        ProxyOptions::default(),
+        SyncConfig::default(),
+        ipt,
+        ct,
+    );
+    for scenario in [
+        "hello-service",
+        "nodeport",
+        "session-affinity",
+        "features",
+        "no-endpoints",
+    ] {
+        let (services, slices) = load(scenario);
+        services
+            .into_iter()
+            .for_each(|s| p.apply_event(ProxyEvent::ServiceUpsert(Box::new(s))));
+        slices
+            .into_iter()
+            .for_each(|s| p.apply_event(ProxyEvent::SliceUpsert(Box::new(s))));
+    }
+    let t0 = Instant::now();
+    assert!(p.sync(t0).expect("full sync").full);
+
+    let nat = ns.save(backend, "nat");
+    let have = chains(&nat);
+    for c in [
+        "TABBY-SERVICES",
+        "TABBY-NODEPORTS",
+        "TABBY-SVC-WR2LASOULGGSX3JN",
+        "TABBY-SVC-KBDEBIL6IU6WL7RF",
+        "TABBY-SEP-TBW2IYJKUCAC7GB3",
+        "TABBY-EXT-KGTTXZQT54FX5FOU",
+    ] {
+        assert!(
+            have.iter().any(|h| h == c),
+            "{backend:?}: {c} missing:\n{nat}"
+        );
+    }
+    assert!(
+        nat.contains(
+            "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j TABBY-SERVICES"
+        ),
+        "{nat}"
+    );
+    let filter = ns.save(backend, "filter");
+    assert!(filter.contains("has no endpoints"), "{filter}");
+
+    // Partial: delete the affinity service, drop one hello endpoint.
+    p.apply_event(ProxyEvent::ServiceDelete(ServiceKey {
+        namespace: "default".into(),
+        name: "svc-clusterip".into(),
+    }));
+    let (_, slices) = parse_objects(HELLO_TWO_LEFT);
+    p.apply_event(ProxyEvent::SliceUpsert(Box::new(slices[0].clone())));
+    let r = p.sync(t0 + Duration::from_secs(2)).expect("partial sync");
+    assert!(!r.full);
+
+    let nat = ns.save(backend, "nat");
+    let have = chains(&nat);
+    let removed_ep =
+        tabby_proxy::names::sep_chain("default/hello-service", "tcp", "10.244.1.3:8080");
+    for gone in [
+        "TABBY-SVC-KBDEBIL6IU6WL7RF",
+        "TABBY-SEP-TBW2IYJKUCAC7GB3",
+        "TABBY-SEP-DOIEFYKPESCDTYCH",
+        removed_ep.as_str(),
+    ] {
+        assert!(
+            !have.iter().any(|h| h == gone),
+            "{backend:?}: {gone} still there:\n{nat}"
+        );
+    }
+    assert!(have.iter().any(|h| h == "TABBY-SVC-WR2LASOULGGSX3JN"));
+    assert!(
+        nat.contains("--probability 0.5"),
+        "hello-service now splits in two:\n{nat}"
+    );
+    assert!(!nat.contains("10.200.1.201"), "{nat}");
+
+    // A forced full resync does not duplicate the jump rules.
+    p.apply_event(ProxyEvent::FullSync);
+    assert!(p.sync(t0 + Duration::from_secs(4)).unwrap().full);
+    let nat = ns.save(backend, "nat");
+    assert_eq!(nat.matches("-A PREROUTING").count(), 1, "{nat}");
+    assert_eq!(
+        ns.save(backend, "filter")
+            .matches("-j TABBY-FORWARD")
+            .count(),
+        1
+    );
+    assert_eq!(p.metrics().conntrack_failures, 0);
+}
+
+/// Named `proxy` so that `cargo test -p tabby-node proxy` selects these tests.
+mod proxy {
+    use super::*;
+
+    #[test]
+    fn legacy_backend_applies_full_then_partial_syncs() {
+        if !is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        full_then_partial(Backend::Legacy);
+    }
+
+    #[test]
+    fn nft_backend_applies_full_then_partial_syncs() {
+        if !is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        full_then_partial(Backend::Nft);
+    }
+}

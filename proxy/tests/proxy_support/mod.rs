@@ -1,0 +1,82 @@
+//! Shared helpers of the proxy tests: scenario files and node facts.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde::Deserialize;
+use tabby_proxy::{NodeFacts, ProxyOptions, RuleSet};
+
+/// `tests/golden/NAME`.
+pub fn golden_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name)
+}
+
+/// Services and EndpointSlices of a multi-document YAML text.
+pub fn parse_objects(text: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
+    let mut services = Vec::new();
+    let mut slices = Vec::new();
+    for doc in serde_norway::Deserializer::from_str(text) {
+        let value = serde_json::Value::deserialize(doc).expect("valid YAML document");
+        match value.get("kind").and_then(|k| k.as_str()) {
+            Some("Service") => services.push(serde_json::from_value(value).expect("Service")),
+            Some("EndpointSlice") => {
+                slices.push(serde_json::from_value(value).expect("EndpointSlice"))
+            }
+            Some(other) => panic!("unexpected kind {other}"),
+            None => {}
+        }
+    }
+    (services, slices)
+}
+
+/// Services and EndpointSlices of `tests/golden/NAME.yaml`.
+pub fn load(name: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
+    let path = golden_path(&format!("{name}.yaml"));
+    parse_objects(
+        &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display())),
+    )
+}
+
+/// The node most scenarios run on: worker-node1, pods in 10.244.0.0/16.
+pub fn node() -> NodeFacts {
+    NodeFacts {
+        name: "worker-node1".into(),
+        node_ips: vec!["192.168.1.11".parse().unwrap()],
+        cluster_cidr: Some("10.244.0.0/16".parse().unwrap()),
+        pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
+    }
+}
+
+/// Seed 004's client node: myk8s-control-plane, pods in 10.10.0.0/16.
+pub fn seed004_node() -> NodeFacts {
+    NodeFacts {
+        name: "myk8s-control-plane".into(),
+        node_ips: vec!["172.18.0.2".parse().unwrap()],
+        cluster_cidr: Some("10.10.0.0/16".parse().unwrap()),
+        pod_cidrs: vec!["10.10.0.0/24".parse().unwrap()],
+    }
+}
+
+/// The facts a scenario is rendered with.
+pub fn node_for(name: &str) -> NodeFacts {
+    if name == "session-affinity" {
+        seed004_node()
+    } else {
+        node()
+    }
+}
+
+/// The rule set of a scenario with default options.
+pub fn ruleset(name: &str) -> RuleSet {
+    let (services, slices) = load(name);
+    tabby_proxy::generate(
+        &services,
+        &slices,
+        &node_for(name),
+        &ProxyOptions::default(),
+    )
+}

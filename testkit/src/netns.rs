@@ -1,0 +1,170 @@
+//! A named network namespace (`ip netns add`) that is deleted, with
+//! everything in it, when the guard drops — also when the test panics.
+
+use std::fs::{File, OpenOptions};
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::Mutex;
+
+use nix::fcntl::{Flock, FlockArg};
+use tabby_dataplane::{NetNs, Netlink};
+
+use crate::{sh, unique};
+
+/// Serializes `ip netns add/del` inside the process.
+static IN_PROCESS: Mutex<()> = Mutex::new(());
+
+/// Holds the lock `ip netns add` needs: the first `add` on a machine sets up
+/// the shared `/run/netns` mount, which races when two processes do it at
+/// once (test binaries run in parallel). Held only around add and del.
+struct NetnsLock {
+    _flock: Flock<File>,
+    _guard: std::sync::MutexGuard<'static, ()>,
+}
+
+fn lock() -> NetnsLock {
+    let guard = IN_PROCESS.lock().unwrap_or_else(|e| e.into_inner());
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/run/tabby-testkit-netns.lock")
+        .unwrap_or_else(|e| panic!("open /run/tabby-testkit-netns.lock: {e}"));
+    let flock =
+        Flock::lock(file, FlockArg::LockExclusive).unwrap_or_else(|(_, e)| panic!("flock: {e}"));
+    NetnsLock {
+        _flock: flock,
+        _guard: guard,
+    }
+}
+
+/// A uniquely named network namespace with `lo` up, deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates `<prefix><pid>x<n>` (see [`unique`]).
+    pub fn new(prefix: &str) -> Self {
+        let name = unique(prefix);
+        {
+            let _lock = lock();
+            sh("ip", &["netns", "add", &name]);
+        }
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its path under /run/netns.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// The namespace as a handle for setns-based code.
+    pub fn open(&self) -> NetNs {
+        NetNs::open(self.path()).unwrap_or_else(|e| panic!("open {}: {e}", self.name))
+    }
+
+    /// A netlink socket inside the namespace.
+    pub fn netlink(&self) -> Netlink {
+        Netlink::in_netns(&self.open()).unwrap_or_else(|e| panic!("netlink in {}: {e}", self.name))
+    }
+
+    /// `ip -n NAME ARGS`, failing the test when it fails.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        sh("ip", &full)
+    }
+
+    /// Runs `cmd ARGS` inside the namespace (through nsenter, which leaves
+    /// /sys and the cgroup mounts alone) and returns its output.
+    pub fn exec(&self, cmd: &str, args: &[&str]) -> Output {
+        Command::new("nsenter")
+            .arg(format!("--net={}", self.path().display()))
+            .arg(cmd)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("exec {cmd} in {}: {e}", self.name))
+    }
+
+    /// [`Netns::exec`], failing the test when the command fails; returns stdout.
+    pub fn exec_ok(&self, cmd: &str, args: &[&str]) -> String {
+        let out = self.exec(cmd, args);
+        assert!(
+            out.status.success(),
+            "{cmd} {args:?} in {}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Whether one ping to `ip` from here is answered (within 2 s).
+    pub fn ping(&self, ip: &str) -> bool {
+        self.exec("ping", &["-c1", "-W2", ip]).status.success()
+    }
+
+    /// Names of the links in the namespace.
+    pub fn links(&self) -> Vec<String> {
+        self.ip(&["-o", "link", "show"])
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .collect()
+    }
+
+    /// `ip route show` and `ip -6 route show` lines, minus the kernel's
+    /// link-local and multicast entries.
+    pub fn routes(&self) -> Vec<String> {
+        let mut r: Vec<String> = self
+            .ip(&["route", "show"])
+            .lines()
+            .map(str::to_string)
+            .collect();
+        r.extend(
+            self.ip(&["-6", "route", "show"])
+                .lines()
+                .filter(|l| !l.starts_with("fe80") && !l.starts_with("multicast"))
+                .map(str::to_string),
+        );
+        r
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _lock = lock();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// Joins two namespaces with a veth: `a_dev` in `a` with `a_addr`, `b_dev`
+/// in `b` with `b_addr` (CIDR notation), both up.
+pub fn veth_pair(a: &Netns, a_dev: &str, a_addr: &str, b: &Netns, b_dev: &str, b_addr: &str) {
+    a.ip(&[
+        "link",
+        "add",
+        a_dev,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_dev,
+        "netns",
+        b.name(),
+    ]);
+    a.ip(&["addr", "add", a_addr, "dev", a_dev]);
+    b.ip(&["addr", "add", b_addr, "dev", b_dev]);
+    a.ip(&["link", "set", a_dev, "up"]);
+    b.ip(&["link", "set", b_dev, "up"]);
+}

@@ -1,0 +1,81 @@
+//! Waiting for a condition with a deadline. Tests never sleep for a fixed
+//! time to wait for something: they poll until it holds or time runs out.
+
+use std::time::{Duration, Instant};
+
+/// How often conditions are re-checked.
+pub const INTERVAL: Duration = Duration::from_millis(20);
+
+/// Polls `check` until it holds (returns `true`) or `timeout` passes (`false`).
+pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(INTERVAL);
+    }
+}
+
+/// [`eventually`], failing the test with `what` when time runs out.
+pub fn wait_until(what: &str, timeout: Duration, check: impl FnMut() -> bool) {
+    assert!(
+        eventually(timeout, check),
+        "timed out after {timeout:?} waiting for {what}"
+    );
+}
+
+/// The async form of [`wait_until`], for tests on a tokio runtime: sleeps
+/// on the runtime's clock between checks.
+pub async fn poll_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(INTERVAL).await;
+    }
+}
+
+/// Receives from `rx` until `want` accepts a message; fails the test with
+/// `what` when `timeout` passes or the channel closes first.
+pub async fn wait_for_message<T>(
+    rx: &mut tokio::sync::mpsc::Receiver<T>,
+    what: &str,
+    timeout: Duration,
+    mut want: impl FnMut(&T) -> bool,
+) {
+    let end = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout(
+            end.saturating_duration_since(tokio::time::Instant::now()),
+            rx.recv(),
+        )
+        .await
+        {
+            Ok(Some(m)) if want(&m) => return,
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("channel closed waiting for {what}"),
+            Err(_) => panic!("timed out after {timeout:?} waiting for {what}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eventually_sees_a_condition_that_becomes_true_and_gives_up_on_one_that_never_does() {
+        let mut n = 0;
+        assert!(eventually(Duration::from_secs(5), || {
+            n += 1;
+            n == 3
+        }));
+        assert!(!eventually(Duration::from_millis(50), || false));
+    }
+}
