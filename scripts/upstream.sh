@@ -11,9 +11,9 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-# shellcheck source=lib.sh
+# shellcheck source=SCRIPTDIR/lib.sh
 . "$ROOT/scripts/lib.sh"
-# shellcheck source=../upstream/versions.env
+# shellcheck source=SCRIPTDIR/../upstream/versions.env
 . "$ROOT/upstream/versions.env"
 
 CACHE=${TABBY_UPSTREAM_CACHE:-/var/cache/tabby}
@@ -65,24 +65,30 @@ die() {
 
 # ---------------------------------------------------------------- Go -------
 
-find_go() {
-    if ! command -v go >/dev/null 2>&1; then
-        [ -x /usr/local/go/bin/go ] && export PATH="/usr/local/go/bin:$PATH"
-    fi
-    command -v go >/dev/null 2>&1 ||
-        die "go not found on PATH nor at /usr/local/go/bin/go: install Go >= 1.26 there"
+# go_ok GO: true if that go binary is at least the newest `go` line of the
+# wrapper modules (some upstream modules want a recent patch release).
+go_ok() {
     local v
-    v=$(go env GOVERSION) || die "'go env GOVERSION' failed ($(command -v go))"
-    [[ $v =~ ^go1\.([0-9]+) ]] || die "cannot parse the Go version '$v'"
-    ((BASH_REMATCH[1] >= 26)) || die "$(command -v go) is $v; Kubernetes ${KUBERNETES_VERSION} needs Go >= 1.26"
-    GO_VERSION=$v
-    # The wrapper modules' `go` lines say which Go they need at least (some
-    # upstream modules want a recent patch release).
-    local need
-    need=$(sed -n 's/^go \([0-9.]*\)$/\1/p' "$ROOT"/upstream/*/go.mod "$ROOT"/upstream/*/go.mod.in 2>/dev/null | sort -V | tail -n1)
-    if [ -n "$need" ] && [ "$(printf '%s\n%s\n' "$need" "${v#go}" | sort -V | head -n1)" != "$need" ]; then
-        die "$(command -v go) is $v; upstream/*/go.mod need Go >= $need (put a newer Go first on PATH)"
+    v=$(GOTOOLCHAIN=local "$1" env GOVERSION 2>/dev/null) || return 1
+    [ "$(printf '%s\n%s\n' "$GO_NEED" "${v#go}" | sort -V | head -n1)" = "$GO_NEED" ]
+}
+
+find_go() {
+    GO_NEED=$(sed -n 's/^go \([0-9.]*\)$/\1/p' "$ROOT"/upstream/*/go.mod "$ROOT"/upstream/*/go.mod.in 2>/dev/null | sort -V | tail -n1)
+    GO_NEED=${GO_NEED:-1.26}
+    local have
+    have=$(command -v go 2>/dev/null || true)
+    if [ -z "$have" ] || ! go_ok "$have"; then
+        # The machines' Go lives in /usr/local/go; Debian's golang is too old.
+        if [ -x /usr/local/go/bin/go ] && go_ok /usr/local/go/bin/go; then
+            export PATH="/usr/local/go/bin:$PATH"
+        elif [ -n "$have" ]; then
+            die "$have is $(GOTOOLCHAIN=local "$have" env GOVERSION 2>/dev/null || echo unusable); upstream/*/go.mod need Go >= $GO_NEED (install it at /usr/local/go or put it first on PATH)"
+        else
+            die "go not found on PATH nor at /usr/local/go/bin/go: install Go >= $GO_NEED there"
+        fi
     fi
+    GO_VERSION=$(GOTOOLCHAIN=local go env GOVERSION)
     # Use this Go, never a downloaded toolchain; let go fill in go.sum
     # entries that are missing; static binaries; no workspace of the caller.
     export GOTOOLCHAIN=local GOFLAGS=-mod=mod CGO_ENABLED=0 GOWORK=off
@@ -194,7 +200,9 @@ gobuild() {
         if ((SECONDS - last >= PROGRESS_EVERY)); then
             last=$SECONDS
             n=$(($(wc -l <"$logf") - n0))
-            if ((TOTAL > 0 && n >= TOTAL)); then
+            if ((n == 0)); then
+                log "$label: starting ($((SECONDS - t0))s in this step)"
+            elif ((TOTAL > 0 && n >= TOTAL)); then
                 log "$label: $n packages compiled, linking ($((SECONDS - t0))s in this step)"
             else
                 log "$label: $n/${TOTAL:-?} packages compiled, now $(tail -n1 "$logf" | cut -c1-80) ($((SECONDS - t0))s in this step)"
@@ -202,7 +210,7 @@ gobuild() {
         fi
     done
     if ! wait "$pid"; then
-        echo "----- last lines of $logf -----" >&2
+        echo "----- the build log's last lines -----" >&2
         tail -n 40 "$logf" >&2
         die "$label: go $* failed (the whole log: $FAILED_LOG)"
     fi
@@ -259,11 +267,18 @@ build_e2e() {
     sync_k8s_module e2e
     local m=$ROOT/upstream/e2e
     count_deps "$m" -test . k8s.io/kubernetes/test/images/agnhost
-    gobuild e2e "$m" test -c -trimpath -ldflags "$(K8S_LDFLAGS)" -o "$WORK/e2e.test" .
+    # `go test -c` has no -v of `go build` (its -v is the tests'): compile
+    # the test's imports (and so nearly every package) with `go build -v`
+    # first, for the progress lines; `go test -c` then only links.
+    local imports
+    imports=$(cd "$m" && go list -f '{{join .TestImports " "}}' .) || die "e2e: go list of the test's imports failed"
+    # shellcheck disable=SC2086 # a list of package paths
+    gobuild e2e-packages "$m" build -trimpath $imports
+    gobuild e2e.test "$m" test -c -vet=off -trimpath -ldflags "$(K8S_LDFLAGS)" -o "$WORK/e2e.test" .
     gobuild agnhost "$m" build -trimpath -ldflags "$(K8S_LDFLAGS)" -o "$WORK/agnhost" k8s.io/kubernetes/test/images/agnhost
     check "$KUBERNETES_VERSION" "$WORK/e2e.test" --version
     check "ginkgo" "$WORK/e2e.test" --help
-    check "agnhost" "$WORK/agnhost" --help
+    check "netexec" "$WORK/agnhost" --help
 }
 
 build_etcd() {
@@ -346,7 +361,7 @@ link_farm() {
     mkdir -p "$BIN"
     for f in "$dir"/*; do
         name=$(basename "$f")
-        [ -x "$f" ] && [ ! -d "$f" ] || continue
+        if [ ! -x "$f" ] || [ -d "$f" ]; then continue; fi
         ln -sfn "$f" "$BIN/.$name.new"
         mv -Tf "$BIN/.$name.new" "$BIN/$name"
     done
