@@ -15,8 +15,7 @@
 //! - UPDATE error handling by RFC 7606 (`validate`): which errors still
 //!   reset the session, which withdraw the UPDATE's routes, which drop one
 //!   attribute; with the subcodes of RFC 4271 §6.3 (netgauze's own mapping
-//!   gives 3/6 or 3/8 where 3/5 is due), and next hops that are no host
-//!   address ([`is_martian_next_hop`]);
+//!   gives 3/6 or 3/8 where 3/5 is due);
 //! - merging AS4_PATH into AS_PATH on a 2-octet session (RFC 6793 §4.2.3).
 
 use std::collections::HashMap;
@@ -422,8 +421,6 @@ fn open_to_wire(open: &Open) -> Result<BgpOpenMessage, EncodeError> {
 
 mod update;
 mod validate;
-
-pub use validate::is_martian_next_hop;
 
 #[cfg(test)]
 mod malformed_tests;

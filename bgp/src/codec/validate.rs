@@ -14,14 +14,14 @@
 //!   (§3 e, §7.1-7.5): flags in conflict (3/4), a wrong length (3/5), an
 //!   undefined ORIGIN (3/6), a malformed AS_PATH (3/11); a missing well-known
 //!   attribute (3/3, §3 d); an attribute that overruns the attribute section
-//!   (§4, reported as 3/5); a NEXT_HOP that is no host address (3/8: RFC 4271
-//!   §6.3 ignores the route without a NOTIFICATION);
+//!   (§4, reported as 3/5);
 //! - **attribute discard** for ATOMIC_AGGREGATE, AGGREGATOR, AS4_AGGREGATOR
 //!   and AS4_PATH of the wrong shape (§7.6, §7.7, RFC 6793 §6), and for every
 //!   repetition of an attribute but the first (§3 g).
 //!
 //! The strongest approach wins (§3 h). The NOTIFICATION RFC 4271 would have
-//! sent is kept for the log.
+//! sent is kept for the log. A NEXT_HOP that is well formed but no usable
+//! address is the FSM's business (a semantic error, RFC 4271 §6.3).
 
 use std::net::Ipv4Addr;
 use std::ops::Range;
@@ -49,13 +49,6 @@ const OPTIONAL: u8 = 0x80;
 const TRANSITIVE: u8 = 0x40;
 const EXTENDED: u8 = 0x10;
 
-/// UPDATE subcodes RFC 4271 §6.3 assigns and the codec did not need before.
-const ATTRIBUTE_FLAGS_ERROR: u8 = 4;
-const ATTRIBUTE_LENGTH_ERROR: u8 = 5;
-const INVALID_ORIGIN: u8 = 6;
-const INVALID_NEXT_HOP: u8 = 8;
-const OPTIONAL_ATTRIBUTE_ERROR: u8 = 9;
-
 /// What to do with an UPDATE body.
 #[derive(Debug)]
 pub(super) enum Verdict {
@@ -71,13 +64,6 @@ pub(super) enum Verdict {
     },
     /// Reset the session with this NOTIFICATION.
     Reset(Notification),
-}
-
-/// Whether `ip` cannot be a next hop: "this network" 0/8, loopback 127/8,
-/// multicast 224/4, class E 240/4 and the limited broadcast address.
-pub fn is_martian_next_hop(ip: Ipv4Addr) -> bool {
-    let first = ip.octets()[0];
-    first == 0 || first == 127 || first >= 224
 }
 
 /// Calls `each` for every prefix of an NLRI-encoded field; false if the
@@ -219,7 +205,7 @@ fn scan_attributes<'a>(attrs: &'a [u8], offset: usize, asn4: bool, found: &mut F
         };
         if len == usize::MAX || header + len > rest.len() {
             // RFC 7606 §4: the attribute overruns the section.
-            found.withdraw(update_error(ATTRIBUTE_LENGTH_ERROR, rest));
+            found.withdraw(update_error(code::ATTRIBUTE_LENGTH_ERROR, rest));
             return;
         }
         let (flags, type_code) = (rest[0], rest[1]);
@@ -262,32 +248,29 @@ fn check_attribute<'a>(
     found: &mut Findings<'a>,
 ) -> Check {
     let well_known = flags & (OPTIONAL | TRANSITIVE) == TRANSITIVE;
-    let length =
-        |want: usize| (value.len() != want).then(|| update_error(ATTRIBUTE_LENGTH_ERROR, whole));
+    let length = |want: usize| {
+        (value.len() != want).then(|| update_error(code::ATTRIBUTE_LENGTH_ERROR, whole))
+    };
     let withdraw = |n: Option<Notification>| n.map_or(Check::Ok, Check::Withdraw);
     let discard = |n: Option<Notification>| n.map_or(Check::Ok, Check::Discard);
-    let flags_error = || Check::Withdraw(update_error(ATTRIBUTE_FLAGS_ERROR, whole));
+    let flags_error = || Check::Withdraw(update_error(code::ATTRIBUTE_FLAGS_ERROR, whole));
     match type_code {
         ORIGIN | AS_PATH | NEXT_HOP | LOCAL_PREF if !well_known => flags_error(),
         MED if flags & (OPTIONAL | TRANSITIVE) != OPTIONAL => flags_error(),
         ORIGIN => withdraw(
-            length(1).or_else(|| (value[0] > 2).then(|| update_error(INVALID_ORIGIN, whole))),
+            length(1).or_else(|| (value[0] > 2).then(|| update_error(code::INVALID_ORIGIN, whole))),
         ),
         AS_PATH => withdraw(
             (!as_path_ok(value, if asn4 { 4 } else { 2 }))
                 .then(|| Notification::new(code::UPDATE, code::MALFORMED_AS_PATH)),
         ),
-        NEXT_HOP => withdraw(length(4).or_else(|| {
-            let nh = Ipv4Addr::new(value[0], value[1], value[2], value[3]);
-            is_martian_next_hop(nh).then(|| update_error(INVALID_NEXT_HOP, whole))
-        })),
-        MED | LOCAL_PREF => withdraw(length(4)),
+        NEXT_HOP | MED | LOCAL_PREF => withdraw(length(4)),
         ATOMIC_AGGREGATE => discard(length(0)),
         AGGREGATOR => discard(length(if asn4 { 8 } else { 6 })),
         AS4_AGGREGATOR => discard(length(8)),
-        AS4_PATH => {
-            discard((!as_path_ok(value, 4)).then(|| update_error(OPTIONAL_ATTRIBUTE_ERROR, whole)))
-        }
+        AS4_PATH => discard(
+            (!as_path_ok(value, 4)).then(|| update_error(code::OPTIONAL_ATTRIBUTE_ERROR, whole)),
+        ),
         MP_REACH => check_mp_reach(value, whole, found),
         MP_UNREACH => match value {
             [0, 1, 1, nlri @ ..] if walk_prefixes(nlri, |_| {}) => {
@@ -295,7 +278,7 @@ fn check_attribute<'a>(
                 Check::Ok
             }
             [0, 1, 1, ..] | [] | [_] | [_, _] => {
-                Check::Reset(update_error(OPTIONAL_ATTRIBUTE_ERROR, whole))
+                Check::Reset(update_error(code::OPTIONAL_ATTRIBUTE_ERROR, whole))
             }
             _ => Check::Ok,
         },
@@ -305,7 +288,7 @@ fn check_attribute<'a>(
 
 /// MP_REACH_NLRI for IPv4 unicast: a 4-octet next hop, then the NLRI.
 fn check_mp_reach<'a>(value: &'a [u8], whole: &[u8], found: &mut Findings<'a>) -> Check {
-    let reset = || Check::Reset(update_error(OPTIONAL_ATTRIBUTE_ERROR, whole));
+    let reset = || Check::Reset(update_error(code::OPTIONAL_ATTRIBUTE_ERROR, whole));
     let Some(&[a0, a1, safi, nh_len]) = value.get(..4) else {
         return reset();
     };
@@ -321,10 +304,6 @@ fn check_mp_reach<'a>(value: &'a [u8], whole: &[u8], found: &mut Findings<'a>) -
         return reset();
     }
     found.mp_reach = Some(nlri);
-    let nh = Ipv4Addr::new(value[4], value[5], value[6], value[7]);
-    if is_martian_next_hop(nh) {
-        return Check::Withdraw(update_error(INVALID_NEXT_HOP, whole));
-    }
     Check::Ok
 }
 
