@@ -54,6 +54,8 @@ fn datastore(lab: &Lab, peer_asn: u32) -> std::path::PathBuf {
         as_number: peer_asn,
         node: None,
         password: None,
+        filters: vec![],
+        max_prefix: None,
     };
     create_bgp_peer(ipam.datastore(), &peer).unwrap();
     dir
