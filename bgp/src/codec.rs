@@ -12,9 +12,11 @@
 //! - NOTIFICATION bodies by hand: netgauze models them as a closed enum of
 //!   IANA-registered subcodes and rejects any other, but a NOTIFICATION is
 //!   never answered (RFC 4271 §6.4) so Tabby keeps the raw three fields;
-//! - the checks that need the session: missing well-known attributes (3/3),
-//!   duplicate attributes (3/1), and merging AS4_PATH into AS_PATH on a
-//!   2-octet session (RFC 6793 §4.2.3).
+//! - UPDATE error handling by RFC 7606 (`validate`): which errors still
+//!   reset the session, which withdraw the UPDATE's routes, which drop one
+//!   attribute; with the subcodes of RFC 4271 §6.3 (netgauze's own mapping
+//!   gives 3/6 or 3/8 where 3/5 is due);
+//! - merging AS4_PATH into AS_PATH on a 2-octet session (RFC 6793 §4.2.3).
 
 use std::collections::HashMap;
 
@@ -35,8 +37,11 @@ use netgauze_parse_utils::traits::ParseFromWithOneInput;
 use netgauze_parse_utils::WritablePdu;
 
 use update::{update_from_wire, update_to_wire};
+use validate::Verdict;
 
-use super::message::{code, Capability, Message, Notification, Open, RouteRefresh, AS_TRANS};
+use super::message::{
+    code, Capability, Message, Notification, Open, RouteRefresh, Update, AS_TRANS,
+};
 
 /// Length of the fixed header: marker, length, type.
 pub const HEADER_LEN: usize = 19;
@@ -68,6 +73,33 @@ pub enum EncodeError {
         /// The crate's error, as text.
         detail: String,
     },
+}
+
+/// How an UPDATE error is handled instead of a session reset (RFC 7606 §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorHandling {
+    /// Every route the UPDATE names is withdrawn.
+    TreatAsWithdraw,
+    /// The bad attribute is dropped and the UPDATE processed.
+    AttributeDiscard,
+}
+
+/// An UPDATE error that does not reset the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdateError {
+    /// What was done about it.
+    pub handling: ErrorHandling,
+    /// The NOTIFICATION RFC 4271 §6.3 would have sent: for the log.
+    pub notification: Notification,
+}
+
+/// A decoded message, with the UPDATE error handled without a reset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decoded {
+    /// The message (for treat-as-withdraw: an UPDATE of withdrawals only).
+    pub message: Message,
+    /// The error, if any.
+    pub error: Option<UpdateError>,
 }
 
 /// Checks a message header (RFC 4271 §6.1) and returns the message's total
@@ -116,6 +148,15 @@ pub fn check_header(header: &[u8]) -> Result<usize, Notification> {
 /// decides how AS_PATH is read. On error the connection must be reset with
 /// the returned NOTIFICATION; `buf` is then left in an unspecified state.
 pub fn decode_from(buf: &mut BytesMut, asn4: bool) -> Result<Option<Message>, Notification> {
+    decode_from_checked(buf, asn4).map(|d| d.map(|d| d.message))
+}
+
+/// [`decode_from`] with the UPDATE error handled without a reset, as
+/// [`decode_checked`] reports it.
+pub fn decode_from_checked(
+    buf: &mut BytesMut,
+    asn4: bool,
+) -> Result<Option<Decoded>, Notification> {
     if buf.len() < HEADER_LEN {
         return Ok(None);
     }
@@ -124,11 +165,17 @@ pub fn decode_from(buf: &mut BytesMut, asn4: bool) -> Result<Option<Message>, No
         return Ok(None);
     }
     let frame = buf.split_to(len);
-    decode(&frame, asn4).map(Some)
+    decode_checked(&frame, asn4).map(Some)
 }
 
 /// Decodes one complete message (header included).
 pub fn decode(frame: &[u8], asn4: bool) -> Result<Message, Notification> {
+    decode_checked(frame, asn4).map(|d| d.message)
+}
+
+/// Decodes one complete message like [`decode`], and reports an UPDATE
+/// error that was handled without a session reset (RFC 7606).
+pub fn decode_checked(frame: &[u8], asn4: bool) -> Result<Decoded, Notification> {
     let len = check_header(frame)?;
     if frame.len() != len {
         let declared = u16::try_from(len).unwrap_or(u16::MAX);
@@ -139,47 +186,102 @@ pub fn decode(frame: &[u8], asn4: bool) -> Result<Message, Notification> {
         ));
     }
     let body = &frame[HEADER_LEN..];
+    let plain = |message| Decoded {
+        message,
+        error: None,
+    };
     match frame[18] {
-        3 => Ok(Message::Notification(Notification {
+        2 => decode_update(frame, asn4),
+        3 => Ok(plain(Message::Notification(Notification {
             code: body[0],
             subcode: body[1],
             data: body[2..].to_vec(),
+        }))),
+        4 => Ok(plain(Message::Keepalive)),
+        _ => parse_wire(frame, asn4).map(plain),
+    }
+}
+
+/// An UPDATE: RFC 7606's checks first, then netgauze on what is left.
+fn decode_update(frame: &[u8], asn4: bool) -> Result<Decoded, Notification> {
+    match validate::check_update(&frame[HEADER_LEN..], asn4) {
+        Verdict::Reset(n) => Err(n),
+        Verdict::Withdraw { prefixes, error } => Ok(Decoded {
+            message: Message::Update(Update {
+                withdrawn: prefixes,
+                attributes: None,
+                nlri: Vec::new(),
+            }),
+            error: Some(UpdateError {
+                handling: ErrorHandling::TreatAsWithdraw,
+                notification: error,
+            }),
+        }),
+        Verdict::Parse { strip, error } if strip.is_empty() => Ok(Decoded {
+            message: parse_wire(frame, asn4)?,
+            error,
+        }),
+        Verdict::Parse { strip, error } => Ok(Decoded {
+            message: parse_wire(&without(frame, &strip), asn4)?,
+            error,
+        }),
+    }
+}
+
+/// `frame` without the attributes at `strip` (offsets in the body), with
+/// its lengths fixed.
+fn without(frame: &[u8], strip: &[std::ops::Range<usize>]) -> Vec<u8> {
+    let body = &frame[HEADER_LEN..];
+    let mut out = frame[..HEADER_LEN].to_vec();
+    let mut last = 0;
+    for r in strip {
+        out.extend_from_slice(&body[last..r.start]);
+        last = r.end;
+    }
+    out.extend_from_slice(&body[last..]);
+    let removed: usize = strip.iter().map(|r| r.len()).sum();
+    let wlen = usize::from(u16::from_be_bytes([body[0], body[1]]));
+    let alen = usize::from(u16::from_be_bytes([body[2 + wlen], body[3 + wlen]])) - removed;
+    let at = HEADER_LEN + 2 + wlen;
+    out[at..at + 2].copy_from_slice(&(alen as u16).to_be_bytes());
+    let total = out.len() as u16;
+    out[16..18].copy_from_slice(&total.to_be_bytes());
+    out
+}
+
+/// OPEN, UPDATE and ROUTE-REFRESH through netgauze.
+fn parse_wire(frame: &[u8], asn4: bool) -> Result<Message, Notification> {
+    let body = &frame[HEADER_LEN..];
+    let kind = frame[18];
+    let mut ctx = BgpParsingContext::new(
+        asn4,
+        HashMap::new(),
+        HashMap::new(),
+        false,
+        false,
+        true,
+        true,
+    );
+    let mut reader = SliceReader::new(frame);
+    match BgpMessage::parse(&mut reader, &mut ctx) {
+        Ok(BgpMessage::Open(open)) => Ok(Message::Open(open_from_wire(&open))),
+        Ok(BgpMessage::Update(update)) => update_from_wire(&update, asn4).map(Message::Update),
+        Ok(BgpMessage::RouteRefresh(rr)) => Ok(Message::RouteRefresh(RouteRefresh {
+            afi: rr.address_type().address_family().into(),
+            safi: rr.address_type().subsequent_address_family().into(),
         })),
-        4 => Ok(Message::Keepalive),
-        kind => {
-            let mut ctx = BgpParsingContext::new(
-                asn4,
-                HashMap::new(),
-                HashMap::new(),
-                false,
-                false,
-                true,
-                true,
-            );
-            let mut reader = SliceReader::new(frame);
-            match BgpMessage::parse(&mut reader, &mut ctx) {
-                Ok(BgpMessage::Open(open)) => Ok(Message::Open(open_from_wire(&open))),
-                Ok(BgpMessage::Update(update)) => {
-                    update_from_wire(&update, asn4).map(Message::Update)
-                }
-                Ok(BgpMessage::RouteRefresh(rr)) => Ok(Message::RouteRefresh(RouteRefresh {
-                    afi: rr.address_type().address_family().into(),
-                    safi: rr.address_type().subsequent_address_family().into(),
-                })),
-                Ok(other) => Err(Notification::with_data(
-                    code::HEADER,
-                    code::BAD_MESSAGE_TYPE,
-                    [other.get_type().into()],
-                )),
-                // RFC 2918: a request for an AFI/SAFI we did not advertise is
-                // ignored, not an error; netgauze rejects unregistered ones.
-                Err(_) if kind == 5 => Ok(Message::RouteRefresh(RouteRefresh {
-                    afi: u16::from_be_bytes([body[0], body[1]]),
-                    safi: body[3],
-                })),
-                Err(err) => Err(notification_from_wire(&BgpNotificationMessage::from(err))),
-            }
-        }
+        Ok(other) => Err(Notification::with_data(
+            code::HEADER,
+            code::BAD_MESSAGE_TYPE,
+            [other.get_type().into()],
+        )),
+        // RFC 2918: a request for an AFI/SAFI we did not advertise is
+        // ignored, not an error; netgauze rejects unregistered ones.
+        Err(_) if kind == 5 => Ok(Message::RouteRefresh(RouteRefresh {
+            afi: u16::from_be_bytes([body[0], body[1]]),
+            safi: body[3],
+        })),
+        Err(err) => Err(notification_from_wire(&BgpNotificationMessage::from(err))),
     }
 }
 
@@ -318,6 +420,9 @@ fn open_to_wire(open: &Open) -> Result<BgpOpenMessage, EncodeError> {
 }
 
 mod update;
+mod validate;
 
+#[cfg(test)]
+mod malformed_tests;
 #[cfg(test)]
 mod tests;

@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 use ipnetwork::Ipv4Network;
 
 use super::fsm::State;
+use super::policy::Rule;
 
 /// The well-known BGP port.
 pub const BGP_PORT: u16 = 179;
@@ -67,6 +68,12 @@ pub struct PeerConfig {
     pub peer_type: PeerType,
     /// Always put our own address as next hop (always so for eBGP).
     pub next_hop_self: bool,
+    /// Most prefixes the peer may announce; more resets the session with
+    /// Cease 6/1 "Maximum Number of Prefixes Reached" (RFC 4486).
+    pub max_prefix: Option<u32>,
+    /// Export rules: local routes a rule rejects are not announced to this
+    /// peer (unmatched routes are).
+    pub export: Vec<Rule>,
 }
 
 impl PeerConfig {
@@ -82,6 +89,8 @@ impl PeerConfig {
             password: None,
             peer_type,
             next_hop_self: false,
+            max_prefix: None,
+            export: Vec::new(),
         }
     }
 }
@@ -164,6 +173,9 @@ pub enum Error {
     /// A hold time of 1 or 2 seconds (RFC 4271 §4.2).
     #[error("hold time {0} s is neither 0 nor at least 3")]
     HoldTime(u16),
+    /// AS 0 (RFC 7607) or AS_TRANS (RFC 6793) as a peer's or our AS.
+    #[error("AS {0} cannot be a BGP speaker's AS (0 is reserved, 23456 is AS_TRANS)")]
+    ReservedAs(u32),
 }
 
 /// Result of the speaker's API.

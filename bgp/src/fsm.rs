@@ -13,7 +13,10 @@
 //! when collision detection (RFC 4271 §6.8) keeps one and closes the other
 //! with Cease 6/7.
 
+use std::collections::HashSet;
 use std::time::Duration;
+
+use ipnetwork::Ipv4Network;
 
 use super::message::{
     code, Capability, Message, Notification, Open, Update, AFI_IPV4, SAFI_UNICAST,
@@ -40,6 +43,8 @@ pub struct Fsm {
     candidate: Option<Conn>,
     negotiated: Option<Negotiated>,
     last_error: Option<String>,
+    /// The prefixes the peer announces now (its Adj-RIB-In), for max-prefix.
+    received: HashSet<Ipv4Network>,
 }
 
 impl Fsm {
@@ -55,6 +60,7 @@ impl Fsm {
             candidate: None,
             negotiated: None,
             last_error: None,
+            received: HashSet::new(),
         }
     }
 
@@ -408,29 +414,65 @@ impl Fsm {
         }
     }
 
-    /// Turns an UPDATE into route actions; eBGP paths must start with the
-    /// peer's AS (RFC 4271 §6.3) and paths holding our AS are loops.
+    /// Turns an UPDATE into route actions. Routes the peer may not give us
+    /// are withdrawn instead (RFC 7606 §3 e): an eBGP path that does not start
+    /// with the peer's AS (RFC 4271 §6.3, 3/11), a next hop that is no host
+    /// address or is our own (§6.3: log, ignore the route, no NOTIFICATION;
+    /// 3/8 in the log); paths holding our AS are loops. More prefixes than
+    /// `max_prefix` is an error: Cease 6/1 (RFC 4486).
     fn on_update(&mut self, update: Update, out: &mut Vec<Action>) -> Result<(), Notification> {
         let Update {
-            withdrawn,
+            mut withdrawn,
             attributes,
             nlri,
         } = update;
-        let mut withdrawn = withdrawn;
+        let mut learned = None;
         if let (Some(attrs), false) = (attributes, nlri.is_empty()) {
             let ebgp = self.config.peer_asn != self.config.local_asn;
-            if ebgp && attrs.as_path.first() != Some(&self.config.peer_asn) {
-                return Err(Notification::new(code::UPDATE, code::MALFORMED_AS_PATH));
-            }
-            if attrs.as_path.contains(&self.config.local_asn) {
+            let problem = if ebgp && attrs.as_path.first() != Some(&self.config.peer_asn) {
+                Some(Notification::new(code::UPDATE, code::MALFORMED_AS_PATH))
+            } else if is_martian_next_hop(attrs.next_hop) || attrs.next_hop == self.config.router_id
+            {
+                let mut data = vec![0x40, 3, 4];
+                data.extend_from_slice(&attrs.next_hop.octets());
+                Some(Notification::with_data(
+                    code::UPDATE,
+                    code::INVALID_NEXT_HOP,
+                    data,
+                ))
+            } else {
+                None
+            };
+            if let Some(n) = problem {
+                out.push(Action::TreatedAsWithdraw(n));
+                withdrawn.extend(nlri);
+            } else if attrs.as_path.contains(&self.config.local_asn) {
                 // A loop: the peer's route replaces nothing we may use.
                 withdrawn.extend(nlri);
             } else {
-                out.push(Action::Learned {
-                    next_hop: attrs.next_hop,
-                    prefixes: nlri,
-                });
+                learned = Some((attrs.next_hop, nlri));
             }
+        }
+        if let Some(max) = self.config.max_prefix {
+            // Only a limited peer pays for counting.
+            if let Some((_, prefixes)) = &learned {
+                self.received.extend(prefixes.iter().copied());
+            }
+            for p in &withdrawn {
+                self.received.remove(p);
+            }
+            if self.received.len() > max as usize {
+                let mut data = vec![0, 1, 1]; // AFI IPv4, SAFI unicast
+                data.extend_from_slice(&max.to_be_bytes());
+                return Err(Notification::with_data(
+                    code::CEASE,
+                    code::MAX_PREFIXES,
+                    data,
+                ));
+            }
+        }
+        if let Some((next_hop, prefixes)) = learned {
+            out.push(Action::Learned { next_hop, prefixes });
         }
         if !withdrawn.is_empty() {
             out.push(Action::Withdrawn(withdrawn));
@@ -457,6 +499,7 @@ impl Fsm {
             out.push(Action::Down);
         }
         self.negotiated = None;
+        self.received.clear();
         self.state = State::Idle;
         self.last_error = Some(reason.to_string());
         if !self.stopped {
@@ -464,6 +507,13 @@ impl Fsm {
             self.back_off();
         }
     }
+}
+
+/// Whether `ip` cannot be a next hop: "this network" 0/8, loopback 127/8,
+/// multicast 224/4, class E 240/4 and the limited broadcast address.
+pub fn is_martian_next_hop(ip: std::net::Ipv4Addr) -> bool {
+    let first = ip.octets()[0];
+    first == 0 || first == 127 || first >= 224
 }
 
 fn secs(s: u16) -> Duration {

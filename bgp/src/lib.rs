@@ -6,6 +6,7 @@
 //!   crate, with the RFC 4271 §6 NOTIFICATION for every malformed input.
 //! - [`fsm`]: the per-peer state machine, pure (events in, actions out).
 //! - [`adj_out`]: the UPDATEs sent to a peer, packed to 4096 octets.
+//! - [`policy`]: prefix filters (ordered accept/reject rules by CIDR).
 //! - `session`: one tokio task per peer running the FSM over TCP.
 //! - [`Speaker`]: the handle the agent drives (peers, routes, status) and
 //!   the listener on TCP 179.
@@ -24,6 +25,7 @@ mod config;
 pub mod fsm;
 mod md5;
 pub mod message;
+pub mod policy;
 mod session;
 mod speaker;
 
@@ -31,5 +33,11 @@ pub use config::{
     Error, PeerConfig, PeerStatus, PeerType, Result, SpeakerConfig, SpeakerEvent, BGP_PORT,
 };
 pub use fsm::State;
-pub use message::Message;
+pub use message::{Message, AS_TRANS};
+
+/// Whether `asn` may be a speaker's own AS: not 0 (RFC 7607) and not
+/// AS_TRANS (RFC 6793 §9).
+pub fn is_valid_asn(asn: u32) -> bool {
+    asn != 0 && asn != u32::from(AS_TRANS)
+}
 pub use speaker::Speaker;

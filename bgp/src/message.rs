@@ -214,6 +214,7 @@ pub fn error_name(code: u8, subcode: u8) -> &'static str {
         (3, _) => "UPDATE message error",
         (4, _) => "hold timer expired",
         (5, _) => "finite state machine error",
+        (6, 1) => "maximum number of prefixes reached",
         (6, 2) => "administrative shutdown",
         (6, 3) => "peer de-configured",
         (6, 4) => "administrative reset",
@@ -269,6 +270,16 @@ pub mod code {
     pub const MALFORMED_ATTRIBUTE_LIST: u8 = 1;
     /// UPDATE: missing well-known attribute.
     pub const MISSING_WELL_KNOWN_ATTRIBUTE: u8 = 3;
+    /// UPDATE: attribute flags error.
+    pub const ATTRIBUTE_FLAGS_ERROR: u8 = 4;
+    /// UPDATE: attribute length error.
+    pub const ATTRIBUTE_LENGTH_ERROR: u8 = 5;
+    /// UPDATE: invalid ORIGIN attribute.
+    pub const INVALID_ORIGIN: u8 = 6;
+    /// UPDATE: invalid NEXT_HOP attribute.
+    pub const INVALID_NEXT_HOP: u8 = 8;
+    /// UPDATE: optional attribute error.
+    pub const OPTIONAL_ATTRIBUTE_ERROR: u8 = 9;
     /// UPDATE: invalid network field.
     pub const INVALID_NETWORK_FIELD: u8 = 10;
     /// UPDATE: malformed AS_PATH.
@@ -279,6 +290,8 @@ pub mod code {
     pub const FSM_OPEN_CONFIRM: u8 = 2;
     /// FSM: unexpected message in Established (RFC 6608).
     pub const FSM_ESTABLISHED: u8 = 3;
+    /// Cease: maximum number of prefixes reached (RFC 4486).
+    pub const MAX_PREFIXES: u8 = 1;
     /// Cease: administrative shutdown (RFC 4486).
     pub const ADMIN_SHUTDOWN: u8 = 2;
     /// Cease: peer de-configured.

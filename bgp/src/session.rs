@@ -35,6 +35,7 @@ use super::config::{PeerConfig, PeerStatus, SpeakerConfig, SpeakerEvent};
 use super::fsm::{Action, ConnId, Event, Fsm, FsmConfig, State, Timer};
 use super::md5::set_md5_key;
 use super::message::{Message, Update};
+use super::policy;
 
 /// Commands from the speaker to a peer task.
 #[derive(Debug)]
@@ -109,6 +110,7 @@ impl Session {
             keepalive: peer.keepalive,
             connect_retry: peer.connect_retry,
             connect_retry_max: peer.connect_retry_max,
+            max_prefix: peer.max_prefix,
         });
         let (internal_tx, internal_rx) = mpsc::channel(256);
         let mut session = Session {
@@ -177,10 +179,11 @@ impl Session {
                 }
             }
             PeerCommand::Withdraw(prefixes) => {
-                let gone: Vec<Ipv4Network> = prefixes
+                let mut gone: Vec<Ipv4Network> = prefixes
                     .into_iter()
                     .filter(|p| self.rib.remove(p).is_some())
                     .collect();
+                gone.retain(|p| policy::accepts(&self.peer.export, p));
                 if self.fsm.state() == State::Established && !gone.is_empty() {
                     self.send_updates(adj_out::withdrawals(&gone));
                 }
@@ -276,6 +279,9 @@ impl Session {
                 self.emit(SpeakerEvent::RoutesWithdrawn { peer, prefixes })
                     .await;
             }
+            Action::TreatedAsWithdraw(notification) => {
+                warn!(peer = %self.peer.addr, %notification, "UPDATE treated as withdraw");
+            }
         }
     }
 
@@ -314,13 +320,16 @@ impl Session {
             .negotiated()
             .and_then(|n| self.conns.get(&n.conn))
             .map_or(self.local.router_id, |c| c.local_addr);
-        let policy = OutPolicy {
+        let out = OutPolicy {
             local_asn: self.local.asn,
             peer_asn: self.peer.asn,
             local_addr,
             next_hop_self: self.peer.next_hop_self,
         };
-        adj_out::announcements(&policy, routes)
+        let exported = routes
+            .into_iter()
+            .filter(|(p, _)| policy::accepts(&self.peer.export, p));
+        adj_out::announcements(&out, exported)
     }
 
     fn send_updates(&mut self, updates: Vec<Update>) {
@@ -381,7 +390,13 @@ impl Session {
         let (read, write) = stream.into_split();
         let (writer, queue) = mpsc::unbounded_channel();
         tokio::spawn(write_loop(write, queue));
-        let reader = tokio::spawn(read_loop(conn, read, self.internal_tx.clone())).abort_handle();
+        let reader = tokio::spawn(read_loop(
+            conn,
+            self.peer.addr,
+            read,
+            self.internal_tx.clone(),
+        ))
+        .abort_handle();
         self.conns.insert(
             conn,
             Conn {
@@ -420,15 +435,27 @@ async fn write_loop(mut write: OwnedWriteHalf, mut queue: mpsc::UnboundedReceive
 }
 
 /// Reads and decodes messages until the connection closes or a message is
-/// malformed. Tracks the 4-octet AS capability itself: Tabby always sends
-/// it, so the peer's OPEN decides.
-async fn read_loop(conn: ConnId, mut read: OwnedReadHalf, tx: mpsc::Sender<Internal>) {
+/// malformed (an UPDATE error RFC 7606 handles without a reset is logged
+/// here). Tracks the 4-octet AS capability itself: Tabby always sends it,
+/// so the peer's OPEN decides.
+async fn read_loop(
+    conn: ConnId,
+    peer: Ipv4Addr,
+    mut read: OwnedReadHalf,
+    tx: mpsc::Sender<Internal>,
+) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut asn4 = false;
     loop {
         loop {
-            match codec::decode_from(&mut buf, asn4) {
-                Ok(Some(msg)) => {
+            match codec::decode_from_checked(&mut buf, asn4) {
+                Ok(Some(codec::Decoded {
+                    message: msg,
+                    error,
+                })) => {
+                    if let Some(e) = error {
+                        warn!(%peer, notification = %e.notification, handling = ?e.handling, "malformed UPDATE handled without a reset");
+                    }
                     if let Message::Open(open) = &msg {
                         asn4 = open.four_octet_as();
                     }

@@ -60,6 +60,9 @@ impl Speaker {
     /// Binds the listener and starts accepting connections. Returns the
     /// handle and the stream of route and session events.
     pub async fn start(config: SpeakerConfig) -> Result<(Speaker, mpsc::Receiver<SpeakerEvent>)> {
+        if !crate::is_valid_asn(config.asn) {
+            return Err(Error::ReservedAs(config.asn));
+        }
         let listen_err = |source| Error::Listen {
             addr: config.listen_addr,
             port: config.listen_port,
@@ -100,6 +103,9 @@ impl Speaker {
     pub fn add_peer(&self, peer: PeerConfig) -> Result<()> {
         if peer.hold_time == 1 || peer.hold_time == 2 {
             return Err(Error::HoldTime(peer.hold_time));
+        }
+        if !crate::is_valid_asn(peer.asn) {
+            return Err(Error::ReservedAs(peer.asn));
         }
         let mut inner = self.lock();
         if inner.peers.contains_key(&peer.addr) {

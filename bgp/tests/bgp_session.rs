@@ -17,6 +17,8 @@ use tokio::time::Instant;
 
 const SPEAKER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
 const PEER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+/// The next hop the peer announces: a loopback one is martian (RFC 4271 §6.3).
+const PEER_NH: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 
 /// A peer played by the test, one message at a time.
 struct FakePeer {
@@ -61,6 +63,14 @@ impl FakePeer {
 
 /// Starts a speaker on 127.0.0.1 peering with a listener on 127.0.0.2.
 async fn setup(hold_time: u16) -> (Speaker, mpsc::Receiver<SpeakerEvent>, TcpListener) {
+    setup_with(hold_time, |_| {}).await
+}
+
+/// [`setup`] with the peer's configuration changed by `change`.
+async fn setup_with(
+    hold_time: u16,
+    change: impl FnOnce(&mut PeerConfig),
+) -> (Speaker, mpsc::Receiver<SpeakerEvent>, TcpListener) {
     let listener = TcpListener::bind((PEER, 0)).await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (speaker, events) = Speaker::start(SpeakerConfig {
@@ -75,6 +85,7 @@ async fn setup(hold_time: u16) -> (Speaker, mpsc::Receiver<SpeakerEvent>, TcpLis
     peer.hold_time = hold_time;
     peer.keepalive = hold_time / 3;
     peer.connect_retry = Duration::from_secs(1);
+    change(&mut peer);
     speaker.add_peer(peer).unwrap();
     (speaker, events, listener)
 }
@@ -217,7 +228,7 @@ async fn routes_flow_both_ways_and_route_refresh_re_advertises() {
             attributes: Some(PathAttributes {
                 origin: Origin::Igp,
                 as_path: vec![],
-                next_hop: PEER,
+                next_hop: PEER_NH,
                 local_pref: Some(100),
                 med: None,
             }),
@@ -233,7 +244,7 @@ async fn routes_flow_both_ways_and_route_refresh_re_advertises() {
                 next_hop,
                 prefixes,
             }) => {
-                assert_eq!((p, next_hop), (PEER, PEER));
+                assert_eq!((p, next_hop), (PEER, PEER_NH));
                 got.extend(prefixes);
             }
             other => panic!("{other:?}"),
@@ -271,4 +282,186 @@ async fn removing_a_peer_sends_cease() {
         Some(Message::Notification(Notification::new(6, 2)))
     );
     assert!(speaker.status().is_empty());
+}
+
+/// An UPDATE body announcing `nlri` with `attrs` (raw attribute bytes).
+fn raw_update(attrs: &[&[u8]], nlri: &[u8]) -> Vec<u8> {
+    let attrs = attrs.concat();
+    let mut body = vec![0, 0];
+    body.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
+    body.extend_from_slice(&attrs);
+    body.extend_from_slice(nlri);
+    let mut frame = vec![0xff; 16];
+    frame.extend_from_slice(&(19 + body.len() as u16).to_be_bytes());
+    frame.push(2);
+    frame.extend_from_slice(&body);
+    frame
+}
+
+const ORIGIN: &[u8] = &[0x40, 1, 1, 0];
+const AS_PATH: &[u8] = &[0x40, 2, 0];
+/// 10.1.0.0/24 and 10.2.0.0/24.
+const TWO_PREFIXES: &[u8] = &[24, 10, 1, 0, 24, 10, 2, 0];
+
+fn update(nlri: &[&str]) -> Message {
+    Message::Update(Update {
+        withdrawn: vec![],
+        attributes: Some(PathAttributes {
+            origin: Origin::Igp,
+            as_path: vec![],
+            next_hop: PEER_NH,
+            local_pref: Some(100),
+            med: None,
+        }),
+        nlri: nlri.iter().map(|p| p.parse().unwrap()).collect(),
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn updates_with_a_bad_next_hop_or_origin_withdraw_their_routes_and_keep_the_session() {
+    let (speaker, mut events, listener) = setup(9).await;
+    let mut peer = accept(&listener).await;
+    peer.establish(9).await;
+    assert_eq!(
+        events.recv().await,
+        Some(SpeakerEvent::PeerUp { peer: PEER })
+    );
+    peer.send(update(&["10.1.0.0/24"])).await;
+    assert!(matches!(
+        events.recv().await,
+        Some(SpeakerEvent::RoutesLearned { .. })
+    ));
+    let both: Vec<ipnetwork::Ipv4Network> = vec![
+        "10.1.0.0/24".parse().unwrap(),
+        "10.2.0.0/24".parse().unwrap(),
+    ];
+    let bad = [
+        raw_update(
+            &[ORIGIN, AS_PATH, &[0x40, 3, 4, 224, 0, 0, 1]],
+            TWO_PREFIXES,
+        ),
+        raw_update(&[ORIGIN, AS_PATH, &[0x40, 3, 4, 0, 0, 0, 0]], TWO_PREFIXES),
+        raw_update(
+            &[&[0x40, 1, 2, 0, 0], AS_PATH, &[0x40, 3, 4, 127, 0, 0, 2]],
+            TWO_PREFIXES,
+        ),
+        raw_update(&[ORIGIN, AS_PATH, &[0x40, 3, 3, 127, 0, 0]], TWO_PREFIXES),
+        raw_update(
+            &[ORIGIN, AS_PATH, &[0x40, 3, 4, 127, 0, 0, 1]],
+            TWO_PREFIXES,
+        ),
+    ];
+    for frame in &bad {
+        peer.stream.write_all(frame).await.unwrap();
+        assert_eq!(
+            events.recv().await,
+            Some(SpeakerEvent::RoutesWithdrawn {
+                peer: PEER,
+                prefixes: both.clone()
+            })
+        );
+    }
+    // No NOTIFICATION: the session lives on and keepalives keep coming.
+    let now = Instant::now();
+    assert_eq!(peer.recv().await, Some(Message::Keepalive));
+    assert!(now.elapsed() <= Duration::from_secs(3));
+    assert_eq!(speaker.status()[0].state, State::Established);
+}
+
+#[tokio::test(start_paused = true)]
+async fn more_prefixes_than_max_prefix_reset_the_session_with_cease_6_1() {
+    let (speaker, mut events, listener) = setup_with(9, |p| p.max_prefix = Some(2)).await;
+    let mut peer = accept(&listener).await;
+    peer.establish(9).await;
+    assert_eq!(
+        events.recv().await,
+        Some(SpeakerEvent::PeerUp { peer: PEER })
+    );
+    peer.send(update(&["10.1.0.0/24", "10.1.1.0/24"])).await;
+    assert!(matches!(
+        events.recv().await,
+        Some(SpeakerEvent::RoutesLearned { .. })
+    ));
+    peer.send(update(&["10.1.2.0/24"])).await;
+    let mut last = None;
+    while let Some(msg) = peer.recv().await {
+        last = Some(msg);
+    }
+    assert_eq!(
+        last,
+        Some(Message::Notification(Notification::with_data(
+            6,
+            1,
+            [0, 1, 1, 0, 0, 0, 2]
+        )))
+    );
+    assert_eq!(
+        events.recv().await,
+        Some(SpeakerEvent::PeerDown { peer: PEER })
+    );
+    assert_eq!(
+        speaker.status()[0].info,
+        "sent 6/1 (maximum number of prefixes reached)"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn export_rules_keep_local_routes_from_a_peer() {
+    use tabby_bgp::policy::{Action, MatchOperator, PrefixMatch, Rule};
+    let reject = Rule {
+        action: Action::Reject,
+        prefix: Some(PrefixMatch {
+            cidr: "10.244.2.0/24".parse().unwrap(),
+            operator: MatchOperator::In,
+            min_len: None,
+            max_len: None,
+        }),
+    };
+    let (speaker, mut events, listener) = setup_with(90, |p| p.export = vec![reject]).await;
+    speaker.announce("10.244.1.0/26".parse().unwrap(), None);
+    speaker.announce("10.244.2.0/26".parse().unwrap(), None);
+    let mut peer = accept(&listener).await;
+    peer.establish(90).await;
+    assert_eq!(
+        events.recv().await,
+        Some(SpeakerEvent::PeerUp { peer: PEER })
+    );
+    let Some(Message::Update(u)) = peer.recv().await else {
+        panic!()
+    };
+    assert_eq!(u.nlri, vec!["10.244.1.0/26".parse().unwrap()]);
+    // A filtered route is neither announced nor withdrawn later.
+    speaker.announce("10.244.2.64/26".parse().unwrap(), None);
+    speaker.withdraw("10.244.2.0/26".parse().unwrap());
+    speaker.announce("10.244.3.0/26".parse().unwrap(), None);
+    let Some(Message::Update(u)) = peer.recv().await else {
+        panic!()
+    };
+    assert_eq!(
+        (u.nlri, u.withdrawn),
+        (vec!["10.244.3.0/26".parse().unwrap()], vec![])
+    );
+}
+
+#[tokio::test]
+async fn as_0_and_as_trans_are_refused() {
+    let (speaker, _events, _listener) = setup(9).await;
+    for asn in [0, 23456] {
+        let err = speaker
+            .add_peer(PeerConfig::new(
+                Ipv4Addr::new(127, 0, 0, 9),
+                asn,
+                PeerType::Global,
+            ))
+            .unwrap_err();
+        assert!(err.to_string().contains(&asn.to_string()), "{err}");
+    }
+    let refused = Speaker::start(SpeakerConfig {
+        router_id: SPEAKER,
+        asn: 0,
+        listen_addr: SPEAKER,
+        listen_port: 0,
+    })
+    .await;
+    assert!(refused.is_err());
 }

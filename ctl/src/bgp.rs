@@ -1,20 +1,28 @@
-//! `tabbyctl bgp peer create|list|delete` and `tabbyctl bgp config set|show`:
-//! Calico's BGPPeer and BGPConfiguration resources in Tabby's datastore.
+//! `tabbyctl bgp peer create|list|delete`, `tabbyctl bgp filter
+//! create|list|delete` and `tabbyctl bgp config set|show`: Calico's BGPPeer,
+//! BGPFilter and BGPConfiguration resources in Tabby's datastore.
 
 use std::net::IpAddr;
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
-use tabby_ipam::resources::{self, BgpConfiguration, BgpPeer};
+use tabby_ipam::resources::{self, BgpConfiguration, BgpPeer, ResourceError};
 use tabby_ipam::{DatastoreError, FileDatastore};
 
 use crate::table::{Align, Table};
+
+mod filter;
+
+pub use filter::FilterCommand;
 
 #[derive(Debug, Subcommand)]
 pub enum BgpCommand {
     /// Explicit BGP peers (external routers, route reflectors).
     #[command(subcommand)]
     Peer(PeerCommand),
+    /// Import and export filters that peers name (Calico's BGPFilter).
+    #[command(subcommand)]
+    Filter(FilterCommand),
     /// Cluster BGP settings.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -50,6 +58,12 @@ pub struct PeerArgs {
     /// TCP MD5 password.
     #[arg(long)]
     password: Option<String>,
+    /// A BGP filter for this peer's routes, by name; repeat for more, tried in order.
+    #[arg(long = "filter", value_name = "NAME")]
+    filters: Vec<String>,
+    /// Most prefixes the peer may announce; more resets the session (Cease 6/1).
+    #[arg(long)]
+    max_prefix: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -82,9 +96,11 @@ pub fn run(ds: &FileDatastore, cmd: BgpCommand) -> anyhow::Result<()> {
                 as_number: a.as_number,
                 node: a.node,
                 password: a.password,
+                filters: a.filters,
+                max_prefix: a.max_prefix,
             };
             match resources::create_bgp_peer(ds, &peer) {
-                Err(DatastoreError::Conflict { .. }) => {
+                Err(ResourceError::Datastore(DatastoreError::Conflict { .. })) => {
                     anyhow::bail!("BGP peer {} already exists", peer.name)
                 }
                 r => r.context("create BGP peer")?,
@@ -97,6 +113,8 @@ pub fn run(ds: &FileDatastore, cmd: BgpCommand) -> anyhow::Result<()> {
                 ("PEERIP", Align::Left),
                 ("NODE", Align::Left),
                 ("ASN", Align::Right),
+                ("MAXPREFIX", Align::Right),
+                ("FILTERS", Align::Left),
             ]);
             for p in resources::bgp_peers(ds)? {
                 t.row(vec![
@@ -104,6 +122,12 @@ pub fn run(ds: &FileDatastore, cmd: BgpCommand) -> anyhow::Result<()> {
                     p.peer_ip.to_string(),
                     p.node.unwrap_or_else(|| "(global)".into()),
                     p.as_number.to_string(),
+                    p.max_prefix.map_or_else(|| "-".into(), |m| m.to_string()),
+                    if p.filters.is_empty() {
+                        "-".into()
+                    } else {
+                        p.filters.join(",")
+                    },
                 ]);
             }
             print!("{}", t.plain());
@@ -129,6 +153,7 @@ pub fn run(ds: &FileDatastore, cmd: BgpCommand) -> anyhow::Result<()> {
             show(&c);
         }
         BgpCommand::Config(ConfigCommand::Show) => show(&resources::bgp_config(ds)?),
+        BgpCommand::Filter(cmd) => filter::run(ds, cmd)?,
     }
     Ok(())
 }

@@ -88,6 +88,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pool(pool::PoolCommand::Create(_))
             | Command::Bgp(bgp::BgpCommand::Config(_))
             | Command::Bgp(bgp::BgpCommand::Peer(bgp::PeerCommand::Create(_)))
+            | Command::Bgp(bgp::BgpCommand::Filter(bgp::FilterCommand::Create(_)))
     );
     let ipam = open(&cli.datastore, creates_store)?;
     match cli.command {

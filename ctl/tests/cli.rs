@@ -126,3 +126,154 @@ fn a_missing_datastore_is_a_clear_error() {
     assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: no datastore at"));
     assert!(!dir.path().join("nope").exists());
 }
+
+fn fails(out: &Output) -> String {
+    assert!(
+        !out.status.success(),
+        "tabbyctl succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bgp_peer_create_refuses_as_0_and_as_trans() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ds = dir.path().join("ds");
+    for asn in ["0", "23456"] {
+        let err = fails(&tabbyctl(
+            &ds,
+            &[
+                "bgp",
+                "peer",
+                "create",
+                "--name",
+                "tor",
+                "--peer-ip",
+                "10.98.0.254",
+                "--as-number",
+                asn,
+            ],
+        ));
+        assert!(err.contains(&format!("AS {asn}")), "{err}");
+    }
+    let err = fails(&tabbyctl(
+        &ds,
+        &["bgp", "config", "set", "--as-number", "0"],
+    ));
+    assert!(err.contains("AS 0"), "{err}");
+    let list = stdout(&tabbyctl(&ds, &["bgp", "peer", "list"]));
+    assert!(!list.contains("tor"), "{list}");
+}
+
+#[test]
+fn operators_create_list_and_delete_bgp_filters_that_peers_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ds = dir.path().join("ds");
+    stdout(&tabbyctl(
+        &ds,
+        &[
+            "bgp",
+            "filter",
+            "create",
+            "--name",
+            "allow-default",
+            "--import-v4",
+            "Accept Equal 0.0.0.0/0",
+            "--export-v4",
+            "Reject In 10.244.0.0/16 min=32",
+        ],
+    ));
+    let file = dir.path().join("filter.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: projectcalico.org/v3\nkind: BGPFilter\nmetadata:\n  name: from-yaml\nspec:\n  importV4:\n    - action: Reject\n      matchOperator: NotIn\n      cidr: 44.0.0.0/16\n",
+    )
+    .unwrap();
+    stdout(&tabbyctl(
+        &ds,
+        &["bgp", "filter", "create", "--file", file.to_str().unwrap()],
+    ));
+    let err = fails(&tabbyctl(
+        &ds,
+        &[
+            "bgp",
+            "filter",
+            "create",
+            "--name",
+            "bad",
+            "--import-v4",
+            "Accept In 10.0.0.0/8 min=4",
+        ],
+    ));
+    assert!(err.contains("within 8..32"), "{err}");
+    let list = stdout(&tabbyctl(&ds, &["bgp", "filter", "list"]));
+    assert!(
+        list.contains("allow-default") && list.contains("Accept Equal 0.0.0.0/0"),
+        "{list}"
+    );
+    assert!(list.contains("Reject In 10.244.0.0/16 min=32"), "{list}");
+    assert!(
+        list.contains("from-yaml") && list.contains("Reject NotIn 44.0.0.0/16"),
+        "{list}"
+    );
+    assert!(!list.contains("bad"), "{list}");
+
+    let err = fails(&tabbyctl(
+        &ds,
+        &[
+            "bgp",
+            "peer",
+            "create",
+            "--name",
+            "tor",
+            "--peer-ip",
+            "10.98.0.254",
+            "--as-number",
+            "65000",
+            "--filter",
+            "nope",
+        ],
+    ));
+    assert!(err.contains("BGP filter nope does not exist"), "{err}");
+    stdout(&tabbyctl(
+        &ds,
+        &[
+            "bgp",
+            "peer",
+            "create",
+            "--name",
+            "tor",
+            "--peer-ip",
+            "10.98.0.254",
+            "--as-number",
+            "65000",
+            "--filter",
+            "allow-default",
+            "--filter",
+            "from-yaml",
+            "--max-prefix",
+            "1000",
+        ],
+    ));
+    let peers = stdout(&tabbyctl(&ds, &["bgp", "peer", "list"]));
+    assert!(
+        peers.contains("allow-default,from-yaml") && peers.contains("1000"),
+        "{peers}"
+    );
+    let err = fails(&tabbyctl(
+        &ds,
+        &["bgp", "filter", "delete", "allow-default"],
+    ));
+    assert!(err.contains("used by BGP peer tor"), "{err}");
+    stdout(&tabbyctl(&ds, &["bgp", "peer", "delete", "tor"]));
+    stdout(&tabbyctl(
+        &ds,
+        &["bgp", "filter", "delete", "allow-default"],
+    ));
+    let err = fails(&tabbyctl(
+        &ds,
+        &["bgp", "filter", "delete", "allow-default"],
+    ));
+    assert!(err.contains("does not exist"), "{err}");
+}

@@ -24,6 +24,7 @@ use tracing::{info, warn};
 use crate::config::AgentConfig;
 use crate::desired::{desired_peers, kernel_routes, local_blocks, local_prefixes, PeerSpec};
 use crate::error::{AgentError, Result};
+use crate::policy::ImportPolicy;
 use crate::register::{load_view, register_node};
 use crate::routes::RouteProgrammer;
 use crate::service_proxy::node_facts;
@@ -118,9 +119,23 @@ impl Rib {
 
     /// The best next hop per prefix.
     pub fn best(&self) -> BTreeMap<IpNetwork, IpAddr> {
+        self.best_where(|_, _| true)
+    }
+
+    /// The best next hop per prefix among the paths `accept(prefix, peer)`
+    /// lets through (the import policy).
+    pub fn best_where(
+        &self,
+        accept: impl Fn(&IpNetwork, IpAddr) -> bool,
+    ) -> BTreeMap<IpNetwork, IpAddr> {
         self.routes
             .iter()
-            .filter_map(|(p, paths)| paths.values().next().map(|nh| (*p, *nh)))
+            .filter_map(|(p, paths)| {
+                paths
+                    .iter()
+                    .find(|(peer, _)| accept(p, **peer))
+                    .map(|(_, nh)| (*p, *nh))
+            })
             .collect()
     }
 
@@ -165,6 +180,8 @@ pub struct Agent<B: BgpControl> {
     originated: BTreeSet<IpNetwork>,
     blocks: BTreeSet<IpNetwork>,
     rib: Rib,
+    import: ImportPolicy,
+    uplink_nets: Vec<IpNetwork>,
     shared: Arc<Mutex<Shared>>,
     proxy: Option<mpsc::Sender<ProxyEvent>>,
     facts: Option<NodeFacts>,
@@ -201,6 +218,7 @@ impl<B: BgpControl> Agent<B> {
         let node = register_node(ds.as_ref(), &cfg)?;
         info!(node = %node.name, address = ?node.address, "registered");
         let uplink = resolve_uplink(&cfg)?;
+        let uplink_nets = Netlink::host()?.addresses(uplink)?;
         let routes = RouteProgrammer::start(std::time::Duration::from_secs(u64::from(
             cfg.hold_time.max(3),
         )))?;
@@ -214,6 +232,8 @@ impl<B: BgpControl> Agent<B> {
             originated: BTreeSet::new(),
             blocks: BTreeSet::new(),
             rib: Rib::default(),
+            import: ImportPolicy::default(),
+            uplink_nets,
             shared,
             proxy: None,
             facts: None,
@@ -308,6 +328,8 @@ impl<B: BgpControl> Agent<B> {
                 self.peers.insert(*addr, spec.clone());
             }
         }
+        let peer_types = self.peers.iter().map(|(a, s)| (*a, s.peer_type)).collect();
+        self.import = ImportPolicy::new(&view, &me, &peer_types, &self.uplink_nets);
         let prefixes = local_prefixes(&view, &me);
         for p in self.originated.difference(&prefixes) {
             info!(prefix = %p, "withdrawing");
@@ -349,9 +371,10 @@ impl<B: BgpControl> Agent<B> {
     }
 
     fn push_routes(&self) {
+        let best = self.rib.best_where(|p, peer| self.import.accepts(peer, p));
         self.routes.set(kernel_routes(
             &self.blocks,
-            &self.rib.best(),
+            &best,
             self.cfg.bgp_address,
             self.uplink,
         ));

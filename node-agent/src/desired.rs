@@ -12,9 +12,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
+use tabby_bgp::policy::Rule;
 use tabby_dataplane::Route;
 use tabby_ipam::report::Snapshot;
-use tabby_ipam::resources::{BgpConfiguration, BgpPeer};
+use tabby_ipam::resources::{BgpConfiguration, BgpFilter, BgpPeer};
 use tabby_ipam::AffinityState;
 
 pub use tabby_bgp::PeerType;
@@ -34,6 +35,10 @@ pub struct PeerSpec {
     pub peer_type: PeerType,
     /// TCP MD5 password.
     pub password: Option<String>,
+    /// Export rules from the peer's BGPFilters.
+    pub export: Vec<Rule>,
+    /// The peer's prefix limit (Cease 6/1 beyond it).
+    pub max_prefix: Option<u32>,
 }
 
 /// Everything the agent reads from the datastore on each pass.
@@ -45,6 +50,8 @@ pub struct ClusterView {
     pub bgp: BgpConfiguration,
     /// Explicit peers.
     pub peers: Vec<BgpPeer>,
+    /// BGP filters the peers name.
+    pub filters: Vec<BgpFilter>,
 }
 
 impl ClusterView {
@@ -74,6 +81,8 @@ pub fn desired_peers(view: &ClusterView, me: &str, my_addr: IpAddr) -> Vec<PeerS
                         asn,
                         peer_type: PeerType::NodeMesh,
                         password: None,
+                        export: Vec::new(),
+                        max_prefix: None,
                     },
                 );
             }
@@ -95,10 +104,25 @@ pub fn desired_peers(view: &ClusterView, me: &str, my_addr: IpAddr) -> Vec<PeerS
                 asn: p.as_number,
                 peer_type,
                 password: p.password.clone(),
+                export: crate::policy::peer_rules(
+                    &view.filters,
+                    p,
+                    crate::policy::Direction::Export,
+                ),
+                max_prefix: p.max_prefix,
             },
         );
     }
     by_addr.into_values().collect()
+}
+
+/// The BGPPeer that makes `addr` a peer of node `me`, if one does (the
+/// last of them, as in [`desired_peers`]).
+pub fn explicit_peer<'a>(view: &'a ClusterView, me: &str, addr: IpAddr) -> Option<&'a BgpPeer> {
+    view.peers
+        .iter()
+        .rev()
+        .find(|p| p.peer_ip == addr && p.node.as_deref().is_none_or(|n| n == me))
 }
 
 /// This node's confirmed blocks.

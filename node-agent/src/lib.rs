@@ -4,6 +4,7 @@
 //! - [`config`]: the agent's configuration file.
 //! - [`register`]: registering the node, reading the cluster view.
 //! - [`desired`]: pure computation of peers, originated prefixes and kernel routes.
+//! - [`policy`]: pure import policy (BGPFilter rules, then Tabby's defaults).
 //! - [`routes`]: the kernel side: applies route changes through rtnetlink.
 //! - [`speaker_control`]: connects the BGP speaker (crate `tabby-bgp`) to the agent.
 //! - [`service_proxy`]: starts the service proxy (crate `tabby-proxy`) inside the agent.
@@ -14,6 +15,7 @@ pub mod config;
 pub mod desired;
 pub mod error;
 pub mod health;
+pub mod policy;
 pub mod register;
 pub mod routes;
 pub mod service_proxy;

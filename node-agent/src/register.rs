@@ -50,6 +50,7 @@ pub fn load_view(ds: &impl Datastore) -> Result<ClusterView> {
         snapshot: Snapshot::load(ds)?,
         bgp: resources::bgp_config(ds)?,
         peers: resources::bgp_peers(ds)?,
+        filters: resources::bgp_filters(ds)?,
     })
 }
 

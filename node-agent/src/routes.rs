@@ -8,7 +8,8 @@
 //! The thread remembers what it applied, so a change costs only its own
 //! netlink calls; it re-reads the kernel (our protocol's routes, and the
 //! destinations other protocols own) on start and every `RESYNC`, which
-//! also removes stale routes a previous run left behind.
+//! also removes stale routes a previous run left behind. A route the kernel
+//! refuses is logged once and not tried again until it changes ([`Refused`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -97,6 +98,34 @@ struct Kernel {
     foreign: BTreeSet<IpNetwork>,
 }
 
+/// Routes the kernel refused, by destination. An identical route is not
+/// sent again (a peer's unusable route would otherwise fail, and be logged,
+/// on every pass); a changed one, or one no longer wanted, is forgotten.
+#[derive(Debug, Default)]
+pub struct Refused(BTreeMap<IpNetwork, Route>);
+
+impl Refused {
+    /// Removes from `replace` the routes refused before exactly as they are,
+    /// and forgets refusals `want` no longer asks for as they were.
+    pub fn skip(&mut self, replace: &mut Vec<Route>, want: &[Route]) {
+        if self.0.is_empty() {
+            return;
+        }
+        let wanted: BTreeMap<&IpNetwork, &Route> = want.iter().map(|r| (&r.dst, r)).collect();
+        self.0.retain(|dst, r| wanted.get(dst) == Some(&&*r));
+        replace.retain(|r| self.0.get(&r.dst) != Some(r));
+    }
+
+    /// Records the routes of `replace` that are among `failed`.
+    pub fn record<E>(&mut self, replace: &[Route], failed: &[(Route, E)]) {
+        for (route, _) in failed {
+            if replace.contains(route) {
+                self.0.insert(route.dst, route.clone());
+            }
+        }
+    }
+}
+
 fn read_kernel(nl: &Netlink) -> tabby_dataplane::Result<Kernel> {
     let mut applied = BTreeMap::new();
     let mut foreign = BTreeSet::new();
@@ -126,6 +155,7 @@ fn run(
     // Learned routes a previous run left: kept through the grace unless
     // this run wants them gone by replacing them.
     let mut inherited: Option<BTreeSet<IpNetwork>> = None;
+    let mut refused = Refused::default();
     loop {
         let now = Instant::now();
         let wait = if now < grace_ends {
@@ -169,7 +199,7 @@ fn run(
         if Instant::now() >= grace_ends {
             inherited.clear();
         }
-        apply(&mut batch, k, want, &stats, inherited);
+        apply(&mut batch, k, want, &stats, inherited, &mut refused);
     }
 }
 
@@ -179,8 +209,10 @@ fn apply(
     want: &[Route],
     stats: &std::sync::Mutex<RouteStats>,
     inherited: &mut BTreeSet<IpNetwork>,
+    refused: &mut Refused,
 ) {
-    let (replace, mut delete) = diff(&k.applied, want, &k.foreign);
+    let (mut replace, mut delete) = diff(&k.applied, want, &k.foreign);
+    refused.skip(&mut replace, want);
     for r in &replace {
         inherited.remove(&r.dst);
     }
@@ -192,8 +224,9 @@ fn apply(
     }
     let failed = batch.apply(&delete, &replace);
     for (route, error) in &failed {
-        warn!(%route, %error, "route change failed");
+        warn!(%route, %error, "route change failed; not retried until the route changes");
     }
+    refused.record(&replace, &failed);
     let failed_dst: BTreeSet<IpNetwork> = failed.iter().map(|(r, _)| r.dst).collect();
     for r in delete.iter().filter(|r| !failed_dst.contains(&r.dst)) {
         k.applied.remove(&r.dst);
@@ -221,5 +254,39 @@ fn apply(
         s.deleted += ok_d;
         s.errors += failed.len() as u64;
         s.installed = k.applied.len() as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(dst: &str, via: &str) -> Route {
+        Route::new(dst.parse().unwrap()).via(via.parse().unwrap())
+    }
+
+    #[test]
+    fn a_refused_route_is_skipped_until_it_changes_or_goes() {
+        let mut refused = Refused::default();
+        let bad = route("10.77.0.0/24", "10.55.0.1");
+        let good = route("10.78.0.0/24", "10.98.0.1");
+        refused.record(
+            &[bad.clone(), good.clone()],
+            &[(bad.clone(), "ENETUNREACH")],
+        );
+        let want = vec![bad.clone(), good.clone()];
+        let mut replace = want.clone();
+        refused.skip(&mut replace, &want);
+        assert_eq!(replace, vec![good.clone()]);
+        // Changed: tried again.
+        let changed = vec![route("10.77.0.0/24", "10.55.0.2")];
+        let mut replace = changed.clone();
+        refused.skip(&mut replace, &changed);
+        assert_eq!(replace, changed);
+        // The old refusal is forgotten: the first route may come back.
+        let bad = vec![bad];
+        let mut replace = bad.clone();
+        refused.skip(&mut replace, &bad);
+        assert_eq!(replace, bad);
     }
 }

@@ -50,6 +50,8 @@ impl BgpControl for SpeakerControl {
         pc.keepalive = self.keepalive;
         pc.connect_retry = self.connect_retry;
         pc.password = peer.password.clone();
+        pc.export = peer.export.clone();
+        pc.max_prefix = peer.max_prefix;
         if let Err(e) = self.speaker.add_peer(pc) {
             warn!(peer = %addr, error = %e, "adding BGP peer failed");
         }

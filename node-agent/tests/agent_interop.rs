@@ -8,7 +8,10 @@ use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tabby_ipam::resources::{create_bgp_peer, BgpPeer};
+use tabby_ipam::resources::{
+    bgp_peers, create_bgp_filter, create_bgp_peer, delete_bgp_peer, BgpFilter, BgpFilterRule,
+    BgpPeer, FilterAction, MatchOperator,
+};
 use tabby_ipam::{AssignArgs, FileDatastore, IpPool, Ipam};
 use tabby_testkit::bgp::*;
 
@@ -24,6 +27,15 @@ impl Drop for AgentProc {
 
 /// A datastore where node `tnode` owns TABBY_PREFIX and the peer is a global BGPPeer.
 fn datastore(lab: &Lab, peer_asn: u32) -> std::path::PathBuf {
+    datastore_with(lab, peer_asn, |_| {})
+}
+
+/// [`datastore`] with the BGPPeer changed by `change`.
+fn datastore_with(
+    lab: &Lab,
+    peer_asn: u32,
+    change: impl FnOnce(&mut BgpPeer),
+) -> std::path::PathBuf {
     let dir = lab.dir.join("datastore");
     let ipam = Ipam::new(FileDatastore::open(&dir).unwrap());
     ipam.create_pool(&IpPool {
@@ -54,7 +66,11 @@ fn datastore(lab: &Lab, peer_asn: u32) -> std::path::PathBuf {
         as_number: peer_asn,
         node: None,
         password: None,
+        filters: vec![],
+        max_prefix: None,
     };
+    let mut peer = peer;
+    change(&mut peer);
     create_bgp_peer(ipam.datastore(), &peer).unwrap();
     dir
 }
@@ -195,4 +211,129 @@ fn the_agent_exchanges_routes_with_bird_over_ebgp_and_installs_them() {
 #[test]
 fn the_agent_exchanges_routes_with_gobgp_and_installs_them() {
     agent_with(Lab::gobgp, TABBY_ASN);
+}
+
+/// Runs `gobgp` against the peer's GoBGP.
+fn gobgp(lab: &Lab, args: &[&str]) -> String {
+    let mut cmd = vec!["gobgp", "-u", "127.0.0.1", "-p", "50051"];
+    cmd.extend_from_slice(args);
+    lab.peer_cmd(&cmd)
+}
+
+fn tabby_route(lab: &Lab, prefix: &str) -> String {
+    run(&["ip", "-n", &lab.tabby_ns, "route", "show", prefix])
+}
+
+fn established(lab: &Lab) {
+    wait(
+        "the session in node status",
+        Duration::from_secs(30),
+        lab,
+        || node_status(lab).contains("Established"),
+    );
+}
+
+/// An external peer announcing the default route, another node's block (in
+/// the pool), the underlay and a prefix of its own.
+const DEFAULT: &str = "0.0.0.0/0";
+const POOL_BLOCK: &str = "10.244.1.64/26";
+const UNDERLAY: &str = "10.99.0.0/25";
+const EXTERNAL: &str = "192.0.2.0/24";
+
+#[test]
+fn an_ebgp_peer_installs_neither_a_default_route_nor_pool_blocks_nor_the_underlay_until_a_filter_allows(
+) {
+    let Some(mut lab) = Lab::new() else { return };
+    let store = datastore(&lab, 65001);
+    let _peer = Lab::gobgp(&mut lab, 65001, None);
+    let _agent = start_agent(&lab, &store);
+    established(&lab);
+    for prefix in [DEFAULT, POOL_BLOCK, UNDERLAY, EXTERNAL] {
+        gobgp(&lab, &["global", "rib", "add", prefix, "-a", "ipv4"]);
+    }
+    wait(
+        "the external prefix in Tabby's kernel",
+        Duration::from_secs(30),
+        &lab,
+        || tabby_route(&lab, EXTERNAL).contains(&format!("via {PEER_ADDR}")),
+    );
+    let learned = gobgp(&lab, &["global", "rib", "-a", "ipv4"]);
+    assert!(
+        learned.contains(UNDERLAY) && learned.contains(DEFAULT),
+        "{learned}"
+    );
+    // The external prefix went out last: the ones before it were decided
+    // in the same route pass or an earlier one.
+    for prefix in [DEFAULT, POOL_BLOCK, UNDERLAY] {
+        let route = tabby_route(&lab, prefix);
+        assert!(
+            !route.contains("proto 201"),
+            "{prefix} was installed: {route}"
+        );
+    }
+
+    // An operator allows the default route from this peer.
+    let ds = FileDatastore::open(&store).unwrap();
+    let allow = BgpFilter {
+        name: "allow-default".into(),
+        import_v4: vec![BgpFilterRule {
+            action: FilterAction::Accept,
+            cidr: Some(DEFAULT.parse().unwrap()),
+            match_operator: Some(MatchOperator::Equal),
+            prefix_length: None,
+        }],
+        export_v4: vec![],
+    };
+    create_bgp_filter(&ds, &allow).unwrap();
+    let mut peer = bgp_peers(&ds).unwrap().remove(0);
+    peer.filters = vec!["allow-default".into()];
+    delete_bgp_peer(&ds, &peer.name).unwrap();
+    create_bgp_peer(&ds, &peer).unwrap();
+    wait(
+        "the default route in Tabby's kernel",
+        Duration::from_secs(30),
+        &lab,
+        || {
+            let r = tabby_route(&lab, "default");
+            r.contains(&format!("via {PEER_ADDR}")) && r.contains("proto 201")
+        },
+    );
+    for prefix in [POOL_BLOCK, UNDERLAY] {
+        let route = tabby_route(&lab, prefix);
+        assert!(
+            !route.contains("proto 201"),
+            "{prefix} was installed: {route}"
+        );
+    }
+}
+
+#[test]
+fn an_ebgp_peer_announcing_more_than_max_prefix_gets_cease_6_1() {
+    let Some(mut lab) = Lab::new() else { return };
+    let store = datastore_with(&lab, 65001, |p| p.max_prefix = Some(2));
+    let _peer = Lab::gobgp(&mut lab, 65001, None);
+    let _agent = start_agent(&lab, &store);
+    established(&lab);
+    for prefix in ["192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"] {
+        gobgp(&lab, &["global", "rib", "add", prefix, "-a", "ipv4"]);
+    }
+    // GoBGP logs the NOTIFICATION it received ("Peer Down", with the reason).
+    wait(
+        "GoBGP to receive Cease 6/1",
+        Duration::from_secs(30),
+        &lab,
+        || {
+            std::fs::read_to_string(lab.dir.join("daemon.log"))
+            .unwrap_or_default()
+            .contains("notification-received code 6(cease) subcode 1(maximum number of prefixes reached)")
+        },
+    );
+    // The session comes back and is reset again: node status says why in between.
+    wait(
+        "node status to say why",
+        Duration::from_secs(30),
+        &lab,
+        || node_status(&lab).contains("sent 6/1 (maximum number of prefixes reached)"),
+    );
+    assert!(!tabby_route(&lab, "203.0.113.0/24").contains("proto 201"));
 }

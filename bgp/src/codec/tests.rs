@@ -180,51 +180,12 @@ fn open_errors_map_to_open_subcodes() {
     assert_eq!(err(&o), (2, 6), "hold time 2");
 }
 
-fn update_body(attrs: &[u8], nlri: &[u8]) -> Vec<u8> {
-    let mut body = vec![0, 0];
-    body.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
-    body.extend_from_slice(attrs);
-    body.extend_from_slice(nlri);
-    body
-}
-
-const ORIGIN: [u8; 4] = [0x40, 1, 1, 0];
-const AS_PATH_EMPTY: [u8; 3] = [0x40, 2, 0];
-const NEXT_HOP: [u8; 7] = [0x40, 3, 4, 10, 0, 0, 1];
-const NLRI: [u8; 4] = [24, 10, 1, 2];
-
-#[test]
-fn update_without_next_hop_is_missing_well_known_attribute() {
-    let attrs = [&ORIGIN[..], &AS_PATH_EMPTY[..]].concat();
-    let n = decode(&frame(2, &update_body(&attrs, &NLRI)), true).unwrap_err();
-    assert_eq!(n, Notification::with_data(3, 3, [3]));
-    let attrs = [&AS_PATH_EMPTY[..], &NEXT_HOP[..]].concat();
-    let n = decode(&frame(2, &update_body(&attrs, &NLRI)), true).unwrap_err();
-    assert_eq!(n, Notification::with_data(3, 3, [1]));
-}
-
-#[test]
-fn update_with_a_duplicate_attribute_is_a_malformed_attribute_list() {
-    let attrs = [&ORIGIN[..], &ORIGIN[..], &AS_PATH_EMPTY[..], &NEXT_HOP[..]].concat();
-    assert_eq!(err(&frame(2, &update_body(&attrs, &NLRI))), (3, 1));
-}
+// The malformed UPDATE table (RFC 4271 §6.3 with RFC 7606) is in
+// `malformed_tests.rs`.
 
 #[test]
 fn update_with_too_long_withdrawn_length_is_a_malformed_attribute_list() {
     assert_eq!(err(&frame(2, &[0, 200, 0, 0])), (3, 1));
-}
-
-#[test]
-fn update_with_an_undefined_origin_is_invalid_origin() {
-    let attrs = [&[0x40, 1, 1, 7][..], &AS_PATH_EMPTY[..], &NEXT_HOP[..]].concat();
-    assert_eq!(err(&frame(2, &update_body(&attrs, &NLRI))), (3, 6));
-}
-
-#[test]
-fn update_with_a_truncated_as_path_segment_is_malformed_as_path() {
-    let attrs = [&ORIGIN[..], &[0x40, 2, 4, 2, 5, 0, 1][..], &NEXT_HOP[..]].concat();
-    let (code, _) = err(&frame(2, &update_body(&attrs, &NLRI)));
-    assert_eq!(code, 3);
 }
 
 #[test]

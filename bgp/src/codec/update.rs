@@ -115,12 +115,9 @@ pub(super) fn update_from_wire(
             }
             _ => continue,
         };
-        if !seen.insert(type_code) {
-            return Err(Notification::new(
-                code::UPDATE,
-                code::MALFORMED_ATTRIBUTE_LIST,
-            ));
-        }
+        // RFC 7606 §3 g: the first occurrence counts (the validator strips
+        // the others before netgauze sees them).
+        seen.insert(type_code);
     }
     if classic_nlri {
         for type_code in [1u8, 2, 3] {

@@ -15,6 +15,7 @@ fn config(peer_asn: u32) -> FsmConfig {
         keepalive: 30,
         connect_retry: Duration::from_secs(5),
         connect_retry_max: Duration::from_secs(120),
+        max_prefix: None,
     }
 }
 
@@ -328,7 +329,8 @@ fn ebgp_update_must_start_with_the_peer_as_and_loops_are_dropped() {
         conn: 0,
         msg: Message::Update(wrong),
     });
-    assert_eq!(notification(&actions), Some((0, 3, 11)));
+    // RFC 7606 §3 e: treat-as-withdraw, not 3/11 (see update_tests).
+    assert_eq!(notification(&actions), None);
 }
 
 /// Primary inbound connection 0, then our outbound connection 1 collides.
@@ -408,3 +410,5 @@ fn peer_closing_in_open_sent_goes_active_and_retries() {
         Action::Connect
     );
 }
+
+mod update_tests;

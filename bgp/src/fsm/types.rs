@@ -72,6 +72,10 @@ pub struct FsmConfig {
     pub connect_retry: Duration,
     /// Cap of the connect-retry back-off.
     pub connect_retry_max: Duration,
+    /// Most prefixes the peer may announce (RFC 4486): more resets the
+    /// session with Cease 6/1. Counts what the peer announced, before any
+    /// import policy.
+    pub max_prefix: Option<u32>,
 }
 
 /// What was agreed when the session came up.
@@ -166,4 +170,7 @@ pub enum Action {
     },
     /// Routes withdrawn by the peer.
     Withdrawn(Vec<Ipv4Network>),
+    /// An UPDATE's routes were withdrawn instead of learned (RFC 7606
+    /// treat-as-withdraw) for the error RFC 4271 would have reset with: log it.
+    TreatedAsWithdraw(Notification),
 }

@@ -90,6 +90,8 @@ fn turning_the_mesh_off_leaves_only_explicit_peers_global_and_our_own() {
         as_number: 65000,
         node: node.map(str::to_string),
         password: Some("s3cret".into()),
+        filters: vec![],
+        max_prefix: None,
     };
     v.peers = vec![
         peer("tor", "10.98.0.254", None),
