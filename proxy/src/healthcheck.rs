@@ -112,22 +112,12 @@ pub fn response(service: &ServiceKey, local_endpoints: usize) -> Response<String
         local_endpoints,
         service_proxy_healthy: healthy,
     };
-    let mut json = Vec::new();
-    let formatter = serde_json::ser::PrettyFormatter::with_indent(b"\t");
-    let written = body.serialize(&mut serde_json::Serializer::with_formatter(
-        &mut json, formatter,
-    ));
     let status = if local_endpoints > 0 && healthy {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let mut response = Response::new(String::from_utf8(json).unwrap_or_default());
-    if written.is_err() {
-        // Serializing two strings, a number and a bool cannot fail; answer 500 if it ever does.
-        *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-        return response;
-    }
+    let mut response = Response::new(tab_indented_json(&body));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(
@@ -140,6 +130,17 @@ pub fn response(service: &ServiceKey, local_endpoints: usize) -> Response<String
     );
     headers.insert("x-load-balancing-endpoint-weight", local_endpoints.into());
     response
+}
+
+/// `body` as Go's `json.MarshalIndent(body, "", "\t")` writes it.
+fn tab_indented_json(body: &impl Serialize) -> String {
+    let mut out = Vec::new();
+    let formatter = serde_json::ser::PrettyFormatter::with_indent(b"\t");
+    // Serializing plain fields into a Vec cannot fail, and yields UTF-8.
+    let _ = body.serialize(&mut serde_json::Serializer::with_formatter(
+        &mut out, formatter,
+    ));
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// The router of one port: every path answers with the port's entry.
