@@ -8,7 +8,6 @@ use std::path::Path;
 use anyhow::Context;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use serde::Deserialize;
 
 use crate::table::{Align, Table};
 
@@ -79,38 +78,17 @@ pub fn read_dir(dir: &Path) -> anyhow::Result<(Objects, Vec<String>)> {
 }
 
 /// The Services (v1) and EndpointSlices (discovery.k8s.io/v1) of a
-/// multi-document YAML text; other kinds are ignored.
+/// multi-document YAML text, read as the agents read it; other kinds are ignored.
 fn parse(text: &str) -> anyhow::Result<Objects> {
-    let mut out = Objects::default();
-    for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
-        let value = serde_json::Value::deserialize(doc).with_context(|| format!("document {i}"))?;
-        let field = |f: &str| {
-            value
-                .get(f)
-                .and_then(|v| v.as_str())
-                .unwrap_or("")
-                .to_string()
-        };
-        match (field("apiVersion").as_str(), field("kind").as_str()) {
-            ("v1", "Service") => {
-                let svc: Service = serde_json::from_value(value)
-                    .with_context(|| format!("document {i}: Service"))?;
-                let ns = svc
-                    .metadata
-                    .namespace
-                    .clone()
-                    .unwrap_or_else(|| "default".into());
-                let name = svc.metadata.name.clone().unwrap_or_default();
-                out.services.insert((ns, name), svc);
-            }
-            ("discovery.k8s.io/v1", "EndpointSlice") => {
-                out.slices.push(
-                    serde_json::from_value(value)
-                        .with_context(|| format!("document {i}: EndpointSlice"))?,
-                );
-            }
-            _ => {}
-        }
+    let objects = tabby_proxy::yaml::objects(text)?;
+    let mut out = Objects {
+        slices: objects.slices,
+        ..Objects::default()
+    };
+    for svc in objects.services {
+        let ns = svc.metadata.namespace.clone().unwrap_or_default();
+        let name = svc.metadata.name.clone().unwrap_or_default();
+        out.services.insert((ns, name), svc);
     }
     Ok(out)
 }

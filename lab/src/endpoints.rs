@@ -5,12 +5,19 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use serde_json::{json, Value};
+use k8s_openapi::api::core::v1::{ObjectReference, Service, ServicePort};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 /// The `managed-by` label value of the slices the lab derives.
 pub const MANAGED_BY: &str = "tabby-lab";
+/// The label naming a slice's Service.
+const SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// The label naming a slice's controller.
+const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
 /// The echo server's container port, with its name (like whoami's `http`).
-const NAMED_PORTS: &[(&str, u16)] = &[("http", 8080)];
+const NAMED_PORTS: &[(&str, i32)] = &[("http", 8080)];
 
 /// A pod as the EndpointSlice controller sees it.
 #[derive(Debug, Clone)]
@@ -29,102 +36,108 @@ pub struct EndpointPod<'a> {
     pub ready: bool,
 }
 
-/// The EndpointSlice for every Service in `objects` that has a selector:
+/// The EndpointSlice for every Service in `services` that has a selector:
 /// the ready pods of the Service's namespace whose labels match, with the
-/// Service's target ports. Other objects and selector-less Services (which
-/// take the slices the user applies) yield nothing.
-pub fn derive_endpoint_slices(objects: &[Value], pods: &[EndpointPod<'_>]) -> Vec<Value> {
-    objects
+/// Service's target ports. Selector-less Services (which take the slices
+/// the user applies) and ExternalName Services yield nothing.
+pub fn derive_endpoint_slices(
+    services: &[Service],
+    pods: &[EndpointPod<'_>],
+) -> Vec<EndpointSlice> {
+    services
         .iter()
-        .filter(|o| o["kind"] == "Service")
         .filter_map(|svc| slice_for(svc, pods))
         .collect()
 }
 
 /// The slice of one Service, or `None` when it has no selector.
-fn slice_for(svc: &Value, pods: &[EndpointPod<'_>]) -> Option<Value> {
-    let spec = &svc["spec"];
-    if spec["type"] == "ExternalName" {
+fn slice_for(svc: &Service, pods: &[EndpointPod<'_>]) -> Option<EndpointSlice> {
+    let spec = svc.spec.as_ref()?;
+    if spec.type_.as_deref() == Some("ExternalName") {
         return None;
     }
-    let selector: BTreeMap<&str, &str> = spec["selector"]
-        .as_object()?
-        .iter()
-        .filter_map(|(k, v)| Some((k.as_str(), v.as_str()?)))
-        .collect();
-    if selector.is_empty() {
-        return None;
-    }
-    let name = svc["metadata"]["name"].as_str()?;
-    let namespace = svc["metadata"]["namespace"].as_str().unwrap_or("default");
-    let endpoints: Vec<Value> = pods
+    let selector = spec.selector.as_ref().filter(|s| !s.is_empty())?;
+    let name = svc.metadata.name.as_deref()?;
+    let namespace = svc.metadata.namespace.as_deref().unwrap_or("default");
+    let endpoints = pods
         .iter()
         .filter(|p| p.ready && p.namespace == namespace)
-        .filter(|p| {
-            selector
-                .iter()
-                .all(|(k, v)| p.labels.get(*k).map(String::as_str) == Some(*v))
-        })
+        .filter(|p| selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
         .filter_map(|p| {
-            Some(json!({
-                "addresses": [p.ip?.to_string()],
-                "conditions": { "ready": true, "serving": true, "terminating": false },
-                "nodeName": p.node,
-                "targetRef": { "kind": "Pod", "namespace": p.namespace, "name": p.name },
-            }))
+            Some(Endpoint {
+                addresses: vec![p.ip?.to_string()],
+                conditions: Some(EndpointConditions {
+                    ready: Some(true),
+                    serving: Some(true),
+                    terminating: Some(false),
+                }),
+                node_name: Some(p.node.to_string()),
+                target_ref: Some(ObjectReference {
+                    kind: Some("Pod".into()),
+                    namespace: Some(p.namespace.to_string()),
+                    name: Some(p.name.to_string()),
+                    ..ObjectReference::default()
+                }),
+                ..Endpoint::default()
+            })
         })
         .collect();
-    let ports: Vec<Value> = spec["ports"]
-        .as_array()
-        .map(|ports| ports.iter().filter_map(endpoint_port).collect())
-        .unwrap_or_default();
-    Some(json!({
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": format!("{name}-{MANAGED_BY}"),
-            "namespace": namespace,
-            "labels": {
-                "kubernetes.io/service-name": name,
-                "endpointslice.kubernetes.io/managed-by": MANAGED_BY,
-            },
+    let ports = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(endpoint_port)
+        .collect();
+    let labels = [(SERVICE_NAME, name), (MANAGED_BY_LABEL, MANAGED_BY)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Some(EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(format!("{name}-{MANAGED_BY}")),
+            namespace: Some(namespace.to_string()),
+            labels: Some(labels),
+            ..ObjectMeta::default()
         },
-        "addressType": "IPv4",
-        "endpoints": endpoints,
-        "ports": ports,
-    }))
+        address_type: "IPv4".into(),
+        endpoints: Some(endpoints),
+        ports: Some(ports),
+    })
 }
 
 /// A Service port's endpoint port: its `targetPort` (a number, or a name
 /// resolved against the echo server's named ports), else its `port`.
-fn endpoint_port(port: &Value) -> Option<Value> {
-    let number = match &port["targetPort"] {
-        Value::Number(n) => u16::try_from(n.as_u64()?).ok()?,
-        Value::String(s) => match s.parse::<u16>() {
+fn endpoint_port(port: &ServicePort) -> Option<EndpointPort> {
+    let number = match &port.target_port {
+        Some(IntOrString::Int(n)) => *n,
+        Some(IntOrString::String(s)) => match s.parse() {
             Ok(n) => n,
             Err(_) => NAMED_PORTS.iter().find(|(name, _)| name == s)?.1,
         },
-        _ => u16::try_from(port["port"].as_u64()?).ok()?,
+        None => port.port,
     };
-    let mut out = json!({
-        "port": number,
-        "protocol": port["protocol"].as_str().unwrap_or("TCP"),
-    });
-    if let Some(name) = port["name"].as_str() {
-        out["name"] = json!(name);
-    }
-    Some(out)
+    Some(EndpointPort {
+        name: port.name.clone(),
+        port: Some(number),
+        protocol: Some(port.protocol.clone().unwrap_or_else(|| "TCP".into())),
+        ..EndpointPort::default()
+    })
 }
 
-/// Whether `object` is a slice this module derived.
-pub fn is_derived(object: &Value) -> bool {
-    object["kind"] == "EndpointSlice"
-        && object["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"] == MANAGED_BY
+/// Whether `slice` is one this module derived.
+pub fn is_derived(slice: &EndpointSlice) -> bool {
+    slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY_LABEL))
+        .is_some_and(|v| v == MANAGED_BY)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{json, Value};
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
@@ -133,12 +146,18 @@ mod tests {
             .collect()
     }
 
-    fn service(selector: Value, ports: Value) -> Value {
-        json!({
+    fn service(selector: Value, ports: Value) -> Service {
+        serde_json::from_value(json!({
             "apiVersion": "v1", "kind": "Service",
             "metadata": {"name": "web", "namespace": "default"},
             "spec": {"selector": selector, "ports": ports},
-        })
+        }))
+        .unwrap()
+    }
+
+    /// A slice as JSON, to compare with literals.
+    fn value(slice: &EndpointSlice) -> Value {
+        serde_json::to_value(slice).unwrap()
     }
 
     #[test]
@@ -185,7 +204,8 @@ mod tests {
         );
         let slices = derive_endpoint_slices(&[svc], &pods);
         assert_eq!(slices.len(), 1);
-        let s = &slices[0];
+        assert!(is_derived(&slices[0]));
+        let s = &value(&slices[0]);
         assert_eq!(s["metadata"]["labels"]["kubernetes.io/service-name"], "web");
         assert_eq!(s["endpoints"].as_array().unwrap().len(), 1);
         assert_eq!(s["endpoints"][0]["addresses"][0], "10.244.0.1");
@@ -194,7 +214,6 @@ mod tests {
             s["ports"],
             json!([{"name": "http", "port": 8080, "protocol": "TCP"}])
         );
-        assert!(is_derived(s));
     }
 
     #[test]
@@ -204,18 +223,20 @@ mod tests {
             json!([{"port": 80}, {"port": 81, "targetPort": "http", "protocol": "UDP"}, {"port": 82, "targetPort": "nope"}]),
         );
         let slices = derive_endpoint_slices(&[svc], &[]);
+        let s = value(&slices[0]);
         assert_eq!(
-            slices[0]["ports"],
+            s["ports"],
             json!([{"port": 80, "protocol": "TCP"}, {"port": 8080, "protocol": "UDP"}])
         );
-        assert_eq!(slices[0]["endpoints"], json!([]));
+        assert_eq!(s["endpoints"], json!([]));
     }
 
     #[test]
-    fn services_without_selector_and_other_kinds_get_no_derived_slice() {
-        let no_selector = json!({"kind": "Service", "metadata": {"name": "manual"}, "spec": {"ports": [{"port": 80}]}});
-        let external = json!({"kind": "Service", "metadata": {"name": "x"}, "spec": {"type": "ExternalName", "selector": {"a": "b"}}});
-        let slice = json!({"kind": "EndpointSlice", "metadata": {"name": "manual-1"}});
-        assert!(derive_endpoint_slices(&[no_selector, external, slice], &[]).is_empty());
+    fn services_without_selector_and_external_names_get_no_derived_slice() {
+        let no_selector = service(Value::Null, json!([{"port": 80}]));
+        let mut external = service(json!({"a": "b"}), json!([]));
+        external.spec.as_mut().unwrap().type_ = Some("ExternalName".into());
+        let empty = service(json!({}), json!([{"port": 80}]));
+        assert!(derive_endpoint_slices(&[no_selector, external, empty], &[]).is_empty());
     }
 }

@@ -108,9 +108,9 @@ enum Command {
     /// GET a URL and print the body (fails on errors and non-2xx answers).
     #[command(hide = true)]
     HttpGet {
-        /// `http://host[:port][/path]`.
+        /// `http://host[:port][/path]` (IPv6 in brackets: `http://[::1]:8080/`).
         url: String,
-        /// Deadline for connecting and for each read.
+        /// Deadline of each request, connecting included.
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
         /// Make this many requests, each on a new connection, printing every body.
@@ -362,8 +362,9 @@ fn apply(lab: &Lab, file: &Path, apply: bool) -> anyhow::Result<()> {
 /// `http-get`: prints the body; non-2xx answers fail.
 fn http_get(url: &str, timeout: Duration, count: u32) -> anyhow::Result<ExitCode> {
     use std::io::Write;
+    let client = echo::Client::new(timeout);
     if count <= 1 {
-        let response = echo::get(url, timeout)?;
+        let response = client.get(url)?;
         std::io::stdout().write_all(&response.body)?;
         if !(200..300).contains(&response.status) {
             eprintln!("tabby-lab http-get: {url} answered {}", response.status);
@@ -375,7 +376,7 @@ fn http_get(url: &str, timeout: Duration, count: u32) -> anyhow::Result<ExitCode
     let mut failed = 0;
     let mut out = std::io::stdout().lock();
     for _ in 0..count {
-        match echo::get(url, timeout) {
+        match client.get(url) {
             Ok(r) if (200..300).contains(&r.status) => out.write_all(&r.body)?,
             Ok(r) => {
                 failed += 1;

@@ -7,17 +7,47 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use serde::Deserialize;
-use serde_json::Value;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::Resource;
+use tabby_proxy::yaml;
 
 use crate::cni::POD_NAMESPACE;
 use crate::endpoints::{derive_endpoint_slices, is_derived, EndpointPod};
 use crate::state::{write_atomic, LabState};
 
+/// An object the lab keeps: what the agents' proxies read.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Object {
+    /// A v1 Service.
+    Service(Box<Service>),
+    /// A discovery.k8s.io/v1 EndpointSlice.
+    Slice(Box<EndpointSlice>),
+}
+
+impl Object {
+    /// Its kind and metadata.
+    fn meta(&self) -> (&'static str, &ObjectMeta) {
+        match self {
+            Self::Service(s) => (Service::KIND, &s.metadata),
+            Self::Slice(s) => (EndpointSlice::KIND, &s.metadata),
+        }
+    }
+
+    /// The object as YAML (with its apiVersion and kind).
+    fn to_yaml(&self) -> Result<String, serde_norway::Error> {
+        match self {
+            Self::Service(s) => serde_norway::to_string(s),
+            Self::Slice(s) => serde_norway::to_string(s),
+        }
+    }
+}
+
 /// The identity of one object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectKey {
-    /// e.g. `Service`.
+    /// `Service` or `EndpointSlice`.
     pub kind: String,
     /// `metadata.namespace`, `default` when absent.
     pub namespace: String,
@@ -27,15 +57,14 @@ pub struct ObjectKey {
 
 impl ObjectKey {
     /// Reads kind and metadata from an object.
-    pub fn of(object: &Value) -> anyhow::Result<ObjectKey> {
-        let kind = object["kind"].as_str().context("an object without kind")?;
-        let name = object["metadata"]["name"]
-            .as_str()
+    pub fn of(object: &Object) -> anyhow::Result<ObjectKey> {
+        let (kind, meta) = object.meta();
+        let name = meta
+            .name
+            .as_deref()
             .with_context(|| format!("a {kind} without metadata.name"))?;
-        let namespace = object["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or("default");
-        for part in [kind, name, namespace] {
+        let namespace = meta.namespace.as_deref().unwrap_or("default");
+        for part in [name, namespace] {
             anyhow::ensure!(
                 !part.is_empty() && !part.contains('/') && !part.starts_with('.'),
                 "{kind} {namespace}/{name}: unusable as a file name"
@@ -65,25 +94,37 @@ impl std::fmt::Display for ObjectKey {
     }
 }
 
-/// The objects of a multi-document YAML text (empty documents skipped;
-/// `kind: List` expanded into its items).
-pub fn parse_documents(text: &str) -> anyhow::Result<Vec<Value>> {
-    let mut objects = Vec::new();
-    for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
-        let value = Value::deserialize(doc).with_context(|| format!("YAML document {}", i + 1))?;
-        match value {
-            Value::Null => {}
-            v if v["kind"] == "List" => {
-                objects.extend(v["items"].as_array().cloned().unwrap_or_default())
-            }
-            v => objects.push(v),
-        }
+/// The Services and EndpointSlices of a multi-document YAML text, and the
+/// documents of other kinds.
+fn split(text: &str) -> Result<(Vec<Object>, Vec<yaml::Skipped>), yaml::Error> {
+    let o = yaml::objects(text)?;
+    let services = o.services.into_iter().map(|s| Object::Service(Box::new(s)));
+    let slices = o.slices.into_iter().map(|s| Object::Slice(Box::new(s)));
+    Ok((services.chain(slices).collect(), o.skipped))
+}
+
+/// The objects of a multi-document YAML text to apply: Services, then
+/// EndpointSlices (empty documents skipped; `kind: List` expanded). Any
+/// other kind is an error, so nothing of a file is applied in part.
+pub fn parse_documents(text: &str) -> anyhow::Result<Vec<Object>> {
+    let (objects, skipped) = split(text)?;
+    if let Some(s) = skipped.first() {
+        anyhow::bail!(
+            "document {}: apiVersion {:?} kind {:?}: the lab applies only {} {} and {} {} objects",
+            s.index,
+            s.api_version,
+            s.kind,
+            Service::API_VERSION,
+            Service::KIND,
+            EndpointSlice::API_VERSION,
+            EndpointSlice::KIND,
+        );
     }
     Ok(objects)
 }
 
 /// Reads a file of objects, `-` meaning stdin.
-pub fn read_objects(file: &Path) -> anyhow::Result<Vec<Value>> {
+pub fn read_objects(file: &Path) -> anyhow::Result<Vec<Object>> {
     let text = if file == Path::new("-") {
         std::io::read_to_string(std::io::stdin()).context("reading stdin")?
     } else {
@@ -93,7 +134,7 @@ pub fn read_objects(file: &Path) -> anyhow::Result<Vec<Value>> {
 }
 
 /// Writes each object into `dir`; returns their keys.
-pub fn apply(dir: &Path, objects: &[Value]) -> anyhow::Result<Vec<ObjectKey>> {
+pub fn apply(dir: &Path, objects: &[Object]) -> anyhow::Result<Vec<ObjectKey>> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     // Validate every object before writing any.
     let keys = objects
@@ -108,7 +149,7 @@ pub fn apply(dir: &Path, objects: &[Value]) -> anyhow::Result<Vec<ObjectKey>> {
 
 /// Removes each object's file from `dir`; returns the keys with whether a
 /// file was there.
-pub fn delete(dir: &Path, objects: &[Value]) -> anyhow::Result<Vec<(ObjectKey, bool)>> {
+pub fn delete(dir: &Path, objects: &[Object]) -> anyhow::Result<Vec<(ObjectKey, bool)>> {
     let keys = objects
         .iter()
         .map(ObjectKey::of)
@@ -126,15 +167,18 @@ pub fn delete(dir: &Path, objects: &[Value]) -> anyhow::Result<Vec<(ObjectKey, b
     Ok(out)
 }
 
-fn write_object(dir: &Path, key: &ObjectKey, object: &Value) -> anyhow::Result<PathBuf> {
+fn write_object(dir: &Path, key: &ObjectKey, object: &Object) -> anyhow::Result<PathBuf> {
     let path = dir.join(key.file_name());
-    let yaml = serde_norway::to_string(object).with_context(|| format!("encoding {key}"))?;
+    let yaml = object
+        .to_yaml()
+        .with_context(|| format!("encoding {key}"))?;
     write_atomic(&path, yaml.as_bytes())?;
     Ok(path)
 }
 
-/// Every object stored in `dir` with its file.
-fn stored_objects(dir: &Path) -> anyhow::Result<Vec<(PathBuf, Value)>> {
+/// Every object stored in `dir` with its file (other kinds ignored, as the
+/// agents ignore them).
+fn stored_objects(dir: &Path) -> anyhow::Result<Vec<(PathBuf, Object)>> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -148,9 +192,8 @@ fn stored_objects(dir: &Path) -> anyhow::Result<Vec<(PathBuf, Value)>> {
         }
         let text =
             fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        for object in
-            parse_documents(&text).with_context(|| format!("parsing {}", path.display()))?
-        {
+        let (objects, _) = split(&text).with_context(|| format!("parsing {}", path.display()))?;
+        for object in objects {
             out.push((path.clone(), object));
         }
     }
@@ -163,7 +206,13 @@ fn stored_objects(dir: &Path) -> anyhow::Result<Vec<(PathBuf, Value)>> {
 /// Returns how many slices were written.
 pub fn sync_endpoint_slices(dir: &Path, state: &LabState) -> anyhow::Result<usize> {
     let stored = stored_objects(dir)?;
-    let objects: Vec<Value> = stored.iter().map(|(_, o)| o.clone()).collect();
+    let services: Vec<Service> = stored
+        .iter()
+        .filter_map(|(_, o)| match o {
+            Object::Service(s) => Some(s.as_ref().clone()),
+            Object::Slice(_) => None,
+        })
+        .collect();
     let pods: Vec<EndpointPod<'_>> = state
         .pods
         .iter()
@@ -176,24 +225,26 @@ pub fn sync_endpoint_slices(dir: &Path, state: &LabState) -> anyhow::Result<usiz
             ready: p.ready,
         })
         .collect();
-    let slices = derive_endpoint_slices(&objects, &pods);
+    let slices = derive_endpoint_slices(&services, &pods);
+    let count = slices.len();
     let mut wanted = BTreeSet::new();
-    for slice in &slices {
-        let key = ObjectKey::of(slice)?;
+    for slice in slices.into_iter().map(|s| Object::Slice(Box::new(s))) {
+        let key = ObjectKey::of(&slice)?;
         wanted.insert(dir.join(key.file_name()));
         let path = dir.join(key.file_name());
         // Unchanged slices are not rewritten, so watchers see no event.
         let current = stored.iter().find(|(p, _)| *p == path).map(|(_, o)| o);
-        if current != Some(slice) {
-            write_object(dir, &key, slice)?;
+        if current != Some(&slice) {
+            write_object(dir, &key, &slice)?;
         }
     }
     for (path, object) in &stored {
-        if is_derived(object) && !wanted.contains(path) {
+        let derived = matches!(object, Object::Slice(s) if is_derived(s));
+        if derived && !wanted.contains(path) {
             fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
         }
     }
-    Ok(slices.len())
+    Ok(count)
 }
 
 #[cfg(test)]
@@ -201,7 +252,7 @@ mod tests {
     use super::*;
     use crate::state::PodState;
 
-    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  selector:\n    app: echo\n  ports:\n  - port: 80\n    targetPort: 8080\n---\n---\nkind: EndpointSlice\nmetadata:\n  name: manual\n  namespace: prod\n";
+    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  selector:\n    app: echo\n  ports:\n  - port: 80\n    targetPort: 8080\n---\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: manual\n  namespace: prod\naddressType: IPv4\n";
 
     #[test]
     fn multi_document_yaml_yields_one_file_per_object() {
@@ -215,7 +266,14 @@ mod tests {
             keys,
             ["service-default-web.yaml", "endpointslice-prod-manual.yaml"]
         );
-        assert!(ObjectKey::of(&serde_json::json!({"kind": "Service"})).is_err());
+        let nameless = parse_documents("apiVersion: v1\nkind: Service\nmetadata: {}\n");
+        assert!(format!("{:#}", nameless.unwrap_err()).contains("no metadata.name"));
+        let other = parse_documents(&format!("{SERVICE}---\napiVersion: v1\nkind: Pod\n"));
+        let err = format!("{:#}", other.unwrap_err());
+        assert!(
+            err.contains("document 4: apiVersion \"v1\" kind \"Pod\""),
+            "{err}"
+        );
     }
 
     #[test]

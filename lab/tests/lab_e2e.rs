@@ -51,7 +51,7 @@ fn pods_on_the_same_node_reach_each_other_and_down_leaves_nothing_behind() {
 
     // pod add / pod del, and the EndpointSlice that follows them.
     let svc = lab.state.path().join("svc.yaml");
-    std::fs::write(&svc, "kind: Service\nmetadata: {name: web}\nspec:\n  selector: {app: web}\n  ports: [{port: 80, targetPort: 8080}]\n").unwrap();
+    std::fs::write(&svc, "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  selector: {app: web}\n  ports: [{port: 80, targetPort: 8080}]\n").unwrap();
     lab.run(&["apply", "-f", svc.to_str().unwrap()]);
     let added = lab.run(&["pod", "add", "node-2", "web", "--labels", "app=web"]);
     assert!(added.contains("pod web 10.244."), "{added}");

@@ -165,8 +165,6 @@ pub struct Shared {
     pub originated: usize,
     /// Kernel route counters.
     pub routes: crate::routes::RouteStats,
-    /// The service proxy's metrics, in Prometheus text.
-    pub proxy_metrics: String,
 }
 
 /// The agent's state, owned by its loop.

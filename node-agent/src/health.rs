@@ -1,62 +1,100 @@
-//! `/healthz`, `/readyz` and `/metrics` on the node's loopback.
+//! `/healthz` (`/livez`), `/readyz` and `/metrics` on the node's loopback,
+//! as an axum router served by hyper (`tabby_proxy::http_server`).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use crate::agent::Shared;
-use tabby_proxy::http::{self, Response};
 
-/// Serves the endpoints from the agent's shared snapshot. The agent is
-/// healthy while its loop keeps passing (within ten poll intervals).
-pub async fn serve(listener: TcpListener, shared: Arc<Mutex<Shared>>, poll: Duration) {
-    http::serve(listener, move |path| {
-        let Ok(s) = shared.lock() else {
-            return Response::text(503, "state poisoned\n");
-        };
-        match path {
-            "/healthz" | "/livez" => match s.last_pass {
-                Some(t) if t.elapsed() <= poll * 10 => Response::text(200, "ok\n"),
-                Some(t) => Response::text(
-                    503,
-                    format!("the agent loop last ran {:?} ago\n", t.elapsed()),
-                ),
-                None => Response::text(503, "starting\n"),
-            },
-            "/readyz" => {
-                if s.ready {
-                    Response::text(200, "ready\n")
-                } else {
-                    Response::text(503, "not ready: first datastore pass pending\n")
-                }
-            }
-            "/metrics" => Response {
-                status: 200,
-                content_type: "text/plain; version=0.0.4",
-                body: metrics(&s) + &s.proxy_metrics,
-            },
-            _ => Response::text(404, "not found\n"),
-        }
-    })
-    .await;
+/// The content type of prometheus-client's text encoding.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// What the handlers read.
+#[derive(Clone)]
+struct Endpoints {
+    shared: Arc<Mutex<Shared>>,
+    registry: Arc<Registry>,
+    poll: Duration,
 }
 
-/// Prometheus text exposition of the agent's counters.
-pub fn metrics(s: &Shared) -> String {
-    let up = s.status.peers.iter().filter(|p| p.state == "up").count();
-    let down = s.status.peers.len() - up;
-    format!(
-        "# HELP tabby_bgp_peers BGP peers by session state.\n# TYPE tabby_bgp_peers gauge\n\
-         tabby_bgp_peers{{state=\"established\"}} {up}\ntabby_bgp_peers{{state=\"other\"}} {down}\n\
-         # HELP tabby_bgp_routes_learned Prefixes learned from peers.\n# TYPE tabby_bgp_routes_learned gauge\n\
-         tabby_bgp_routes_learned {}\n\
-         # HELP tabby_bgp_prefixes_originated Prefixes this node advertises.\n# TYPE tabby_bgp_prefixes_originated gauge\n\
-         tabby_bgp_prefixes_originated {}\n\
-         # HELP tabby_routes_installed Kernel routes owned by tabby-node.\n# TYPE tabby_routes_installed gauge\n\
-         tabby_routes_installed {}\n\
-         # HELP tabby_route_errors_total Failed route changes.\n# TYPE tabby_route_errors_total counter\n\
-         tabby_route_errors_total {}\n",
-        s.learned, s.originated, s.routes.installed, s.routes.errors
-    )
+/// Serves the endpoints: health and readiness from the agent's shared
+/// snapshot (healthy while its loop keeps passing, within ten poll
+/// intervals), metrics from `registry`.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Mutex<Shared>>,
+    registry: Arc<Registry>,
+    poll: Duration,
+) {
+    tabby_proxy::http_server::serve(listener, router(shared, registry, poll)).await;
 }
+
+/// The routes; any other path is 404, any method but GET (and HEAD) 405.
+pub fn router(shared: Arc<Mutex<Shared>>, registry: Arc<Registry>, poll: Duration) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/livez", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
+        .with_state(Endpoints {
+            shared,
+            registry,
+            poll,
+        })
+}
+
+const POISONED: (StatusCode, &str) = (StatusCode::SERVICE_UNAVAILABLE, "state poisoned\n");
+
+async fn healthz(State(e): State<Endpoints>) -> Response {
+    let Ok(s) = e.shared.lock() else {
+        return POISONED.into_response();
+    };
+    match s.last_pass {
+        Some(t) if t.elapsed() <= e.poll * 10 => (StatusCode::OK, "ok\n".to_string()),
+        Some(t) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the agent loop last ran {:?} ago\n", t.elapsed()),
+        ),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "starting\n".to_string()),
+    }
+    .into_response()
+}
+
+async fn readyz(State(e): State<Endpoints>) -> Response {
+    let Ok(s) = e.shared.lock() else {
+        return POISONED.into_response();
+    };
+    if s.ready {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: first datastore pass pending\n",
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(e): State<Endpoints>) -> Response {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &e.registry) {
+        Ok(()) => ([(header::CONTENT_TYPE, OPENMETRICS)], body).into_response(),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot encode the metrics\n",
+        )
+            .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -8,13 +8,15 @@
 //! - [`routes`]: the kernel side: applies route changes through rtnetlink.
 //! - [`speaker_control`]: connects the BGP speaker (crate `tabby-bgp`) to the agent.
 //! - [`service_proxy`]: starts the service proxy (crate `tabby-proxy`) inside the agent.
-//! - [`status`], [`health`]: `tabbyctl node status`, health and metrics.
+//! - [`status`], [`health`]: `tabbyctl node status`, health and metrics (HTTP).
+//! - [`metrics`]: the one Prometheus registry: the agent's gauges and the proxy's metrics.
 
 pub mod agent;
 pub mod config;
 pub mod desired;
 pub mod error;
 pub mod health;
+pub mod metrics;
 pub mod policy;
 pub mod register;
 pub mod routes;

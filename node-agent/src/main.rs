@@ -11,7 +11,7 @@ use tabby_bgp::{Speaker, SpeakerConfig};
 use tabby_node::agent::{Agent, Shared};
 use tabby_node::config::AgentConfig;
 use tabby_node::speaker_control::{forward_events, SpeakerControl};
-use tabby_node::{health, service_proxy, status};
+use tabby_node::{health, metrics, service_proxy, status};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
 
@@ -106,9 +106,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Registration and the first netlink calls block: keep them off the async workers.
     let (c, s) = (cfg.clone(), Arc::clone(&shared));
     let mut agent = tokio::task::spawn_blocking(move || Agent::new(c, bgp, s)).await??;
+    let mut registry = metrics::registry(Arc::clone(&shared));
     if cfg.proxy.enabled {
         // Backend detection runs iptables-save: off the async workers.
-        let tx = tokio::task::block_in_place(|| service_proxy::start(&cfg, Arc::clone(&shared)))?;
+        let tx = tokio::task::block_in_place(|| service_proxy::start(&cfg, &mut registry))?;
         agent.set_proxy(tx);
     }
 
@@ -123,6 +124,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let health_task = tokio::spawn(health::serve(
         listener,
         Arc::clone(&shared),
+        Arc::new(registry),
         cfg.poll_interval(),
     ));
     info!(node = %cfg.node_name, address = %cfg.bgp_address, asn, "tabby-node running");

@@ -9,18 +9,17 @@
 //!                 proxy thread: Proxier::run_observed ──iptables-restore──▶ kernel
 //!                                 │ after each sync
 //!                                 ├──▶ HealthCheckServer (tasks on the main runtime)
-//!                                 └──▶ Shared::proxy_metrics (for /metrics)
+//!                                 └──▶ its ProxyMetrics, registered in the agent's Registry (/metrics)
 //! ```
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ipnetwork::{IpNetwork, Ipv4Network};
+use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::agent::Shared;
 use crate::config::AgentConfig;
 use crate::desired::ClusterView;
 use crate::error::{AgentError, Result};
@@ -28,13 +27,12 @@ use tabby_proxy::cluster_state::{ClusterState, FileClusterState};
 use tabby_proxy::conntrack::ConntrackCli;
 use tabby_proxy::healthcheck::HealthCheckServer;
 use tabby_proxy::iptables::{detect_backend, Backend, Iptables};
-use tabby_proxy::metrics::render_prometheus;
 use tabby_proxy::model::NodeFacts;
 use tabby_proxy::proxier::{Proxier, ProxyEvent, SyncConfig};
 use tabby_proxy::rules::ProxyOptions;
 
-/// Starts the proxy; returns where node facts changes go.
-pub fn start(cfg: &AgentConfig, shared: Arc<Mutex<Shared>>) -> Result<mpsc::Sender<ProxyEvent>> {
+/// Starts the proxy with its metrics in `registry`; returns where node facts changes go.
+pub fn start(cfg: &AgentConfig, registry: &mut Registry) -> Result<mpsc::Sender<ProxyEvent>> {
     let pc = &cfg.proxy;
     let backend = match pc.backend.as_str() {
         "legacy" => Backend::Legacy,
@@ -62,6 +60,7 @@ pub fn start(cfg: &AgentConfig, shared: Arc<Mutex<Shared>>) -> Result<mpsc::Send
         Iptables::new(backend),
         ConntrackCli::default(),
     );
+    proxier.metrics().register(registry);
     let (tx, rx) = mpsc::channel(4096);
     let main = tokio::runtime::Handle::current();
     let mut health = {
@@ -83,13 +82,8 @@ pub fn start(cfg: &AgentConfig, shared: Arc<Mutex<Shared>>) -> Result<mpsc::Send
             };
             rt.block_on(
                 proxier.run_observed(rx, move |p: &Proxier<Iptables, ConntrackCli>| {
-                    {
-                        let _in_main = main.enter();
-                        health.update(p.health_checks());
-                    }
-                    if let Ok(mut s) = shared.lock() {
-                        s.proxy_metrics = render_prometheus(p.metrics());
-                    }
+                    let _in_main = main.enter();
+                    health.update(p.health_checks());
                 }),
             );
         })

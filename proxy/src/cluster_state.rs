@@ -17,12 +17,11 @@ use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use serde::Deserialize;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::model::ServiceKey;
+use crate::yaml;
 use crate::ProxyEvent;
 
 /// A source of cluster state for the proxy (file backend now, Kubernetes later).
@@ -244,106 +243,29 @@ fn list(dir: &Path) -> io::Result<BTreeMap<PathBuf, Stamp>> {
     Ok(out)
 }
 
-/// Why a resource file was rejected.
-#[derive(Debug, thiserror::Error)]
-enum ParseError {
-    /// The text is not YAML.
-    #[error("document {index}")]
-    Yaml {
-        index: usize,
-        #[source]
-        source: serde_norway::Error,
-    },
-    /// A Service or EndpointSlice does not match its schema.
-    #[error("document {index}: {kind}")]
-    Object {
-        index: usize,
-        kind: &'static str,
-        #[source]
-        source: serde_json::Error,
-    },
-    /// An object without `metadata.name`.
-    #[error("document {index}: {kind} has no metadata.name")]
-    NoName { index: usize, kind: &'static str },
-}
-
 /// The Services and EndpointSlices of a multi-document YAML text (also
-/// inside `kind: List` items). Any invalid document rejects the whole text.
-fn parse(text: &str) -> Result<BTreeMap<ObjectKey, Object>, ParseError> {
+/// inside `kind: List` items), by identity; other kinds are ignored. Any
+/// invalid document rejects the whole text.
+fn parse(text: &str) -> Result<BTreeMap<ObjectKey, Object>, yaml::Error> {
+    let objects = yaml::objects(text)?;
     let mut out = BTreeMap::new();
-    for (index, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
-        let value = serde_json::Value::deserialize(doc)
-            .map_err(|source| ParseError::Yaml { index, source })?;
-        add_value(value, index, &mut out)?;
+    for mut svc in objects.services {
+        svc.metadata.managed_fields = None;
+        out.insert(
+            ObjectKey::Service(ServiceKey::of(&svc.metadata)),
+            Object::Service(Box::new(svc)),
+        );
+    }
+    for mut slice in objects.slices {
+        slice.metadata.managed_fields = None;
+        let meta = &slice.metadata;
+        let key = ObjectKey::Slice(
+            meta.namespace.clone().unwrap_or_default(),
+            meta.name.clone().unwrap_or_default(),
+        );
+        out.insert(key, Object::Slice(Box::new(slice)));
     }
     Ok(out)
-}
-
-fn add_value(
-    value: serde_json::Value,
-    index: usize,
-    out: &mut BTreeMap<ObjectKey, Object>,
-) -> Result<(), ParseError> {
-    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
-    let api = value
-        .get("apiVersion")
-        .and_then(|k| k.as_str())
-        .unwrap_or("");
-    match (api, kind) {
-        ("v1", "Service") => {
-            let mut svc: Service = from_value(value, index, "Service")?;
-            let key = ObjectKey::Service(ServiceKey::of(normalize(
-                &mut svc.metadata,
-                index,
-                "Service",
-            )?));
-            out.insert(key, Object::Service(Box::new(svc)));
-        }
-        ("discovery.k8s.io/v1", "EndpointSlice") => {
-            let mut slice: EndpointSlice = from_value(value, index, "EndpointSlice")?;
-            let meta = normalize(&mut slice.metadata, index, "EndpointSlice")?;
-            let key = ObjectKey::Slice(
-                meta.namespace.clone().unwrap_or_default(),
-                meta.name.clone().unwrap_or_default(),
-            );
-            out.insert(key, Object::Slice(Box::new(slice)));
-        }
-        (_, "List") => {
-            if let Some(serde_json::Value::Array(items)) = value.get("items").cloned() {
-                for item in items {
-                    add_value(item, index, out)?;
-                }
-            }
-        }
-        _ => {} // other kinds, and empty documents
-    }
-    Ok(())
-}
-
-fn from_value<T: serde::de::DeserializeOwned>(
-    value: serde_json::Value,
-    index: usize,
-    kind: &'static str,
-) -> Result<T, ParseError> {
-    serde_json::from_value(value).map_err(|source| ParseError::Object {
-        index,
-        kind,
-        source,
-    })
-}
-
-/// Default the namespace, drop managedFields, require a name.
-fn normalize<'m>(
-    meta: &'m mut ObjectMeta,
-    index: usize,
-    kind: &'static str,
-) -> Result<&'m ObjectMeta, ParseError> {
-    if meta.name.as_deref().unwrap_or("").is_empty() {
-        return Err(ParseError::NoName { index, kind });
-    }
-    meta.namespace.get_or_insert_with(|| "default".into());
-    meta.managed_fields = None;
-    Ok(meta)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 //! ```text
 //!  Proxier ──health_checks()──▶ HealthCheckServer::update
 //!                                  │ per port: Arc<Mutex<Entry>> (counts updated in place)
-//!                                  └─▶ tokio task: http::serve_with_headers(listener)
+//!                                  └─▶ tokio task: http_server::serve(listener, axum Router)
 //! ```
 //!
 //! As kube-proxy (pkg/proxy/healthcheck/service_health.go) does, only
@@ -19,14 +19,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use axum::extract::State;
+use axum::http::{header, HeaderValue, Response, StatusCode};
+use axum::routing::get;
+use axum::Router;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde::Serialize;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::model::{service_ports, NodeFacts, ServiceKey};
 use super::proxier::Proxier;
-use crate::http::{serve_with_headers, Headers, Response};
+use crate::http_server;
 
 /// One health-check node port and what it reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,33 +81,75 @@ pub fn health_checks<'a>(
     out
 }
 
-/// kube-proxy's answer for one service: status, JSON body and headers.
-pub fn response(service: &ServiceKey, local_endpoints: usize) -> (Response, Headers) {
+/// kube-proxy's body (pkg/proxy/healthcheck/service_health.go), which Go
+/// writes with `json.MarshalIndent(v, "", "\t")`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Body<'a> {
+    service: ServiceRef<'a>,
+    local_endpoints: usize,
+    service_proxy_healthy: bool,
+}
+
+#[derive(Serialize)]
+struct ServiceRef<'a> {
+    namespace: &'a str,
+    name: &'a str,
+}
+
+/// kube-proxy's answer for one service: 200 with ready local endpoints,
+/// else 503; its JSON body; `X-Content-Type-Options: nosniff` and the
+/// endpoint count as `X-Load-Balancing-Endpoint-Weight`.
+pub fn response(service: &ServiceKey, local_endpoints: usize) -> Response<String> {
     // kube-proxy also reports its own health here; this proxy answers
     // while its process runs, so it is healthy by construction.
     let healthy = true;
-    let body = format!(
-        "{{\n\t\"service\": {{\n\t\t\"namespace\": {},\n\t\t\"name\": {}\n\t}},\n\t\"localEndpoints\": {local_endpoints},\n\t\"serviceProxyHealthy\": {healthy}\n}}",
-        json_string(&service.namespace),
-        json_string(&service.name),
-    );
-    let status = if local_endpoints > 0 && healthy {
-        200
-    } else {
-        503
+    let body = Body {
+        service: ServiceRef {
+            namespace: &service.namespace,
+            name: &service.name,
+        },
+        local_endpoints,
+        service_proxy_healthy: healthy,
     };
-    let headers = vec![
-        ("X-Content-Type-Options", "nosniff".to_string()),
-        (
-            "X-Load-Balancing-Endpoint-Weight",
-            local_endpoints.to_string(),
-        ),
-    ];
-    (Response::json(status, body), headers)
+    let status = if local_endpoints > 0 && healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let mut response = Response::new(tab_indented_json(&body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert("x-load-balancing-endpoint-weight", local_endpoints.into());
+    response
 }
 
-fn json_string(s: &str) -> String {
-    serde_json::Value::from(s).to_string()
+/// `body` as Go's `json.MarshalIndent(body, "", "\t")` writes it.
+fn tab_indented_json(body: &impl Serialize) -> String {
+    let mut out = Vec::new();
+    let formatter = serde_json::ser::PrettyFormatter::with_indent(b"\t");
+    // Serializing plain fields into a Vec cannot fail, and yields UTF-8.
+    let _ = body.serialize(&mut serde_json::Serializer::with_formatter(
+        &mut out, formatter,
+    ));
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// The router of one port: every path answers with the port's entry.
+fn router(entry: Arc<Mutex<Entry>>) -> Router {
+    async fn answer(State(entry): State<Arc<Mutex<Entry>>>) -> Response<String> {
+        let e = entry.lock().unwrap_or_else(PoisonError::into_inner);
+        response(&e.service, e.local_endpoints)
+    }
+    Router::new().fallback(get(answer)).with_state(entry)
 }
 
 /// What one port's handler reads; updated in place by [`HealthCheckServer::update`].
@@ -173,11 +220,8 @@ impl HealthCheckServer {
                         service: check.service,
                         local_endpoints: check.local_endpoints,
                     }));
-                    let shared = Arc::clone(&entry);
-                    let task = tokio::spawn(serve_with_headers(listener, move |_path| {
-                        let e = shared.lock().unwrap_or_else(PoisonError::into_inner);
-                        response(&e.service, e.local_endpoints)
-                    }));
+                    let task =
+                        tokio::spawn(http_server::serve(listener, router(Arc::clone(&entry))));
                     self.listeners.insert(port, Listener { entry, task });
                 }
                 Err(error) => {
@@ -283,17 +327,22 @@ mod tests {
 
     #[test]
     fn the_body_is_kube_proxys_json() {
-        let (r, h) = response(&key(), 2);
-        assert_eq!((r.status, r.content_type), (200, "application/json"));
+        let r = response(&key(), 2);
+        assert_eq!(r.status(), StatusCode::OK);
+        let h = r.headers();
+        assert_eq!(h[header::CONTENT_TYPE], "application/json");
         assert_eq!(
-            r.body,
+            r.body(),
             "{\n\t\"service\": {\n\t\t\"namespace\": \"default\",\n\t\t\"name\": \"web\"\n\t},\n\t\"localEndpoints\": 2,\n\t\"serviceProxyHealthy\": true\n}"
         );
-        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        let v: serde_json::Value = serde_json::from_str(r.body()).unwrap();
         assert_eq!(v["localEndpoints"], 2);
-        assert!(h.contains(&("X-Load-Balancing-Endpoint-Weight", "2".into())));
-        assert!(h.contains(&("X-Content-Type-Options", "nosniff".into())));
-        assert_eq!(response(&key(), 0).0.status, 503);
+        assert_eq!(h["X-Load-Balancing-Endpoint-Weight"], "2");
+        assert_eq!(h["X-Content-Type-Options"], "nosniff");
+        assert_eq!(
+            response(&key(), 0).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 
     async fn get(port: u16) -> std::io::Result<String> {

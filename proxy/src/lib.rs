@@ -2,6 +2,7 @@
 //! iptables mode), and the sources of the cluster state it consumes.
 //!
 //! - [`cluster_state`]: sources of Services and EndpointSlices (a watched YAML directory).
+//! - [`yaml`]: multi-document YAML, and the Services and EndpointSlices in it (also for ctl and the lab).
 //!
 //! - [`model`]: Services and EndpointSlices to service ports and endpoints (pure).
 //! - [`names`]: chain names and kube-proxy's hash.
@@ -11,13 +12,15 @@
 //! - [`conntrack`]: stale UDP flows of removed endpoints, and their deletion.
 //! - [`proxier`]: the sync state machine (full then partial syncs, rate limits, metrics).
 //! - [`healthcheck`]: the health-check node ports of `externalTrafficPolicy: Local` services.
+//! - [`metrics`]: the proxy's prometheus-client metrics, registered into the agent's registry.
+//! - [`http_server`]: hyper's HTTP/1 server for axum routers (health checks, the agent's endpoints).
 
 mod chains;
 pub mod cluster_state;
 pub mod conntrack;
 pub mod error;
 pub mod healthcheck;
-pub mod http;
+pub mod http_server;
 pub mod iptables;
 pub mod metrics;
 pub mod model;
@@ -25,6 +28,7 @@ pub mod names;
 pub mod payload;
 pub mod proxier;
 pub mod rules;
+pub mod yaml;
 
 pub use error::{Error, Result};
 pub use model::NodeFacts;

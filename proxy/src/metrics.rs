@@ -1,346 +1,317 @@
-//! Metrics of the service proxy as plain data; the agent exposes them.
+//! The service proxy's metrics as prometheus-client types.
 //!
-//! Names follow kube-proxy's (`sync_proxy_rules_duration_seconds`, ...)
-//! so dashboards carry over; [`render_prometheus`] writes them in the
-//! Prometheus text format under a `tabby_proxy_` prefix, for the agent's
-//! `/metrics` endpoint.
+//! Names follow kube-proxy's (`sync_proxy_rules_duration_seconds`, ...,
+//! with its buckets) so dashboards carry over. The [`Proxier`] owns a
+//! [`ProxyMetrics`] and updates it on every sync; the agent registers it
+//! into its one [`Registry`] with [`ProxyMetrics::register`], under the
+//! `tabby_proxy_` prefix and the label `mode="iptables"` (so that an
+//! nftables backend fills the same families with `mode="nftables"`).
+//! The handles are shared: the proxy thread updates what `/metrics` encodes.
+//!
+//! [`Proxier`]: crate::proxier::Proxier
 
-use std::fmt::Write as _;
+use std::borrow::Cow;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// The metrics' prefix (kube-proxy uses `kubeproxy`).
+pub const PREFIX: &str = "tabby_proxy";
+/// The `mode` label of this backend's metrics (kube-proxy's `--proxy-mode`).
+pub const MODE: &str = "iptables";
+
 /// kube-proxy's sync latency buckets: 1 ms doubling 15 times (to ~16 s).
-pub fn sync_buckets() -> Vec<f64> {
-    (0..15).map(|i| 0.001 * f64::from(1u32 << i)).collect()
+pub fn sync_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.001, 2.0, 15)
 }
 
-/// A cumulative histogram in the Prometheus sense.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Histogram {
-    /// Upper bounds of the buckets, in seconds.
-    pub bounds: Vec<f64>,
-    /// Observations at or below each bound (cumulative).
-    pub counts: Vec<u64>,
-    /// Sum of all observations, in seconds.
-    pub sum: f64,
-    /// Number of observations.
-    pub count: u64,
+/// `kind="full"` or `kind="partial"`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SyncLabels {
+    kind: &'static str,
 }
 
-impl Histogram {
-    /// An empty histogram over `bounds`.
-    pub fn new(bounds: Vec<f64>) -> Self {
-        let n = bounds.len();
-        Self {
-            bounds,
-            counts: vec![0; n],
-            sum: 0.0,
-            count: 0,
-        }
-    }
-
-    /// Record one duration.
-    pub fn observe(&mut self, d: Duration) {
-        let s = d.as_secs_f64();
-        for (b, c) in self.bounds.iter().zip(self.counts.iter_mut()) {
-            if s <= *b {
-                *c += 1;
-            }
-        }
-        self.sum += s;
-        self.count += 1;
-    }
+/// `table="nat"` or `table="filter"`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TableLabels {
+    table: &'static str,
 }
 
-impl Default for Histogram {
-    fn default() -> Self {
-        Self::new(sync_buckets())
-    }
-}
+const FULL: SyncLabels = SyncLabels { kind: "full" };
+const PARTIAL: SyncLabels = SyncLabels { kind: "partial" };
+const NAT: TableLabels = TableLabels { table: "nat" };
+const FILTER: TableLabels = TableLabels { table: "filter" };
 
-/// Everything the proxy counts.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// A gauge of seconds.
+type Seconds = Gauge<f64, AtomicU64>;
+
+/// Everything the proxy counts. Cloning shares the metrics.
+#[derive(Debug, Clone)]
 pub struct ProxyMetrics {
-    /// `sync_proxy_rules_duration_seconds`: every sync.
-    pub sync_duration: Histogram,
-    /// `sync_full_proxy_rules_duration_seconds`.
-    pub full_sync_duration: Histogram,
-    /// `sync_partial_proxy_rules_duration_seconds`.
-    pub partial_sync_duration: Histogram,
-    /// Successful full syncs.
-    pub full_syncs: u64,
-    /// Successful partial syncs.
-    pub partial_syncs: u64,
-    /// `iptables_restore_failures_total`.
-    pub restore_failures: u64,
-    /// `iptables_partial_restore_failures_total`.
-    pub partial_restore_failures: u64,
-    /// Failed conntrack deletions.
-    pub conntrack_failures: u64,
-    /// Conntrack deletions run.
-    pub conntrack_deletes: u64,
-    /// `iptables_total_rules{table="nat"}`: rules Tabby holds in nat.
+    sync_duration: Histogram,
+    full_sync_duration: Histogram,
+    partial_sync_duration: Histogram,
+    syncs: Family<SyncLabels, Counter>,
+    restore_failures: Counter,
+    partial_restore_failures: Counter,
+    conntrack_deletes: Counter,
+    conntrack_failures: Counter,
+    total_rules: Family<TableLabels, Gauge>,
+    last_sync_rules: Family<TableLabels, Gauge>,
+    total_chains: Family<TableLabels, Gauge>,
+    service_ports: Gauge,
+    endpoints: Gauge,
+    last_sync: Seconds,
+    last_sync_duration: Seconds,
+    last_payload_bytes: Gauge,
+}
+
+impl Default for ProxyMetrics {
+    fn default() -> Self {
+        let m = Self {
+            sync_duration: Histogram::new(sync_buckets()),
+            full_sync_duration: Histogram::new(sync_buckets()),
+            partial_sync_duration: Histogram::new(sync_buckets()),
+            syncs: Family::default(),
+            restore_failures: Counter::default(),
+            partial_restore_failures: Counter::default(),
+            conntrack_deletes: Counter::default(),
+            conntrack_failures: Counter::default(),
+            total_rules: Family::default(),
+            last_sync_rules: Family::default(),
+            total_chains: Family::default(),
+            service_ports: Gauge::default(),
+            endpoints: Gauge::default(),
+            last_sync: Seconds::default(),
+            last_sync_duration: Seconds::default(),
+            last_payload_bytes: Gauge::default(),
+        };
+        // Every series exists from the start, at zero.
+        for labels in [FULL, PARTIAL] {
+            drop(m.syncs.get_or_create(&labels));
+        }
+        for labels in [NAT, FILTER] {
+            drop(m.total_rules.get_or_create(&labels));
+        }
+        drop(m.last_sync_rules.get_or_create(&NAT));
+        drop(m.total_chains.get_or_create(&NAT));
+        m
+    }
+}
+
+/// What one successful sync wrote, for [`ProxyMetrics::record_sync`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SyncRecord {
+    /// A full sync (else partial).
+    pub full: bool,
+    /// How long it took.
+    pub elapsed: Duration,
+    /// nat rules Tabby holds after it.
     pub nat_rules: usize,
-    /// `iptables_total_rules{table="filter"}`.
+    /// filter rules Tabby holds after it.
     pub filter_rules: usize,
-    /// `iptables_last_sync_rules{table="nat"}`: nat rules written by the last sync.
-    pub nat_rules_last_sync: usize,
-    /// nat chains Tabby holds.
+    /// nat rules the payload wrote.
+    pub nat_rules_written: usize,
+    /// nat chains Tabby holds after it.
     pub nat_chains: usize,
     /// Service ports programmed.
     pub service_ports: usize,
     /// Endpoints programmed.
     pub endpoints: usize,
-    /// `sync_proxy_rules_last_timestamp_seconds`.
-    pub last_sync: Option<SystemTime>,
-    /// Duration of the last sync.
-    pub last_sync_duration: Duration,
-    /// Bytes of the last payload.
-    pub last_payload_bytes: usize,
+    /// Bytes of the payload.
+    pub payload_bytes: usize,
 }
 
-/// The metrics' prefix (kube-proxy uses `kubeproxy_`).
-const PREFIX: &str = "tabby_proxy_";
-
-/// The metrics in the Prometheus text exposition format (version 0.0.4).
-pub fn render_prometheus(m: &ProxyMetrics) -> String {
-    let mut out = String::new();
-    let w = &mut out;
-    histogram(
-        w,
-        "sync_proxy_rules_duration_seconds",
-        "SyncProxyRules latency in seconds",
-        &m.sync_duration,
-    );
-    histogram(
-        w,
-        "sync_full_proxy_rules_duration_seconds",
-        "SyncProxyRules latency in seconds for full resyncs",
-        &m.full_sync_duration,
-    );
-    histogram(
-        w,
-        "sync_partial_proxy_rules_duration_seconds",
-        "SyncProxyRules latency in seconds for partial resyncs",
-        &m.partial_sync_duration,
-    );
-    let last = m
-        .last_sync
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0.0, |d| d.as_secs_f64());
-    gauge(
-        w,
-        "sync_proxy_rules_last_timestamp_seconds",
-        "The last time proxy rules were successfully synced",
-        &[("", last)],
-    );
-    gauge(
-        w,
-        "sync_proxy_rules_last_duration_seconds",
-        "Duration of the last successful sync",
-        &[("", m.last_sync_duration.as_secs_f64())],
-    );
-    counter(
-        w,
-        "syncs_total",
-        "Successful syncs by mode",
-        &[
-            ("mode=\"full\"", m.full_syncs),
-            ("mode=\"partial\"", m.partial_syncs),
-        ],
-    );
-    gauge(
-        w,
-        "iptables_total_rules",
-        "Number of iptables rules owned by the proxy",
-        &[
-            ("table=\"nat\"", count(m.nat_rules)),
-            ("table=\"filter\"", count(m.filter_rules)),
-        ],
-    );
-    gauge(
-        w,
-        "iptables_last_sync_rules",
-        "Number of iptables rules written by the last sync",
-        &[("table=\"nat\"", count(m.nat_rules_last_sync))],
-    );
-    gauge(
-        w,
-        "iptables_total_chains",
-        "Number of iptables chains owned by the proxy",
-        &[("table=\"nat\"", count(m.nat_chains))],
-    );
-    counter(
-        w,
-        "iptables_restore_failures_total",
-        "Cumulative proxy iptables restore failures",
-        &[("", m.restore_failures)],
-    );
-    counter(
-        w,
-        "iptables_partial_restore_failures_total",
-        "Cumulative proxy iptables partial restore failures",
-        &[("", m.partial_restore_failures)],
-    );
-    counter(
-        w,
-        "conntrack_deletes_total",
-        "Conntrack deletions of stale UDP flows",
-        &[("", m.conntrack_deletes)],
-    );
-    counter(
-        w,
-        "conntrack_delete_failures_total",
-        "Failed conntrack deletions",
-        &[("", m.conntrack_failures)],
-    );
-    gauge(
-        w,
-        "service_ports",
-        "Service ports programmed",
-        &[("", count(m.service_ports))],
-    );
-    gauge(
-        w,
-        "endpoints",
-        "Endpoints programmed",
-        &[("", count(m.endpoints))],
-    );
-    gauge(
-        w,
-        "last_payload_bytes",
-        "Size of the last iptables-restore payload",
-        &[("", count(m.last_payload_bytes))],
-    );
-    out
+/// A count as a gauge value.
+fn gauge_value(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// A count as a sample value (exact up to 2^53).
-#[allow(clippy::cast_precision_loss)]
-fn count(n: usize) -> f64 {
-    n as f64
-}
+impl ProxyMetrics {
+    /// Registers every metric into `registry` under [`PREFIX`], labelled `mode=MODE`.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry
+            .sub_registry_with_prefix(PREFIX)
+            .sub_registry_with_label((Cow::Borrowed("mode"), Cow::Borrowed(MODE)));
+        let m = self;
+        r.register(
+            "sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds",
+            m.sync_duration.clone(),
+        );
+        r.register(
+            "sync_full_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for full resyncs",
+            m.full_sync_duration.clone(),
+        );
+        r.register(
+            "sync_partial_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for partial resyncs",
+            m.partial_sync_duration.clone(),
+        );
+        r.register(
+            "sync_proxy_rules_last_timestamp_seconds",
+            "The last time proxy rules were successfully synced",
+            m.last_sync.clone(),
+        );
+        r.register(
+            "sync_proxy_rules_last_duration_seconds",
+            "Duration of the last successful sync",
+            m.last_sync_duration.clone(),
+        );
+        r.register("syncs", "Successful syncs by kind", m.syncs.clone());
+        r.register(
+            "iptables_total_rules",
+            "Number of iptables rules owned by the proxy",
+            m.total_rules.clone(),
+        );
+        r.register(
+            "iptables_last_sync_rules",
+            "Number of iptables rules written by the last sync",
+            m.last_sync_rules.clone(),
+        );
+        r.register(
+            "iptables_total_chains",
+            "Number of iptables chains owned by the proxy",
+            m.total_chains.clone(),
+        );
+        Self::register_counters(r, m);
+        r.register(
+            "service_ports",
+            "Service ports programmed",
+            m.service_ports.clone(),
+        );
+        r.register("endpoints", "Endpoints programmed", m.endpoints.clone());
+        r.register(
+            "last_payload_bytes",
+            "Size of the last iptables-restore payload",
+            m.last_payload_bytes.clone(),
+        );
+    }
 
-fn header(w: &mut String, name: &str, help: &str, kind: &str) {
-    let _ = writeln!(w, "# HELP {PREFIX}{name} {help}");
-    let _ = writeln!(w, "# TYPE {PREFIX}{name} {kind}");
-}
+    fn register_counters(r: &mut Registry, m: &Self) {
+        r.register(
+            "iptables_restore_failures",
+            "Cumulative proxy iptables restore failures",
+            m.restore_failures.clone(),
+        );
+        r.register(
+            "iptables_partial_restore_failures",
+            "Cumulative proxy iptables partial restore failures",
+            m.partial_restore_failures.clone(),
+        );
+        r.register(
+            "conntrack_deletes",
+            "Conntrack deletions of stale UDP flows",
+            m.conntrack_deletes.clone(),
+        );
+        r.register(
+            "conntrack_delete_failures",
+            "Failed conntrack deletions",
+            m.conntrack_failures.clone(),
+        );
+    }
 
-fn samples<T: std::fmt::Display>(w: &mut String, name: &str, values: &[(&str, T)]) {
-    for (labels, v) in values {
-        if labels.is_empty() {
-            let _ = writeln!(w, "{PREFIX}{name} {v}");
+    /// Records a successful sync.
+    pub fn record_sync(&self, s: &SyncRecord) {
+        let secs = s.elapsed.as_secs_f64();
+        self.sync_duration.observe(secs);
+        let (kind, histogram) = if s.full {
+            (&FULL, &self.full_sync_duration)
         } else {
-            let _ = writeln!(w, "{PREFIX}{name}{{{labels}}} {v}");
+            (&PARTIAL, &self.partial_sync_duration)
+        };
+        histogram.observe(secs);
+        self.syncs.get_or_create(kind).inc();
+        self.total_rules
+            .get_or_create(&NAT)
+            .set(gauge_value(s.nat_rules));
+        self.total_rules
+            .get_or_create(&FILTER)
+            .set(gauge_value(s.filter_rules));
+        self.last_sync_rules
+            .get_or_create(&NAT)
+            .set(gauge_value(s.nat_rules_written));
+        self.total_chains
+            .get_or_create(&NAT)
+            .set(gauge_value(s.nat_chains));
+        self.service_ports.set(gauge_value(s.service_ports));
+        self.endpoints.set(gauge_value(s.endpoints));
+        self.last_payload_bytes.set(gauge_value(s.payload_bytes));
+        self.last_sync_duration.set(secs);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        self.last_sync.set(now.as_secs_f64());
+    }
+
+    /// Records a failed `iptables-restore`.
+    pub fn record_restore_failure(&self, full: bool) {
+        self.restore_failures.inc();
+        if !full {
+            self.partial_restore_failures.inc();
         }
     }
-}
 
-fn gauge(w: &mut String, name: &str, help: &str, values: &[(&str, f64)]) {
-    header(w, name, help, "gauge");
-    samples(w, name, values);
-}
-
-fn counter(w: &mut String, name: &str, help: &str, values: &[(&str, u64)]) {
-    header(w, name, help, "counter");
-    samples(w, name, values);
-}
-
-fn histogram(w: &mut String, name: &str, help: &str, h: &Histogram) {
-    header(w, name, help, "histogram");
-    for (bound, c) in h.bounds.iter().zip(&h.counts) {
-        let _ = writeln!(w, "{PREFIX}{name}_bucket{{le=\"{bound}\"}} {c}");
+    /// Records one conntrack deletion and whether it worked.
+    pub fn record_conntrack_delete(&self, ok: bool) {
+        self.conntrack_deletes.inc();
+        if !ok {
+            self.conntrack_failures.inc();
+        }
     }
-    let _ = writeln!(w, "{PREFIX}{name}_bucket{{le=\"+Inf\"}} {}", h.count);
-    let _ = writeln!(w, "{PREFIX}{name}_sum {}", h.sum);
-    let _ = writeln!(w, "{PREFIX}{name}_count {}", h.count);
+
+    /// Successful full syncs.
+    pub fn full_syncs(&self) -> u64 {
+        self.syncs.get_or_create(&FULL).get()
+    }
+
+    /// Successful partial syncs.
+    pub fn partial_syncs(&self) -> u64 {
+        self.syncs.get_or_create(&PARTIAL).get()
+    }
+
+    /// Failed restores, full or partial.
+    pub fn restore_failures(&self) -> u64 {
+        self.restore_failures.get()
+    }
+
+    /// Failed partial restores.
+    pub fn partial_restore_failures(&self) -> u64 {
+        self.partial_restore_failures.get()
+    }
+
+    /// Conntrack deletions run.
+    pub fn conntrack_deletes(&self) -> u64 {
+        self.conntrack_deletes.get()
+    }
+
+    /// Failed conntrack deletions.
+    pub fn conntrack_failures(&self) -> u64 {
+        self.conntrack_failures.get()
+    }
+
+    /// nat rules Tabby holds.
+    pub fn nat_rules(&self) -> i64 {
+        self.total_rules.get_or_create(&NAT).get()
+    }
+
+    /// nat chains Tabby holds.
+    pub fn nat_chains(&self) -> i64 {
+        self.total_chains.get_or_create(&NAT).get()
+    }
+
+    /// Endpoints programmed.
+    pub fn endpoints(&self) -> i64 {
+        self.endpoints.get()
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kube_proxy_buckets_double_from_one_millisecond() {
-        let b = sync_buckets();
-        assert_eq!(b.len(), 15);
-        assert_eq!(b[0], 0.001);
-        assert_eq!(b[14], 16.384);
-    }
-
-    #[test]
-    fn histograms_render_cumulative_buckets_sum_and_count() {
-        let mut m = ProxyMetrics::default();
-        m.sync_duration.observe(Duration::from_millis(3));
-        m.sync_duration.observe(Duration::from_millis(500));
-        let text = render_prometheus(&m);
-        let name = "tabby_proxy_sync_proxy_rules_duration_seconds";
-        assert!(
-            text.contains(&format!("# TYPE {name} histogram\n")),
-            "{text}"
-        );
-        for line in [
-            "_bucket{le=\"0.001\"} 0",
-            "_bucket{le=\"0.002\"} 0",
-            "_bucket{le=\"0.004\"} 1",
-            "_bucket{le=\"0.512\"} 2",
-            "_bucket{le=\"16.384\"} 2",
-            "_bucket{le=\"+Inf\"} 2",
-            "_sum 0.503",
-            "_count 2",
-        ] {
-            assert!(
-                text.contains(&format!("\n{name}{line}\n")),
-                "{line} in {text}"
-            );
-        }
-        assert!(text.contains("\ntabby_proxy_sync_full_proxy_rules_duration_seconds_count 0\n"));
-        assert!(text.contains("\ntabby_proxy_sync_partial_proxy_rules_duration_seconds_count 0\n"));
-    }
-
-    #[test]
-    fn gauges_and_counters_carry_kube_proxy_names_and_table_labels() {
-        let m = ProxyMetrics {
-            nat_rules: 120,
-            filter_rules: 4,
-            nat_rules_last_sync: 17,
-            restore_failures: 2,
-            partial_restore_failures: 1,
-            full_syncs: 3,
-            partial_syncs: 9,
-            last_sync: Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_500)),
-            ..ProxyMetrics::default()
-        };
-        let text = render_prometheus(&m);
-        for line in [
-            "# TYPE tabby_proxy_sync_proxy_rules_last_timestamp_seconds gauge",
-            "tabby_proxy_sync_proxy_rules_last_timestamp_seconds 1700000000.5",
-            "tabby_proxy_iptables_total_rules{table=\"nat\"} 120",
-            "tabby_proxy_iptables_total_rules{table=\"filter\"} 4",
-            "tabby_proxy_iptables_last_sync_rules{table=\"nat\"} 17",
-            "# TYPE tabby_proxy_iptables_restore_failures_total counter",
-            "tabby_proxy_iptables_restore_failures_total 2",
-            "tabby_proxy_iptables_partial_restore_failures_total 1",
-            "tabby_proxy_syncs_total{mode=\"full\"} 3",
-            "tabby_proxy_syncs_total{mode=\"partial\"} 9",
-        ] {
-            assert!(text.lines().any(|l| l == line), "{line} in {text}");
-        }
-        // Every sample line belongs to a declared metric family.
-        for l in text.lines().filter(|l| !l.starts_with('#')) {
-            let family = l.split(['{', ' ']).next().unwrap_or("");
-            let base = family
-                .trim_end_matches("_bucket")
-                .trim_end_matches("_sum")
-                .trim_end_matches("_count");
-            assert!(text.contains(&format!("# TYPE {base} ")), "{l}");
-        }
-    }
-
-    #[test]
-    fn a_proxy_that_never_synced_reports_timestamp_zero() {
-        let text = render_prometheus(&ProxyMetrics::default());
-        assert!(text
-            .lines()
-            .any(|l| l == "tabby_proxy_sync_proxy_rules_last_timestamp_seconds 0"));
-    }
-}
+mod tests;

@@ -17,7 +17,7 @@
 //! even without a change.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use super::conntrack::{stale_udp_flows, Conntrack};
 use super::error::Result;
 use super::iptables::{missing_jumps, Dataplane, KernelState};
-use super::metrics::ProxyMetrics;
+use super::metrics::{ProxyMetrics, SyncRecord};
 use super::model::{NodeFacts, ServiceKey, SERVICE_NAME_LABEL};
 use super::payload::{nat_rule_count, render_full, render_partial, Extras, Payload};
 use super::rules::{service_rules, Ctx, ProxyOptions, RuleSet};
@@ -158,7 +158,7 @@ impl<D: Dataplane, C: Conntrack> Proxier<D, C> {
         }
     }
 
-    /// The metrics so far.
+    /// The metrics so far (the agent registers them into its registry).
     pub fn metrics(&self) -> &ProxyMetrics {
         &self.metrics
     }
@@ -335,10 +335,7 @@ impl<D: Dataplane, C: Conntrack> Proxier<D, C> {
             Ok(ok) => ok,
             Err(e) => {
                 self.needs_full = true;
-                self.metrics.restore_failures += 1;
-                if !full {
-                    self.metrics.partial_restore_failures += 1;
-                }
+                self.metrics.record_restore_failure(full);
                 tracing::warn!(error = %e, full, "service proxy sync failed; next sync is full");
                 return Err(e);
             }
@@ -387,34 +384,27 @@ impl<D: Dataplane, C: Conntrack> Proxier<D, C> {
             }
         };
         for del in stale_udp_flows(previous, set) {
-            self.metrics.conntrack_deletes += 1;
-            if let Err(e) = self.conntrack.delete(&del) {
-                self.metrics.conntrack_failures += 1;
+            let result = self.conntrack.delete(&del);
+            self.metrics.record_conntrack_delete(result.is_ok());
+            if let Err(e) = result {
                 tracing::warn!(error = %e, ?del, "conntrack cleanup failed");
             }
         }
     }
 
-    fn record(&mut self, set: &RuleSet, payload: &Payload, full: bool, elapsed: Duration) {
-        let m = &mut self.metrics;
-        m.sync_duration.observe(elapsed);
-        if full {
-            m.full_sync_duration.observe(elapsed);
-            m.full_syncs += 1;
-        } else {
-            m.partial_sync_duration.observe(elapsed);
-            m.partial_syncs += 1;
-        }
-        m.nat_rules = nat_rule_count(set);
-        m.filter_rules = payload.filter_rules;
-        m.nat_rules_last_sync = payload.nat_rules;
-        m.nat_chains = set.ports.values().map(|p| p.chains.len()).sum::<usize>()
-            + super::names::NAT_DISPATCH_CHAINS.len();
-        m.service_ports = set.ports.len();
-        m.endpoints = set.endpoint_count();
-        m.last_sync = Some(SystemTime::now());
-        m.last_sync_duration = elapsed;
-        m.last_payload_bytes = payload.text.len();
+    fn record(&self, set: &RuleSet, payload: &Payload, full: bool, elapsed: Duration) {
+        self.metrics.record_sync(&SyncRecord {
+            full,
+            elapsed,
+            nat_rules: nat_rule_count(set),
+            filter_rules: payload.filter_rules,
+            nat_rules_written: payload.nat_rules,
+            nat_chains: set.ports.values().map(|p| p.chains.len()).sum::<usize>()
+                + super::names::NAT_DISPATCH_CHAINS.len(),
+            service_ports: set.ports.len(),
+            endpoints: set.endpoint_count(),
+            payload_bytes: payload.text.len(),
+        });
     }
 
     /// Drive the proxier from a channel of events until it closes, syncing

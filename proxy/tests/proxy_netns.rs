@@ -185,7 +185,7 @@ fn full_then_partial(backend: Backend) {
             .count(),
         1
     );
-    assert_eq!(p.metrics().conntrack_failures, 0);
+    assert_eq!(p.metrics().conntrack_failures(), 0);
 }
 
 /// Named `proxy` so that `cargo test -p tabby-node proxy` selects these tests.

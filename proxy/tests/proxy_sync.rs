@@ -111,7 +111,7 @@ mod proxy {
         let text = &p.dataplane_mut().payloads[0];
         assert!(text.contains("-I PREROUTING -m comment --comment \"kubernetes service portals\" -j TABBY-SERVICES"), "{text}");
         assert!(text.contains(":TABBY-SVC-WR2LASOULGGSX3JN - [0:0]"));
-        assert_eq!(p.metrics().full_syncs, 1);
+        assert_eq!(p.metrics().full_syncs(), 1);
     }
 
     #[test]
@@ -167,7 +167,7 @@ mod proxy {
         feed(&mut p, DNS_ONE_LEFT);
         p.sync(t0 + Duration::from_secs(2)).unwrap();
         assert_eq!(
-            p.metrics().conntrack_deletes,
+            p.metrics().conntrack_deletes(),
             2,
             "one for new service at first sync, one for the removed endpoint"
         );
@@ -208,7 +208,7 @@ mod proxy {
         feed(&mut p, DNS_ONE_LEFT);
         p.dataplane_mut().fail_next = true;
         assert!(p.sync(t0 + Duration::from_secs(2)).is_err());
-        assert_eq!(p.metrics().partial_restore_failures, 1);
+        assert_eq!(p.metrics().partial_restore_failures(), 1);
         let r = p.sync(t0 + Duration::from_secs(4)).unwrap();
         assert!(r.full);
     }
@@ -267,11 +267,11 @@ mod proxy {
         tokio::time::sleep(Duration::from_secs(5)).await;
         drop(tx);
         let mut p = task.await.unwrap();
-        assert!(p.metrics().full_syncs >= 1);
+        assert!(p.metrics().full_syncs() >= 1);
         let last = p.dataplane_mut().payloads.last().unwrap().clone();
         assert!(last.contains("10.96.0.10/32"), "{last}");
         assert_eq!(p.applied().unwrap().ports.len(), 1);
-        let deletes = p.metrics().conntrack_deletes;
+        let deletes = p.metrics().conntrack_deletes();
         assert!(
             deletes >= 1,
             "new UDP service flushes its cluster IP entries"

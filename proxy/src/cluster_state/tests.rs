@@ -206,7 +206,7 @@ fn list_items_and_missing_names() {
     let objects = parse(&list).unwrap();
     assert_eq!(objects.len(), 1);
     let nameless = "apiVersion: v1\nkind: Service\nmetadata: {namespace: x}\n";
-    assert!(matches!(parse(nameless), Err(ParseError::NoName { .. })));
+    assert!(matches!(parse(nameless), Err(yaml::Error::NoName { .. })));
 }
 
 async fn next(rx: &mut mpsc::Receiver<ProxyEvent>) -> ProxyEvent {

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use serde::Deserialize;
 use tabby_proxy::{NodeFacts, ProxyOptions, RuleSet};
 
 /// `tests/golden/NAME`.
@@ -17,20 +16,13 @@ pub fn golden_path(name: &str) -> PathBuf {
 
 /// Services and EndpointSlices of a multi-document YAML text.
 pub fn parse_objects(text: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
-    let mut services = Vec::new();
-    let mut slices = Vec::new();
-    for doc in serde_norway::Deserializer::from_str(text) {
-        let value = serde_json::Value::deserialize(doc).expect("valid YAML document");
-        match value.get("kind").and_then(|k| k.as_str()) {
-            Some("Service") => services.push(serde_json::from_value(value).expect("Service")),
-            Some("EndpointSlice") => {
-                slices.push(serde_json::from_value(value).expect("EndpointSlice"))
-            }
-            Some(other) => panic!("unexpected kind {other}"),
-            None => {}
-        }
-    }
-    (services, slices)
+    let objects = tabby_proxy::yaml::objects(text).expect("valid Services and EndpointSlices");
+    assert!(
+        objects.skipped.is_empty(),
+        "unexpected kinds: {:?}",
+        objects.skipped
+    );
+    (objects.services, objects.slices)
 }
 
 /// Services and EndpointSlices of `tests/golden/NAME.yaml`.
