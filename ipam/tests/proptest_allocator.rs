@@ -3,7 +3,7 @@
 //! address is ever handed out twice and no block is confirmed for two nodes.
 //!
 //! The same property on every backend, with fewer cases where each case
-//! costs more: memory 1000 cases, file 100, Kubernetes 12 (every step is
+//! costs more: memory 1000 cases, file 50 (a write is an fsync), Kubernetes 12 (every step is
 //! API round trips; each case has a fresh scope).
 
 mod common;
@@ -149,5 +149,5 @@ macro_rules! properties {
 }
 
 properties!(mem, Backend::Mem, 1000);
-properties!(file, Backend::File, 100);
+properties!(file, Backend::File, 50);
 properties!(kubernetes, Backend::Kube, 12);
