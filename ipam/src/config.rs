@@ -80,15 +80,19 @@ mod tests {
         assert_eq!(file, DatastoreConfig::file("/x"));
         let default: DatastoreConfig = serde_json::from_str(r#"{"type":"file"}"#).unwrap();
         assert_eq!(default, DatastoreConfig::default());
-        let kube: DatastoreConfig =
-            serde_json::from_str(r#"{"type":"kubernetes","kubeconfig":"/etc/cni/net.d/tabby-kubeconfig"}"#)
-                .unwrap();
+        let kube: DatastoreConfig = serde_json::from_str(
+            r#"{"type":"kubernetes","kubeconfig":"/etc/cni/net.d/tabby-kubeconfig"}"#,
+        )
+        .unwrap();
         assert_eq!(
             kube,
             DatastoreConfig::kubernetes(Some("/etc/cni/net.d/tabby-kubeconfig".into()))
         );
         assert!(serde_json::from_str::<DatastoreConfig>(r#"{"type":"etcd"}"#).is_err());
-        assert!(serde_json::from_str::<DatastoreConfig>(r#"{"type":"kubernetes","kubeconfg":"x"}"#).is_err());
+        assert!(serde_json::from_str::<DatastoreConfig>(
+            r#"{"type":"kubernetes","kubeconfg":"x"}"#
+        )
+        .is_err());
     }
 
     #[test]

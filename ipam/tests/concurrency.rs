@@ -153,7 +153,9 @@ fn concurrent_processes_of_four_nodes_never_share_an_address_or_a_block(backend:
     store.assert_documents_valid();
 }
 
-fn sixty_four_concurrent_processes_on_one_node_share_its_blocks_without_conflict_storms(backend: Backend) {
+fn sixty_four_concurrent_processes_on_one_node_share_its_blocks_without_conflict_storms(
+    backend: Backend,
+) {
     let store = TestStore::new(backend);
     let ipam = store.ipam();
     ipam.create_pool(&pool("default", "10.252.0.0/16", 26))
@@ -238,15 +240,14 @@ fn storm_writer(ds: Arc<dyn Datastore>, w: usize) -> BTreeMap<String, IpAddr> {
     held
 }
 
-fn writers_storming_one_block_end_with_a_consistent_block_and_no_lost_allocation(
-    backend: Backend,
-) {
+fn writers_storming_one_block_end_with_a_consistent_block_and_no_lost_allocation(backend: Backend) {
     let store = TestStore::new(backend);
     let ipam = store.ipam();
     // One block of 64: every write of every writer races on one document.
     ipam.create_pool(&pool("storm", "10.254.0.0/26", 26))
         .expect("pool");
-    ipam.assign(&v4("net.seed", "node-a")).expect("claim the block");
+    ipam.assign(&v4("net.seed", "node-a"))
+        .expect("claim the block");
     let writers: Vec<_> = (0..STORM_WRITERS)
         .map(|w| {
             let ds = store.open_another();
@@ -257,7 +258,10 @@ fn writers_storming_one_block_end_with_a_consistent_block_and_no_lost_allocation
         .into_iter()
         .flat_map(|w| w.join().expect("writer"))
         .collect();
-    held.insert("net.seed".into(), ipam.addresses_of("net.seed").expect("seed")[0]);
+    held.insert(
+        "net.seed".into(),
+        ipam.addresses_of("net.seed").expect("seed")[0],
+    );
 
     let snap = tabby_ipam::report::Snapshot::load(ipam.datastore()).expect("snapshot");
     assert_eq!(snap.blocks.len(), 1, "the storm stayed in one block");
@@ -267,7 +271,13 @@ fn writers_storming_one_block_end_with_a_consistent_block_and_no_lost_allocation
         .allocated()
         .map(|(ip, a)| (a.handle_id.clone(), ip))
         .collect();
-    assert_eq!(in_block, held, "every held address is allocated to its holder, and nothing else");
-    assert_eq!(block.in_use(), STORM_WRITERS * (STORM_ROUNDS - STORM_ROUNDS / 3) + 1);
+    assert_eq!(
+        in_block, held,
+        "every held address is allocated to its holder, and nothing else"
+    );
+    assert_eq!(
+        block.in_use(),
+        STORM_WRITERS * (STORM_ROUNDS - STORM_ROUNDS / 3) + 1
+    );
     assert_affinities_consistent(ipam.datastore());
 }

@@ -13,8 +13,12 @@ fn the_checked_in_crds_match_the_rust_types() {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, &generated).unwrap();
     }
-    let checked_in = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (regenerate with TABBY_UPDATE_GOLDEN=1)", path.display()));
+    let checked_in = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (regenerate with TABBY_UPDATE_GOLDEN=1)",
+            path.display()
+        )
+    });
     assert!(
         checked_in == generated,
         "{} drifted from the Rust types: regenerate it with TABBY_UPDATE_GOLDEN=1 cargo test -p tabby-ipam --test crds",

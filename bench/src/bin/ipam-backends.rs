@@ -21,8 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tabby_ipam::{
-    AssignArgs, Datastore, DatastoreConfig, FileDatastore, IpPool, Ipam, KubeDatastore,
-    KubeOptions,
+    AssignArgs, Datastore, DatastoreConfig, FileDatastore, IpPool, Ipam, KubeDatastore, KubeOptions,
 };
 
 /// A datastore handle and how to read its request count.
@@ -40,7 +39,10 @@ impl Handle {
 /// Where a candidate's documents live.
 enum Backend {
     File(tempfile::TempDir),
-    Kube { kubeconfig: std::path::PathBuf, scope: String },
+    Kube {
+        kubeconfig: std::path::PathBuf,
+        scope: String,
+    },
 }
 
 impl Backend {
@@ -159,7 +161,10 @@ fn phase(
         let began = Instant::now();
         let results = threads
             .into_iter()
-            .map(|t| t.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a pod thread panicked"))))
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a pod thread panicked")))
+            })
             .collect();
         (began, results)
     });
@@ -180,10 +185,16 @@ fn scenario(backend: &Backend, pods: usize, nodes: usize) -> Result<(Phase, Phas
         ipam.assign(&args(pod, node)).map(drop).context("ADD")
     })?;
     let snap = tabby_ipam::report::Snapshot::load(&handles[0].ds)?;
-    let ips: HashSet<_> = snap.blocks.iter().flat_map(|b| b.allocated().map(|(ip, _)| ip)).collect();
+    let ips: HashSet<_> = snap
+        .blocks
+        .iter()
+        .flat_map(|b| b.allocated().map(|(ip, _)| ip))
+        .collect();
     anyhow::ensure!(ips.len() == pods, "{} addresses for {pods} pods", ips.len());
     let del = phase(&handles, nodes, &locks, |ipam, pod, _| {
-        ipam.release_by_handle(&args(pod, "").handle).map(drop).context("DEL")
+        ipam.release_by_handle(&args(pod, "").handle)
+            .map(drop)
+            .context("DEL")
     })?;
     Ok((add, del))
 }
@@ -212,9 +223,14 @@ fn main() -> Result<()> {
         }
     }
     let cp = tabby_testkit::kube::ControlPlane::start().context("start the control plane")?;
-    println!("control plane ready in {:.2} s", cp.ready_in().as_secs_f64());
+    println!(
+        "control plane ready in {:.2} s",
+        cp.ready_in().as_secs_f64()
+    );
     let admin = DatastoreConfig::kubernetes(Some(cp.kubeconfig_path().to_path_buf()));
-    let DatastoreConfig::Kubernetes(options) = &admin else { unreachable!() };
+    let DatastoreConfig::Kubernetes(options) = &admin else {
+        unreachable!()
+    };
     KubeDatastore::open(options)?.install_crds()?;
 
     let mut n = 0;
@@ -228,7 +244,10 @@ fn main() -> Result<()> {
             },
         })
     };
-    for (title, nodes) in [(format!("{pods} pods at once on one node"), 1), (format!("4 nodes x {} pods", pods / 4), 4)] {
+    for (title, nodes) in [
+        (format!("{pods} pods at once on one node"), 1),
+        (format!("4 nodes x {} pods", pods / 4), 4),
+    ] {
         println!("{title}:");
         let mut adds = Vec::new();
         for kube in [false, true] {

@@ -8,6 +8,9 @@
 //!
 //! A new kind is one CRD wrapper below and one line in [`KINDS`].
 
+// Several `printcolumn(type_ = "string", ...)` on one type read as duplicates to clippy.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::core::ApiResource;
 use kube::{CustomResource, CustomResourceExt};
@@ -17,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::names::Naming;
-use crate::resources::{BgpConfiguration, BgpPeer, BGP_CONFIG_KEY, BGP_PEERS};
+use crate::resources::{BgpConfiguration, BgpFilter, BgpPeer, BGP_CONFIG_KEY, BGP_FILTERS, BGP_PEERS};
 use crate::store::{AFFINITIES, BLOCKS, CONFIG_KEY, HANDLES, POOLS};
 use crate::types::{self, Block, Handle, IpPool, IpamConfig};
 
@@ -26,7 +29,12 @@ pub const GROUP: &str = "crd.tabby.dev";
 
 /// `IPPool`: a cluster-wide address pool.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, JsonSchema)]
-#[kube(group = "crd.tabby.dev", version = "v1", kind = "IPPool", plural = "ippools")]
+#[kube(
+    group = "crd.tabby.dev",
+    version = "v1",
+    kind = "IPPool",
+    plural = "ippools"
+)]
 #[kube(printcolumn(name = "CIDR", type_ = "string", json_path = ".spec.cidr"))]
 #[kube(printcolumn(name = "Block", type_ = "integer", json_path = ".spec.blockSize"))]
 #[kube(printcolumn(name = "Disabled", type_ = "boolean", json_path = ".spec.disabled"))]
@@ -38,7 +46,12 @@ pub struct IpPoolSpec {
 
 /// `IPAMBlock`: one block of a pool with its allocation table.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, JsonSchema)]
-#[kube(group = "crd.tabby.dev", version = "v1", kind = "IPAMBlock", plural = "ipamblocks")]
+#[kube(
+    group = "crd.tabby.dev",
+    version = "v1",
+    kind = "IPAMBlock",
+    plural = "ipamblocks"
+)]
 #[kube(printcolumn(name = "CIDR", type_ = "string", json_path = ".spec.cidr"))]
 #[kube(printcolumn(name = "Affinity", type_ = "string", json_path = ".spec.affinity"))]
 pub struct IpamBlockSpec {
@@ -66,7 +79,12 @@ pub struct BlockAffinitySpec {
 
 /// `IPAMHandle`: the owner of allocations, with its count per block.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, JsonSchema)]
-#[kube(group = "crd.tabby.dev", version = "v1", kind = "IPAMHandle", plural = "ipamhandles")]
+#[kube(
+    group = "crd.tabby.dev",
+    version = "v1",
+    kind = "IPAMHandle",
+    plural = "ipamhandles"
+)]
 #[kube(printcolumn(name = "Handle", type_ = "string", json_path = ".spec.handleId"))]
 pub struct IpamHandleSpec {
     /// The handle document.
@@ -76,7 +94,12 @@ pub struct IpamHandleSpec {
 
 /// `IPAMConfig` (one, named `default`): cluster IPAM settings.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, JsonSchema)]
-#[kube(group = "crd.tabby.dev", version = "v1", kind = "IPAMConfig", plural = "ipamconfigs")]
+#[kube(
+    group = "crd.tabby.dev",
+    version = "v1",
+    kind = "IPAMConfig",
+    plural = "ipamconfigs"
+)]
 pub struct IpamConfigSpec {
     /// The settings document.
     #[serde(flatten)]
@@ -99,7 +122,12 @@ pub struct BgpConfigurationSpec {
 
 /// `BGPPeer`: an explicit BGP peer, global or for one node.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, JsonSchema)]
-#[kube(group = "crd.tabby.dev", version = "v1", kind = "BGPPeer", plural = "bgppeers")]
+#[kube(
+    group = "crd.tabby.dev",
+    version = "v1",
+    kind = "BGPPeer",
+    plural = "bgppeers"
+)]
 #[kube(printcolumn(name = "Peer", type_ = "string", json_path = ".spec.peerIp"))]
 #[kube(printcolumn(name = "AS", type_ = "integer", json_path = ".spec.asNumber"))]
 #[kube(printcolumn(name = "Node", type_ = "string", json_path = ".spec.node"))]
@@ -107,6 +135,15 @@ pub struct BgpPeerSpec {
     /// The peer document.
     #[serde(flatten)]
     pub peer: BgpPeer,
+}
+
+/// `BGPFilter`: accept/reject rules for the routes exchanged with peers.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, JsonSchema)]
+#[kube(group = "crd.tabby.dev", version = "v1", kind = "BGPFilter", plural = "bgpfilters")]
+pub struct BgpFilterSpec {
+    /// The filter document.
+    #[serde(flatten)]
+    pub filter: BgpFilter,
 }
 
 /// Which node a document belongs to (for the `tabby.dev/node` label).
@@ -151,12 +188,37 @@ macro_rules! kind {
 /// Every kind, by key prefix. The singletons' keys are whole keys.
 pub static KINDS: &[Kind] = &[
     kind!(IPPool, IpPoolSpec, POOLS, Naming::Generic, None),
-    kind!(IPAMBlock, IpamBlockSpec, BLOCKS, Naming::Cidr, Some(block_node)),
-    kind!(BlockAffinity, BlockAffinitySpec, AFFINITIES, Naming::Affinity, Some(affinity_node)),
+    kind!(
+        IPAMBlock,
+        IpamBlockSpec,
+        BLOCKS,
+        Naming::Cidr,
+        Some(block_node)
+    ),
+    kind!(
+        BlockAffinity,
+        BlockAffinitySpec,
+        AFFINITIES,
+        Naming::Affinity,
+        Some(affinity_node)
+    ),
     kind!(IPAMHandle, IpamHandleSpec, HANDLES, Naming::Generic, None),
-    kind!(IPAMConfig, IpamConfigSpec, CONFIG_KEY, Naming::Fixed("default"), None),
-    kind!(BGPConfiguration, BgpConfigurationSpec, BGP_CONFIG_KEY, Naming::Fixed("default"), None),
+    kind!(
+        IPAMConfig,
+        IpamConfigSpec,
+        CONFIG_KEY,
+        Naming::Fixed("default"),
+        None
+    ),
+    kind!(
+        BGPConfiguration,
+        BgpConfigurationSpec,
+        BGP_CONFIG_KEY,
+        Naming::Fixed("default"),
+        None
+    ),
     kind!(BGPPeer, BgpPeerSpec, BGP_PEERS, Naming::Generic, None),
+    kind!(BGPFilter, BgpFilterSpec, BGP_FILTERS, Naming::Generic, None),
 ];
 
 impl Kind {
@@ -259,10 +321,19 @@ mod tests {
 
     #[test]
     fn every_key_kind_is_found_and_singletons_match_whole_keys() {
-        assert_eq!(kind_of("blocks/10.0.0.0-26").unwrap().0.kind_name(), "IPAMBlock");
-        assert_eq!(kind_of("affinities/n/10.0.0.0-26").unwrap().1, "n/10.0.0.0-26");
+        assert_eq!(
+            kind_of("blocks/10.0.0.0-26").unwrap().0.kind_name(),
+            "IPAMBlock"
+        );
+        assert_eq!(
+            kind_of("affinities/n/10.0.0.0-26").unwrap().1,
+            "n/10.0.0.0-26"
+        );
         assert_eq!(kind_of("config/ipam").unwrap().0.kind_name(), "IPAMConfig");
-        assert_eq!(kind_of("config/bgp").unwrap().0.kind_name(), "BGPConfiguration");
+        assert_eq!(
+            kind_of("config/bgp").unwrap().0.kind_name(),
+            "BGPConfiguration"
+        );
         assert!(kind_of("config/other").is_none());
         assert!(kind_of("blocks/").is_none());
         assert!(kind_of("nodes/a").is_none(), "nodes are not a CRD");

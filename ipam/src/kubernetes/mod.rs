@@ -101,16 +101,20 @@ impl std::fmt::Debug for KubeDatastore {
 impl KubeDatastore {
     /// Builds the client (reads the kubeconfig; no request is made yet).
     pub fn open(options: &KubeOptions) -> Result<Self> {
-        let location = options
-            .kubeconfig
-            .as_ref()
-            .map_or_else(|| "kubernetes (inferred config)".into(), |p| p.display().to_string());
+        let location = options.kubeconfig.as_ref().map_or_else(
+            || "kubernetes (inferred config)".into(),
+            |p| p.display().to_string(),
+        );
         if let Some(scope) = &options.scope {
             check_scope(scope)?;
         }
         let bridge = Bridge::start().map_err(|e| unavailable(&location, e))?;
         let requests = Arc::new(AtomicU64::new(0));
-        let connect = connect(options.kubeconfig.clone(), location.clone(), requests.clone());
+        let connect = connect(
+            options.kubeconfig.clone(),
+            location.clone(),
+            requests.clone(),
+        );
         let (client, url) = bridge
             .run(connect)
             .ok_or_else(|| unavailable(&location, io::Error::other("the client thread died")))??;
@@ -158,7 +162,10 @@ impl KubeDatastore {
                 Ok(result) => result,
                 Err(_) => Err(unavailable(
                     &url,
-                    io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {TIMEOUT:?}")),
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no answer within {TIMEOUT:?}"),
+                    ),
                 )),
             }
         };
@@ -222,13 +229,16 @@ async fn connect(
                 .await
                 .map_err(|e| unavailable(&location, e))?
         }
-        None => Config::infer().await.map_err(|e| unavailable(&location, e))?,
+        None => Config::infer()
+            .await
+            .map_err(|e| unavailable(&location, e))?,
     };
     let url = config.cluster_url.to_string();
-    let count = tower::util::MapRequestLayer::new(move |request: http::Request<kube::client::Body>| {
-        requests.fetch_add(1, Ordering::Relaxed);
-        request
-    });
+    let count =
+        tower::util::MapRequestLayer::new(move |request: http::Request<kube::client::Body>| {
+            requests.fetch_add(1, Ordering::Relaxed);
+            request
+        });
     let client = ClientBuilder::try_from(config)
         .map_err(|e| unavailable(&location, e))?
         .with_layer(&count)
@@ -250,7 +260,10 @@ fn check_scope(scope: &str) -> Result<()> {
     })
 }
 
-fn unavailable(location: &str, e: impl std::error::Error + Send + Sync + 'static) -> DatastoreError {
+fn unavailable(
+    location: &str,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> DatastoreError {
     DatastoreError::Unavailable {
         location: location.to_string(),
         source: io::Error::other(e),
@@ -317,7 +330,14 @@ impl Inner {
     }
 
     /// The object for `key` holding `spec` (at `revision` for a replace).
-    fn object(&self, kind: &Kind, key: &str, rest: &str, spec: Value, revision: Option<&Revision>) -> DynamicObject {
+    fn object(
+        &self,
+        kind: &Kind,
+        key: &str,
+        rest: &str,
+        spec: Value,
+        revision: Option<&Revision>,
+    ) -> DynamicObject {
         let mut labels = BTreeMap::new();
         if let Some(scope) = &self.scope {
             labels.insert(SCOPE_LABEL.to_string(), scope.clone());
@@ -326,12 +346,18 @@ impl Inner {
             labels.insert(NODE_LABEL.to_string(), label_value(&node));
         }
         let resource = (kind.resource)();
-        let mut object = DynamicObject::new(&object_name(kind.naming, rest, self.scope.as_deref()), &resource)
-            .data(json!({ "spec": spec }));
+        let mut object = DynamicObject::new(
+            &object_name(kind.naming, rest, self.scope.as_deref()),
+            &resource,
+        )
+        .data(json!({ "spec": spec }));
         object.metadata = ObjectMeta {
             name: object.metadata.name.take(),
             labels: Some(labels),
-            annotations: Some(BTreeMap::from([(KEY_ANNOTATION.to_string(), key.to_string())])),
+            annotations: Some(BTreeMap::from([(
+                KEY_ANNOTATION.to_string(),
+                key.to_string(),
+            )])),
             resource_version: revision.map(|r| r.0.clone()),
             ..Default::default()
         };
@@ -341,7 +367,12 @@ impl Inner {
     /// The key an object stores: its annotation, else (objects written by
     /// hand) derived from its name where the kind allows.
     fn key_of(&self, kind: &Kind, object: &DynamicObject) -> Option<String> {
-        if let Some(key) = object.metadata.annotations.as_ref().and_then(|a| a.get(KEY_ANNOTATION)) {
+        if let Some(key) = object
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(KEY_ANNOTATION))
+        {
             return Some(key.clone());
         }
         let name = object.metadata.name.as_deref()?;
@@ -363,7 +394,11 @@ impl Inner {
             .ok_or_else(|| corrupt(&key, "the object has no spec"))?;
         let value = serde_json::to_vec(spec).map_err(|e| corrupt(&key, e.to_string()))?;
         let revision = revision_of(&key, &object.metadata)?;
-        Ok(Entry { key, value, revision })
+        Ok(Entry {
+            key,
+            value,
+            revision,
+        })
     }
 
     async fn get(&self, key: &str) -> Result<Option<Entry>> {
@@ -494,7 +529,10 @@ impl Inner {
     fn node_name(&self, key: &str, name: &str) -> Result<String> {
         let scoped = self.scoped(name);
         if !names::is_dns_subdomain(&scoped) {
-            return Err(corrupt(key, format!("{name} is not a valid Kubernetes node name")));
+            return Err(corrupt(
+                key,
+                format!("{name} is not a valid Kubernetes node name"),
+            ));
         }
         Ok(scoped)
     }
@@ -508,7 +546,11 @@ impl Inner {
         };
         let revision = revision_of(&key, &node.metadata)?;
         let value = serde_json::to_vec(&doc).map_err(|e| corrupt(&key, e.to_string()))?;
-        Ok(Some(Entry { key, value, revision }))
+        Ok(Some(Entry {
+            key,
+            value,
+            revision,
+        }))
     }
 
     async fn get_node(&self, key: &str, name: &str) -> Result<Option<Entry>> {
@@ -537,7 +579,10 @@ impl Inner {
                 continue;
             };
             let name = match &self.scope {
-                Some(scope) => match object_name.strip_prefix(scope.as_str()).and_then(|n| n.strip_prefix('.')) {
+                Some(scope) => match object_name
+                    .strip_prefix(scope.as_str())
+                    .and_then(|n| n.strip_prefix('.'))
+                {
                     Some(name) => name,
                     None => continue,
                 },
@@ -561,7 +606,9 @@ impl Inner {
             .map_err(|e| self.error(key, e, Missing::NotFound))?;
         let written = match existing {
             Some(node) if self.node_entry(key.to_string(), name, &node)?.is_some() => {
-                return Err(DatastoreError::Conflict { key: key.to_string() })
+                return Err(DatastoreError::Conflict {
+                    key: key.to_string(),
+                })
             }
             Some(node) => {
                 let revision = revision_of(key, &node.metadata)?;
@@ -569,7 +616,10 @@ impl Inner {
                 nodes::patch(&api, &node_name, patch).await
             }
             None => {
-                let scope = self.scope.iter().map(|s| (SCOPE_LABEL.to_string(), s.clone()));
+                let scope = self
+                    .scope
+                    .iter()
+                    .map(|s| (SCOPE_LABEL.to_string(), s.clone()));
                 nodes::create(&api, &node_name, &write, scope.collect()).await
             }
         };
@@ -577,7 +627,13 @@ impl Inner {
         revision_of(key, &node.metadata)
     }
 
-    async fn update_node(&self, key: &str, name: &str, value: &[u8], expected: &Revision) -> Result<Revision> {
+    async fn update_node(
+        &self,
+        key: &str,
+        name: &str,
+        value: &[u8],
+        expected: &Revision,
+    ) -> Result<Revision> {
         let write = nodes::write_of(name, value).map_err(|reason| corrupt(key, reason))?;
         let node_name = self.node_name(key, name)?;
         let patch = nodes::annotation_patch(&write, &expected.0);

@@ -57,7 +57,9 @@ pub fn object_name(naming: Naming, rest: &str, scope: Option<&str>) -> String {
         Naming::Fixed(name) => name.to_string(),
         Naming::Generic if is_dns_subdomain(rest) && rest.len() <= room => rest.to_string(),
         Naming::Generic => hashed(rest, room),
-        Naming::Cidr => canonical_cidr(rest).map_or_else(|| hashed(rest, room), |net| cidr_name(&net)),
+        Naming::Cidr => {
+            canonical_cidr(rest).map_or_else(|| hashed(rest, room), |net| cidr_name(&net))
+        }
         Naming::Affinity => affinity_name(rest, room).unwrap_or_else(|| hashed(rest, room)),
     };
     match scope {
@@ -173,7 +175,10 @@ mod tests {
 
     #[test]
     fn cidr_keys_become_dashed_names_of_a_fixed_shape() {
-        assert_eq!(object_name(Naming::Cidr, "10.244.1.0-26", None), "10-244-1-0-26");
+        assert_eq!(
+            object_name(Naming::Cidr, "10.244.1.0-26", None),
+            "10-244-1-0-26"
+        );
         assert_eq!(
             object_name(Naming::Cidr, "fd00::-122", None),
             "fd00-0-0-0-0-0-0-0-122"
@@ -217,7 +222,10 @@ mod tests {
         let name = object_name(Naming::Generic, &long, Some("t1"));
         assert!(name.len() <= MAX_NAME && is_dns_subdomain(&name), "{name}");
         assert!(name.starts_with("t1.x"));
-        assert_eq!(object_name(Naming::Fixed("default"), "ipam", Some("s")), "s.default");
+        assert_eq!(
+            object_name(Naming::Fixed("default"), "ipam", Some("s")),
+            "s.default"
+        );
         assert!(is_dns_subdomain(&object_name(Naming::Generic, "..", None)));
         assert!(is_dns_subdomain(&object_name(Naming::Generic, "", None)));
     }
@@ -227,7 +235,10 @@ mod tests {
         assert_eq!(label_value("node-a"), "node-a");
         assert_eq!(label_value("n1.example.com"), "n1.example.com");
         let long = label_value(&"a".repeat(100));
-        assert!(is_label_value(&long) && long.len() <= MAX_LABEL_VALUE, "{long}");
+        assert!(
+            is_label_value(&long) && long.len() <= MAX_LABEL_VALUE,
+            "{long}"
+        );
         assert!(is_label_value(&label_value("ä/ö")));
         assert_ne!(label_value(&"a".repeat(100)), label_value(&"a".repeat(101)));
     }
@@ -237,7 +248,16 @@ mod tests {
         for ok in ["a", "a-b.c", "0.1", "x".repeat(253).as_str()] {
             assert!(is_dns_subdomain(ok), "{ok}");
         }
-        for bad in ["", "A", "a..b", "-a", "a-", "a_b", ".a", "x".repeat(254).as_str()] {
+        for bad in [
+            "",
+            "A",
+            "a..b",
+            "-a",
+            "a-",
+            "a_b",
+            ".a",
+            "x".repeat(254).as_str(),
+        ] {
             assert!(!is_dns_subdomain(bad), "{bad}");
         }
         assert!(is_label_value("") && is_label_value("A_b.c-1"));

@@ -70,7 +70,9 @@ pub fn doc_of(
     for f in NODE_FIELDS {
         if let Some(text) = annotations.get(f.annotation) {
             let value = match f.number {
-                true => text.parse::<u64>().map_or_else(|_| json!(text), |n| json!(n)),
+                true => text
+                    .parse::<u64>()
+                    .map_or_else(|_| json!(text), |n| json!(n)),
                 false => json!(text),
             };
             doc.insert(f.field.into(), value);
@@ -205,8 +207,14 @@ mod tests {
     fn a_node_document_round_trips_through_annotations() {
         let doc = br#"{"name":"n1","address":"10.0.0.1","asn":64512,"labels":{"zone":"a"}}"#;
         let write = write_of("n1", doc).unwrap();
-        assert_eq!(write.annotations["tabby.dev/bgp-address"].as_deref(), Some("10.0.0.1"));
-        assert_eq!(write.annotations["tabby.dev/as-number"].as_deref(), Some("64512"));
+        assert_eq!(
+            write.annotations["tabby.dev/bgp-address"].as_deref(),
+            Some("10.0.0.1")
+        );
+        assert_eq!(
+            write.annotations["tabby.dev/as-number"].as_deref(),
+            Some("64512")
+        );
         assert_eq!(write.annotations[REGISTERED].as_deref(), Some("true"));
         let annotations: BTreeMap<String, String> = write
             .annotations

@@ -63,7 +63,8 @@ impl TestStore {
                 let DatastoreConfig::Kubernetes(options) = &config else {
                     unreachable!()
                 };
-                let kube = Arc::new(KubeDatastore::open(options).expect("open kubernetes datastore"));
+                let kube =
+                    Arc::new(KubeDatastore::open(options).expect("open kubernetes datastore"));
                 Self {
                     backend,
                     ds: kube.clone(),

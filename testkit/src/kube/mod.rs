@@ -202,7 +202,11 @@ impl Builder {
             attempt += 1;
             match self.start_once() {
                 // Another process took a port between our probe and the bind.
-                Err(e) if !fixed_ports && attempt < 3 && e.to_string().contains("address already in use") => {
+                Err(e)
+                    if !fixed_ports
+                        && attempt < 3
+                        && e.to_string().contains("address already in use") =>
+                {
                     eprintln!("control plane: a port was taken, retrying ({e})");
                 }
                 other => return other,
@@ -222,8 +226,12 @@ impl Builder {
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let pki = Pki::load_or_create(&dir.join("pki"), &[self.bind, self.first_service_ip])?;
         let etcd_port = self.etcd_port.map_or_else(|| free_port(self.bind), Ok)?;
-        let peer_port = self.etcd_peer_port.map_or_else(|| free_port(self.bind), Ok)?;
-        let port = self.apiserver_port.map_or_else(|| free_port(self.bind), Ok)?;
+        let peer_port = self
+            .etcd_peer_port
+            .map_or_else(|| free_port(self.bind), Ok)?;
+        let port = self
+            .apiserver_port
+            .map_or_else(|| free_port(self.bind), Ok)?;
         let host = url_host(self.bind);
         let etcd_url = format!("http://{host}:{etcd_port}");
 
@@ -468,19 +476,27 @@ impl ControlPlane {
         })
     }
 
-    async fn poll_readyz(&self, config: kube::Config, started: Instant, deadline: Instant) -> Result<()> {
+    async fn poll_readyz(
+        &self,
+        config: kube::Config,
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<()> {
         let client = kube::Client::try_from(config).map_err(Error::Client)?;
         loop {
             self.check_alive()?;
             let request = http::Request::get("/readyz")
                 .body(Vec::new())
                 .expect("a valid request");
-            let last = match tokio::time::timeout(Duration::from_secs(5), client.request_text(request)).await {
-                Ok(Ok(body)) if body.trim() == "ok" => return Ok(()),
-                Ok(Ok(body)) => body,
-                Ok(Err(e)) => crate::error_chain(&e),
-                Err(_) => "timed out".into(),
-            };
+            let last =
+                match tokio::time::timeout(Duration::from_secs(5), client.request_text(request))
+                    .await
+                {
+                    Ok(Ok(body)) if body.trim() == "ok" => return Ok(()),
+                    Ok(Ok(body)) => body,
+                    Ok(Err(e)) => crate::error_chain(&e),
+                    Err(_) => "timed out".into(),
+                };
             if Instant::now() >= deadline {
                 return Err(Error::NotReady {
                     waited: started.elapsed(),
