@@ -20,7 +20,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::names::Naming;
-use crate::resources::{BgpConfiguration, BgpFilter, BgpPeer, BGP_CONFIG_KEY, BGP_FILTERS, BGP_PEERS};
+use crate::resources::{
+    BgpConfiguration, BgpFilter, BgpPeer, BGP_CONFIG_KEY, BGP_FILTERS, BGP_PEERS,
+};
 use crate::store::{AFFINITIES, BLOCKS, CONFIG_KEY, HANDLES, POOLS};
 use crate::types::{self, Block, Handle, IpPool, IpamConfig};
 
@@ -139,7 +141,12 @@ pub struct BgpPeerSpec {
 
 /// `BGPFilter`: accept/reject rules for the routes exchanged with peers.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, JsonSchema)]
-#[kube(group = "crd.tabby.dev", version = "v1", kind = "BGPFilter", plural = "bgpfilters")]
+#[kube(
+    group = "crd.tabby.dev",
+    version = "v1",
+    kind = "BGPFilter",
+    plural = "bgpfilters"
+)]
 pub struct BgpFilterSpec {
     /// The filter document.
     #[serde(flatten)]
