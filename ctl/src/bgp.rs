@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use tabby_ipam::resources::{self, BgpConfiguration, BgpPeer, ResourceError};
-use tabby_ipam::{DatastoreError, FileDatastore};
+use tabby_ipam::DatastoreError;
 
 use crate::table::{Align, Table};
 
@@ -87,7 +87,7 @@ pub enum OnOff {
     Off,
 }
 
-pub fn run(ds: &FileDatastore, cmd: BgpCommand) -> anyhow::Result<()> {
+pub fn run(ds: &crate::Store, cmd: BgpCommand) -> anyhow::Result<()> {
     match cmd {
         BgpCommand::Peer(PeerCommand::Create(a)) => {
             let peer = BgpPeer {

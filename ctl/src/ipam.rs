@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::Context;
 use clap::Subcommand;
 use tabby_ipam::report::{self, CheckReport, IpInfo, Liveness, PoolUsage, Snapshot, Usage};
-use tabby_ipam::{AllocationAttribute, FileDatastore, Ipam};
+use tabby_ipam::{AllocationAttribute, Ipam};
 
 use crate::table::{Align, Table};
 
@@ -35,7 +35,7 @@ pub enum IpamCommand {
     },
 }
 
-pub fn run(ipam: &Ipam<FileDatastore>, cmd: IpamCommand) -> anyhow::Result<()> {
+pub fn run(ipam: &Ipam<crate::Store>, cmd: IpamCommand) -> anyhow::Result<()> {
     let load = || Snapshot::load(ipam.datastore()).context("reading IPAM documents");
     match cmd {
         IpamCommand::Show { ip: Some(ip), .. } => {

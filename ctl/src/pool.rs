@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use ipnetwork::IpNetwork;
 use tabby_ipam::types::default_block_size;
-use tabby_ipam::{EncapMode, FileDatastore, IpPool, Ipam};
+use tabby_ipam::{EncapMode, IpPool, Ipam};
 
 use crate::table::{Align, Table};
 
@@ -65,7 +65,7 @@ impl From<Mode> for EncapMode {
     }
 }
 
-pub fn run(ipam: &Ipam<FileDatastore>, cmd: PoolCommand) -> anyhow::Result<()> {
+pub fn run(ipam: &Ipam<crate::Store>, cmd: PoolCommand) -> anyhow::Result<()> {
     match cmd {
         PoolCommand::Create(args) => {
             if args.ipip_mode != Mode::Never && args.vxlan_mode != Mode::Never {

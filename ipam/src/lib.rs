@@ -3,12 +3,14 @@
 //!
 //! The allocator is written once over the [`Datastore`] trait, whose only
 //! write primitive is compare-and-swap on a revision; backends (the `file`
-//! backend here, `kubernetes` and `etcd` later) only store documents.
+//! and `kubernetes` backends here, `etcd` later) only store documents.
 //!
 //! Module map:
 //! - [`types`]: the stored documents (IPPool, Block, BlockAffinity, Handle, Node).
 //! - [`datastore`]: the `Datastore` trait and its error type.
 //! - [`file`]: the file backend (one JSON document per key, flock).
+//! - [`kubernetes`]: the Kubernetes backend (CRDs `crd.tabby.dev/v1`, Node annotations).
+//! - [`config`]: `{"type":"file"|"kubernetes",...}` to a backend, in one place.
 //! - [`mem`]: an in-memory backend for tests.
 //! - [`block`]: pure block arithmetic and the per-block allocation table.
 //! - [`allocator`]: assign / release / gc over a datastore, with retries on conflict.
@@ -20,8 +22,10 @@
 pub mod allocator;
 pub mod block;
 pub mod claim;
+pub mod config;
 pub mod datastore;
 pub mod file;
+pub mod kubernetes;
 pub mod mem;
 pub mod pools;
 pub mod report;
@@ -30,9 +34,11 @@ pub mod store;
 pub mod types;
 
 pub use allocator::{AssignArgs, Ipam, IpamError, Released};
+pub use config::{datastore_from_config, DatastoreConfig};
 pub use datastore::{Datastore, DatastoreError, Revision};
 pub use file::FileDatastore;
 pub use file::DEFAULT_PATH;
+pub use kubernetes::{KubeDatastore, KubeOptions};
 pub use mem::MemDatastore;
 pub use types::{
     AffinityState, AllocationAttribute, Block, BlockAffinity, EncapMode, Handle, IpPool,

@@ -5,6 +5,7 @@
 
 use std::net::IpAddr;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::datastore::{Datastore, DatastoreError};
@@ -84,7 +85,7 @@ pub(crate) fn check_name(name: &str) -> Result<(), String> {
 pub const DEFAULT_ASN: u32 = 64512;
 
 /// Cluster BGP settings (`BGPConfiguration` named default).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BgpConfiguration {
     /// The AS of nodes that do not set their own.
@@ -113,7 +114,7 @@ impl Default for BgpConfiguration {
 }
 
 /// An explicit BGP peer: global (every node peers with it) or for one node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BgpPeer {
     /// Unique name.

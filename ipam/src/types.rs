@@ -4,10 +4,11 @@
 use std::collections::BTreeMap;
 
 use ipnetwork::IpNetwork;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Encapsulation mode of a pool, as Calico's `ipipMode` / `vxlanMode`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 pub enum EncapMode {
     /// Never encapsulate.
     #[default]
@@ -19,12 +20,13 @@ pub enum EncapMode {
 }
 
 /// A cluster-wide address pool (`IPPool`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct IpPool {
     /// Unique name, e.g. `default-ipv4-ippool`.
     pub name: String,
     /// The pool's CIDR.
+    #[schemars(with = "String")]
     pub cidr: IpNetwork,
     /// Prefix length of the blocks carved from it (26 for IPv4, 122 for IPv6 by default).
     pub block_size: u8,
@@ -58,7 +60,7 @@ pub fn default_block_size(cidr: &IpNetwork) -> u8 {
 }
 
 /// One allocation's attributes: who holds the address.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct AllocationAttribute {
     /// The handle that owns the address.
@@ -69,10 +71,11 @@ pub struct AllocationAttribute {
 }
 
 /// A block: a `blockSize` CIDR of a pool with its allocation table.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Block {
     /// The block's CIDR.
+    #[schemars(with = "String")]
     pub cidr: IpNetwork,
     /// `host:<node>` when affine to a node, as Calico writes it.
     pub affinity: Option<String>,
@@ -91,7 +94,7 @@ pub struct Block {
 }
 
 /// State of a node's claim on a block (two-phase, like Calico's).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum AffinityState {
     /// Claimed, but the block document may not be ours yet.
@@ -103,19 +106,20 @@ pub enum AffinityState {
 }
 
 /// A node's claim on a block (`BlockAffinity`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BlockAffinity {
     /// The node name.
     pub node: String,
     /// The claimed block's CIDR.
+    #[schemars(with = "String")]
     pub cidr: IpNetwork,
     /// The claim's state.
     pub state: AffinityState,
 }
 
 /// The owner of allocations: `<network>.<containerID>`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Handle {
     /// The handle ID.
@@ -125,7 +129,7 @@ pub struct Handle {
 }
 
 /// A node known to the datastore.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Node {
     /// The node name.
@@ -142,7 +146,7 @@ pub struct Node {
 }
 
 /// Cluster-wide IPAM settings (`config/ipam`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct IpamConfig {
     /// Never borrow from another node's block.

@@ -1,31 +1,43 @@
-//! The allocator's behaviour over the file and memory backends.
+//! The allocator's contract, run unchanged on every backend (memory, file,
+//! and Kubernetes through the shared control plane).
 
 mod common;
 
 use std::collections::HashSet;
 use std::net::IpAddr;
-use std::sync::Arc;
 
-use common::{assert_affinities_consistent, assert_all_json, pool, v4};
+use common::backends::{backend_tests, Backend, TestStore};
+use common::{assert_affinities_consistent, pool, v4};
 use tabby_ipam::store;
-use tabby_ipam::{
-    AffinityState, BlockAffinity, Datastore, FileDatastore, Ipam, IpamConfig, IpamError,
-    MemDatastore,
-};
+use tabby_ipam::{AffinityState, BlockAffinity, Datastore, Ipam, IpamConfig, IpamError};
 
-fn file_ipam() -> (tempfile::TempDir, Ipam<FileDatastore>) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ds = FileDatastore::open(dir.path()).expect("open");
-    (dir, Ipam::new(ds))
-}
+backend_tests!(
+    [mem, file, kubernetes];
+    assign_hands_out_addresses_from_the_nodes_own_block,
+    release_by_handle_frees_the_address_and_the_handle,
+    release_ip_frees_one_address_and_knows_foreign_ones,
+    a_full_pool_is_borrowed_from_then_exhausted,
+    strict_affinity_forbids_borrowing,
+    max_blocks_per_host_limits_claims,
+    no_pool_and_bad_requests_are_errors,
+    dual_stack_assign_rolls_back_when_one_family_fails,
+    gc_releases_handles_not_in_the_valid_list,
+    pools_are_validated,
+    ensure_default_pool_creates_exactly_one_pool_under_a_race,
+    delete_pool_refuses_while_in_use_then_cleans_up,
+    disabled_pools_hand_out_nothing,
+    leftovers_of_a_crashed_claim_are_resolved,
+    scoped_gc_releases_only_what_the_predicate_accepts,
+    a_pool_restriction_of_one_family_leaves_the_other_family_free,
+);
 
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("ip")
 }
 
-#[test]
-fn assign_hands_out_addresses_from_the_nodes_own_block() {
-    let (dir, ipam) = file_ipam();
+fn assign_hands_out_addresses_from_the_nodes_own_block(backend: Backend) {
+    let store = TestStore::new(backend);
+    let ipam = store.ipam();
     ipam.ensure_default_pool(&pool("default-ipv4-ippool", "10.244.0.0/16", 26))
         .expect("pool");
     let a1 = ipam.assign(&v4("net.a1", "node-a")).expect("assign");
@@ -41,12 +53,12 @@ fn assign_hands_out_addresses_from_the_nodes_own_block() {
         .expect("get")
         .is_some());
     assert_affinities_consistent(ipam.datastore());
-    assert!(assert_all_json(dir.path()) >= 7);
+    assert!(store.assert_documents_valid() >= 7);
 }
 
-#[test]
-fn release_by_handle_frees_the_address_and_the_handle() {
-    let (_dir, ipam) = file_ipam();
+fn release_by_handle_frees_the_address_and_the_handle(backend: Backend) {
+    let store = TestStore::new(backend);
+    let ipam = store.ipam();
     ipam.create_pool(&pool("p", "10.0.0.0/24", 28))
         .expect("pool");
     let got = ipam.assign(&v4("net.c1", "n")).expect("assign");
@@ -67,9 +79,9 @@ fn release_by_handle_frees_the_address_and_the_handle() {
     assert_affinities_consistent(ipam.datastore());
 }
 
-#[test]
-fn release_ip_frees_one_address_and_knows_foreign_ones() {
-    let (_dir, ipam) = file_ipam();
+fn release_ip_frees_one_address_and_knows_foreign_ones(backend: Backend) {
+    let store = TestStore::new(backend);
+    let ipam = store.ipam();
     ipam.create_pool(&pool("p", "10.0.0.0/24", 28))
         .expect("pool");
     let mut args = v4("net.multi", "n");
@@ -91,9 +103,9 @@ fn release_ip_frees_one_address_and_knows_foreign_ones() {
     assert_affinities_consistent(ipam.datastore());
 }
 
-#[test]
-fn a_full_pool_is_borrowed_from_then_exhausted() {
-    let ipam = Ipam::new(MemDatastore::new());
+fn a_full_pool_is_borrowed_from_then_exhausted(backend: Backend) {
+    let store = TestStore::new(backend);
+    let ipam = store.ipam();
     // Two blocks of 8 addresses.
     ipam.create_pool(&pool("small", "10.1.0.0/28", 29))
         .expect("pool");
@@ -121,9 +133,9 @@ fn a_full_pool_is_borrowed_from_then_exhausted() {
     assert_affinities_consistent(ipam.datastore());
 }
 
-#[test]
-fn strict_affinity_forbids_borrowing() {
-    let ipam = Ipam::new(MemDatastore::new());
+fn strict_affinity_forbids_borrowing(backend: Backend) {
+    let store = TestStore::new(backend);
+    let ipam = store.ipam();
     ipam.create_pool(&pool("small", "10.1.0.0/29", 29))
         .expect("pool");
     ipam.set_config(&IpamConfig {
@@ -137,9 +149,9 @@ fn strict_affinity_forbids_borrowing() {
     assert!(matches!(err, IpamError::Exhausted { .. }));
 }
 
-#[test]
-fn max_blocks_per_host_limits_claims() {
-    let ipam = Ipam::new(MemDatastore::new());
+fn max_blocks_per_host_limits_claims(backend: Backend) {
+    let store = TestStore::new(backend);
+    let ipam = store.ipam();
     ipam.create_pool(&pool("p", "10.1.0.0/24", 30))
         .expect("pool");
     ipam.set_config(&IpamConfig {
@@ -157,9 +169,9 @@ fn max_blocks_per_host_limits_claims() {
     ));
 }
 
-#[test]
-fn no_pool_and_bad_requests_are_errors() {
-    let ipam = Ipam::new(MemDatastore::new());
+fn no_pool_and_bad_requests_are_errors(backend: Backend) {
+    let store = TestStore::new(backend);
+    let ipam = store.ipam();
     assert!(matches!(
         ipam.assign(&v4("h", "n")),
         Err(IpamError::NoPool { family: 4 })
@@ -183,9 +195,9 @@ fn no_pool_and_bad_requests_are_errors() {
     ));
 }
 
-#[test]
-fn dual_stack_assign_rolls_back_when_one_family_fails() {
-    let ipam = Ipam::new(MemDatastore::new());
+fn dual_stack_assign_rolls_back_when_one_family_fails(backend: Backend) {
+    let store = TestStore::new(backend);
+    let ipam = store.ipam();
     ipam.create_pool(&pool("v4", "10.1.0.0/24", 26))
         .expect("pool");
     ipam.create_pool(&pool("v6", "fd00:10::/120", 122))
@@ -214,9 +226,9 @@ fn dual_stack_assign_rolls_back_when_one_family_fails() {
     assert_affinities_consistent(ipam.datastore());
 }
 
-#[test]
-fn gc_releases_handles_not_in_the_valid_list() {
-    let ipam = Ipam::new(MemDatastore::new());
+fn gc_releases_handles_not_in_the_valid_list(backend: Backend) {
+    let store = TestStore::new(backend);
+    let ipam = store.ipam();
     ipam.create_pool(&pool("p", "10.1.0.0/24", 26))
         .expect("pool");
     for h in ["net.keep", "net.drop1", "net.drop2", "other.drop"] {
@@ -244,9 +256,9 @@ fn gc_releases_handles_not_in_the_valid_list() {
     assert_affinities_consistent(ipam.datastore());
 }
 
-#[test]
-fn pools_are_validated() {
-    let ipam = Ipam::new(MemDatastore::new());
+fn pools_are_validated(backend: Backend) {
+    let store = TestStore::new(backend);
+    let ipam = store.ipam();
     let bad = [
         pool("too-small-block", "10.0.0.0/24", 16),
         pool("past-32", "10.0.0.0/24", 33),
@@ -286,14 +298,13 @@ fn pools_are_validated() {
         .expect("v6 pool");
 }
 
-#[test]
-fn ensure_default_pool_creates_exactly_one_pool_under_a_race() {
-    let dir = tempfile::tempdir().expect("tempdir");
+fn ensure_default_pool_creates_exactly_one_pool_under_a_race(backend: Backend) {
+    let store = TestStore::new(backend);
     let threads: Vec<_> = (0..8)
         .map(|_| {
-            let path = dir.path().to_path_buf();
+            let ds = store.open_another();
             std::thread::spawn(move || {
-                let ipam = Ipam::new(FileDatastore::open(path).expect("open"));
+                let ipam = Ipam::new(ds);
                 ipam.ensure_default_pool(&pool("default-ipv4-ippool", "10.244.0.0/16", 26))
                     .expect("ensure");
             })
@@ -302,16 +313,16 @@ fn ensure_default_pool_creates_exactly_one_pool_under_a_race() {
     for t in threads {
         t.join().expect("thread");
     }
-    let ipam = Ipam::new(FileDatastore::open(dir.path()).expect("open"));
+    let ipam = Ipam::new(store.open_another());
     assert_eq!(ipam.pools().expect("pools").len(), 1);
     ipam.ensure_default_pool(&pool("other", "10.9.0.0/16", 26))
         .expect("no-op");
     assert_eq!(ipam.pools().expect("pools").len(), 1);
 }
 
-#[test]
-fn delete_pool_refuses_while_in_use_then_cleans_up() {
-    let ipam = Ipam::new(MemDatastore::new());
+fn delete_pool_refuses_while_in_use_then_cleans_up(backend: Backend) {
+    let store = TestStore::new(backend);
+    let ipam = store.ipam();
     ipam.create_pool(&pool("p", "10.1.0.0/24", 26))
         .expect("pool");
     ipam.assign(&v4("h", "n")).expect("assign");
@@ -338,9 +349,9 @@ fn delete_pool_refuses_while_in_use_then_cleans_up() {
     ));
 }
 
-#[test]
-fn disabled_pools_hand_out_nothing() {
-    let ipam = Ipam::new(MemDatastore::new());
+fn disabled_pools_hand_out_nothing(backend: Backend) {
+    let store = TestStore::new(backend);
+    let ipam = store.ipam();
     let mut p = pool("p", "10.1.0.0/24", 26);
     p.disabled = true;
     ipam.create_pool(&p).expect("pool");
@@ -350,9 +361,9 @@ fn disabled_pools_hand_out_nothing() {
     ));
 }
 
-#[test]
-fn leftovers_of_a_crashed_claim_are_resolved() {
-    let ipam = Ipam::new(Arc::new(MemDatastore::new()));
+fn leftovers_of_a_crashed_claim_are_resolved(backend: Backend) {
+    let store = TestStore::new(backend);
+    let ipam = store.ipam();
     ipam.create_pool(&pool("p", "10.1.0.0/24", 26))
         .expect("pool");
     let ds = ipam.datastore().clone();
@@ -385,9 +396,9 @@ fn leftovers_of_a_crashed_claim_are_resolved() {
     assert_affinities_consistent(&ds);
 }
 
-#[test]
-fn scoped_gc_releases_only_what_the_predicate_accepts() {
-    let ipam = Ipam::new(MemDatastore::new());
+fn scoped_gc_releases_only_what_the_predicate_accepts(backend: Backend) {
+    let store = TestStore::new(backend);
+    let ipam = store.ipam();
     ipam.create_pool(&pool("p", "10.1.0.0/24", 26))
         .expect("pool");
     let with_net = |h: &str, node: &str| {
@@ -413,9 +424,9 @@ fn scoped_gc_releases_only_what_the_predicate_accepts() {
     );
 }
 
-#[test]
-fn a_pool_restriction_of_one_family_leaves_the_other_family_free() {
-    let ipam = Ipam::new(MemDatastore::new());
+fn a_pool_restriction_of_one_family_leaves_the_other_family_free(backend: Backend) {
+    let store = TestStore::new(backend);
+    let ipam = store.ipam();
     ipam.create_pool(&pool("v4", "10.1.0.0/24", 26))
         .expect("pool");
     ipam.create_pool(&pool("v6", "fd00::/120", 122))

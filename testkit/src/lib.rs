@@ -11,10 +11,12 @@
 //! - [`bgp`]: a real BGP peer (BIRD 2 or GoBGP) in a namespace of its own.
 //! - [`trace`]: a packet tracer over a generated iptables payload.
 //! - [`bins`]: where the workspace's and the upstream binaries are.
+//! - [`kube`]: a real control plane (etcd + kube-apiserver) per test binary.
 
 pub mod bgp;
 pub mod bins;
 pub mod cni;
+pub mod kube;
 pub mod netns;
 pub mod poll;
 pub mod trace;
@@ -83,4 +85,16 @@ pub fn skip_or_fail(test: &str, why: &str) -> bool {
         return false;
     }
     panic!("{test} cannot run: {why} (set TABBY_ALLOW_SKIP=1 to count it as skipped instead)");
+}
+
+/// An error and its sources, `: `-separated (for test failure messages).
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
 }

@@ -13,7 +13,7 @@ use clap::{Args, Subcommand};
 use tabby_ipam::resources::{
     self, BgpFilter, BgpFilterRule, FilterAction, MatchOperator, PrefixLength, ResourceError,
 };
-use tabby_ipam::{DatastoreError, FileDatastore};
+use tabby_ipam::DatastoreError;
 
 use crate::table::{Align, Table};
 
@@ -130,7 +130,7 @@ fn read_file(path: &PathBuf) -> anyhow::Result<BgpFilter> {
         .with_context(|| format!("read BGPFilter from {}", path.display()))
 }
 
-pub fn run(ds: &FileDatastore, cmd: FilterCommand) -> anyhow::Result<()> {
+pub fn run(ds: &crate::Store, cmd: FilterCommand) -> anyhow::Result<()> {
     match cmd {
         FilterCommand::Create(a) => {
             let mut filter = match &a.file {

@@ -21,10 +21,11 @@
 //! route (where Calico's default is Accept).
 
 use ipnetwork::Ipv4Network;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// What a matching rule does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 pub enum FilterAction {
     /// Let the route through.
     Accept,
@@ -33,7 +34,7 @@ pub enum FilterAction {
 }
 
 /// How `cidr` is compared with a route's prefix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 pub enum MatchOperator {
     /// The prefix is `cidr`.
     Equal,
@@ -44,7 +45,7 @@ pub enum MatchOperator {
 }
 
 /// Bounds on the prefix length for `In` and `NotIn`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
 pub struct PrefixLength {
     /// Shortest length (default: the CIDR's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -55,13 +56,14 @@ pub struct PrefixLength {
 }
 
 /// One rule; without `cidr` it matches every route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BgpFilterRule {
     /// Accept or Reject.
     pub action: FilterAction,
     /// The CIDR to compare with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
     pub cidr: Option<Ipv4Network>,
     /// How to compare; required with `cidr`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -108,7 +110,7 @@ impl BgpFilterRule {
 }
 
 /// A named set of import and export rules for IPv4.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BgpFilter {
     /// Unique name, referenced by BGPPeer `filters`.

@@ -1,5 +1,7 @@
 //! Helpers shared by the IPAM integration tests.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports, unused_macros)]
+
+pub mod backends;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
