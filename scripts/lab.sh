@@ -7,7 +7,7 @@
 # table, requests across nodes and their spread through a ClusterIP. The lab
 # stays up to explore; `target/release/tabby-lab down` removes all of it.
 #
-#   sudo bash scripts/lab.sh [--nodes N] [--pods-per-node M] [--down]
+#   bash scripts/lab.sh [--nodes N] [--pods-per-node M] [--down]
 #
 # --down tears the lab down at the end (CI and smoke tests use it).
 set -euo pipefail

@@ -6,7 +6,7 @@ step() { printf '\n==> %s\n' "$*"; }
 # Fails unless running as root.
 need_root() {
     if [ "$(id -u)" != 0 ]; then
-        echo "$(basename "$0"): run me as root (sudo bash $0)" >&2
+        echo "$(basename "$0"): run me as root" >&2
         exit 1
     fi
 }

@@ -35,6 +35,12 @@ fi
 
 find_cargo
 echo "setup: $(cargo --version), $(rustc --version)"
+# test.sh checks formatting and lints: the toolchain needs both components.
+if command -v rustup >/dev/null 2>&1; then
+    for c in rustfmt clippy; do
+        rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
+    done
+fi
 for bin in /usr/lib/go-1.19/bin/go /usr/lib/cni/ptp /usr/lib/cni/host-local /usr/lib/cni/portmap; do
     [ -x "$bin" ] || { echo "setup: $bin missing after install" >&2; exit 1; }
 done

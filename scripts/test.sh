@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs every Tabby test in one go: installs what is missing, builds the
-# release binaries and the libcni driver, then `cargo test --workspace
-# --release` (unit, property, namespace and conformance tests; the namespace
-# tests need root). Exits non-zero if anything fails and ends with a summary.
+# upstream components the tests run (scripts/upstream.sh, cached by version),
+# checks formatting and clippy, builds the release binaries and the libcni
+# driver, then `cargo test --workspace --release` (unit, property, namespace,
+# Kubernetes and conformance tests; the namespace tests need root). Exits
+# non-zero if anything fails and ends with a summary.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -13,6 +15,15 @@ need_root
 step "setup (Debian packages, toolchain)"
 bash scripts/setup.sh
 find_cargo
+
+step "upstream components (scripts/upstream.sh: Kubernetes, etcd, containerd, CNI tools and plugins)"
+bash scripts/upstream.sh
+
+step "cargo fmt --all --check"
+cargo fmt --all --check
+
+step "cargo clippy --release --workspace --all-targets -- -D warnings"
+cargo clippy --release --workspace --all-targets -- -D warnings
 
 step "cargo build --release --workspace"
 cargo build --release --workspace

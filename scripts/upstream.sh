@@ -25,7 +25,7 @@ START=$SECONDS
 
 usage() {
     cat <<EOF
-usage: sudo bash scripts/upstream.sh [COMPONENT...]
+usage: bash scripts/upstream.sh [COMPONENT...]
 
 Builds upstream components from their Go modules (versions pinned in
 upstream/versions.env) into $CACHE/<component>-<version>/ and
