@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use tabby_conformance::{run, Netns};
+use tabby_testkit::{run_ok, Netns};
 
 use super::rtnl::{self, nap, Batch, Rtnl, GROUP_IPV4_ROUTE};
 use super::{ASN, FIRST, GOBGP_T};
@@ -163,7 +163,7 @@ impl Drop for Watcher {
 /// it exits at end of file: a plain file loaded only ~450 of 1,000).
 pub fn load_rib(g: &Netns, dir: &Path, n: u32) -> Result<()> {
     let fifo = dir.join("routes.mrt");
-    run(Command::new("mkfifo").arg(&fifo))?;
+    run_ok(Command::new("mkfifo").arg(&fifo));
     let mut inject = Daemon::start(
         "gobgp-inject",
         g,
@@ -248,9 +248,10 @@ pub fn mrt(n: u32) -> Vec<u8> {
 }
 
 pub fn gobgp(ns: &Netns, args: &[&str]) -> Result<String> {
-    let out = run(ns
-        .command("gobgp")
-        .args(["-u", "127.0.0.1", "-p", "50051"])
-        .args(args))?;
+    let out = run_ok(
+        ns.command("gobgp")
+            .args(["-u", "127.0.0.1", "-p", "50051"])
+            .args(args),
+    );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -4,8 +4,9 @@ mod common;
 
 use std::panic;
 
-use common::{thread_netns_inode, ScratchNetns};
+use common::thread_netns_inode;
 use tabby_dataplane::{sysctl, Error, NetNs};
+use tabby_testkit::{require_root, Netns};
 
 #[test]
 fn opening_a_missing_namespace_is_not_found() {
@@ -26,7 +27,11 @@ fn opening_a_file_that_is_not_a_namespace_fails() {
 
 #[test]
 fn run_enters_the_namespace_and_comes_back() {
-    let ns = ScratchNetns::new();
+    if !require_root("run_enters_the_namespace_and_comes_back") {
+        return;
+    }
+    let guard = Netns::new("tdp");
+    let ns = guard.open();
     let before = thread_netns_inode();
     let inside = ns.run(thread_netns_inode).unwrap();
     assert_ne!(inside, before);
@@ -38,7 +43,11 @@ fn run_enters_the_namespace_and_comes_back() {
 
 #[test]
 fn run_restores_the_namespace_when_the_closure_panics() {
-    let ns = ScratchNetns::new();
+    if !require_root("run_restores_the_namespace_when_the_closure_panics") {
+        return;
+    }
+    let guard = Netns::new("tdp");
+    let ns = guard.open();
     let before = thread_netns_inode();
     let result = panic::catch_unwind(|| ns.run(|| panic!("boom")));
     assert!(result.is_err());
@@ -47,8 +56,11 @@ fn run_restores_the_namespace_when_the_closure_panics() {
 
 #[test]
 fn runs_nest() {
-    let outer = ScratchNetns::new();
-    let inner = ScratchNetns::new();
+    if !require_root("runs_nest") {
+        return;
+    }
+    let guards = (Netns::new("tdp"), Netns::new("tdp"));
+    let (outer, inner) = (guards.0.open(), guards.1.open());
     let before = thread_netns_inode();
     let (in_outer, in_inner, back_in_outer) = outer
         .run(|| {
@@ -64,7 +76,11 @@ fn runs_nest() {
 
 #[test]
 fn current_names_the_calling_threads_namespace() {
-    let ns = ScratchNetns::new();
+    if !require_root("current_names_the_calling_threads_namespace") {
+        return;
+    }
+    let guard = Netns::new("tdp");
+    let ns = guard.open();
     let inside = ns
         .run(|| {
             let current = NetNs::current().unwrap();
@@ -77,8 +93,11 @@ fn current_names_the_calling_threads_namespace() {
 
 #[test]
 fn sysctls_are_per_namespace() {
-    let a = ScratchNetns::new();
-    let b = ScratchNetns::new();
+    if !require_root("sysctls_are_per_namespace") {
+        return;
+    }
+    let guards = (Netns::new("tdp"), Netns::new("tdp"));
+    let (a, b) = (guards.0.open(), guards.1.open());
     let key = "net/ipv4/ip_forward";
     a.run(|| sysctl::set(key, "1")).unwrap().unwrap();
     assert_eq!(a.run(|| sysctl::get(key)).unwrap().unwrap(), "1");
@@ -87,7 +106,11 @@ fn sysctls_are_per_namespace() {
 
 #[test]
 fn a_missing_sysctl_is_not_found() {
-    let ns = ScratchNetns::new();
+    if !require_root("a_missing_sysctl_is_not_found") {
+        return;
+    }
+    let guard = Netns::new("tdp");
+    let ns = guard.open();
     let err = ns
         .run(|| sysctl::get("net/ipv4/conf/tdp-no-such-link/proxy_arp"))
         .unwrap()

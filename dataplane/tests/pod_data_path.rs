@@ -6,9 +6,10 @@ mod common;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use common::{eventually, veth_name, ScratchNetns, HOST_MAC};
+use common::{veth_name, HOST_MAC};
 use ipnetwork::IpNetwork;
-use tabby_dataplane::{sysctl, Family, Netlink, Route, Scope};
+use tabby_dataplane::{sysctl, Family, NetNs, Netlink, Route, Scope};
+use tabby_testkit::{current_test, eventually, require_root, Netns};
 
 const POD_IP: &str = "10.65.0.5";
 const GATEWAY: &str = "169.254.1.1";
@@ -29,8 +30,10 @@ fn ipv4(addrs: Vec<IpNetwork>) -> Vec<IpNetwork> {
 
 /// A host and a pod namespace joined by a veth pair, wired like a CNI ADD.
 struct Pod {
-    host: ScratchNetns,
-    pod: ScratchNetns,
+    host: Netns,
+    pod: Netns,
+    host_ns: NetNs,
+    pod_ns: NetNs,
     host_nl: Netlink,
     pod_nl: Netlink,
     veth: String,
@@ -39,26 +42,32 @@ struct Pod {
 }
 
 impl Pod {
-    /// Creates the pair with MTU 1400; nothing else is configured.
-    fn create() -> Pod {
-        let host = ScratchNetns::new();
-        let pod = ScratchNetns::new();
+    /// Creates the pair with MTU 1400; nothing else is configured. `None`
+    /// when the test is skipped (not root, `TABBY_ALLOW_SKIP=1`).
+    fn create() -> Option<Pod> {
+        if !require_root(&current_test()) {
+            return None;
+        }
+        let (host, pod) = (Netns::new("tdp"), Netns::new("tdp"));
+        let (host_ns, pod_ns) = (host.open(), pod.open());
         let host_nl = host.netlink();
         let pod_nl = pod.netlink();
         let veth = veth_name();
         let veth_index = host_nl
-            .create_veth(&veth, HOST_MAC, "eth0", &pod, Some(1400))
+            .create_veth(&veth, HOST_MAC, "eth0", &pod_ns, Some(1400))
             .unwrap();
         let eth0_index = pod_nl.link("eth0").unwrap().expect("eth0 in the pod").index;
-        Pod {
+        Some(Pod {
             host,
             pod,
+            host_ns,
+            pod_ns,
             host_nl,
             pod_nl,
             veth,
             veth_index,
             eth0_index,
-        }
+        })
     }
 
     fn pod_routes(&self) -> [Route; 2] {
@@ -90,7 +99,7 @@ impl Pod {
 
         self.host_nl.set_up(self.veth_index).unwrap();
         let veth = &self.veth;
-        self.host
+        self.host_ns
             .run(|| {
                 sysctl::set(&format!("net/ipv4/conf/{veth}/proxy_arp"), "1")?;
                 sysctl::set(&format!("net/ipv4/neigh/{veth}/proxy_delay"), "0")?;
@@ -116,7 +125,7 @@ impl Pod {
         let mut out = String::new();
         for ns in [&self.host, &self.pod] {
             for command in commands {
-                let output = ns.exec(command);
+                let output = ns.exec(command[0], &command[1..]);
                 out += &format!("--- {} {command:?}\n", ns.name());
                 out += &String::from_utf8_lossy(&output.stdout);
             }
@@ -127,7 +136,7 @@ impl Pod {
 
 #[test]
 fn the_veth_peer_is_created_directly_in_the_pod_namespace() {
-    let p = Pod::create();
+    let Some(p) = Pod::create() else { return };
 
     let host_end = p.host_nl.link(&p.veth).unwrap().unwrap();
     assert_eq!(host_end.index, p.veth_index);
@@ -160,24 +169,24 @@ fn the_veth_peer_is_created_directly_in_the_pod_namespace() {
 
 #[test]
 fn creating_a_veth_twice_is_exists() {
-    let p = Pod::create();
+    let Some(p) = Pod::create() else { return };
     let err = p
         .host_nl
-        .create_veth(&p.veth, HOST_MAC, "eth1", &p.pod, None)
+        .create_veth(&p.veth, HOST_MAC, "eth1", &p.pod_ns, None)
         .unwrap_err();
     assert!(err.is_exists(), "{err:?}");
     assert!(err.to_string().contains(&p.veth), "{err}");
     // The pod side name is taken too.
     let err = p
         .host_nl
-        .create_veth(&veth_name(), HOST_MAC, "eth0", &p.pod, None)
+        .create_veth(&veth_name(), HOST_MAC, "eth0", &p.pod_ns, None)
         .unwrap_err();
     assert!(err.is_exists(), "{err:?}");
 }
 
 #[test]
 fn addresses_and_routes_read_back() {
-    let p = Pod::create();
+    let Some(p) = Pod::create() else { return };
     p.wire();
 
     assert!(p.pod_nl.link("eth0").unwrap().unwrap().up);
@@ -198,7 +207,7 @@ fn addresses_and_routes_read_back() {
 
 #[test]
 fn adding_an_existing_address_or_route_is_exists() {
-    let p = Pod::create();
+    let Some(p) = Pod::create() else { return };
     p.wire();
     let err = p
         .pod_nl
@@ -215,7 +224,7 @@ fn adding_an_existing_address_or_route_is_exists() {
 
 #[test]
 fn deletes_are_idempotent() {
-    let p = Pod::create();
+    let Some(p) = Pod::create() else { return };
     p.wire();
     let route = p.host_route();
     assert!(p.host_nl.delete_route(&route).unwrap());
@@ -238,7 +247,7 @@ fn deletes_are_idempotent() {
 
 #[test]
 fn ipv6_routes_via_the_link_local_gateway_read_back() {
-    let p = Pod::create();
+    let Some(p) = Pod::create() else { return };
     p.pod_nl.set_up(p.eth0_index).unwrap();
     p.pod_nl
         .add_address(p.eth0_index, net("fd00:65::5/128"))
@@ -265,31 +274,30 @@ fn ipv6_routes_via_the_link_local_gateway_read_back() {
 
 #[test]
 fn sysctls_of_the_host_end_live_in_the_host_namespace() {
-    let p = Pod::create();
+    let Some(p) = Pod::create() else { return };
     let key = format!("net/ipv4/conf/{}/proxy_arp", p.veth);
-    assert_eq!(p.host.run(|| sysctl::get(&key)).unwrap().unwrap(), "0");
-    p.host.run(|| sysctl::set(&key, "1")).unwrap().unwrap();
-    assert_eq!(p.host.run(|| sysctl::get(&key)).unwrap().unwrap(), "1");
+    assert_eq!(p.host_ns.run(|| sysctl::get(&key)).unwrap().unwrap(), "0");
+    p.host_ns.run(|| sysctl::set(&key, "1")).unwrap().unwrap();
+    assert_eq!(p.host_ns.run(|| sysctl::get(&key)).unwrap().unwrap(), "1");
     // The pod namespace has no such interface, and its eth0 is untouched.
     assert!(p
-        .pod
+        .pod_ns
         .run(|| sysctl::get(&key))
         .unwrap()
         .unwrap_err()
         .is_not_found());
     let pod_key = "net/ipv4/conf/eth0/proxy_arp";
-    assert_eq!(p.pod.run(|| sysctl::get(pod_key)).unwrap().unwrap(), "0");
+    assert_eq!(p.pod_ns.run(|| sysctl::get(pod_key)).unwrap().unwrap(), "0");
 }
 
 #[test]
 fn the_pod_reaches_the_host_through_proxy_arp() {
-    let p = Pod::create();
+    let Some(p) = Pod::create() else { return };
     p.wire();
     // The host needs an address to answer from and a route for 169.254.1.1
     // out of another device, as a real node has its uplink default route.
     // (A veth pair stands in for the uplink: the dummy driver may be missing.)
-    p.host.exec_ok(&[
-        "ip",
+    p.host.ip(&[
         "link",
         "add",
         "uplink",
@@ -299,16 +307,14 @@ fn the_pod_reaches_the_host_through_proxy_arp() {
         "name",
         "uplink-peer",
     ]);
-    p.host.exec_ok(&["ip", "link", "set", "uplink", "up"]);
-    p.host.exec_ok(&["ip", "link", "set", "uplink-peer", "up"]);
-    p.host
-        .exec_ok(&["ip", "addr", "add", "10.99.0.1/32", "dev", "uplink"]);
-    p.host
-        .exec_ok(&["ip", "route", "add", "default", "dev", "uplink"]);
+    p.host.ip(&["link", "set", "uplink", "up"]);
+    p.host.ip(&["link", "set", "uplink-peer", "up"]);
+    p.host.ip(&["addr", "add", "10.99.0.1/32", "dev", "uplink"]);
+    p.host.ip(&["route", "add", "default", "dev", "uplink"]);
 
-    let ping = |ns: &ScratchNetns, dst: &str| {
+    let ping = |ns: &Netns, dst: &str| {
         eventually(Duration::from_secs(5), || {
-            ns.exec(&["ping", "-c1", "-W1", dst]).status.success()
+            ns.exec("ping", &["-c1", "-W1", dst]).status.success()
         })
     };
     assert!(
@@ -323,7 +329,7 @@ fn the_pod_reaches_the_host_through_proxy_arp() {
     );
 
     // The pod resolved its gateway to the host end's MAC.
-    let neigh = p.pod.exec(&["ip", "neigh", "show", GATEWAY, "dev", "eth0"]);
+    let neigh = p.pod.exec("ip", &["neigh", "show", GATEWAY, "dev", "eth0"]);
     let neigh = String::from_utf8_lossy(&neigh.stdout);
     assert!(neigh.contains("ee:ee:ee:ee:ee:ee"), "{neigh}");
 }

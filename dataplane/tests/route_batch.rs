@@ -1,27 +1,26 @@
 //! Batches of route changes over one blocking socket (root only).
 
-mod common;
-
 use std::net::{IpAddr, Ipv4Addr};
 
-use common::ScratchNetns;
 use ipnetwork::IpNetwork;
 use tabby_dataplane::{Family, Route, RouteBatch};
+use tabby_testkit::{require_root, Netns};
 
 const PROTO: u8 = 201;
 
 #[test]
 fn thousands_of_routes_go_in_and_out_in_batches_and_failures_name_their_route() {
-    let ns = ScratchNetns::new();
-    ns.exec_ok(&[
-        "ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1",
-    ]);
-    ns.exec_ok(&["ip", "addr", "add", "10.50.0.1/24", "dev", "v0"]);
-    ns.exec_ok(&["ip", "link", "set", "v0", "up"]);
-    ns.exec_ok(&["ip", "link", "set", "v1", "up"]);
+    if !require_root("thousands_of_routes_go_in_and_out_in_batches_and_failures_name_their_route") {
+        return;
+    }
+    let ns = Netns::new("tdp");
+    ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+    ns.ip(&["addr", "add", "10.50.0.1/24", "dev", "v0"]);
+    ns.ip(&["link", "set", "v0", "up"]);
+    ns.ip(&["link", "set", "v1", "up"]);
     let nl = ns.netlink();
     let v0 = nl.link("v0").unwrap().unwrap().index;
-    let mut batch = ns.run(RouteBatch::open).unwrap().unwrap();
+    let mut batch = ns.open().run(RouteBatch::open).unwrap().unwrap();
 
     let gw = IpAddr::V4(Ipv4Addr::new(10, 50, 0, 2));
     let routes: Vec<Route> = (0..3000u32)

@@ -6,9 +6,12 @@
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
+use std::io::{BufRead, BufReader};
 use std::net::IpAddr;
-use std::process::Command;
-use std::sync::Arc;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::backends::{backend_tests, Backend, TestStore};
@@ -77,12 +80,18 @@ fn four_nodes_with_many_threads_never_share_an_address_or_a_block(backend: Backe
     assert_affinities_consistent(ipam.datastore());
 }
 
-/// Entry point of the child processes of the test below; does nothing when
-/// run as an ordinary test.
+/// Entry point of the child processes of the tests below (ignored in a
+/// normal run; the parents run it with `--ignored`): opens the store from
+/// `TABBY_IPAM_TEST_DATASTORE`, assigns what `TABBY_IPAM_TEST_CHILD` says
+/// and prints each address as `ASSIGNED <ip>` once the store has committed
+/// it.
 #[test]
+#[ignore = "a child process of the multi-process tests, run by them"]
 fn child_process_entry() {
     let (Ok(config), Ok(spec)) = (std::env::var(CHILD_DATASTORE), std::env::var(CHILD_WORK)) else {
-        return;
+        panic!(
+            "run only as a child of this file's tests ({CHILD_DATASTORE} or {CHILD_WORK} unset)"
+        );
     };
     let config: DatastoreConfig = serde_json::from_str(&config).expect("datastore config");
     let mut parts = spec.splitn(3, ',');
@@ -90,53 +99,86 @@ fn child_process_entry() {
         panic!("bad {CHILD_WORK} {spec}");
     };
     let count = count.parse().expect("count");
-    let ds = Arc::from(config.open().expect("open the datastore"));
-    for ip in assign_many(ds, node, tag, count) {
+    let ipam = Ipam::new(config.open().expect("open the datastore"));
+    for i in 0..count {
+        let args = v4(&format!("net.{node}-{tag}-{i}"), node);
+        let ip = ipam
+            .assign(&args)
+            .unwrap_or_else(|e| panic!("{node} {tag} {i}: {e}"))[0]
+            .ip();
         println!("ASSIGNED {ip}");
     }
 }
 
+/// A child process assigning `count` addresses as `node` in `store`;
+/// stdout piped, stderr into `stderr`.
+fn spawn_child(store: &TestStore, node: &str, tag: &str, count: usize, stderr: Stdio) -> Child {
+    let config = serde_json::to_string(store.config()).expect("config");
+    Command::new(std::env::current_exe().expect("current_exe"))
+        .args([
+            "--exact",
+            "child_process_entry",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_WORK, format!("{node},{tag},{count}"))
+        .env(CHILD_DATASTORE, config)
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn child")
+}
+
+/// The addresses a child printed (libtest's own "test ... " text may share
+/// a line with them).
+fn assigned(stdout: &str) -> Vec<IpAddr> {
+    stdout
+        .lines()
+        .filter_map(|l| l.split_once("ASSIGNED ").map(|(_, ip)| ip.trim()))
+        .map(|ip| ip.parse().unwrap_or_else(|e| panic!("{ip}: {e}")))
+        .collect()
+}
+
 /// Runs `processes` children, child `p` assigning `per_child` addresses as
-/// node `node_of(p)`; returns every address they got.
+/// node `node_of(p)`; each must succeed and report all of them. Returns
+/// every address they got.
 fn run_children(
     store: &TestStore,
     processes: usize,
     per_child: usize,
     node_of: impl Fn(usize) -> String,
 ) -> Vec<IpAddr> {
-    let exe = std::env::current_exe().expect("current_exe");
-    let config = serde_json::to_string(store.config()).expect("config");
     let children: Vec<_> = (0..processes)
         .map(|p| {
-            let spec = format!("{},p{p},{per_child}", node_of(p));
-            Command::new(&exe)
-                .args([
-                    "--exact",
-                    "child_process_entry",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
-                .env(CHILD_WORK, spec)
-                .env(CHILD_DATASTORE, &config)
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .expect("spawn child")
+            spawn_child(
+                store,
+                &node_of(p),
+                &format!("p{p}"),
+                per_child,
+                Stdio::piped(),
+            )
         })
         .collect();
     let mut ips = Vec::new();
-    for child in children {
+    for (p, child) in children.into_iter().enumerate() {
         let out = child.wait_with_output().expect("child");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
         assert!(
             out.status.success(),
-            "child failed: {}",
-            String::from_utf8_lossy(&out.stdout)
+            "child {p} exited with {}:\n{stderr}\n{stdout}",
+            out.status
         );
-        let text = String::from_utf8_lossy(&out.stdout);
-        // libtest's own "test ... " text may share a line with ours.
-        let found = text
-            .lines()
-            .filter_map(|l| l.split_once("ASSIGNED ").map(|(_, ip)| ip.trim()));
-        ips.extend(found.map(|ip| ip.parse::<IpAddr>().expect("ip")));
+        let got = assigned(&stdout);
+        assert_eq!(
+            got.len(),
+            per_child,
+            "child {p} reported {got:?}:\n{stderr}"
+        );
+        ips.extend(got);
     }
     ips
 }
@@ -167,49 +209,119 @@ fn sixty_four_concurrent_processes_on_one_node_share_its_blocks_without_conflict
     store.assert_documents_valid();
 }
 
+/// A child whose stdout is read line by line while it runs.
+struct Watched {
+    child: Child,
+    lines: Arc<Mutex<String>>,
+    reader: std::thread::JoinHandle<()>,
+    stderr: PathBuf,
+}
+
+impl Watched {
+    fn start(store: &TestStore, logs: &Path, node: &str, tag: &str, count: usize) -> Watched {
+        let stderr = logs.join(format!("{tag}.stderr"));
+        let file = std::fs::File::create(&stderr).expect("stderr file");
+        let mut child = spawn_child(store, node, tag, count, file.into());
+        let out = child.stdout.take().expect("piped stdout");
+        let lines = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&lines);
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let mut text = sink.lock().unwrap();
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
+        Watched {
+            child,
+            lines,
+            reader,
+            stderr,
+        }
+    }
+
+    fn assigned(&self) -> Vec<IpAddr> {
+        assigned(&self.lines.lock().unwrap())
+    }
+
+    /// Waits for the child; its reported addresses and whether it was cut
+    /// short by SIGKILL. Fails the test, with the child's stderr, when it
+    /// neither finished its `count` nor was killed.
+    fn finish(self, count: usize) -> (Vec<IpAddr>, bool) {
+        let Watched {
+            mut child,
+            lines,
+            reader,
+            stderr,
+        } = self;
+        let status = child.wait().expect("wait for child");
+        reader.join().expect("stdout reader");
+        let got = assigned(&lines.lock().unwrap());
+        let finished = status.success() && got.len() == count;
+        let killed = status.signal() == Some(nix::sys::signal::Signal::SIGKILL as i32);
+        assert!(
+            finished || killed,
+            "a child neither finished nor was killed ({status}):\n{}",
+            std::fs::read_to_string(&stderr).unwrap_or_default()
+        );
+        let cut_short = killed && got.len() < count;
+        (got, cut_short)
+    }
+}
+
 fn processes_killed_midway_leave_valid_documents_and_a_usable_store(backend: Backend) {
+    const PER_CHILD: usize = 30;
     let store = TestStore::new(backend);
+    let logs = tempfile::tempdir().expect("tempdir");
     let ipam = store.ipam();
     ipam.create_pool(&pool("small", "10.253.0.0/24", 28))
         .expect("pool");
-    let exe = std::env::current_exe().expect("current_exe");
-    let config = serde_json::to_string(store.config()).expect("config");
-    let mut children: Vec<_> = (0..8)
+    let mut children: Vec<Watched> = (0..8)
         .map(|p| {
-            Command::new(&exe)
-                .args(["--exact", "child_process_entry", "--test-threads=1"])
-                .env(CHILD_WORK, format!("node-{},k{p},30", p % NODES))
-                .env(CHILD_DATASTORE, &config)
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .expect("spawn child")
+            let node = format!("node-{}", p % NODES);
+            Watched::start(&store, logs.path(), &node, &format!("k{p}"), PER_CHILD)
         })
         .collect();
-    // Kill them once they are busy: some addresses are handed out already.
-    tabby_testkit::wait_until("the children to assign", Duration::from_secs(60), || {
-        tabby_ipam::report::Snapshot::load(ipam.datastore())
-            .is_ok_and(|s| s.blocks.iter().map(|b| b.in_use()).sum::<usize>() >= 4)
-    });
-    for child in &mut children {
+    // Kill once every child is under way: each has committed an address.
+    tabby_testkit::wait_until(
+        "every child's first address",
+        Duration::from_secs(60),
+        || children.iter().all(|c| !c.assigned().is_empty()),
+    );
+    for c in &mut children {
         // SIGKILL: no chance to finish a write or clean up.
-        let _ = child.kill();
-        let _ = child.wait();
+        let _ = c.child.kill();
     }
+    let mut reported = Vec::new();
+    let mut cut_short = 0;
+    for c in children {
+        let (got, short) = c.finish(PER_CHILD);
+        cut_short += usize::from(short);
+        reported.extend(got);
+    }
+    assert!(
+        cut_short > 0,
+        "every child finished before the kill: nothing was cut short"
+    );
+    assert_distinct(&reported);
     store.assert_documents_valid();
-    // Every node can still assign (pending claims of the dead are resolved),
-    // and nothing handed out collides with what the dead processes got.
+    // What a child reported it got is committed, even though it was killed.
     let snapshot = tabby_ipam::report::Snapshot::load(ipam.datastore()).expect("snapshot");
     let taken: HashSet<IpAddr> = snapshot
         .blocks
         .iter()
         .flat_map(|b| b.allocated().map(|(ip, _)| ip))
         .collect();
+    let lost: Vec<&IpAddr> = reported.iter().filter(|ip| !taken.contains(ip)).collect();
+    assert!(lost.is_empty(), "reported but not in the store: {lost:?}");
+    // Every node can still assign (pending claims of the dead are resolved),
+    // and nothing handed out collides with what the dead processes got.
     for node in 0..NODES {
         let ip = ipam
             .assign(&v4(&format!("after-{node}"), &format!("node-{node}")))
             .expect("assign")[0]
             .ip();
-        assert!(!taken.contains(&ip));
+        assert!(!taken.contains(&ip), "{ip} handed out twice");
     }
     store.assert_documents_valid();
 }

@@ -13,7 +13,7 @@ use support::*;
 
 #[test]
 fn pods_on_the_same_node_reach_each_other_and_down_leaves_nothing_behind() {
-    if !is_root() {
+    if !require_root("pods_on_the_same_node_reach_each_other_and_down_leaves_nothing_behind") {
         return;
     }
     let lab = TestLab::new("e");
@@ -79,7 +79,7 @@ fn pods_on_the_same_node_reach_each_other_and_down_leaves_nothing_behind() {
 
 #[test]
 fn down_cleans_up_after_up_is_killed_half_way() {
-    if !is_root() {
+    if !require_root("down_cleans_up_after_up_is_killed_half_way") {
         return;
     }
     let lab = TestLab::with_idle_agents("k");
@@ -171,7 +171,7 @@ fn all_pods_reach_each_other(lab: &TestLab, pods: &[&str]) {
 
 #[test]
 fn pods_on_different_nodes_reach_each_other_and_survive_an_agent_crash() {
-    if !is_root() {
+    if !require_root("pods_on_different_nodes_reach_each_other_and_survive_an_agent_crash") {
         return;
     }
     let lab = TestLab::new("x");

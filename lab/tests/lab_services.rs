@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::*;
+use tabby_testkit::eventually_every;
 
 const CLUSTER_IP: &str = "10.96.0.10";
 
@@ -111,7 +112,9 @@ fn up(tag: &str, pods_per_node: &str) -> TestLab {
 
 #[test]
 fn a_cluster_ip_spreads_requests_from_every_node_over_all_endpoints_and_hairpins() {
-    if !is_root() {
+    if !require_root(
+        "a_cluster_ip_spreads_requests_from_every_node_over_all_endpoints_and_hairpins",
+    ) {
         return;
     }
     let lab = up("c", "1");
@@ -153,7 +156,7 @@ fn a_cluster_ip_spreads_requests_from_every_node_over_all_endpoints_and_hairpins
 
 #[test]
 fn session_affinity_keeps_a_client_on_one_endpoint_until_the_timeout() {
-    if !is_root() {
+    if !require_root("session_affinity_keeps_a_client_on_one_endpoint_until_the_timeout") {
         return;
     }
     let lab = up("a", "1");
@@ -170,26 +173,28 @@ fn session_affinity_keeps_a_client_on_one_endpoint_until_the_timeout() {
     assert_eq!(hosts.values().sum::<u32>(), 100);
     let sticky = hosts.keys().next().unwrap().clone();
     assert!(nat_rules(&lab, "node-1").contains("--rcheck --seconds 5 --reap"));
-    // Every request refreshes the entry; only a 5 s silence lets the client
-    // move. Each new choice stays with 1/3: ten tries all staying is 1 in 59049.
-    let mut moved = false;
-    for _ in 0..10 {
-        std::thread::sleep(Duration::from_millis(5500));
+    // Every request refreshes the client's entry, so only a 5 s silence lets
+    // it move: probe with one request until it lands elsewhere, each probe
+    // after the timeout has run out since the last one. Each new choice
+    // stays with 1/3; failing to move in the ~10 probes of the deadline is
+    // about 1 in 59049.
+    let mut probes = Vec::new();
+    let moved = eventually_every(Duration::from_secs(60), Duration::from_millis(5200), || {
         let (hosts, _) = requests(&lab, "node-1-pod1", url, 1);
-        if hosts.keys().any(|h| *h != sticky) {
-            moved = true;
-            break;
-        }
-    }
+        probes.push(hosts.keys().next().cloned().unwrap_or_default());
+        hosts.keys().any(|h| *h != sticky)
+    });
     assert!(
         moved,
-        "the client never left {sticky} after the affinity timeout"
+        "the client never left {sticky} after the affinity timeout; probes: {probes:?}"
     );
 }
 
 #[test]
 fn node_ports_answer_outside_clients_on_every_node_and_local_policy_keeps_their_address() {
-    if !is_root() {
+    if !require_root(
+        "node_ports_answer_outside_clients_on_every_node_and_local_policy_keeps_their_address",
+    ) {
         return;
     }
     let lab = up("n", "1");
@@ -241,7 +246,7 @@ fn node_ports_answer_outside_clients_on_every_node_and_local_policy_keeps_their_
 
 #[test]
 fn a_service_without_endpoints_is_rejected_at_once() {
-    if !is_root() {
+    if !require_root("a_service_without_endpoints_is_rejected_at_once") {
         return;
     }
     let lab = up("r", "1");
@@ -257,7 +262,7 @@ fn a_service_without_endpoints_is_rejected_at_once() {
 
 #[test]
 fn a_deleted_endpoint_pod_leaves_the_rotation_within_a_second() {
-    if !is_root() {
+    if !require_root("a_deleted_endpoint_pod_leaves_the_rotation_within_a_second") {
         return;
     }
     let lab = up("d", "1");

@@ -119,14 +119,10 @@ fn node_status(lab: &Lab) -> String {
     out
 }
 
-fn wait(what: &str, deadline: Duration, lab: &Lab, mut check: impl FnMut() -> bool) {
-    let end = Instant::now() + deadline;
-    while !check() {
-        if Instant::now() >= end {
-            let log = std::fs::read_to_string(lab.dir.join("agent.log")).unwrap_or_default();
-            panic!("timed out waiting for {what}; agent log:\n{log}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
+fn wait(what: &str, deadline: Duration, lab: &Lab, check: impl FnMut() -> bool) {
+    if !tabby_testkit::eventually(deadline, check) {
+        let log = std::fs::read_to_string(lab.dir.join("agent.log")).unwrap_or_default();
+        panic!("timed out after {deadline:?} waiting for {what}; agent log:\n{log}");
     }
 }
 

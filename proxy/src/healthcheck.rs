@@ -354,12 +354,29 @@ mod tests {
         Ok(out)
     }
 
-    /// A free loopback port (bound then released).
+    /// A port the kernel just found free (bound then released): another
+    /// process may take it before the server binds it, so use it through
+    /// [`serve_on_a_free_port`].
     fn free_port() -> u16 {
         std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .unwrap()
+    }
+
+    /// Makes `server` serve one check with `n` endpoints on a free port and
+    /// returns the port; when another process took the port between the
+    /// probe and the server's bind (the update leaves it unbound), tries
+    /// another one.
+    fn serve_on_a_free_port(server: &mut HealthCheckServer, n: usize) -> u16 {
+        for _ in 0..20 {
+            let port = free_port();
+            server.update(vec![check(port, n)]);
+            if server.ports() == [port] {
+                return port;
+            }
+        }
+        panic!("no free loopback port could be bound in 20 tries");
     }
 
     fn check(port: u16, n: usize) -> HealthCheck {
@@ -372,9 +389,8 @@ mod tests {
 
     #[tokio::test]
     async fn ports_answer_200_or_503_and_counts_change_without_rebinding() {
-        let port = free_port();
         let mut server = HealthCheckServer::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
-        server.update(vec![check(port, 0)]);
+        let port = serve_on_a_free_port(&mut server, 0);
         let out = get(port).await.unwrap();
         assert!(out.starts_with("HTTP/1.1 503 "), "{out}");
         assert!(out.contains("\"localEndpoints\": 0"), "{out}");
@@ -400,9 +416,8 @@ mod tests {
 
     #[tokio::test]
     async fn removing_a_port_closes_its_listener() {
-        let port = free_port();
         let mut server = HealthCheckServer::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
-        server.update(vec![check(port, 1)]);
+        let port = serve_on_a_free_port(&mut server, 1);
         assert!(get(port).await.unwrap().starts_with("HTTP/1.1 200"));
         server.update(vec![]);
         assert!(server.ports().is_empty());

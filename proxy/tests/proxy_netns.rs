@@ -1,11 +1,9 @@
 //! Root tests: program real tables in a fresh network namespace with both
 //! backends, then a partial update, and read them back with iptables-save.
-//! Skipped (with a note) when not run as root.
+//! They need root and the backend's programs (testkit's `require_root`).
 
 mod proxy_support;
 
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use proxy_support::{load, node, parse_objects};
@@ -14,59 +12,17 @@ use tabby_proxy::iptables::{Backend, Iptables};
 use tabby_proxy::model::ServiceKey;
 use tabby_proxy::proxier::{Proxier, ProxyEvent, SyncConfig};
 use tabby_proxy::ProxyOptions;
+use tabby_testkit::{require_programs, require_root, Netns};
 
-/// A network namespace deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new() -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "tabby-px-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        );
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("run ip")
-            .success();
-        assert!(ok, "ip netns add {name}");
-        Netns(name)
-    }
-    fn path(&self) -> String {
-        format!("/run/netns/{}", self.0)
-    }
-    fn save(&self, backend: Backend, table: &str) -> String {
-        let out = Command::new("nsenter")
-            .arg(format!("--net={}", self.path()))
-            .arg(backend.save_program())
-            .args(["-t", table])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
+/// `iptables-save -t TABLE` of `backend` inside `ns`.
+fn save(ns: &Netns, backend: Backend, table: &str) -> String {
+    ns.exec_ok(&backend.save_program(), &["-t", table])
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn is_root() -> bool {
-    // The effective UID is the third field of the Uid: line.
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
+/// Whether the test can run: root and both programs of `backend`.
+fn ready(test: &str, backend: Backend) -> bool {
+    require_root(test)
+        && require_programs(test, &[&backend.save_program(), &backend.restore_program()])
 }
 
 const HELLO_TWO_LEFT: &str = r#"
@@ -88,10 +44,10 @@ fn chains(save: &str) -> Vec<String> {
 }
 
 fn full_then_partial(backend: Backend) {
-    let ns = Netns::new();
+    let ns = Netns::new("tpx");
     let ipt = Iptables::new(backend).in_netns(ns.path());
     let ct = ConntrackCli {
-        netns: Some(ns.path().into()),
+        netns: Some(ns.path()),
     };
     let mut p = Proxier::new(
         node(),
@@ -118,7 +74,7 @@ fn full_then_partial(backend: Backend) {
     let t0 = Instant::now();
     assert!(p.sync(t0).expect("full sync").full);
 
-    let nat = ns.save(backend, "nat");
+    let nat = save(&ns, backend, "nat");
     let have = chains(&nat);
     for c in [
         "TABBY-SERVICES",
@@ -139,7 +95,7 @@ fn full_then_partial(backend: Backend) {
         ),
         "{nat}"
     );
-    let filter = ns.save(backend, "filter");
+    let filter = save(&ns, backend, "filter");
     assert!(filter.contains("has no endpoints"), "{filter}");
 
     // Partial: delete the affinity service, drop one hello endpoint.
@@ -152,7 +108,7 @@ fn full_then_partial(backend: Backend) {
     let r = p.sync(t0 + Duration::from_secs(2)).expect("partial sync");
     assert!(!r.full);
 
-    let nat = ns.save(backend, "nat");
+    let nat = save(&ns, backend, "nat");
     let have = chains(&nat);
     let removed_ep =
         tabby_proxy::names::sep_chain("default/hello-service", "tcp", "10.244.1.3:8080");
@@ -177,10 +133,10 @@ fn full_then_partial(backend: Backend) {
     // A forced full resync does not duplicate the jump rules.
     p.apply_event(ProxyEvent::FullSync);
     assert!(p.sync(t0 + Duration::from_secs(4)).unwrap().full);
-    let nat = ns.save(backend, "nat");
+    let nat = save(&ns, backend, "nat");
     assert_eq!(nat.matches("-A PREROUTING").count(), 1, "{nat}");
     assert_eq!(
-        ns.save(backend, "filter")
+        save(&ns, backend, "filter")
             .matches("-j TABBY-FORWARD")
             .count(),
         1
@@ -194,8 +150,10 @@ mod proxy {
 
     #[test]
     fn legacy_backend_applies_full_then_partial_syncs() {
-        if !is_root() {
-            eprintln!("skipped: needs root");
+        if !ready(
+            "legacy_backend_applies_full_then_partial_syncs",
+            Backend::Legacy,
+        ) {
             return;
         }
         full_then_partial(Backend::Legacy);
@@ -203,8 +161,7 @@ mod proxy {
 
     #[test]
     fn nft_backend_applies_full_then_partial_syncs() {
-        if !is_root() {
-            eprintln!("skipped: needs root");
+        if !ready("nft_backend_applies_full_then_partial_syncs", Backend::Nft) {
             return;
         }
         full_then_partial(Backend::Nft);

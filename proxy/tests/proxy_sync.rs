@@ -2,6 +2,7 @@
 
 mod proxy_support;
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use proxy_support::{load, node, parse_objects};
@@ -34,6 +35,23 @@ impl Dataplane for FakeDataplane {
             });
         }
         self.payloads.push(payload.to_string());
+        Ok(())
+    }
+}
+
+/// Records each restored payload with the (tokio) time it was applied.
+#[derive(Default)]
+struct Recording {
+    syncs: Arc<Mutex<Vec<(tokio::time::Instant, String)>>>,
+}
+
+impl Dataplane for Recording {
+    fn save(&mut self) -> Result<String> {
+        Ok(String::new())
+    }
+    fn restore(&mut self, payload: &str) -> Result<()> {
+        let now = tokio::time::Instant::now();
+        self.syncs.lock().unwrap().push((now, payload.to_string()));
         Ok(())
     }
 }
@@ -253,27 +271,64 @@ mod proxy {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn run_loop_syncs_on_events_with_the_minimum_period() {
-        let p = proxier();
+    async fn changes_within_the_minimum_period_coalesce_into_one_sync_and_a_later_change_syncs_at_once(
+    ) {
+        let cfg = SyncConfig {
+            min_sync_period: Duration::from_secs(1),
+            max_sync_period: Duration::from_secs(30),
+            full_resync_period: Duration::from_secs(300),
+        };
+        let dataplane = Recording::default();
+        let syncs = Arc::clone(&dataplane.syncs);
+        let p = Proxier::new(
+            node(),
+            ProxyOptions::default(),
+            cfg,
+            dataplane,
+            NoConntrack::default(),
+        );
         let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let t0 = tokio::time::Instant::now();
         let task = tokio::spawn(p.run(rx));
         let (services, slices) = parse_objects(DNS);
+        let (_, one_left) = parse_objects(DNS_ONE_LEFT);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+
+        // Two changes 100 ms and 300 ms after the first sync (at t0)...
+        tokio::time::sleep_until(at(100)).await;
         tx.send(ProxyEvent::ServiceUpsert(Box::new(services[0].clone())))
             .await
             .unwrap();
+        tokio::time::sleep_until(at(300)).await;
         tx.send(ProxyEvent::SliceUpsert(Box::new(slices[0].clone())))
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        // ... and one 1.5 s after the second sync, when the period has run out.
+        tokio::time::sleep_until(at(2500)).await;
+        tx.send(ProxyEvent::SliceUpsert(Box::new(one_left[0].clone())))
+            .await
+            .unwrap();
+        tokio::time::sleep_until(at(3000)).await;
         drop(tx);
-        let mut p = task.await.unwrap();
-        assert!(p.metrics().full_syncs() >= 1);
-        let last = p.dataplane_mut().payloads.last().unwrap().clone();
-        assert!(last.contains("10.96.0.10/32"), "{last}");
+        let p = task.await.unwrap();
+
+        // The clock is paused: the loop wakes exactly at its deadlines.
+        let syncs = syncs.lock().unwrap().clone();
+        let times: Vec<Duration> = syncs.iter().map(|(t, _)| *t - t0).collect();
+        assert_eq!(
+            times,
+            [0, 1000, 2500].map(Duration::from_millis),
+            "syncs at the start, one min_sync_period after it (both changes), and at once for the late change"
+        );
+        let second = &syncs[1].1;
+        let gone = tabby_proxy::names::sep_chain("kube-system/dns:dns", "udp", "10.244.2.53:53");
+        assert!(second.contains("10.96.0.10/32"), "{second}");
+        assert!(second.contains(&format!(":{gone} - [0:0]")), "{second}");
+        let third = &syncs[2].1;
+        assert!(third.contains(&format!("-X {gone}\n")), "{third}");
         assert_eq!(p.applied().unwrap().ports.len(), 1);
-        let deletes = p.metrics().conntrack_deletes();
         assert!(
-            deletes >= 1,
+            p.metrics().conntrack_deletes() >= 1,
             "new UDP service flushes its cluster IP entries"
         );
     }

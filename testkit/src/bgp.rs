@@ -44,10 +44,15 @@ pub struct Lab {
 }
 
 impl Lab {
-    /// A fresh pair of namespaces; `None` when the test is skipped (no root
-    /// and `TABBY_ALLOW_SKIP=1`; without it the test fails).
+    /// A fresh pair of namespaces; `None` when the running test is skipped
+    /// (no root, or BIRD or GoBGP missing, and `TABBY_ALLOW_SKIP=1`; without
+    /// it the test fails). Both daemons are required whichever the test
+    /// runs: `scripts/setup.sh` installs them together.
     pub fn new() -> Option<Lab> {
-        if !crate::require_root("bgp interop") {
+        let test = crate::current_test();
+        if !crate::require_root(&test)
+            || !crate::require_programs(&test, &["bird", "birdc", "gobgpd", "gobgp"])
+        {
             return None;
         }
         let (tabby, peer) = (Netns::new("tbgt"), Netns::new("tbgp"));

@@ -8,6 +8,8 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
+use crate::Netns;
+
 /// The output of one plugin run.
 #[derive(Debug, Clone)]
 pub struct PluginRun {
@@ -92,8 +94,13 @@ impl<'a> Call<'a> {
         )
     }
 
-    /// Runs the plugin inside the namespace at `node` (as the runtime on
-    /// that node would) with `conf` on stdin.
+    /// Runs the plugin inside `node` (as the runtime on that node would)
+    /// with `conf` on stdin.
+    pub fn run(&self, node: &Netns, conf: &[u8]) -> PluginRun {
+        self.run_in(&node.path(), conf)
+    }
+
+    /// Runs the plugin inside the namespace at `node` with `conf` on stdin.
     pub fn run_in(&self, node: &Path, conf: &[u8]) -> PluginRun {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", node.display()))

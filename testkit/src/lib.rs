@@ -1,9 +1,13 @@
 //! Tabby's test kit (a dev-dependency only): the one place for what every
 //! root test needs.
 //!
-//! - [`require_root`]: a test that needs root fails without it, unless
-//!   `TABBY_ALLOW_SKIP=1` (then it prints `SKIP <test>: …` and is counted as
-//!   skipped by `scripts/test.sh`).
+//! - [`require_root`], [`require_programs`], [`skip_or_fail`]: a test that
+//!   cannot run fails, unless `TABBY_ALLOW_SKIP=1` (then it prints
+//!   `SKIP <test>: …` and `scripts/test.sh` counts it as skipped).
+//!
+//! Every helper here fails the test (panics, with the command and its
+//! stderr) instead of returning a `Result`: tests read as straight lines of
+//! steps and assertions.
 //! - [`unique`]: names unique to the process and call (namespaces, links).
 //! - [`netns::Netns`]: a named network namespace deleted on drop, also on panic.
 //! - [`poll`]: waiting for a condition with a deadline, never for a fixed time.
@@ -21,11 +25,11 @@ pub mod netns;
 pub mod poll;
 pub mod trace;
 
-use std::process::Command;
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-pub use netns::Netns;
-pub use poll::{eventually, poll_until, wait_for_message, wait_until};
+pub use netns::{Netns, NetnsSet};
+pub use poll::{eventually, eventually_every, poll_until, wait_for_message, wait_until};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -41,16 +45,21 @@ pub fn unique(prefix: &str) -> String {
 
 /// Runs a command; fails the test with its stderr when it fails; returns stdout.
 pub fn sh(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("run {cmd}: {e}"));
+    let out = run_ok(Command::new(cmd).args(args));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `cmd` to completion; fails the test (naming the command, its exit
+/// status and stderr) unless it exits with 0.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
-        "{cmd} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        "{cmd:?} exited with {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
     );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    out
 }
 
 /// Whether the process runs as root (effective UID 0, from /proc/self/status).
@@ -76,15 +85,78 @@ pub fn require_root(test: &str) -> bool {
     skip_or_fail(test, "needs root (network namespaces)")
 }
 
-/// Like [`require_root`] for any missing precondition (a binary, a kernel
-/// feature): fails unless `TABBY_ALLOW_SKIP=1`, then prints `SKIP`.
-pub fn skip_or_fail(test: &str, why: &str) -> bool {
-    if std::env::var("TABBY_ALLOW_SKIP").as_deref() == Ok("1") {
-        eprintln!("SKIP {test}: {why}");
-        println!("SKIP {test}: {why}");
-        return false;
+/// Whether `program` is an executable file: a path as given, else a name
+/// looked up on `PATH` (as `Command` does).
+pub fn has_program(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        return executable(std::path::Path::new(program));
     }
-    panic!("{test} cannot run: {why} (set TABBY_ALLOW_SKIP=1 to count it as skipped instead)");
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| executable(&dir.join(program))))
+}
+
+/// Call first in a test that runs outside programs (daemons, reference
+/// plugins): `true` when every one of `programs` is there, else
+/// [`skip_or_fail`] naming the missing ones.
+pub fn require_programs(test: &str, programs: &[&str]) -> bool {
+    let missing: Vec<&str> = programs
+        .iter()
+        .copied()
+        .filter(|p| !has_program(p))
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    skip_or_fail(
+        test,
+        &format!(
+            "needs {} (bash scripts/setup.sh installs them)",
+            missing.join(", ")
+        ),
+    )
+}
+
+/// The name libtest gives the running test (the name of its thread), for
+/// helpers that check a precondition on a test's behalf.
+pub fn current_test() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("unnamed test")
+        .to_string()
+}
+
+/// Like [`require_root`] for any missing precondition (a binary, a kernel
+/// feature): fails unless `TABBY_ALLOW_SKIP=1`. With it, prints
+/// `SKIP <test>: <why>` on stdout and stderr, appends that line to the file
+/// named by `TABBY_SKIP_LOG` (what `scripts/test.sh` counts: libtest
+/// captures a passing test's output) and returns `false`.
+pub fn skip_or_fail(test: &str, why: &str) -> bool {
+    if std::env::var("TABBY_ALLOW_SKIP").as_deref() != Ok("1") {
+        panic!("{test} cannot run: {why} (set TABBY_ALLOW_SKIP=1 to count it as skipped instead)");
+    }
+    let line = format!("SKIP {test}: {why}");
+    eprintln!("{line}");
+    println!("{line}");
+    if let Some(log) = std::env::var_os("TABBY_SKIP_LOG") {
+        // One write of one line with O_APPEND: test binaries running in
+        // parallel never interleave their lines.
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()));
+        if let Err(e) = appended {
+            panic!(
+                "{test}: append to TABBY_SKIP_LOG {}: {e}",
+                log.to_string_lossy()
+            );
+        }
+    }
+    false
 }
 
 /// An error and its sources, `: `-separated (for test failure messages).

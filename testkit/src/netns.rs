@@ -1,9 +1,11 @@
 //! A named network namespace (`ip netns add`) that is deleted, with
 //! everything in it, when the guard drops — also when the test panics.
 
+use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
+use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 
 use nix::fcntl::{Flock, FlockArg};
@@ -47,7 +49,11 @@ pub struct Netns {
 impl Netns {
     /// Creates `<prefix><pid>x<n>` (see [`unique`]).
     pub fn new(prefix: &str) -> Self {
-        let name = unique(prefix);
+        Self::named(unique(prefix))
+    }
+
+    /// Creates the namespace `name` exactly (the caller keeps it unique).
+    pub fn named(name: String) -> Self {
         {
             let _lock = lock();
             sh("ip", &["netns", "add", &name]);
@@ -84,12 +90,20 @@ impl Netns {
         sh("ip", &full)
     }
 
-    /// Runs `cmd ARGS` inside the namespace (through nsenter, which leaves
-    /// /sys and the cgroup mounts alone) and returns its output.
+    /// A command that runs `program` inside the namespace: `nsenter
+    /// --net=PATH PROGRAM`, which leaves /sys and the cgroup mounts alone
+    /// (unlike `ip netns exec`) and execs the program (same pid).
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.path().display()))
+            .arg(program);
+        cmd
+    }
+
+    /// Runs `cmd ARGS` inside the namespace (see [`Netns::command`]) and
+    /// returns its output.
     pub fn exec(&self, cmd: &str, args: &[&str]) -> Output {
-        Command::new("nsenter")
-            .arg(format!("--net={}", self.path().display()))
-            .arg(cmd)
+        self.command(cmd)
             .args(args)
             .output()
             .unwrap_or_else(|e| panic!("exec {cmd} in {}: {e}", self.name))
@@ -145,6 +159,76 @@ impl Drop for Netns {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .output();
+    }
+}
+
+/// Many namespaces `<prefix>-0` … `<prefix>-<count-1>` made and deleted in
+/// one `ip -batch` each (hundreds of pods for a benchmark). Unlike
+/// [`Netns`], their `lo` stays down.
+#[derive(Debug)]
+pub struct NetnsSet {
+    prefix: String,
+    count: usize,
+}
+
+impl NetnsSet {
+    /// Creates the namespaces; `prefix` must be unique (see [`unique`]).
+    pub fn new(prefix: String, count: usize) -> Self {
+        let set = Self { prefix, count };
+        let out = set.batch("add");
+        assert!(
+            out.status.success(),
+            "ip -batch netns add {}-*: {}",
+            set.prefix,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        set
+    }
+
+    /// The path of namespace `i`.
+    pub fn path(&self, i: usize) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}-{i}", self.prefix))
+    }
+
+    /// The paths as a pattern with `%d` for the index.
+    pub fn pattern(&self) -> String {
+        format!("/run/netns/{}-%d", self.prefix)
+    }
+
+    /// How many there are.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    fn batch(&self, verb: &str) -> Output {
+        let script: String = (0..self.count)
+            .map(|i| format!("netns {verb} {}-{i}\n", self.prefix))
+            .collect();
+        let _lock = lock();
+        let mut child = Command::new("ip")
+            .args(["-force", "-batch", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("run ip -batch: {e}"));
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        stdin
+            .write_all(script.as_bytes())
+            .unwrap_or_else(|e| panic!("write to ip -batch: {e}"));
+        drop(stdin);
+        child.wait_with_output().expect("wait for ip -batch")
+    }
+}
+
+impl Drop for NetnsSet {
+    fn drop(&mut self) {
+        let _ = self.batch("del");
     }
 }
 

@@ -7,16 +7,28 @@ use std::time::{Duration, Instant};
 pub const INTERVAL: Duration = Duration::from_millis(20);
 
 /// Polls `check` until it holds (returns `true`) or `timeout` passes (`false`).
-pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+pub fn eventually(timeout: Duration, check: impl FnMut() -> bool) -> bool {
+    eventually_every(timeout, INTERVAL, check)
+}
+
+/// [`eventually`] with `interval` between the end of one check and the start
+/// of the next: for a check that disturbs what it observes (a probe that
+/// refreshes a timer must wait out that timer first).
+pub fn eventually_every(
+    timeout: Duration,
+    interval: Duration,
+    mut check: impl FnMut() -> bool,
+) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if check() {
             return true;
         }
-        if Instant::now() >= deadline {
+        let now = Instant::now();
+        if now >= deadline {
             return false;
         }
-        std::thread::sleep(INTERVAL);
+        std::thread::sleep(interval.min(deadline - now));
     }
 }
 
@@ -77,5 +89,23 @@ mod tests {
             n == 3
         }));
         assert!(!eventually(Duration::from_millis(50), || false));
+    }
+
+    #[test]
+    fn eventually_every_leaves_the_interval_between_checks_and_checks_once_more_at_the_deadline() {
+        let mut at = Vec::new();
+        let start = Instant::now();
+        assert!(!eventually_every(
+            Duration::from_millis(250),
+            Duration::from_millis(100),
+            || {
+                at.push(start.elapsed());
+                false
+            }
+        ));
+        // Sleeps never end early: at most 0, 100, 200 and 250 ms; a slow
+        // machine only makes fewer checks, and the last is at the deadline.
+        assert!((2..=4).contains(&at.len()), "{at:?}");
+        assert!(*at.last().unwrap() >= Duration::from_millis(250), "{at:?}");
     }
 }

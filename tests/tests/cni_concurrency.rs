@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use tabby_ipam::{AffinityState, Block, BlockAffinity, Datastore, FileDatastore};
-use tabby_tests::{all_json, Call, Node};
+use tabby_tests::{all_json, require_root, Call, Node};
 
 fn parallel<T: Send + 'static>(n: usize, f: impl Fn(usize) -> T + Send + Sync + 'static) -> Vec<T> {
     let f = Arc::new(f);
@@ -23,6 +23,11 @@ fn parallel<T: Send + 'static>(n: usize, f: impl Fn(usize) -> T + Send + Sync + 
 
 #[test]
 fn sixty_four_concurrent_adds_on_one_node_get_distinct_addresses_and_del_cleans_up() {
+    if !require_root(
+        "sixty_four_concurrent_adds_on_one_node_get_distinct_addresses_and_del_cleans_up",
+    ) {
+        return;
+    }
     let node = Arc::new(Node::new());
     let conf = Arc::new(node.conf("1.1.0", "10.244.0.0/16", 26));
     let n2 = Arc::clone(&node);
@@ -49,6 +54,9 @@ fn sixty_four_concurrent_adds_on_one_node_get_distinct_addresses_and_del_cleans_
 
 #[test]
 fn four_nodes_racing_for_blocks_of_a_small_pool_never_share_a_block() {
+    if !require_root("four_nodes_racing_for_blocks_of_a_small_pool_never_share_a_block") {
+        return;
+    }
     let shared = tempfile::tempdir().unwrap();
     let store = shared.path().join("datastore");
     // /26 in /29 blocks: 8 blocks of 8 addresses; 4 nodes x 12 pods need 2 blocks each.

@@ -2,7 +2,7 @@
 //! it found it: no veth, no route, no allocation.
 
 use serde_json::{json, Value};
-use tabby_tests::{Call, Netns, Node};
+use tabby_tests::{require_root, Call, Netns, Node};
 
 /// What a failed ADD must not leave behind.
 fn assert_untouched(node: &Node, pod: Option<&Netns>) {
@@ -28,6 +28,9 @@ fn add(node: &Node, pod: &Netns, conf: &[u8]) -> tabby_tests::PluginRun {
 
 #[test]
 fn malformed_json_is_code_6_and_changes_nothing() {
+    if !require_root("malformed_json_is_code_6_and_changes_nothing") {
+        return;
+    }
     let node = Node::new();
     let pod = Netns::new("tbp");
     let run = add(&node, &pod, b"{\"cniVersion\": \"1.1.0\", \"name\": ");
@@ -38,6 +41,9 @@ fn malformed_json_is_code_6_and_changes_nothing() {
 
 #[test]
 fn missing_fields_and_broken_ipam_sections_are_code_7() {
+    if !require_root("missing_fields_and_broken_ipam_sections_are_code_7") {
+        return;
+    }
     let node = Node::new();
     let pod = Netns::new("tbp");
     let no_name = json!({"cniVersion": "1.1.0", "type": "tabby"});
@@ -56,6 +62,9 @@ fn missing_fields_and_broken_ipam_sections_are_code_7() {
 
 #[test]
 fn an_unknown_cni_version_is_code_1() {
+    if !require_root("an_unknown_cni_version_is_code_1") {
+        return;
+    }
     let node = Node::new();
     let pod = Netns::new("tbp");
     let run = add(
@@ -76,6 +85,9 @@ fn an_unknown_cni_version_is_code_1() {
 
 #[test]
 fn a_bad_netns_path_is_code_3() {
+    if !require_root("a_bad_netns_path_is_code_3") {
+        return;
+    }
     let node = Node::new();
     let conf = node.conf("1.1.0", "10.244.0.0/16", 26);
     let run = Call::tabby("ADD", "c1", "/run/netns/does-not-exist-tabby")
@@ -86,6 +98,9 @@ fn a_bad_netns_path_is_code_3() {
 
 #[test]
 fn an_interface_name_over_15_characters_is_code_4() {
+    if !require_root("an_interface_name_over_15_characters_is_code_4") {
+        return;
+    }
     let node = Node::new();
     let pod = Netns::new("tbp");
     let conf = node.conf("1.1.0", "10.244.0.0/16", 26);
@@ -99,6 +114,9 @@ fn an_interface_name_over_15_characters_is_code_4() {
 
 #[test]
 fn an_exhausted_pool_is_code_100_and_the_failed_pod_leaves_nothing() {
+    if !require_root("an_exhausted_pool_is_code_100_and_the_failed_pod_leaves_nothing") {
+        return;
+    }
     let node = Node::new();
     let conf = node.conf("1.1.0", "10.251.0.0/30", 30);
     let pods: Vec<_> = (0..4).map(|_| node.add_pod(&conf)).collect();
@@ -117,6 +135,9 @@ fn an_exhausted_pool_is_code_100_and_the_failed_pod_leaves_nothing() {
 
 #[test]
 fn a_failure_after_the_veth_exists_rolls_back_the_veth_routes_and_allocation() {
+    if !require_root("a_failure_after_the_veth_exists_rolls_back_the_veth_routes_and_allocation") {
+        return;
+    }
     let node = Node::new();
     let pod = Netns::new("tbp");
     // The pod already routes 169.254.1.1 elsewhere, so adding the gateway
@@ -136,6 +157,9 @@ fn a_failure_after_the_veth_exists_rolls_back_the_veth_routes_and_allocation() {
 
 #[test]
 fn an_unusable_datastore_is_code_5_with_its_path_in_the_message() {
+    if !require_root("an_unusable_datastore_is_code_5_with_its_path_in_the_message") {
+        return;
+    }
     let node = Node::new();
     let pod = Netns::new("tbp");
     let file = node.dir.path().join("not-a-dir");
@@ -151,6 +175,9 @@ fn an_unusable_datastore_is_code_5_with_its_path_in_the_message() {
 
 #[test]
 fn an_unsupported_datastore_type_is_code_2() {
+    if !require_root("an_unsupported_datastore_type_is_code_2") {
+        return;
+    }
     let node = Node::new();
     let pod = Netns::new("tbp");
     let mut conf = node.conf("1.1.0", "10.244.0.0/16", 26);
@@ -162,6 +189,9 @@ fn an_unsupported_datastore_type_is_code_2() {
 
 #[test]
 fn add_twice_for_one_container_is_refused_without_touching_the_first() {
+    if !require_root("add_twice_for_one_container_is_refused_without_touching_the_first") {
+        return;
+    }
     let node = Node::new();
     let conf = node.conf("1.1.0", "10.244.0.0/16", 26);
     let pod = node.add_pod(&conf);
@@ -175,6 +205,11 @@ fn add_twice_for_one_container_is_refused_without_touching_the_first() {
 
 #[test]
 fn a_datastore_conflict_storm_ends_in_success_or_code_11_never_in_a_half_done_pod() {
+    if !require_root(
+        "a_datastore_conflict_storm_ends_in_success_or_code_11_never_in_a_half_done_pod",
+    ) {
+        return;
+    }
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use tabby_ipam::{Datastore, FileDatastore};

@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 
 use tabby_dataplane::NetNs;
-use tabby_tests::{Call, Netns, Node};
+use tabby_tests::{require_root, Call, Netns, Node};
 
 const VERSIONS: [&str; 4] = ["0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
@@ -41,6 +41,9 @@ fn tcp_works(server: &Netns, server_ip: &str, client: &Netns) -> bool {
 
 #[test]
 fn two_pods_on_one_node_reach_each_other_and_the_host() {
+    if !require_root("two_pods_on_one_node_reach_each_other_and_the_host") {
+        return;
+    }
     let node = Node::new();
     node.ns.ip(&["addr", "add", "10.123.0.1/32", "dev", "lo"]);
     let conf = node.conf("1.1.0", "10.244.0.0/16", 26);
@@ -59,6 +62,9 @@ fn two_pods_on_one_node_reach_each_other_and_the_host() {
 
 #[test]
 fn add_builds_the_calico_data_path() {
+    if !require_root("add_builds_the_calico_data_path") {
+        return;
+    }
     let node = Node::new();
     let conf = node.conf("1.1.0", "10.244.0.0/16", 26);
     let pod = node.add_pod(&conf);
@@ -117,6 +123,9 @@ fn add_builds_the_calico_data_path() {
 
 #[test]
 fn every_cni_version_gets_a_result_in_its_own_format() {
+    if !require_root("every_cni_version_gets_a_result_in_its_own_format") {
+        return;
+    }
     let node = Node::new();
     for v in VERSIONS {
         let pod = node.add_pod(&node.conf(v, "10.244.0.0/16", 26));
@@ -133,6 +142,9 @@ fn every_cni_version_gets_a_result_in_its_own_format() {
 
 #[test]
 fn check_passes_then_fails_when_the_default_route_or_host_route_is_deleted() {
+    if !require_root("check_passes_then_fails_when_the_default_route_or_host_route_is_deleted") {
+        return;
+    }
     let node = Node::new();
     let mut conf = node.conf("1.0.0", "10.244.0.0/16", 26);
     let pod = node.add_pod(&conf);
@@ -175,6 +187,9 @@ fn check_passes_then_fails_when_the_default_route_or_host_route_is_deleted() {
 
 #[test]
 fn del_twice_succeeds_and_leaves_nothing() {
+    if !require_root("del_twice_succeeds_and_leaves_nothing") {
+        return;
+    }
     let node = Node::new();
     let conf = node.conf("1.1.0", "10.244.0.0/16", 26);
     let pod = node.add_pod(&conf);
@@ -190,6 +205,9 @@ fn del_twice_succeeds_and_leaves_nothing() {
 
 #[test]
 fn del_succeeds_when_the_netns_is_already_gone_and_removes_the_host_veth() {
+    if !require_root("del_succeeds_when_the_netns_is_already_gone_and_removes_the_host_veth") {
+        return;
+    }
     let node = Node::new();
     let mut conf = node.conf("1.1.0", "10.244.0.0/16", 26);
     let pod = node.add_pod(&conf);
@@ -208,6 +226,9 @@ fn del_succeeds_when_the_netns_is_already_gone_and_removes_the_host_veth() {
 
 #[test]
 fn version_lists_every_supported_version() {
+    if !require_root("version_lists_every_supported_version") {
+        return;
+    }
     let node = Node::new();
     let run = Call::tabby("VERSION", "", "").run(&node.ns, b"{}");
     assert!(run.ok);
@@ -224,6 +245,9 @@ fn version_lists_every_supported_version() {
 
 #[test]
 fn gc_releases_allocations_not_in_the_valid_list_and_their_veths() {
+    if !require_root("gc_releases_allocations_not_in_the_valid_list_and_their_veths") {
+        return;
+    }
     let node = Node::new();
     let conf = node.conf("1.1.0", "10.244.0.0/16", 26);
     let keep = node.add_pod(&conf);
@@ -249,6 +273,9 @@ fn gc_releases_allocations_not_in_the_valid_list_and_their_veths() {
 
 #[test]
 fn status_reports_available_then_exhausted() {
+    if !require_root("status_reports_available_then_exhausted") {
+        return;
+    }
     let node = Node::new();
     let conf = node.conf("1.1.0", "10.250.0.0/30", 30);
     let status = || Call::tabby("STATUS", "", "").run(&node.ns, conf.to_string().as_bytes());
@@ -261,6 +288,9 @@ fn status_reports_available_then_exhausted() {
 
 #[test]
 fn gc_on_one_node_never_releases_another_nodes_pods_in_a_shared_datastore() {
+    if !require_root("gc_on_one_node_never_releases_another_nodes_pods_in_a_shared_datastore") {
+        return;
+    }
     let a = Node::new();
     let b = Node::new();
     let shared = a.datastore().display().to_string();

@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use intake::{gobgp, load_rib, Daemon, Watcher};
 use rtnl::{nap, Rtnl, PROTO_BIRD, PROTO_TABBY};
-use tabby_conformance::{run, Netns};
+use tabby_testkit::{run_ok, Netns};
 
 const ASN: u32 = 64512;
 const FIRST: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 0);
@@ -151,10 +151,10 @@ fn real_main() -> Result<()> {
     };
     anyhow::ensure!((1..=1 << 20).contains(&n), "--prefixes must be 1..=1048576");
     let together = args.iter().any(|a| a == "--together");
-    if std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self")?) != 0 {
+    if !tabby_testkit::is_root() {
         bail!("needs root (network namespaces)");
     }
-    let release = tabby_conformance::target_dir().join("release");
+    let release = tabby_testkit::bins::target_dir().join("release");
     let (node_bin, ctl_bin) = (release.join("tabby-node"), release.join("tabbyctl"));
     for b in [&node_bin, &ctl_bin] {
         anyhow::ensure!(
@@ -176,9 +176,9 @@ fn real_main() -> Result<()> {
         .prefix("tabby-bgp-intake-")
         .tempdir()?;
     let (g, t, b) = (
-        Netns::new("ib-gobgp")?,
-        Netns::new("ib-tabby")?,
-        Netns::new("ib-bird")?,
+        Netns::new("ib-gobgp"),
+        Netns::new("ib-tabby"),
+        Netns::new("ib-bird"),
     );
     for (ns, dev, mine, peer) in [
         (&t, "to-tabby", GOBGP_T, TABBY),
@@ -195,11 +195,11 @@ fn real_main() -> Result<()> {
             "eth0",
             "netns",
             ns.name(),
-        ])?;
-        g.ip(&["addr", "add", &format!("{mine}/24"), "dev", dev])?;
-        g.ip(&["link", "set", dev, "up"])?;
-        ns.ip(&["addr", "add", &format!("{peer}/24"), "dev", "eth0"])?;
-        ns.ip(&["link", "set", "eth0", "up"])?;
+        ]);
+        g.ip(&["addr", "add", &format!("{mine}/24"), "dev", dev]);
+        g.ip(&["link", "set", dev, "up"]);
+        ns.ip(&["addr", "add", &format!("{peer}/24"), "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
     }
     println!(
         "namespaces: {} (gobgpd), {} (tabby-node), {} (bird); files in {}",
@@ -255,7 +255,7 @@ fn real_main() -> Result<()> {
 
     // 2. The receivers and their kernel watchers.
     let ds = dir.path().join("datastore");
-    run(Command::new(&ctl_bin).arg("--datastore").arg(&ds).args([
+    run_ok(Command::new(&ctl_bin).arg("--datastore").arg(&ds).args([
         "bgp",
         "peer",
         "create",
@@ -265,8 +265,7 @@ fn real_main() -> Result<()> {
         GOBGP_T,
         "--as-number",
         &ASN.to_string(),
-    ]))
-    .context("storing GoBGP as a BGPPeer")?;
+    ]));
     let node_conf = dir.path().join("tabby-node.toml");
     std::fs::write(
         &node_conf,

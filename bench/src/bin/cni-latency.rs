@@ -14,16 +14,13 @@
 //! Run: `cargo run --release -p tabby-bench --bin cni-latency` (as root).
 //! Options: `--pods N` (default 200), `--concurrency K` (32), `--burst M` (100).
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use serde_json::json;
-use tabby_conformance::{
-    cnidriver, conflist, release_dir, tabby_plugin, Driver, Netns, DEBIAN_CNI_DIR,
-};
+use tabby_conformance::{cnidriver, conflist, release_dir, tabby_plugin, Driver, DEBIAN_CNI_DIR};
+use tabby_testkit::{Netns, NetnsSet};
 
 /// One operation's summary line printed by `cnidriver bench`.
 #[derive(Debug, Clone, Deserialize)]
@@ -53,67 +50,19 @@ struct Candidate {
     _dir: tempfile::TempDir,
 }
 
-/// Pod namespaces `<prefix>-0 .. <prefix>-(n-1)`, created and deleted in one
-/// `ip -batch` each.
-struct PodNamespaces {
-    prefix: String,
-    count: usize,
-}
-
-impl PodNamespaces {
-    fn create(prefix: String, count: usize) -> Result<PodNamespaces> {
-        let pods = PodNamespaces { prefix, count };
-        pods.batch("add")?;
-        Ok(pods)
-    }
-
-    fn pattern(&self) -> String {
-        format!("/run/netns/{}-%d", self.prefix)
-    }
-
-    fn batch(&self, verb: &str) -> Result<()> {
-        let script: String = (0..self.count)
-            .map(|i| format!("netns {verb} {}-{i}\n", self.prefix))
-            .collect();
-        let mut child = Command::new("ip")
-            .args(["-force", "-batch", "-"])
-            .stdin(Stdio::piped())
-            .spawn()?;
-        child
-            .stdin
-            .take()
-            .context("ip stdin")?
-            .write_all(script.as_bytes())?;
-        let status = child.wait()?;
-        if !status.success() && verb == "add" {
-            bail!("ip -batch netns add failed");
-        }
-        Ok(())
-    }
-}
-
-impl Drop for PodNamespaces {
-    fn drop(&mut self) {
-        let _ = self.batch("del");
-    }
-}
-
 fn main() -> Result<()> {
     let opts = Opts::parse()?;
-    if !std::fs::read_to_string("/proc/self/status")?
-        .lines()
-        .any(|l| l.starts_with("Uid:\t0\t"))
-    {
+    if !tabby_testkit::is_root() {
         bail!("cni-latency needs root (it creates network namespaces)");
     }
     progress("building/locating the libcni driver and the release binaries");
-    cnidriver()?;
-    let release = release_dir()?;
+    cnidriver();
+    let release = release_dir();
 
     let pid = std::process::id();
     let pod_count = opts.pods.max(opts.burst);
     progress(&format!("creating {pod_count} pod namespaces"));
-    let pods = PodNamespaces::create(format!("tbench{pid}-pod"), pod_count)?;
+    let pods = NetnsSet::new(format!("tbench{pid}-pod"), pod_count);
 
     let candidates = [tabby_candidate(&release, pid)?, baseline_candidate(pid)?];
     for c in &candidates {
@@ -208,9 +157,9 @@ fn progress(msg: &str) {
 /// (a) tabby + tabby-ipam on a fresh file datastore.
 fn tabby_candidate(release: &Path, pid: u32) -> Result<Candidate> {
     let dir = tempfile::tempdir()?;
-    let host = Netns::named(format!("tbench{pid}-host-a"))?;
+    let host = Netns::named(format!("tbench{pid}-host-a"));
     let list = conflist("1.0.0", vec![tabby_plugin(dir.path(), "10.240.0.0/16")]);
-    let driver = Driver::new(&host, dir.path(), &list, &[release])?;
+    let driver = Driver::new(&host, dir.path(), &list, &[release]);
     Ok(Candidate {
         label: "tabby + tabby-ipam",
         host,
@@ -222,7 +171,7 @@ fn tabby_candidate(release: &Path, pid: u32) -> Result<Candidate> {
 /// (b) Debian's ptp + host-local.
 fn baseline_candidate(pid: u32) -> Result<Candidate> {
     let dir = tempfile::tempdir()?;
-    let host = Netns::named(format!("tbench{pid}-host-b"))?;
+    let host = Netns::named(format!("tbench{pid}-host-b"));
     let plugin = json!({
         "type": "ptp", "mtu": 1450, "ipMasq": false,
         "ipam": {"type": "host-local", "dataDir": dir.path().join("host-local"),
@@ -233,7 +182,7 @@ fn baseline_candidate(pid: u32) -> Result<Candidate> {
         dir.path(),
         &conflist("1.0.0", vec![plugin]),
         &[Path::new(DEBIAN_CNI_DIR)],
-    )?;
+    );
     Ok(Candidate {
         label: "ptp + host-local",
         host,
@@ -245,7 +194,7 @@ fn baseline_candidate(pid: u32) -> Result<Candidate> {
 /// Runs `cnidriver bench` for one scenario and parses its two summary lines.
 fn measure(
     c: &Candidate,
-    pods: &PodNamespaces,
+    pods: &NetnsSet,
     count: usize,
     concurrency: usize,
     tag: &str,

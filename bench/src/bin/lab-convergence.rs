@@ -375,10 +375,10 @@ fn real_main() -> Result<()> {
         }
     };
     let (nodes, runs) = (flag("--nodes", 10)?, flag("--runs", 3)?.max(1));
-    if std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self")?) != 0 {
+    if !tabby_testkit::is_root() {
         bail!("needs root (network namespaces)");
     }
-    let release = tabby_conformance::target_dir().join("release");
+    let release = tabby_testkit::bins::target_dir().join("release");
     for bin in ["tabby-lab", "tabby-node", "tabby", "tabbyctl"] {
         if !release.join(bin).is_file() {
             bail!("{} is missing: cargo build --release -p tabby-node -p tabby-lab -p tabby-cni -p tabby-ctl", release.join(bin).display());

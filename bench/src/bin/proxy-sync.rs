@@ -15,7 +15,6 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -26,39 +25,9 @@ use tabby_proxy::conntrack::NoConntrack;
 use tabby_proxy::iptables::{Backend, Iptables};
 use tabby_proxy::proxier::{Proxier, ProxyEvent, SyncConfig};
 use tabby_proxy::{NodeFacts, ProxyOptions};
+use tabby_testkit::Netns;
 
 const ENDPOINTS: usize = 10;
-
-/// A network namespace removed on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new() -> Result<Self> {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "tabby-bench-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        );
-        if !Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()?
-            .success()
-        {
-            bail!("ip netns add {name} failed (root needed)");
-        }
-        Ok(Self(name))
-    }
-    fn path(&self) -> String {
-        format!("/run/netns/{}", self.0)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
 
 fn meta(name: &str, labels: Option<BTreeMap<String, String>>) -> ObjectMeta {
     ObjectMeta {
@@ -120,7 +89,7 @@ fn slice(i: usize, generation: usize) -> EndpointSlice {
 fn raw_restore(backend: Backend, ns: &Netns, payload: &str) -> Result<Duration> {
     let start = Instant::now();
     let mut child = Command::new("nsenter")
-        .arg(format!("--net={}", ns.path()))
+        .arg(format!("--net={}", ns.path().display()))
         .arg("--")
         .arg(backend.restore_program())
         .args(["--noflush", "--wait=5"])
@@ -171,8 +140,8 @@ fn run(backend: Backend, n: usize) -> Result<()> {
         cluster_cidr: Some("10.128.0.0/10".parse()?),
         pod_cidrs: vec![],
     };
-    let tabby_ns = Netns::new()?;
-    let raw_ns = Netns::new()?;
+    let tabby_ns = Netns::new("tbsy");
+    let raw_ns = Netns::new("tbsy");
     let ipt = Iptables::new(backend).in_netns(tabby_ns.path());
     let mut p = Proxier::new(
         node,

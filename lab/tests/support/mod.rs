@@ -2,11 +2,11 @@
 //! namespace prefix and state directory, torn down on drop.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use serde_json::Value;
+pub use tabby_testkit::{eventually, require_root};
 
 /// One lab under test, torn down on drop.
 pub struct TestLab {
@@ -166,23 +166,10 @@ impl Drop for TestLab {
     }
 }
 
-/// Where the real plugin and tabbyctl are: beside tabby-lab, else target/release.
+/// Where the real plugin, tabbyctl and tabby-node are: testkit's release
+/// directory (built when one is missing).
 pub fn real_bin_dir() -> PathBuf {
-    let exe = Path::new(env!("CARGO_BIN_EXE_tabby-lab"));
-    let here = exe.parent().unwrap().to_path_buf();
-    let dir = if here.join("tabby").is_file() {
-        here
-    } else {
-        here.parent().unwrap().join("release")
-    };
-    for bin in ["tabby", "tabbyctl"] {
-        assert!(
-            dir.join(bin).is_file(),
-            "{} missing: cargo build --release -p tabby-lab -p tabby-cni -p tabby-ctl",
-            dir.join(bin).display()
-        );
-    }
-    dir
+    tabby_testkit::bins::release_dir()
 }
 
 pub fn text(out: &Output) -> String {
@@ -191,28 +178,6 @@ pub fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-/// Root is needed for namespaces; without it the test says so and passes.
-pub fn is_root() -> bool {
-    // /proc/self belongs to the process's effective user.
-    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0;
-    if !root {
-        eprintln!("skipped: needs root");
-    }
-    root
-}
-
-/// Polls `check` until it holds or `timeout` passes.
-pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if check() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    check()
 }
 
 /// Asserts that `from` gets an echo answer from pod `to` showing `to`'s
