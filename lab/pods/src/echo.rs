@@ -1,8 +1,13 @@
-//! The pods' HTTP echo server, answering like traefik/whoami, and a tiny
-//! HTTP client (`tabby-lab http-get`, `tabby-echo get`) so that tests need no curl.
+//! The pods' HTTP echo server, answering like traefik/whoami, and the
+//! HTTP client of `tabby-lab http-get` and `tabby-echo get` (ureq), so that
+//! tests need no curl.
+//!
+//! The server stays hand-written on std: it must echo the request line and
+//! headers exactly as they arrived (as whoami does), which an HTTP library
+//! parses away, and it answers one request per connection.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -83,44 +88,6 @@ pub fn whoami_body(name: &str, ips: &[Ipv4Addr], peer: SocketAddr, head: &[Strin
     body
 }
 
-/// A parsed `http://host[:port][/path]` URL.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Url {
-    /// Host name or address, as written.
-    pub host: String,
-    /// Port (80 when absent).
-    pub port: u16,
-    /// Path and query, at least `/`.
-    pub path: String,
-}
-
-/// Parses a plain-HTTP URL.
-pub fn parse_url(url: &str) -> anyhow::Result<Url> {
-    let rest = url.strip_prefix("http://").unwrap_or(url);
-    if rest.contains("://") {
-        anyhow::bail!("only http:// URLs are supported: {url}");
-    }
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], rest[i..].to_string()),
-        None => (rest, "/".to_string()),
-    };
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
-            h.to_string(),
-            p.parse().with_context(|| format!("bad port in {url}"))?,
-        ),
-        _ => (authority.to_string(), 80),
-    };
-    if host.is_empty() {
-        anyhow::bail!("no host in {url}");
-    }
-    Ok(Url {
-        host: host.trim_matches(['[', ']']).to_string(),
-        port,
-        path,
-    })
-}
-
 /// A response: status code and body.
 #[derive(Debug)]
 pub struct Response {
@@ -130,87 +97,54 @@ pub struct Response {
     pub body: Vec<u8>,
 }
 
-/// `GET url` with an overall deadline for connecting and for each read.
-pub fn get(url: &str, timeout: Duration) -> anyhow::Result<Response> {
-    let url = parse_url(url)?;
-    let addr = match url.host.parse::<IpAddr>() {
-        Ok(ip) => SocketAddr::new(ip, url.port),
-        Err(_) => (url.host.as_str(), url.port)
-            .to_socket_addrs()
-            .with_context(|| format!("resolving {}", url.host))?
-            .next()
-            .with_context(|| format!("{} has no address", url.host))?,
-    };
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)
-        .with_context(|| format!("connecting to {addr}"))?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    let host = if url.port == 80 {
-        url.host.clone()
-    } else {
-        format!("{}:{}", url.host, url.port)
-    };
-    let request = format!(
-        "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: tabby-lab/{}\r\nAccept: */*\r\nConnection: close\r\n\r\n",
-        url.path,
-        env!("CARGO_PKG_VERSION")
-    );
-    stream.write_all(request.as_bytes())?;
-    let mut raw = Vec::new();
-    stream
-        .read_to_end(&mut raw)
-        .with_context(|| format!("reading the answer of {addr}"))?;
-    parse_response(&raw)
+/// A plain-HTTP client (ureq) for `http-get`: a new connection for every
+/// request (a Service balances connections, and the echo server closes
+/// each one anyway), no proxy from the environment, any status returned
+/// as an answer rather than an error.
+pub struct Client {
+    agent: ureq::Agent,
 }
 
-/// Parses a whole HTTP/1.x response (read until the server closed).
-pub fn parse_response(raw: &[u8]) -> anyhow::Result<Response> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .context("no end of headers in the response")?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("bad status line {status_line:?}"))?;
-    let header = |name: &str| {
-        head.split("\r\n")
-            .skip(1)
-            .filter_map(|l| l.split_once(':'))
-            .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.trim().to_string())
-    };
-    let mut body = raw[split + 4..].to_vec();
-    if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-        body = dechunk(&body)?;
-    } else if let Some(len) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
-        body.truncate(len);
-    }
-    Ok(Response { status, body })
-}
-
-/// Decodes a chunked body.
-fn dechunk(mut data: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = data
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .context("truncated chunk size")?;
-        let size_text = String::from_utf8_lossy(&data[..eol]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-            .with_context(|| format!("bad chunk size {size_text:?}"))?;
-        data = &data[eol + 2..];
-        if size == 0 {
-            return Ok(out);
+impl Client {
+    /// A client whose requests each get `timeout`, connecting included.
+    pub fn new(timeout: Duration) -> Self {
+        let config = ureq::Agent::config_builder()
+            .timeout_global(Some(timeout))
+            .http_status_as_error(false)
+            .proxy(None)
+            .max_idle_connections(0)
+            .max_idle_connections_per_host(0)
+            .user_agent(concat!("tabby-lab/", env!("CARGO_PKG_VERSION")))
+            .build();
+        Self {
+            agent: config.into(),
         }
-        anyhow::ensure!(data.len() >= size, "truncated chunk");
-        out.extend_from_slice(&data[..size]);
-        data = data.get(size + 2..).unwrap_or_default();
+    }
+
+    /// `GET url`; `url` is `http://host[:port][/path]` (`http://` may be
+    /// left out; IPv6 hosts in brackets, `http://[::1]:8080/`).
+    pub fn get(&self, url: &str) -> anyhow::Result<Response> {
+        let url = with_scheme(url)?;
+        let response = self
+            .agent
+            .get(url.as_str())
+            .call()
+            .with_context(|| format!("GET {url}"))?;
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .read_to_vec()
+            .with_context(|| format!("reading the answer of {url}"))?;
+        Ok(Response { status, body })
+    }
+}
+
+/// `url` with `http://` added when it has no scheme; other schemes refused.
+fn with_scheme(url: &str) -> anyhow::Result<String> {
+    match url.split_once("://") {
+        None => Ok(format!("http://{url}")),
+        Some(("http", _)) => Ok(url.to_string()),
+        Some(_) => anyhow::bail!("only http:// URLs are supported: {url}"),
     }
 }
 
@@ -238,38 +172,6 @@ mod tests {
     }
 
     #[test]
-    fn urls_parse_with_and_without_port_and_path() {
-        assert_eq!(
-            parse_url("http://10.0.0.1:8080/x?y=1").unwrap(),
-            Url {
-                host: "10.0.0.1".into(),
-                port: 8080,
-                path: "/x?y=1".into()
-            }
-        );
-        assert_eq!(
-            parse_url("10.0.0.1").unwrap(),
-            Url {
-                host: "10.0.0.1".into(),
-                port: 80,
-                path: "/".into()
-            }
-        );
-        assert!(parse_url("https://x").is_err());
-    }
-
-    #[test]
-    fn responses_parse_with_length_or_chunks() {
-        let r = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhiXX").unwrap();
-        assert_eq!((r.status, r.body.as_slice()), (200, &b"hi"[..]));
-        let r = parse_response(
-            b"HTTP/1.1 404 NF\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n1\r\nd\r\n0\r\n\r\n",
-        )
-        .unwrap();
-        assert_eq!((r.status, r.body.as_slice()), (404, &b"abcd"[..]));
-    }
-
-    #[test]
     fn the_server_answers_the_client_with_its_address() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -277,14 +179,68 @@ mod tests {
             let (s, _) = listener.accept().unwrap();
             answer("me", s).unwrap();
         });
-        let r = get(&format!("http://127.0.0.1:{port}/"), Duration::from_secs(5)).unwrap();
+        let client = Client::new(Duration::from_secs(5));
+        let r = client.get(&format!("127.0.0.1:{port}/")).unwrap();
         let body = String::from_utf8(r.body).unwrap();
         assert_eq!(r.status, 200);
         assert!(body.starts_with("Hostname: me\nIP: 127.0.0.1\n"), "{body}");
         assert!(body.contains("RemoteAddr: 127.0.0.1:"), "{body}");
-        assert!(
-            body.contains(&format!("GET / HTTP/1.1\nHost: 127.0.0.1:{port}\n")),
-            "{body}"
+        let lines: Vec<String> = body.lines().map(str::to_ascii_lowercase).collect();
+        assert!(lines.contains(&"get / http/1.1".to_string()), "{body}");
+        assert!(lines.contains(&format!("host: 127.0.0.1:{port}")), "{body}");
+    }
+
+    /// A listener on `addr` answering `n` connections with `answer`.
+    fn canned(addr: &str, n: usize, answer: &'static str) -> SocketAddr {
+        let listener = TcpListener::bind(addr).unwrap();
+        let local = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().take(n) {
+                let mut s = conn.unwrap();
+                let mut head = BufReader::new(s.try_clone().unwrap());
+                let mut line = String::new();
+                while head.read_line(&mut line).unwrap() > 0 && !line.ends_with("\r\n\r\n") {}
+                s.write_all(answer.as_bytes()).unwrap();
+            }
+        });
+        local
+    }
+
+    #[test]
+    fn ipv6_literal_urls_reach_a_listener_on_the_loopback() {
+        let listener = TcpListener::bind("[::1]:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            answer("v6", s).unwrap();
+        });
+        let r = Client::new(Duration::from_secs(5))
+            .get(&format!("http://[::1]:{port}/"))
+            .unwrap();
+        let body = String::from_utf8(r.body).unwrap();
+        assert_eq!(r.status, 200);
+        assert!(body.starts_with("Hostname: v6\n"), "{body}");
+        assert!(body.contains("RemoteAddr: [::1]:"), "{body}");
+    }
+
+    #[test]
+    fn any_status_is_an_answer_and_chunked_bodies_are_decoded() {
+        let addr = canned(
+            "127.0.0.1:0",
+            1,
+            "HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n1\r\nd\r\n0\r\n\r\n",
         );
+        let r = Client::new(Duration::from_secs(5))
+            .get(&format!("http://{addr}/"))
+            .unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (503, &b"abcd"[..]));
+    }
+
+    #[test]
+    fn other_schemes_are_refused() {
+        let err = Client::new(Duration::from_secs(5))
+            .get("https://127.0.0.1/")
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("only http://"), "{err:#}");
     }
 }

@@ -1,5 +1,5 @@
 //! What runs inside the lab's pods, in both modes: the HTTP echo server
-//! that answers like traefik/whoami, its tiny client, and the signal
+//! that answers like traefik/whoami, its client (ureq), and the signal
 //! handling a container's PID 1 needs.
 //!
 //! The namespace lab runs them as `tabby-lab echo-server` / `http-get`; the
@@ -17,8 +17,9 @@ use std::time::Duration;
 /// cannot connect is an error.
 pub fn http_get(url: &str, timeout: Duration, count: u32) -> anyhow::Result<u8> {
     use std::io::Write;
+    let client = echo::Client::new(timeout);
     if count <= 1 {
-        let response = echo::get(url, timeout)?;
+        let response = client.get(url)?;
         std::io::stdout().write_all(&response.body)?;
         if !(200..300).contains(&response.status) {
             eprintln!("http-get: {url} answered {}", response.status);
@@ -29,7 +30,7 @@ pub fn http_get(url: &str, timeout: Duration, count: u32) -> anyhow::Result<u8> 
     let mut failed = 0;
     let mut out = std::io::stdout().lock();
     for _ in 0..count {
-        match echo::get(url, timeout) {
+        match client.get(url) {
             Ok(r) if (200..300).contains(&r.status) => out.write_all(&r.body)?,
             Ok(r) => {
                 failed += 1;
