@@ -133,6 +133,14 @@ fn collect(dir: &Path, found: &mut BTreeSet<(i32, String)>) {
     }
 }
 
+/// A killed process its new parent (PID 1 here) has not reaped yet: dead.
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rfind(')')
+            .is_some_and(|i| s[i + 1..].trim_start().starts_with('Z'))
+    })
+}
+
 fn start_time(pid: i32) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 1..];
@@ -213,7 +221,7 @@ fn assert_nothing_left(lab: &TestLab, seen: &BTreeSet<(i32, String)>) {
     );
     let alive: Vec<_> = seen
         .iter()
-        .filter(|(pid, start)| start_time(*pid).as_ref() == Some(start))
+        .filter(|(pid, start)| start_time(*pid).as_ref() == Some(start) && !is_zombie(*pid))
         .collect();
     assert!(
         alive.is_empty(),
