@@ -16,6 +16,8 @@ packages=(
     golang-1.19-go golang-github-appc-cni-dev
     # guests and the C toolchain Rust links with
     busybox-static build-essential pkg-config ca-certificates
+    # the Kubernetes lab's OCI runtime (containerd comes from scripts/upstream.sh)
+    runc
 )
 
 missing=()
@@ -41,6 +43,11 @@ if command -v rustup >/dev/null 2>&1; then
         rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
     done
 fi
-for bin in /usr/lib/go-1.19/bin/go /usr/lib/cni/ptp /usr/lib/cni/host-local /usr/lib/cni/portmap; do
+# The Kubernetes lab's images are built from static binaries.
+if command -v rustup >/dev/null 2>&1 && ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
+    step "rustup target add x86_64-unknown-linux-musl"
+    rustup target add x86_64-unknown-linux-musl
+fi
+for bin in /usr/lib/go-1.19/bin/go /usr/lib/cni/ptp /usr/lib/cni/host-local /usr/lib/cni/portmap /usr/sbin/runc; do
     [ -x "$bin" ] || { echo "setup: $bin missing after install" >&2; exit 1; }
 done

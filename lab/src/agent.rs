@@ -117,6 +117,27 @@ pub fn start(node: &NodeState, dir: &StateDir, bin_dir: &Path) -> anyhow::Result
     })
 }
 
+/// The BGP peers a node's agent reports on its status socket (the JSON
+/// `tabbyctl node status` reads), with whether each session is Established.
+pub fn sessions(socket: &Path) -> Option<Vec<(String, bool)>> {
+    use std::io::Read;
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut body = Vec::new();
+    stream.read_to_end(&mut body).ok()?;
+    let status: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    Some(
+        status["peers"]
+            .as_array()?
+            .iter()
+            .map(|p| {
+                let addr = p["peerAddress"].as_str().unwrap_or_default().to_string();
+                (addr, p["info"] == "Established")
+            })
+            .collect(),
+    )
+}
+
 /// Whether a TCP connect to `addr` succeeds from inside namespace `ns`.
 pub fn probe_tcp(ns: &str, addr: SocketAddr) -> anyhow::Result<bool> {
     let handle = tabby_dataplane::NetNs::open(netns_path(ns))

@@ -39,6 +39,9 @@ pub fn down(lab: &Lab) -> anyhow::Result<()> {
         }
     }
 
+    // 1b. A Kubernetes lab: its processes, cgroups (containers) and mounts.
+    let kube = crate::kube::down::teardown(lab, state.as_ref(), &mut errors);
+
     // 2. Every namespace: the recorded ones and any the prefix names.
     let mut namespaces: BTreeSet<String> = list_netns()
         .into_iter()
@@ -90,7 +93,8 @@ pub fn down(lab: &Lab) -> anyhow::Result<()> {
         false
     };
 
-    if procs.is_empty() && deleted == 0 && !state_dir_exists {
+    let kube_did = kube.processes + kube.killed + kube.cgroups + kube.mounts > 0;
+    if procs.is_empty() && deleted == 0 && !state_dir_exists && !kube_did {
         println!(
             "tabby-lab down: nothing to clean up (prefix {:?})",
             lab.names.prefix()
@@ -101,6 +105,12 @@ pub fn down(lab: &Lab) -> anyhow::Result<()> {
             procs.len(),
             if removed_dir { "removed" } else { "cleaned" },
             lab.dir.root().display()
+        );
+    }
+    if kube_did {
+        println!(
+            "tabby-lab down: Kubernetes: stopped {} components, killed {} processes in the lab's cgroups, removed {} cgroups, unmounted {}",
+            kube.processes, kube.killed, kube.cgroups, kube.mounts
         );
     }
     match errors.is_empty() {
@@ -115,7 +125,7 @@ pub fn down(lab: &Lab) -> anyhow::Result<()> {
 /// Removes the files the lab writes in its state directory, then the
 /// directory if nothing else is left in it. Returns whether it went.
 fn remove_files(root: &Path) -> anyhow::Result<bool> {
-    for dir in ["datastore", "resources"] {
+    for dir in ["datastore", "resources", "control-plane", "nodes", "ns"] {
         let path = root.join(dir);
         match fs::remove_dir_all(&path) {
             Ok(()) => {}
@@ -141,7 +151,8 @@ fn is_lab_file(name: &str) -> bool {
             .any(|ext| name.ends_with(ext));
     let log = (name.starts_with("cni-") || name.starts_with("echo-")) && name.ends_with(".log");
     let temp = name.starts_with('.') && name.ends_with(".tmp");
-    node_file || log || temp || name == "lab.json" || name == "lab.lock"
+    let kube = name == "kubeconfig";
+    node_file || log || temp || kube || name == "lab.json" || name == "lab.lock"
 }
 
 #[cfg(test)]
@@ -158,6 +169,7 @@ mod tests {
             "cni-node-1.log",
             "echo-node-1-pod1.log",
             ".lab.json.42.tmp",
+            "kubeconfig",
         ] {
             assert!(is_lab_file(name), "{name}");
         }

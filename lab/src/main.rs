@@ -3,16 +3,19 @@
 //! Nodes and pods are network namespaces: an underlay namespace with a
 //! bridge, node namespaces each running a real `tabby-node`, pods made by
 //! exec'ing the real `tabby` CNI plugin like a runtime, each pod running an
-//! HTTP echo server that answers like traefik/whoami. See DESIGN.md, "The lab".
+//! HTTP echo server that answers like traefik/whoami. With `--kubernetes`
+//! the nodes run containerd and a kubelet instead, under a real control
+//! plane ([`kube`]). See DESIGN.md, "The lab".
 
 mod agent;
 mod cni;
 mod down;
-mod echo;
 mod endpoints;
+mod kube;
 mod names;
 mod pods;
 mod process;
+mod programmed;
 mod resources;
 mod sh;
 mod state;
@@ -55,12 +58,24 @@ struct Cli {
 enum Command {
     /// Build the lab: underlay, nodes with their agents, pods.
     Up {
-        /// Number of nodes.
-        #[arg(long, default_value_t = 3)]
-        nodes: usize,
-        /// Pods per node.
+        /// Number of nodes [default: 3, with --kubernetes 2 workers].
+        #[arg(long)]
+        nodes: Option<usize>,
+        /// Pods per node (namespace lab).
         #[arg(long, default_value_t = 2)]
         pods_per_node: usize,
+        /// A real Kubernetes cluster: control plane, containerd and a kubelet per node.
+        #[arg(long)]
+        kubernetes: bool,
+        /// The cluster's pod network (with --kubernetes).
+        #[arg(long, value_enum, default_value = "tabby", requires = "kubernetes")]
+        cni: kube::CniMode,
+    },
+    /// Run the cluster's kubectl with the lab's admin kubeconfig (--kubernetes).
+    Kubectl {
+        /// kubectl's arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
     },
     /// Show each node's BGP sessions, routes and Tabby nat rules, the IPAM blocks and the pods.
     Status,
@@ -104,6 +119,29 @@ enum Command {
         /// The lab the server belongs to (shown in `ps`).
         #[arg(long)]
         lab: Option<String>,
+    },
+    /// Relay 127.0.0.1 on the host to the apiserver in the control-plane namespace.
+    #[command(hide = true)]
+    Forward {
+        /// Where to listen (the host's network namespace).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// The namespace to connect from, e.g. /run/netns/tabby-control-plane.
+        #[arg(long)]
+        netns: PathBuf,
+        /// Where to connect to.
+        #[arg(long)]
+        to: std::net::SocketAddr,
+    },
+    /// Relay the cluster's Services and EndpointSlices into a directory of YAML (--cni tabby).
+    #[command(hide = true)]
+    SyncResources {
+        /// The kubeconfig to list with.
+        #[arg(long)]
+        kubeconfig: PathBuf,
+        /// The directory the agents' proxies read.
+        #[arg(long)]
+        dir: PathBuf,
     },
     /// GET a URL and print the body (fails on errors and non-2xx answers).
     #[command(hide = true)]
@@ -236,13 +274,22 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::EchoServer { name, port, .. } => {
-            return echo::serve(name, *port).map(|()| ExitCode::SUCCESS)
+            return tabby_lab_pods::echo::serve(name, *port).map(|()| ExitCode::SUCCESS)
         }
         Command::HttpGet {
             url,
             timeout_ms,
             count,
-        } => return http_get(url, Duration::from_millis(*timeout_ms), *count),
+        } => {
+            let code = tabby_lab_pods::http_get(url, Duration::from_millis(*timeout_ms), *count)?;
+            return Ok(ExitCode::from(code));
+        }
+        Command::Forward { listen, netns, to } => {
+            return kube::forward::serve(*listen, netns, *to).map(|()| ExitCode::SUCCESS)
+        }
+        Command::SyncResources { kubeconfig, dir } => {
+            return kube::sync::serve(kubeconfig, dir).map(|()| ExitCode::SUCCESS)
+        }
         _ => {}
     }
     let (lab, state) = Lab::resolve(&cli)?;
@@ -250,10 +297,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Up {
             nodes,
             pods_per_node,
-        } => up::up(&lab, nodes, pods_per_node)?,
-        Command::Status => status::status(&lab, &lab.require(state)?)?,
+            kubernetes: false,
+            ..
+        } => up::up(&lab, nodes.unwrap_or(3), pods_per_node)?,
+        Command::Up {
+            nodes,
+            kubernetes: true,
+            cni,
+            ..
+        } => {
+            let opts = kube::up::Options {
+                nodes: nodes.unwrap_or(2),
+                cni,
+            };
+            kube::up::up(&lab, &opts)?
+        }
+        Command::Kubectl { args } => {
+            let state = lab.require(state)?;
+            let status = kube::status::kubectl(&lab, &state, &args)?;
+            return Ok(exit_code(status));
+        }
+        Command::Status => {
+            let state = lab.require(state)?;
+            match state.kubernetes.is_some() {
+                true => kube::status::status(&lab, &state)?,
+                false => status::status(&lab, &state)?,
+            }
+        }
         Command::Exec { target, command } => {
-            let code = status::exec(&lab, state.as_ref(), &target, &command)?;
+            let code = match state.as_ref().filter(|s| s.kubernetes.is_some()) {
+                Some(state) => kube::status::exec(&lab, state, &target, &command)?,
+                None => status::exec(&lab, state.as_ref(), &target, &command)?,
+            };
             return Ok(exit_code(code));
         }
         Command::Pod(cmd) => pod(&lab, cmd)?,
@@ -261,15 +336,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Apply { file } => apply(&lab, &file, true)?,
         Command::Delete { file } => apply(&lab, &file, false)?,
         Command::Down => down::down(&lab)?,
-        Command::EchoServer { .. } | Command::HttpGet { .. } => unreachable!("handled above"),
+        Command::EchoServer { .. }
+        | Command::HttpGet { .. }
+        | Command::Forward { .. }
+        | Command::SyncResources { .. } => unreachable!("handled above"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Refuses namespace-lab commands in a Kubernetes lab.
+fn namespace_lab_only(state: &LabState, command: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        state.kubernetes.is_none(),
+        "`tabby-lab {command}` is for the namespace lab; in a Kubernetes lab use `tabby-lab kubectl`"
+    );
+    Ok(())
 }
 
 /// `pod add` / `pod del`, under the lab's lock, then the EndpointSlices.
 fn pod(lab: &Lab, cmd: PodCommand) -> anyhow::Result<()> {
     let _lock = lab.dir.lock()?;
     let mut state = lab.require(LabState::load(&lab.dir)?)?;
+    namespace_lab_only(&state, "pod")?;
     match cmd {
         PodCommand::Add { node, name, labels } => {
             let mut all = labels
@@ -294,6 +382,7 @@ fn pod(lab: &Lab, cmd: PodCommand) -> anyhow::Result<()> {
 fn agent_cmd(lab: &Lab, cmd: AgentCommand) -> anyhow::Result<()> {
     let _lock = lab.dir.lock()?;
     let mut state = lab.require(LabState::load(&lab.dir)?)?;
+    namespace_lab_only(&state, "agent")?;
     match cmd {
         AgentCommand::Kill { node } => {
             let n = state
@@ -332,6 +421,14 @@ fn agent_cmd(lab: &Lab, cmd: AgentCommand) -> anyhow::Result<()> {
 fn apply(lab: &Lab, file: &Path, apply: bool) -> anyhow::Result<()> {
     let _lock = lab.dir.lock()?;
     let state = lab.require(LabState::load(&lab.dir)?)?;
+    if state.kubernetes.is_some() {
+        // A real cluster: the objects go to the apiserver.
+        let verb = if apply { "apply" } else { "delete" };
+        let args = [verb.into(), "-f".into(), file.as_os_str().to_owned()];
+        let status = kube::status::kubectl(lab, &state, &args)?;
+        anyhow::ensure!(status.success(), "kubectl {verb} failed ({status})");
+        return Ok(());
+    }
     let objects = resources::read_objects(file)?;
     let dir = lab.dir.resources();
     if apply {
@@ -356,43 +453,8 @@ fn apply(lab: &Lab, file: &Path, apply: bool) -> anyhow::Result<()> {
     }
     let slices = resources::sync_endpoint_slices(&dir, &state)?;
     println!("{slices} EndpointSlices derived from the lab's pods");
+    programmed::wait(&state, &objects, apply);
     Ok(())
-}
-
-/// `http-get`: prints the body; non-2xx answers fail.
-fn http_get(url: &str, timeout: Duration, count: u32) -> anyhow::Result<ExitCode> {
-    use std::io::Write;
-    let client = echo::Client::new(timeout);
-    if count <= 1 {
-        let response = client.get(url)?;
-        std::io::stdout().write_all(&response.body)?;
-        if !(200..300).contains(&response.status) {
-            eprintln!("tabby-lab http-get: {url} answered {}", response.status);
-            return Ok(ExitCode::from(22));
-        }
-        return Ok(ExitCode::SUCCESS);
-    }
-    // Many requests: every body, and a line per failure, so a caller can count.
-    let mut failed = 0;
-    let mut out = std::io::stdout().lock();
-    for _ in 0..count {
-        match client.get(url) {
-            Ok(r) if (200..300).contains(&r.status) => out.write_all(&r.body)?,
-            Ok(r) => {
-                failed += 1;
-                writeln!(out, "error: {url} answered {}", r.status)?;
-            }
-            Err(e) => {
-                failed += 1;
-                writeln!(out, "error: {e:#}")?;
-            }
-        }
-    }
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(22)
-    })
 }
 
 /// The exit code of a finished child: its own, or 128 + the signal.

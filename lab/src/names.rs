@@ -9,6 +9,8 @@
 //! | node *i* namespace    | `tabby-node-<i>`, `eth0` 10.98.0.*i*/24  |
 //! | pod namespace         | `tabby-pod-<pod name>`                  |
 //! | external client       | `tabby-external`, `eth0` 10.98.0.200/24 |
+//! | control plane (`--kubernetes`) | `tabby-control-plane`, `eth0` 10.98.0.250/24 |
+//! | a node's cgroup (`--kubernetes`) | `/tabby-node-<i>` in every cgroup v1 hierarchy |
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -21,6 +23,8 @@ pub const UNDERLAY_PREFIX_LEN: u8 = 24;
 pub const GATEWAY_HOST: u8 = 254;
 /// The external client's host number on the underlay.
 pub const EXTERNAL_HOST: u8 = 200;
+/// The control plane's host number on the underlay (`--kubernetes`).
+pub const CONTROL_PLANE_HOST: u8 = 250;
 /// The largest node count: node addresses must stay below the external client's.
 pub const MAX_NODES: usize = EXTERNAL_HOST as usize - 1;
 /// The bridge in the underlay namespace.
@@ -72,6 +76,33 @@ impl Names {
         format!("{}-{node}", self.prefix)
     }
 
+    /// The control plane's namespace (`--kubernetes`), e.g. `tabby-control-plane`.
+    pub fn control_plane_ns(&self) -> String {
+        format!("{}-control-plane", self.prefix)
+    }
+
+    /// A node's cgroup (`--kubernetes`: the kubelet's `cgroupRoot`), a
+    /// directory at the root of every hierarchy, e.g. `tabby-node-1`.
+    pub fn node_cgroup(&self, node: &str) -> String {
+        format!("{}-{node}", self.prefix)
+    }
+
+    /// The control plane's cgroup, e.g. `tabby-control-plane`.
+    pub fn control_plane_cgroup(&self) -> String {
+        self.control_plane_ns()
+    }
+
+    /// Whether `name` is a cgroup this prefix's lab may have made.
+    pub fn owns_cgroup(&self, name: &str) -> bool {
+        let Some(rest) = name
+            .strip_prefix(&self.prefix)
+            .and_then(|r| r.strip_prefix('-'))
+        else {
+            return false;
+        };
+        rest == "control-plane" || is_node_name(rest)
+    }
+
     /// A pod's namespace; it ends with the pod's name, e.g. `tabby-pod-node-1-pod1`.
     pub fn pod_ns(&self, pod: &str) -> String {
         format!("{}-pod-{pod}", self.prefix)
@@ -88,11 +119,16 @@ impl Names {
         };
         rest == "underlay"
             || rest == "external"
-            || rest
-                .strip_prefix("node-")
-                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            || rest == "control-plane"
+            || is_node_name(rest)
             || rest.strip_prefix("pod-").is_some_and(|p| !p.is_empty())
     }
+}
+
+/// Whether `name` is a node's name, `node-<i>`.
+pub fn is_node_name(name: &str) -> bool {
+    name.strip_prefix("node-")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Node *i*'s name (1-based), e.g. `node-1`.
@@ -155,6 +191,7 @@ mod tests {
         for ns in [
             "tabby-underlay",
             "tabby-external",
+            "tabby-control-plane",
             "tabby-node-3",
             "tabby-pod-node-1-pod1",
         ] {
@@ -170,6 +207,9 @@ mod tests {
         ] {
             assert!(!n.owns_ns(ns), "{ns}");
         }
+        assert!(n.owns_cgroup("tabby-node-2") && n.owns_cgroup("tabby-control-plane"));
+        assert!(!n.owns_cgroup("tabby-underlay") && !n.owns_cgroup("tabby-pod-node-2"));
+        assert!(!n.owns_cgroup("k8s.io") && !n.owns_cgroup("tabbyx-node-1"));
         let t = Names::new("tl42").unwrap();
         assert!(t.owns_ns("tl42-pod-node-2-pod1"));
         assert!(!t.owns_ns("tabby-pod-node-2-pod1"));

@@ -3,7 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -60,26 +60,101 @@ pub fn spawn_in_netns(
     args: &[String],
     log: &Path,
 ) -> anyhow::Result<ProcRef> {
-    let out = open_log(log)?;
+    launch(&Launch {
+        netns: Some(ns),
+        ..Launch::new(program, args, log)
+    })
+}
+
+/// How to start a detached process: in which namespaces and cgroup.
+#[derive(Debug, Clone)]
+pub struct Launch<'a> {
+    /// A named network namespace.
+    pub netns: Option<&'a str>,
+    /// A mount namespace file (a node's).
+    pub mount_ns: Option<&'a Path>,
+    /// A UTS namespace file (a node's).
+    pub uts_ns: Option<&'a Path>,
+    /// The `cgroup.procs` files the process joins before it execs the
+    /// program (every hierarchy's), so that its children are in the tree too.
+    pub cgroup_procs: Vec<PathBuf>,
+    /// Extra environment.
+    pub env: Vec<(&'a str, String)>,
+    /// The program.
+    pub program: &'a Path,
+    /// Its arguments.
+    pub args: &'a [String],
+    /// Where stdout and stderr go (appended).
+    pub log: &'a Path,
+}
+
+impl<'a> Launch<'a> {
+    /// `program args...` in the caller's namespaces and cgroups.
+    pub fn new(program: &'a Path, args: &'a [String], log: &'a Path) -> Launch<'a> {
+        Launch {
+            netns: None,
+            mount_ns: None,
+            uts_ns: None,
+            cgroup_procs: Vec::new(),
+            env: Vec::new(),
+            program,
+            args,
+            log,
+        }
+    }
+}
+
+/// Starts `l.program`, detached from the caller's terminal and process
+/// group, entering the namespaces with `nsenter` and the cgroup with a
+/// `sh` that execs the program: the pid returned is the program's.
+pub fn launch(l: &Launch<'_>) -> anyhow::Result<ProcRef> {
+    let out = open_log(l.log)?;
     let err = out.try_clone().context("duplicating the log file")?;
-    let child = Command::new("nsenter")
-        .arg(format!("--net={}", netns_path(ns).display()))
-        .arg("--")
-        .arg(program)
-        .args(args)
+    let mut argv: Vec<std::ffi::OsString> = Vec::new();
+    let namespaces = [
+        l.netns
+            .map(|ns| format!("--net={}", netns_path(ns).display())),
+        l.mount_ns.map(|f| format!("--mount={}", f.display())),
+        l.uts_ns.map(|f| format!("--uts={}", f.display())),
+    ];
+    if namespaces.iter().any(Option::is_some) {
+        argv.push("nsenter".into());
+        argv.extend(namespaces.into_iter().flatten().map(Into::into));
+        argv.push("--".into());
+    }
+    if !l.cgroup_procs.is_empty() {
+        // $0 is `sh`, "$@" the program and its arguments.
+        let script =
+            r#"for f in $TABBY_LAB_CGROUP_PROCS; do echo $$ > "$f" || exit 125; done; exec "$@""#;
+        argv.extend(["sh", "-c", script, "sh"].map(Into::into));
+    }
+    argv.push(l.program.into());
+    argv.extend(l.args.iter().map(Into::into));
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
-        .process_group(0)
+        .process_group(0);
+    let procs: Vec<String> = l
+        .cgroup_procs
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    cmd.env("TABBY_LAB_CGROUP_PROCS", procs.join(" "));
+    for (key, value) in &l.env {
+        cmd.env(key, value);
+    }
+    let child = cmd
         .spawn()
-        .with_context(|| format!("starting {} in {ns}", program.display()))?;
+        .with_context(|| format!("starting {}", l.program.display()))?;
     let pid = i32::try_from(child.id()).context("pid out of range")?;
     // The child is reparented to init when the lab exits; it is never waited on here.
     proc_ref(pid).with_context(|| {
         format!(
             "{} exited at once (see {})",
-            program.display(),
-            log.display()
+            l.program.display(),
+            l.log.display()
         )
     })
 }

@@ -10,6 +10,7 @@ use anyhow::Context;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
+use crate::kube::KubeState;
 use crate::process::ProcRef;
 
 /// The lab's state directory and the paths inside it.
@@ -110,6 +111,9 @@ pub struct LabState {
     /// Whether `up` got to the end.
     #[serde(default)]
     pub complete: bool,
+    /// The Kubernetes side of a `--kubernetes` lab.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubeState>,
 }
 
 /// One node.
@@ -177,6 +181,13 @@ impl LabState {
         if !self.namespaces.iter().any(|n| n == ns) {
             self.namespaces.push(ns.to_string());
         }
+    }
+
+    /// The Kubernetes side; only called in a `--kubernetes` lab.
+    pub fn kube_mut(&mut self) -> &mut KubeState {
+        self.kubernetes
+            .as_mut()
+            .expect("only a Kubernetes lab has a Kubernetes state")
     }
 
     /// The pod called `name`.

@@ -72,3 +72,16 @@ pub fn add_external(names: &Names, state: &mut LabState, dir: &StateDir) -> anyh
     state.save(dir)?;
     attach(names, &ns, "external", names::EXTERNAL_HOST)
 }
+
+/// Creates the control plane's namespace on the underlay (10.98.0.250,
+/// `--kubernetes`): the apiserver listens there, reachable from every node.
+pub fn add_control_plane(
+    names: &Names,
+    state: &mut LabState,
+    dir: &StateDir,
+) -> anyhow::Result<()> {
+    let ns = names.control_plane_ns();
+    state.record_ns(&ns);
+    state.save(dir)?;
+    attach(names, &ns, "control-plane", names::CONTROL_PLANE_HOST)
+}

@@ -47,7 +47,7 @@ pub fn up(lab: &Lab, nodes: usize, pods_per_node: usize) -> anyhow::Result<()> {
 }
 
 /// `tabby-lab` with the flags that reach this lab.
-fn invocation(lab: &Lab) -> String {
+pub fn invocation(lab: &Lab) -> String {
     let default_dir = format!("/run/{}-lab", lab.names.prefix());
     match lab.dir.root() == std::path::Path::new(&default_dir) {
         true if lab.names.prefix() == "tabby" => "tabby-lab".to_string(),
@@ -110,6 +110,7 @@ fn build(lab: &Lab, nodes: usize, pods_per_node: usize) -> anyhow::Result<()> {
     state.complete = true;
     state.save(&lab.dir)?;
     if agents_down.is_empty() {
+        wait_for_sessions(lab, &state);
         wait_for_routes(&state);
     }
 
@@ -124,6 +125,47 @@ fn build(lab: &Lab, nodes: usize, pods_per_node: usize) -> anyhow::Result<()> {
     let me = invocation(lab);
     println!("\nnext: {me} status | {me} exec node-1-pod1 -- ip addr | {me} down");
     Ok(())
+}
+
+/// Waits until every agent reports a BGP session Established with every
+/// other node (what `tabbyctl node status` shows), so that `status` right
+/// after `up` shows no peer missing; prints how long it took.
+pub fn wait_for_sessions(lab: &Lab, state: &LabState) {
+    let start = Instant::now();
+    let all_up = |node: &crate::state::NodeState| -> bool {
+        let Some(peers) = agent::sessions(&lab.dir.agent_socket(&node.name)) else {
+            return false;
+        };
+        state
+            .nodes
+            .iter()
+            .filter(|other| other.name != node.name)
+            .all(|other| {
+                peers
+                    .iter()
+                    .any(|(addr, established)| *established && *addr == other.address.to_string())
+            })
+    };
+    if poll_until(CONVERGENCE_DEADLINE, Duration::from_millis(50), || {
+        state.nodes.iter().all(all_up)
+    }) {
+        println!(
+            "bgp: every node has its {} sessions Established (waited {:.1?})",
+            state.nodes.len().saturating_sub(1),
+            start.elapsed()
+        );
+    } else {
+        let lagging: Vec<&str> = state
+            .nodes
+            .iter()
+            .filter(|n| !all_up(n))
+            .map(|n| n.name.as_str())
+            .collect();
+        println!(
+            "WARNING: after {CONVERGENCE_DEADLINE:?} {} still miss BGP sessions: see `tabby-lab status` and the agent logs",
+            lagging.join(", ")
+        );
+    }
 }
 
 /// How long `up` waits for BGP to spread every block to every node.
@@ -174,7 +216,7 @@ fn wait_for_routes(state: &LabState) {
 }
 
 /// Refuses to build over an existing lab with the same state dir or prefix.
-fn refuse_existing(lab: &Lab) -> anyhow::Result<()> {
+pub fn refuse_existing(lab: &Lab) -> anyhow::Result<()> {
     if let Ok(Some(_)) = LabState::load(&lab.dir) {
         anyhow::bail!(
             "a lab is already up with state in {}: run `tabby-lab down` first",
@@ -197,7 +239,7 @@ fn refuse_existing(lab: &Lab) -> anyhow::Result<()> {
 }
 
 /// Creates the datastore with the pod pool, through `tabbyctl` like an operator.
-fn create_datastore(lab: &Lab) -> anyhow::Result<()> {
+pub fn create_datastore(lab: &Lab) -> anyhow::Result<()> {
     let mut cmd = Command::new(lab.bin_dir.join("tabbyctl"));
     cmd.arg("--datastore")
         .arg(lab.dir.datastore())

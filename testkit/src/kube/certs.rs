@@ -33,7 +33,8 @@ pub struct Pki {
 
 /// File names inside the PKI directory.
 pub const CA_CERT: &str = "ca.crt";
-const CA_KEY: &str = "ca.key";
+/// The CA's key (kube-controller-manager signs CSRs with it).
+pub const CA_KEY: &str = "ca.key";
 /// The apiserver's serving certificate.
 pub const SERVING_CERT: &str = "apiserver.crt";
 /// The apiserver's serving key.
@@ -81,15 +82,113 @@ impl Pki {
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
+
+    /// Issues a certificate signed by this PKI's CA (a kubelet's, a
+    /// controller's), with a fresh key.
+    pub fn issue(&self, request: &CertRequest<'_>) -> Result<IssuedCert> {
+        let ca_key_path = self.path(CA_KEY);
+        let ca_key_pem =
+            fs::read_to_string(&ca_key_path).map_err(|e| Error::io(&ca_key_path, e))?;
+        let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| pki_error("CA key", e))?;
+        let issuer = Issuer::new(ca_params()?, &ca_key);
+        let mut params = CertificateParams::new(request.dns_names.to_vec())
+            .map_err(|e| pki_error(request.common_name, e))?;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, request.common_name);
+        for org in request.organizations {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationName, *org);
+        }
+        params
+            .subject_alt_names
+            .extend(request.ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.extended_key_usages = Vec::new();
+        if request.client {
+            params
+                .extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ClientAuth);
+        }
+        if request.server {
+            params
+                .extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ServerAuth);
+        }
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        let key = KeyPair::generate().map_err(|e| pki_error("key", e))?;
+        let cert = params
+            .signed_by(&key, &issuer)
+            .map_err(|e| pki_error(request.common_name, e))?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// [`Pki::issue`], written as `<dir>/<name>.crt` and `<dir>/<name>.key`
+    /// (readable by the owner only) unless both exist already.
+    pub fn issue_files(
+        &self,
+        request: &CertRequest<'_>,
+        dir: &Path,
+        name: &str,
+    ) -> Result<IssuedCert> {
+        let (cert_path, key_path) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
+        if let (Ok(cert_pem), Ok(key_pem)) = (
+            fs::read_to_string(&cert_path),
+            fs::read_to_string(&key_path),
+        ) {
+            return Ok(IssuedCert { cert_pem, key_pem });
+        }
+        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let issued = self.issue(request)?;
+        write_private(&cert_path, issued.cert_pem.as_bytes())?;
+        write_private(&key_path, issued.key_pem.as_bytes())?;
+        Ok(issued)
+    }
+}
+
+/// What [`Pki::issue`] puts into a certificate.
+#[derive(Debug, Clone, Default)]
+pub struct CertRequest<'a> {
+    /// The subject's CN: the Kubernetes user name of a client certificate.
+    pub common_name: &'a str,
+    /// The subject's O entries: the user's groups.
+    pub organizations: &'a [&'a str],
+    /// DNS SANs (serving certificates).
+    pub dns_names: &'a [String],
+    /// IP SANs (serving certificates).
+    pub ips: &'a [IpAddr],
+    /// For TLS client authentication.
+    pub client: bool,
+    /// For TLS server authentication.
+    pub server: bool,
+}
+
+/// A certificate and its key, both PEM.
+#[derive(Debug, Clone)]
+pub struct IssuedCert {
+    /// The certificate.
+    pub cert_pem: String,
+    /// Its private key (PKCS#8).
+    pub key_pem: String,
 }
 
 fn pki_error(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Pki(format!("{what}: {e}"))
 }
 
-/// Makes every key and certificate and writes them into `dir`.
-fn create(dir: &Path, ips: &[IpAddr]) -> Result<()> {
-    let ca_key = KeyPair::generate().map_err(|e| pki_error("CA key", e))?;
+/// The CA's parameters: the same every time, so that an issuer rebuilt
+/// from them and the CA key signs certificates the CA certificate verifies.
+fn ca_params() -> Result<CertificateParams> {
     let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(|e| pki_error("CA", e))?;
     ca.distinguished_name = rcgen::DistinguishedName::new();
     ca.distinguished_name
@@ -100,6 +199,13 @@ fn create(dir: &Path, ips: &[IpAddr]) -> Result<()> {
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
+    Ok(ca)
+}
+
+/// Makes every key and certificate and writes them into `dir`.
+fn create(dir: &Path, ips: &[IpAddr]) -> Result<()> {
+    let ca_key = KeyPair::generate().map_err(|e| pki_error("CA key", e))?;
+    let ca = ca_params()?;
     let ca_cert = ca.self_signed(&ca_key).map_err(|e| pki_error("CA", e))?;
     let issuer = Issuer::new(ca, &ca_key);
 

@@ -19,10 +19,12 @@
 //! [`Builder::dir`] the directory (PKI, etcd data) persists and is reused by
 //! the next start: the lab's state dir.
 //!
-//! The lab will add kube-controller-manager and kube-scheduler next to
-//! these; [`ControlPlane::pki`], [`ControlPlane::url`] and
-//! [`ControlPlane::dir`] give them what they need.
+//! The components' flags live in [`args`], shared with `tabby-lab up
+//! --kubernetes`, which runs the same etcd and kube-apiserver plus
+//! kube-controller-manager and kube-scheduler as detached processes, with
+//! the same [`certs::Pki`] (and [`certs::Pki::issue`] for its kubelets).
 
+pub mod args;
 pub mod certs;
 pub mod process;
 
@@ -34,6 +36,8 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+
+pub use args::url_host;
 
 use crate::bins::upstream_bin;
 use certs::Pki;
@@ -259,52 +263,24 @@ impl Builder {
 
     fn etcd_spec(&self, dir: &Path, client_url: &str, peer_port: u16) -> Spec {
         let peer_url = format!("http://{}:{peer_port}", url_host(self.bind));
-        let data = dir.join("etcd");
-        // A reused data dir already holds the cluster: `new` is then ignored.
-        let args: Vec<OsString> = [
-            "--name=tabby".to_string(),
-            format!("--data-dir={}", data.display()),
-            format!("--listen-client-urls={client_url}"),
-            format!("--advertise-client-urls={client_url}"),
-            format!("--listen-peer-urls={peer_url}"),
-            format!("--initial-advertise-peer-urls={peer_url}"),
-            format!("--initial-cluster=tabby={peer_url}"),
-            "--initial-cluster-state=new".to_string(),
-            "--unsafe-no-fsync".to_string(),
-            "--log-level=warn".to_string(),
-        ]
-        .into_iter()
-        .map(OsString::from)
-        .collect();
+        let args = args::etcd(&dir.join("etcd"), client_url, &peer_url);
         Spec {
             program: upstream_bin("etcd"),
-            args,
+            args: args.into_iter().map(OsString::from).collect(),
             log: dir.join("etcd.log"),
             death_signal: "KILL",
         }
     }
 
     fn apiserver_spec(&self, dir: &Path, pki: &Pki, etcd_url: &str, port: u16) -> Spec {
-        let file = |name: &str| pki.path(name).display().to_string();
-        let mut args: Vec<String> = vec![
-            format!("--etcd-servers={etcd_url}"),
-            format!("--bind-address={}", self.bind),
-            format!("--advertise-address={}", self.bind),
-            format!("--secure-port={port}"),
-            format!("--cert-dir={}", dir.join("apiserver").display()),
-            format!("--tls-cert-file={}", file(certs::SERVING_CERT)),
-            format!("--tls-private-key-file={}", file(certs::SERVING_KEY)),
-            format!("--client-ca-file={}", file(certs::CA_CERT)),
-            format!("--kubelet-certificate-authority={}", file(certs::CA_CERT)),
-            format!("--service-account-key-file={}", file(certs::SA_PUB)),
-            format!("--service-account-signing-key-file={}", file(certs::SA_KEY)),
-            format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"),
-            format!("--service-cluster-ip-range={}", self.service_cidr),
-            "--authorization-mode=Node,RBAC".to_string(),
-            "--allow-privileged=true".to_string(),
-            "--profiling=false".to_string(),
-            "--v=1".to_string(),
-        ];
+        let mut args = args::apiserver(&args::Apiserver {
+            etcd_url,
+            bind: self.bind,
+            port,
+            cert_dir: &dir.join("apiserver"),
+            pki,
+            service_cidr: &self.service_cidr,
+        });
         args.extend(self.extra_apiserver_args.iter().cloned());
         Spec {
             program: upstream_bin("kube-apiserver"),
@@ -413,12 +389,13 @@ impl ControlPlane {
     }
 
     fn write_kubeconfig(&self) -> Result<()> {
-        let user = format!(
-            "    client-certificate-data: {}\n    client-key-data: {}\n",
-            b64(&self.pki.admin_cert_pem),
-            b64(&self.pki.admin_key_pem)
-        );
-        write_kubeconfig(&self.kubeconfig, &self.url, &self.pki.ca_pem, &user)
+        write_cert_kubeconfig(
+            &self.kubeconfig,
+            &self.url,
+            &self.pki.ca_pem,
+            &self.pki.admin_cert_pem,
+            &self.pki.admin_key_pem,
+        )
     }
 
     /// Runs the upstream kubectl with the admin kubeconfig; its stdout.
@@ -562,6 +539,23 @@ pub fn shared() -> &'static ControlPlane {
     }
 }
 
+/// Writes a kubeconfig for `url` that trusts `ca_pem` and authenticates
+/// with a client certificate (everything embedded, file mode 0600).
+pub fn write_cert_kubeconfig(
+    path: &Path,
+    url: &str,
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<()> {
+    let user = format!(
+        "    client-certificate-data: {}\n    client-key-data: {}\n",
+        b64(cert_pem),
+        b64(key_pem)
+    );
+    write_kubeconfig(path, url, ca_pem, &user)
+}
+
 fn write_kubeconfig(path: &Path, url: &str, ca_pem: &str, user: &str) -> Result<()> {
     let text = format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: tabby\n  cluster:\n    server: {url}\n    certificate-authority-data: {ca}\nusers:\n- name: tabby\n  user:\n{user}contexts:\n- name: tabby\n  context:\n    cluster: tabby\n    user: tabby\ncurrent-context: tabby\n",
@@ -595,13 +589,6 @@ fn pem_to_der(pem: &str) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD
         .decode(body)
         .expect("the CA file is PEM")
-}
-
-fn url_host(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("[{v6}]"),
-    }
 }
 
 /// A port nobody listens on right now.

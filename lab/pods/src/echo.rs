@@ -1,5 +1,6 @@
 //! The pods' HTTP echo server, answering like traefik/whoami, and the
-//! HTTP client of `tabby-lab http-get` (ureq), so that tests need no curl.
+//! HTTP client of `tabby-lab http-get` and `tabby-echo get` (ureq), so that
+//! tests need no curl.
 //!
 //! The server stays hand-written on std: it must echo the request line and
 //! headers exactly as they arrived (as whoami does), which an HTTP library
