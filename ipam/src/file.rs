@@ -37,6 +37,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::datastore::{Datastore, DatastoreError, Entry, Result, Revision};
+use crate::lock::NodeLock;
 
 /// The default directory of the file datastore.
 pub const DEFAULT_PATH: &str = "/var/lib/tabby/datastore";
@@ -87,20 +88,6 @@ impl FileDatastore {
             remove_stale_temp_files(&self.root, now - STALE_TEMP_AGE);
             let _ = fs::write(&marker, b"");
         }
-    }
-
-    /// Takes the node-wide IPAM lock of `node` (`.ipam-<node>.lock`), which
-    /// serializes that node's assigns and releases with its GC and repairs.
-    pub fn lock_node(&self, node: &str) -> Result<Flock<File>> {
-        let path = self.root.join(format!(".ipam-{}.lock", escape(node)));
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| unavailable(&path, e))?;
-        Flock::lock(file, FlockArg::LockExclusive)
-            .map_err(|(_, errno)| unavailable(&path, io::Error::from(errno)))
     }
 
     /// The directory this store lives in.
@@ -303,6 +290,11 @@ impl Datastore for FileDatastore {
     fn describe(&self) -> String {
         format!("file:{}", self.root.display())
     }
+
+    /// A flock on `.ipam-<node>.lock` beside the documents (see [`crate::lock`]).
+    fn node_lock(&self, node: &str) -> Result<NodeLock> {
+        NodeLock::host(&self.root.join(format!(".ipam-{}.lock", escape(node))))
+    }
 }
 
 /// A document written to its temporary file; dropped without [`Prepared::commit`]
@@ -386,7 +378,7 @@ fn fresh_revision() -> Revision {
 }
 
 /// Escapes one key component into a safe file name.
-fn escape(part: &str) -> String {
+pub(crate) fn escape(part: &str) -> String {
     let mut out = String::with_capacity(part.len());
     for (i, byte) in part.bytes().enumerate() {
         let safe = byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b':' | b'.');

@@ -27,6 +27,7 @@ pub mod config;
 pub mod datastore;
 pub mod file;
 pub mod kubernetes;
+pub mod lock;
 pub mod mem;
 pub mod pools;
 pub mod repair;
@@ -41,6 +42,7 @@ pub use datastore::{Datastore, DatastoreError, Revision};
 pub use file::FileDatastore;
 pub use file::DEFAULT_PATH;
 pub use kubernetes::{KubeDatastore, KubeOptions};
+pub use lock::NodeLock;
 pub use mem::MemDatastore;
 pub use repair::HandleRepair;
 pub use types::{

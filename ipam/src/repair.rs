@@ -14,7 +14,7 @@
 //!
 //! The repairs must not run while the same node has an assign or release in
 //! flight (that state looks just like a crash): callers hold the node's IPAM
-//! lock ([`crate::FileDatastore::lock_node`]).
+//! lock ([`crate::Datastore::node_lock`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
