@@ -1,17 +1,33 @@
 //! What killed writers and bad documents leave, and how the allocator copes:
-//! orphan handles, stale temporary files, a pool whose blockSize is
-//! corrupt, pools that can never work and addresses never to hand out.
+//! orphan handles, dead claims, stale temporary files, a pool whose
+//! blockSize is corrupt, pools that can never work and addresses never to
+//! hand out. Everything a backend could change runs on every backend
+//! (memory, file, Kubernetes through the shared control plane).
 
 mod common;
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
+use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
+use common::backends::{backend_tests, Backend, TestStore};
 use common::{pool, v4};
 use tabby_ipam::pools::validate_pool;
 use tabby_ipam::report::{self, Liveness, Snapshot};
-use tabby_ipam::{store, Datastore, FileDatastore, Ipam, IpamError, MemDatastore};
+use tabby_ipam::{store, AffinityState, BlockAffinity, Datastore, FileDatastore, Ipam, IpamError};
+
+backend_tests!(
+    [mem, file, kubernetes];
+    handles_are_repaired_to_what_the_blocks_hold_on_the_chosen_node_only,
+    a_handle_document_lost_by_a_crash_is_recreated_so_release_by_handle_finds_the_address,
+    a_gc_under_the_node_lock_leaves_no_orphan_handle_dead_claim_or_stale_address,
+    an_assign_that_fails_after_committing_releases_what_it_committed,
+    pools_that_can_never_work_are_refused_and_nothing_is_stored,
+    a_pool_smaller_than_a_block_keeps_its_network_and_broadcast_addresses,
+    the_pods_gateway_is_never_handed_out_even_from_a_pool_written_before_validation,
+    the_node_lock_excludes_another_opening_of_the_store_for_the_same_node_only,
+);
 
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("ip")
@@ -26,9 +42,9 @@ fn problems(ds: &impl Datastore) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn handles_are_repaired_to_what_the_blocks_hold_on_the_chosen_node_only() {
-    let ipam = Ipam::new(MemDatastore::new());
+fn handles_are_repaired_to_what_the_blocks_hold_on_the_chosen_node_only(backend: Backend) {
+    let store = TestStore::new(backend);
+    let ipam = store.ipam();
     ipam.create_pool(&pool("p", "10.1.0.0/24", 26))
         .expect("pool");
     ipam.assign(&v4("net.live", "a")).expect("assign");
@@ -58,9 +74,11 @@ fn handles_are_repaired_to_what_the_blocks_hold_on_the_chosen_node_only() {
     );
 }
 
-#[test]
-fn a_handle_document_lost_by_a_crash_is_recreated_so_release_by_handle_finds_the_address() {
-    let ipam = Ipam::new(MemDatastore::new());
+fn a_handle_document_lost_by_a_crash_is_recreated_so_release_by_handle_finds_the_address(
+    backend: Backend,
+) {
+    let store = TestStore::new(backend);
+    let ipam = store.ipam();
     ipam.create_pool(&pool("p", "10.1.0.0/24", 26))
         .expect("pool");
     ipam.assign(&v4("net.lost", "a")).expect("assign");
@@ -125,9 +143,9 @@ fn stale_temporary_files_of_killed_writers_are_removed_on_open_and_fresh_ones_ke
     assert_eq!(ds.list("").expect("list").len(), 2);
 }
 
-#[test]
-fn an_assign_that_fails_after_committing_releases_what_it_committed() {
-    let ipam = Ipam::new(MemDatastore::new());
+fn an_assign_that_fails_after_committing_releases_what_it_committed(backend: Backend) {
+    let store = TestStore::new(backend);
+    let ipam = store.ipam();
     ipam.create_pool(&pool("p", "10.1.0.0/24", 26))
         .expect("pool");
     ipam.assign(&v4("net.first", "a")).expect("assign");
@@ -185,12 +203,41 @@ fn pools_that_can_never_work_are_refused_with_the_reason() {
     ] {
         validate_pool(&pool("p", cidr, block)).expect(cidr);
     }
-    let ipam = Ipam::new(MemDatastore::new());
-    assert!(ipam.create_pool(&pool("p", "127.0.0.0/24", 26)).is_err());
-    assert!(ipam.pools().expect("pools").is_empty());
 }
 
-fn drain(ipam: &Ipam<MemDatastore>) -> BTreeSet<IpAddr> {
+fn pools_that_can_never_work_are_refused_and_nothing_is_stored(backend: Backend) {
+    let store = TestStore::new(backend);
+    let ipam = store.ipam();
+    for (i, cidr) in [
+        "127.0.0.0/24",
+        "169.254.1.0/30",
+        "224.0.0.0/24",
+        "0.0.0.0/0",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let block = if cidr.ends_with("/0") { 26 } else { 30 };
+        let err = ipam
+            .create_pool(&pool(&format!("p{i}"), cidr, block))
+            .expect_err(cidr);
+        assert!(
+            matches!(err, IpamError::InvalidPool { .. }),
+            "{cidr}: {err}"
+        );
+        let err = ipam
+            .ensure_default_pool(&pool(&format!("d{i}"), cidr, block))
+            .expect_err(cidr);
+        assert!(
+            matches!(err, IpamError::InvalidPool { .. }),
+            "{cidr}: {err}"
+        );
+    }
+    assert!(ipam.pools().expect("pools").is_empty());
+    assert!(ipam.datastore().list("pools/").expect("list").is_empty());
+}
+
+fn drain(ipam: &Ipam<impl Datastore>) -> BTreeSet<IpAddr> {
     let mut got = BTreeSet::new();
     for i in 0.. {
         match ipam.assign(&v4(&format!("net.h{i}"), "a")) {
@@ -203,9 +250,9 @@ fn drain(ipam: &Ipam<MemDatastore>) -> BTreeSet<IpAddr> {
     got
 }
 
-#[test]
-fn a_pool_smaller_than_a_block_keeps_its_network_and_broadcast_addresses() {
-    let ipam = Ipam::new(MemDatastore::new());
+fn a_pool_smaller_than_a_block_keeps_its_network_and_broadcast_addresses(backend: Backend) {
+    let store = TestStore::new(backend);
+    let ipam = store.ipam();
     ipam.create_pool(&pool("p", "10.1.0.0/29", 29))
         .expect("pool");
     let got = drain(&ipam);
@@ -215,18 +262,107 @@ fn a_pool_smaller_than_a_block_keeps_its_network_and_broadcast_addresses() {
     assert_eq!(usage[0].usage.free(), 0, "reserved addresses are not free");
 
     // A block-sized pool and larger ones hand out every address, as Calico does.
-    let ipam = Ipam::new(MemDatastore::new());
+    let store = TestStore::new(backend);
+    let ipam = store.ipam();
     ipam.create_pool(&pool("p", "10.2.0.0/26", 26))
         .expect("pool");
     assert_eq!(drain(&ipam).len(), 64);
 }
 
-#[test]
-fn the_pods_gateway_is_never_handed_out_even_from_a_pool_written_before_validation() {
-    let ipam = Ipam::new(MemDatastore::new());
+fn the_pods_gateway_is_never_handed_out_even_from_a_pool_written_before_validation(
+    backend: Backend,
+) {
+    let store = TestStore::new(backend);
+    let ipam = store.ipam();
     // A pool stored by an older release, which did not validate ranges.
     let old = pool("old", "169.254.1.0/31", 31);
     store::create(ipam.datastore(), &store::pool_key("old"), &old).expect("pool");
     let got = drain(&ipam);
     assert_eq!(got, BTreeSet::from([ip("169.254.1.0")]));
+}
+
+/// What the plugin's GC does on its node, in its order, under its lock:
+/// release the stale attachments, then repair the handles and drop the
+/// claims that killed writers left.
+fn a_gc_under_the_node_lock_leaves_no_orphan_handle_dead_claim_or_stale_address(backend: Backend) {
+    let store = TestStore::new(backend);
+    let ipam = store.ipam();
+    ipam.create_pool(&pool("p", "10.1.0.0/24", 26))
+        .expect("pool");
+    ipam.assign(&v4("net.live", "a")).expect("assign");
+    let stale = ipam.assign(&v4("net.stale", "a")).expect("assign");
+    ipam.assign(&v4("net.other-node", "b")).expect("assign");
+    let ds = ipam.datastore();
+    // Killed between the handle and the block write (the address never came).
+    let orphan =
+        serde_json::json!({"handleId": "net.orphan", "block": {"10.1.0.0/26": 1}, "node": "a"});
+    ds.create(
+        &store::handle_key("net.orphan"),
+        orphan.to_string().as_bytes(),
+    )
+    .expect("orphan handle");
+    // Killed between the two phases of a claim.
+    let dead = BlockAffinity {
+        node: "a".into(),
+        cidr: "10.1.0.192/26".parse().expect("cidr"),
+        state: AffinityState::Pending,
+    };
+    store::create(ds, &store::affinity_key("a", &dead.cidr), &dead).expect("claim");
+    assert_eq!(problems(ds).len(), 2, "{:?}", problems(ds));
+
+    let lock = ds.node_lock("a").expect("node lock");
+    let released = ipam
+        .release_handles(&BTreeSet::from(["net.stale".to_string()]))
+        .expect("release");
+    assert_eq!(released.len(), 1);
+    assert_eq!(released[0].ip, stale[0].ip());
+    let repaired = ipam
+        .repair_handles(|_, node| node == Some("a"))
+        .expect("repair");
+    assert_eq!(repaired.len(), 1, "{repaired:?}");
+    assert_eq!(ipam.drop_dead_claims("a").expect("claims"), [dead.cidr]);
+    drop(lock);
+
+    assert!(problems(ds).is_empty(), "{:?}", problems(ds));
+    let handles: Vec<String> = ds
+        .list("handles/")
+        .expect("list")
+        .into_iter()
+        .map(|e| e.key)
+        .collect();
+    assert_eq!(handles, ["handles/net.live", "handles/net.other-node"]);
+    assert!(ds.list("affinities/a/").expect("list").len() == 1);
+    assert!(ipam
+        .addresses_of("net.stale")
+        .expect("addresses")
+        .is_empty());
+    assert!(ipam
+        .addresses_of("net.orphan")
+        .expect("addresses")
+        .is_empty());
+    assert_eq!(ipam.addresses_of("net.live").expect("addresses").len(), 1);
+}
+
+/// Another opening of the store (another plugin process of the node) waits
+/// for the node's lock; other nodes' locks are independent.
+fn the_node_lock_excludes_another_opening_of_the_store_for_the_same_node_only(backend: Backend) {
+    let store = TestStore::new(backend);
+    let held = store.datastore().node_lock("node-a").expect("lock");
+    let other = store.open_another();
+    let _b = other.node_lock("node-b").expect("another node's lock");
+    let (took, taken) = mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let lock = other.node_lock("node-a").expect("lock");
+        took.send(()).expect("send");
+        drop(lock);
+    });
+    assert!(
+        taken.recv_timeout(Duration::from_millis(300)).is_err(),
+        "a second holder took node-a's lock while it was held"
+    );
+    drop(held);
+    taken
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the waiter took the lock once it was freed");
+    waiter.join().expect("waiter");
 }
