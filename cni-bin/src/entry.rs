@@ -11,6 +11,11 @@ use crate::error::{CniError, Code, Result};
 use crate::types::NetConf;
 use crate::version::{version_info, CniVersion};
 
+/// The largest network configuration read from stdin. Real ones are a few
+/// KiB; a runtime passing more is broken or hostile, and reading it all
+/// would cost memory in every plugin process.
+pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
 /// Which plugin is running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Plugin {
@@ -45,10 +50,7 @@ fn run(plugin: Plugin, version: &mut CniVersion) -> Result<String> {
     if inv.command == Command::Version {
         return Ok(version_info());
     }
-    let mut stdin = Vec::new();
-    std::io::stdin().read_to_end(&mut stdin).map_err(|e| {
-        CniError::with_source(Code::IoFailure, "read network configuration from stdin", &e)
-    })?;
+    let stdin = read_config(std::io::stdin().lock())?;
     let (conf, v) = NetConf::parse(&stdin)?;
     *version = v;
     crate::logging::init(conf.log_file.as_deref(), conf.log_level.as_deref());
@@ -57,5 +59,41 @@ fn run(plugin: Plugin, version: &mut CniVersion) -> Result<String> {
     match plugin {
         Plugin::Tabby => crate::plugin::run(&inv, &conf, v, &stdin),
         Plugin::TabbyIpam => crate::tabby_ipam::run(&inv, &conf, v),
+    }
+}
+
+/// Reads the configuration, refusing more than [`MAX_CONFIG_BYTES`].
+fn read_config(input: impl Read) -> Result<Vec<u8>> {
+    let mut stdin = Vec::new();
+    input
+        .take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut stdin)
+        .map_err(|e| {
+            CniError::with_source(Code::IoFailure, "read network configuration from stdin", &e)
+        })?;
+    if stdin.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(CniError::new(
+            Code::InvalidConfig,
+            format!(
+                "the network configuration on stdin is larger than {} MiB",
+                MAX_CONFIG_BYTES >> 20
+            ),
+        ));
+    }
+    Ok(stdin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_over_the_limit_is_refused_after_reading_just_past_it() {
+        let big = std::io::repeat(b' ').take(100 << 20);
+        let e = read_config(big).unwrap_err();
+        assert_eq!(e.code, Code::InvalidConfig);
+        assert!(e.msg.contains("4 MiB"), "{}", e.msg);
+        let exact = vec![b' '; MAX_CONFIG_BYTES as usize];
+        assert_eq!(read_config(&exact[..]).unwrap().len(), exact.len());
     }
 }

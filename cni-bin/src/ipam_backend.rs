@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use crate::env::{Command, Invocation};
 use crate::error::{CniError, Code, Result};
 use crate::exec::run_plugin;
-use crate::tabby_ipam::TabbyIpam;
+use crate::tabby_ipam::{Kept, StaleAttachment, TabbyIpam};
 use crate::types::{CniResult, NetConf};
 
 /// What an IPAM ADD printed.
@@ -75,7 +75,7 @@ impl<'a> IpamBackend<'a> {
     ) -> Result<IpamOutput> {
         match self {
             Self::InProcess(t) => t
-                .add(&conf.handle(&inv.container_id), attrs)
+                .add(&conf.handle(&inv.container_id, &inv.ifname), attrs)
                 .map(IpamOutput::Parsed),
             Self::Delegate { plugin, stdin } => {
                 run_plugin(plugin, Command::Add, inv, stdin).map(|out| IpamOutput::Raw {
@@ -89,7 +89,7 @@ impl<'a> IpamBackend<'a> {
     /// The addresses the container holds, when this IPAM can tell.
     pub fn addresses(&self, inv: &Invocation, conf: &NetConf) -> Result<Vec<IpAddr>> {
         match self {
-            Self::InProcess(t) => t.addresses(&conf.handle(&inv.container_id)),
+            Self::InProcess(t) => t.addresses(&conf.handle(&inv.container_id, &inv.ifname)),
             Self::Delegate { .. } => Ok(Vec::new()),
         }
     }
@@ -98,7 +98,7 @@ impl<'a> IpamBackend<'a> {
     pub fn del(&self, inv: &Invocation, conf: &NetConf) -> Result<Vec<IpAddr>> {
         match self {
             Self::InProcess(t) => Ok(t
-                .del(&conf.handle(&inv.container_id))?
+                .del(&conf.handle(&inv.container_id, &inv.ifname))?
                 .into_iter()
                 .map(|r| r.ip)
                 .collect()),
@@ -111,17 +111,24 @@ impl<'a> IpamBackend<'a> {
     /// Verifies the container still holds `ips`.
     pub fn check(&self, inv: &Invocation, conf: &NetConf, ips: &[IpAddr]) -> Result<()> {
         match self {
-            Self::InProcess(t) => t.check(&conf.handle(&inv.container_id), ips),
+            Self::InProcess(t) => t.check(&conf.handle(&inv.container_id, &inv.ifname), ips),
             Self::Delegate { plugin, stdin } => {
                 run_plugin(plugin, Command::Check, inv, stdin).map(drop)
             }
         }
     }
 
-    /// Releases what is not in the valid attachments; returns released addresses when known.
-    pub fn gc(&self, inv: &Invocation, conf: &NetConf) -> Result<Vec<IpAddr>> {
+    /// Releases what is not in the valid attachments, each attachment after
+    /// `teardown` removed its interfaces (known only to `tabby-ipam`; a
+    /// delegated IPAM just releases). Returns released addresses when known.
+    pub fn gc(
+        &self,
+        inv: &Invocation,
+        conf: &NetConf,
+        teardown: impl FnMut(&StaleAttachment, &Kept) -> Result<()>,
+    ) -> Result<Vec<IpAddr>> {
         match self {
-            Self::InProcess(t) => Ok(t.gc(conf)?.into_iter().map(|r| r.ip).collect()),
+            Self::InProcess(t) => Ok(t.gc(conf, teardown)?.into_iter().map(|r| r.ip).collect()),
             Self::Delegate { plugin, stdin } => {
                 run_plugin(plugin, Command::Gc, inv, stdin).map(|_| Vec::new())
             }

@@ -15,10 +15,20 @@ pub const GATEWAY_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 1, 
 pub const GATEWAY_V6: std::net::Ipv6Addr =
     std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
 
-/// `tabby` + the first 10 hex characters of SHA-256(`identity`): 15 characters,
-/// stable for a pod across sandbox restarts.
-pub fn host_veth_name(identity: &str) -> String {
-    let digest = Sha256::digest(identity.as_bytes());
+/// The interface name of a pod's first (or only) attachment.
+pub const DEFAULT_IFNAME: &str = "eth0";
+
+/// `tabby` + the first 10 hex characters of SHA-256 of the pod `identity`
+/// (`<identity>/<ifname>` for an interface other than `eth0`, so a pod's
+/// interfaces get one host veth each): 15 characters, stable for a pod
+/// across sandbox restarts.
+pub fn host_veth_name(identity: &str, ifname: &str) -> String {
+    let key = if ifname == DEFAULT_IFNAME {
+        identity.to_string()
+    } else {
+        format!("{identity}/{ifname}")
+    };
+    let digest = Sha256::digest(key.as_bytes());
     let hex = hex::encode(digest);
     format!("{HOST_VETH_PREFIX}{}", &hex[..10])
 }
@@ -37,11 +47,14 @@ mod tests {
 
     #[test]
     fn host_veth_names_are_15_characters_and_stable() {
-        let a = host_veth_name("default.web-0");
+        let a = host_veth_name("default.web-0", "eth0");
         assert_eq!(a.len(), 15);
         assert!(a.starts_with("tabby"));
-        assert_eq!(a, host_veth_name("default.web-0"));
-        assert_ne!(a, host_veth_name("default.web-1"));
+        assert_eq!(a, host_veth_name("default.web-0", "eth0"));
+        assert_ne!(a, host_veth_name("default.web-1", "eth0"));
+        let net1 = host_veth_name("default.web-0", "net1");
+        assert_eq!(net1.len(), 15);
+        assert_ne!(a, net1);
     }
 
     #[test]

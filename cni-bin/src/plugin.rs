@@ -23,14 +23,14 @@ const FALLBACK_MTU: u32 = 1500;
 pub fn run(inv: &Invocation, conf: &NetConf, version: CniVersion, stdin: &[u8]) -> Result<String> {
     match inv.command {
         Command::Add => add(inv, conf, version, stdin),
-        Command::Del => del(inv, conf, stdin).map(|()| String::new()),
+        Command::Del => crate::teardown::del(inv, conf, stdin).map(|()| String::new()),
         Command::Check => {
             require(version.supports_check(), version, "CHECK")?;
             check(inv, conf, stdin).map(|()| String::new())
         }
         Command::Gc => {
             require(version.supports_gc(), version, "GC")?;
-            gc(inv, conf, stdin).map(|()| String::new())
+            crate::teardown::gc(inv, conf, stdin).map(|()| String::new())
         }
         Command::Status => {
             require(version.supports_gc(), version, "STATUS")?;
@@ -76,6 +76,15 @@ fn plan_add<'a>(
         .as_ref()
         .ok_or_else(|| CniError::new(Code::InvalidEnv, "CNI_NETNS is required for ADD"))?;
     let pod_ns = NetNs::open(netns)?;
+    if is_own_netns(&pod_ns)? {
+        return Err(CniError::new(
+            Code::InvalidEnv,
+            format!(
+                "CNI_NETNS {} is the plugin's own network namespace, the node's: a pod needs a namespace of its own",
+                netns.display()
+            ),
+        ));
+    }
     let ipam = IpamBackend::from_conf(conf, stdin)?;
     let pod = Netlink::in_netns(&pod_ns)?;
     if pod.link(&inv.ifname)?.is_some() {
@@ -95,10 +104,31 @@ fn plan_add<'a>(
     Ok(AddPlan {
         pod_ns,
         pod,
-        host_veth: host_veth_name(&inv.pod_identity()),
+        host_veth: host_veth_name(&inv.pod_identity(), &inv.ifname),
         mtu,
         ipam,
     })
+}
+
+/// Whether `ns` is the network namespace this process runs in (the node's),
+/// by the namespace file's device and inode, as `/proc/self/ns/net` has them.
+pub(crate) fn is_own_netns(ns: &NetNs) -> Result<bool> {
+    let io = |what: &str, errno: nix::Error| {
+        CniError::with_source(
+            Code::IoFailure,
+            what.to_string(),
+            &std::io::Error::from(errno),
+        )
+    };
+    let own =
+        nix::sys::stat::stat("/proc/self/ns/net").map_err(|e| io("stat /proc/self/ns/net", e))?;
+    let other = nix::sys::stat::fstat(ns).map_err(|e| {
+        io(
+            &format!("stat network namespace {}", ns.path().display()),
+            e,
+        )
+    })?;
+    Ok(own.st_dev == other.st_dev && own.st_ino == other.st_ino)
 }
 
 /// The MTU of the interface holding the IPv4 default route.
@@ -153,7 +183,7 @@ fn add(inv: &Invocation, conf: &NetConf, version: CniVersion, stdin: &[u8]) -> R
     });
     configure_host_veth(&host, veth, host_index, &addrs)?;
 
-    let pod_link = configure_pod(&plan.pod, &plan.pod_ns, inv, conf, &addrs)?;
+    let (pod_link, routed) = configure_pod(&plan.pod, &plan.pod_ns, inv, conf, &addrs)?;
     for a in &addrs {
         host.replace_route(&Route::new(*a).dev(host_index).with_scope(Scope::Link))?;
     }
@@ -183,7 +213,8 @@ fn add(inv: &Invocation, conf: &NetConf, version: CniVersion, stdin: &[u8]) -> R
                 interface: Some(1),
             })
             .collect(),
-        routes: first_of_each_family(&addrs)
+        routes: routed
+            .iter()
             .map(|a| RouteEntry {
                 dst: default_net(a),
                 gw: Some(gateway_for(a)),
@@ -218,13 +249,16 @@ fn configure_host_veth(host: &Netlink, name: &str, index: u32, addrs: &[IpNetwor
 }
 
 /// Pod side: /32 addresses, the gateway route and the default route.
+/// Returns the link and the addresses whose family got the routes: a
+/// further interface of a pod that has them already (Multus) gets only its
+/// address, and the pod keeps leaving through its first interface.
 fn configure_pod(
     pod: &Netlink,
     pod_ns: &NetNs,
     inv: &Invocation,
     conf: &NetConf,
     addrs: &[IpNetwork],
-) -> Result<tabby_dataplane::Link> {
+) -> Result<(tabby_dataplane::Link, Vec<IpNetwork>)> {
     let link = pod.link(&inv.ifname)?.ok_or_else(|| {
         CniError::new(
             Code::IoFailure,
@@ -243,19 +277,42 @@ fn configure_pod(
     for a in addrs {
         pod.add_address(link.index, *a)?;
     }
+    let mut routed = Vec::new();
     for a in first_of_each_family(addrs) {
         let gw = gateway_for(a);
-        pod.add_route(
-            &Route::new(host_prefix(gw))
-                .dev(link.index)
-                .with_scope(Scope::Link),
-        )?;
+        let gateway = Route::new(host_prefix(gw))
+            .dev(link.index)
+            .with_scope(Scope::Link);
+        match pod.add_route(&gateway) {
+            Ok(()) => {}
+            Err(e) if e.is_exists() && gateway_via_another_veth(pod, gw, link.index)? => continue,
+            Err(e) => return Err(e.into()),
+        }
         pod.add_route(&Route::new(default_net(a)).via(gw).dev(link.index))?;
+        routed.push(*a);
     }
     if !conf.container_settings.allow_ip_forwarding {
         pod_ns.run(|| sysctl::set("net/ipv4/ip_forward", "0"))??;
     }
-    Ok(link)
+    Ok((link, routed))
+}
+
+/// Whether the pod reaches `gw` through a veth other than `index`: an
+/// interface an earlier ADD of this pod made (anything else is an error).
+fn gateway_via_another_veth(pod: &Netlink, gw: IpAddr, index: u32) -> Result<bool> {
+    let family = if gw.is_ipv4() { Family::V4 } else { Family::V6 };
+    let oif = pod
+        .routes(family)?
+        .into_iter()
+        .find(|r| r.dst == host_prefix(gw))
+        .and_then(|r| r.oif)
+        .filter(|&oif| oif != index);
+    Ok(match oif {
+        Some(oif) => pod
+            .link_by_index(oif)?
+            .is_some_and(|l| l.kind.as_deref() == Some("veth")),
+        None => false,
+    })
 }
 
 /// The first address of each family: one gateway and default route per family.
@@ -265,7 +322,7 @@ fn first_of_each_family(addrs: &[IpNetwork]) -> impl Iterator<Item = &IpNetwork>
     v4.into_iter().chain(v6)
 }
 
-fn host_prefix(ip: IpAddr) -> IpNetwork {
+pub(crate) fn host_prefix(ip: IpAddr) -> IpNetwork {
     let len = if ip.is_ipv4() { 32 } else { 128 };
     IpNetwork::new(ip, len).expect("a full-length prefix is always valid")
 }
@@ -287,53 +344,8 @@ fn gateway_for(a: &IpNetwork) -> IpAddr {
     }
 }
 
-/// DEL: success when things are already gone. The interfaces go first and
-/// the addresses are released only once no interface can still hold them:
-/// if removing an interface fails, DEL fails and the runtime retries.
-fn del(inv: &Invocation, conf: &NetConf, stdin: &[u8]) -> Result<()> {
-    let ipam = IpamBackend::from_conf(conf, stdin)?;
-    let host = Netlink::host()?;
-    if let Some(path) = &inv.netns {
-        match NetNs::open(path)
-            .and_then(|ns| Netlink::in_netns(&ns))
-            .and_then(|pod| pod.delete_link(&inv.ifname))
-        {
-            Ok(_) => {}
-            // A netns that is gone, or a path the runtime already unmounted.
-            Err(e) if e.is_not_found() || matches!(e, tabby_dataplane::Error::NotANetns { .. }) => {
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    // With the netns gone first (some runtimes delete it before DEL), the
-    // host end may survive. Delete it only if it still routes one of this
-    // container's addresses, so a newer sandbox of the same pod is left alone.
-    let mut ips = conf.prev_ips();
-    ips.extend(ipam.addresses(inv, conf)?);
-    let veth = host_veth_name(&inv.pod_identity());
-    delete_veth_if_routing(&host, &veth, ips.iter())?;
-    let released = ipam.del(inv, conf)?;
-    info!(container = %inv.container_id, released = ?released, "pod detached");
-    Ok(())
-}
-
-fn delete_veth_if_routing<'i>(
-    host: &Netlink,
-    veth: &str,
-    ips: impl Iterator<Item = &'i IpAddr>,
-) -> Result<()> {
-    let Some(link) = host.link(veth)? else {
-        return Ok(());
-    };
-    let ips: Vec<IpAddr> = ips.copied().collect();
-    let owns = host_routes_via(host, link.index, &ips)?;
-    if owns {
-        host.delete_link(veth)?;
-    }
-    Ok(())
-}
-
-fn host_routes_via(host: &Netlink, index: u32, ips: &[IpAddr]) -> Result<bool> {
+/// Whether the host has a /32 (/128) route to one of `ips` through link `index`.
+pub(crate) fn host_routes_via(host: &Netlink, index: u32, ips: &[IpAddr]) -> Result<bool> {
     for fam in [Family::V4, Family::V6] {
         if host
             .routes(fam)?
@@ -370,10 +382,15 @@ fn check(inv: &Invocation, conf: &NetConf, stdin: &[u8]) -> Result<()> {
     let have = pod.addresses(link.index)?;
     let mut pod_routes = pod.routes(Family::V4)?;
     pod_routes.extend(pod.routes(Family::V6)?);
+    // A further interface of a pod got no routes (its result says so).
+    let routed = conf.prev_result()?.is_some_and(|r| !r.routes.is_empty());
     for ip in &ips {
         let want = host_prefix(*ip);
         if !have.contains(&want) {
             return fail(format!("{} has no address {want}", inv.ifname));
+        }
+        if !routed {
+            continue;
         }
         let gw = gateway_for(&want);
         if !pod_routes
@@ -393,7 +410,7 @@ fn check(inv: &Invocation, conf: &NetConf, stdin: &[u8]) -> Result<()> {
         }
     }
     let host = Netlink::host()?;
-    let veth = host_veth_name(&inv.pod_identity());
+    let veth = host_veth_name(&inv.pod_identity(), &inv.ifname);
     let Some(hl) = host.link(&veth)? else {
         return fail(format!("host veth {veth} is missing"));
     };
@@ -406,32 +423,4 @@ fn check(inv: &Invocation, conf: &NetConf, stdin: &[u8]) -> Result<()> {
         }
     }
     ipam.check(inv, conf, &ips)
-}
-
-/// GC: release allocations of containers not in `cni.dev/valid-attachments`,
-/// and remove host veths still routing a released address.
-fn gc(inv: &Invocation, conf: &NetConf, stdin: &[u8]) -> Result<()> {
-    if conf.valid_attachments.is_none() {
-        return Err(CniError::new(
-            Code::InvalidConfig,
-            "GC needs cni.dev/valid-attachments (an empty list releases everything of this node)",
-        ));
-    }
-    let ipam = IpamBackend::from_conf(conf, stdin)?;
-    let released = ipam.gc(inv, conf)?;
-    if released.is_empty() {
-        return Ok(());
-    }
-    let host = Netlink::host()?;
-    for link in host
-        .links()?
-        .into_iter()
-        .filter(|l| l.name.starts_with(crate::naming::HOST_VETH_PREFIX))
-    {
-        if host_routes_via(&host, link.index, &released)? {
-            host.delete_link(&link.name)?;
-        }
-    }
-    info!(released = ?released, "gc released stale allocations");
-    Ok(())
 }

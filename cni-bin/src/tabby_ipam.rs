@@ -2,20 +2,21 @@
 //! by `tabby`, which calls it in-process when `ipam.type` is `tabby-ipam`
 //! (same code, one exec less per pod).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 
 use ipnetwork::IpNetwork;
-use nix::fcntl::{Flock, FlockArg};
 use serde::Deserialize;
 use tabby_ipam::report::{self, IpInfo, Snapshot};
 use tabby_ipam::types::default_block_size;
-use tabby_ipam::{AssignArgs, Datastore, FileDatastore, IpPool, Ipam, Released};
+use tabby_ipam::{
+    AllocationAttribute, AssignArgs, Datastore, FileDatastore, IpPool, Ipam, NodeLock, Released,
+};
 
 use crate::error::{CniError, Code, Result};
 use crate::naming::GATEWAY_V4;
-use crate::types::{CniResult, IpConfig, NetConf};
+use crate::types::{validate_node_name, CniResult, IpConfig, NetConf};
 
 /// Default directory of the file datastore.
 pub const DEFAULT_DATASTORE: &str = "/var/lib/tabby/datastore";
@@ -91,7 +92,43 @@ pub struct PoolConf {
 pub struct TabbyIpam {
     ipam: Ipam<FileDatastore>,
     conf: IpamConf,
+    /// The conflist's pool, validated.
+    pool: Option<IpPool>,
     node: String,
+}
+
+/// An attachment GC releases: its handle and what its allocations record
+/// (hostVeth, netns, ifname, ...), to remove its interfaces first.
+#[derive(Debug, Clone)]
+pub struct StaleAttachment {
+    /// The IPAM handle.
+    pub handle: String,
+    /// The attributes of each of its allocations.
+    pub attributes: Vec<BTreeMap<String, String>>,
+    /// Its addresses.
+    pub ips: Vec<IpAddr>,
+}
+
+/// What the allocations GC keeps on this node record: interfaces that are
+/// not to be removed even if a stale allocation names them too (a newer
+/// sandbox of the same pod reuses its host veth name).
+#[derive(Debug, Clone, Default)]
+pub struct Kept {
+    /// Host veth names.
+    pub host_veths: HashSet<String>,
+    /// (netns path, interface name) pairs.
+    pub pod_interfaces: HashSet<(String, String)>,
+}
+
+impl Kept {
+    fn record(&mut self, attrs: &BTreeMap<String, String>) {
+        if let Some(veth) = attrs.get("hostVeth") {
+            self.host_veths.insert(veth.clone());
+        }
+        if let (Some(netns), Some(ifname)) = (attrs.get("netns"), attrs.get("ifname")) {
+            self.pod_interfaces.insert((netns.clone(), ifname.clone()));
+        }
+    }
 }
 
 impl TabbyIpam {
@@ -122,6 +159,9 @@ impl TabbyIpam {
                 "ipam assigns neither IPv4 nor IPv6",
             ));
         }
+        let node = net.node_name();
+        validate_node_name(&node)?;
+        let pool = conf.pool.as_ref().map(default_pool).transpose()?;
         let ds = FileDatastore::open(&conf.datastore.path).map_err(|e| {
             CniError::with_source(
                 Code::IoFailure,
@@ -132,7 +172,8 @@ impl TabbyIpam {
         Ok(Self {
             ipam: Ipam::new(ds),
             conf,
-            node: net.node_name(),
+            pool,
+            node,
         })
     }
 
@@ -147,19 +188,8 @@ impl TabbyIpam {
     }
 
     fn ensure_pool(&self) -> Result<()> {
-        if let Some(p) = &self.conf.pool {
-            let family = if p.cidr.is_ipv4() { "ipv4" } else { "ipv6" };
-            let pool = IpPool {
-                name: format!("default-{family}-ippool"),
-                cidr: p.cidr,
-                block_size: p.block_size.unwrap_or_else(|| default_block_size(&p.cidr)),
-                ipip_mode: Default::default(),
-                vxlan_mode: Default::default(),
-                nat_outgoing: p.nat_outgoing,
-                disabled: false,
-                node_selector: "all()".into(),
-            };
-            self.ipam.ensure_default_pool(&pool)?;
+        if let Some(pool) = &self.pool {
+            self.ipam.ensure_default_pool(pool)?;
         }
         Ok(())
     }
@@ -202,29 +232,12 @@ impl TabbyIpam {
     /// lock: a burst of pods on one node then takes turns instead of racing
     /// on the same block document and retrying (conflicts with other nodes
     /// are still settled by compare-and-swap).
-    fn node_lock(&self) -> Result<Flock<std::fs::File>> {
-        let path = self
-            .conf
-            .datastore
-            .path
-            .join(format!(".ipam-{}.lock", self.node));
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| {
-                CniError::with_source(
-                    Code::IoFailure,
-                    format!("open IPAM lock {}", path.display()),
-                    &e,
-                )
-            })?;
-        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| {
+    fn node_lock(&self) -> Result<NodeLock> {
+        self.ipam.datastore().node_lock(&self.node).map_err(|e| {
             CniError::with_source(
                 Code::IoFailure,
-                format!("lock {}", path.display()),
-                &std::io::Error::from(errno),
+                format!("take the IPAM lock of node {}", self.node),
+                &e,
             )
         })
     }
@@ -253,26 +266,83 @@ impl TabbyIpam {
         Ok(self.ipam.addresses_of(handle)?)
     }
 
-    /// GC: releases this node's allocations on this network whose container
-    /// is not in `cni.dev/valid-attachments`. Other nodes' and other
-    /// networks' allocations in a shared datastore are never touched.
-    pub fn gc(&self, conf: &NetConf) -> Result<Vec<Released>> {
-        let valid: HashSet<String> = conf
-            .valid_attachments
-            .iter()
-            .flatten()
-            .map(|a| conf.handle(&a.container_id))
-            .collect();
+    /// GC: releases this node's allocations on this network whose attachment
+    /// is not in `cni.dev/valid-attachments`, each only after `teardown`
+    /// removed its interfaces (an address is never free while an interface
+    /// may still hold it: a failed teardown keeps the allocation for the next
+    /// GC). Then puts right what killed plugins of this node left: handles
+    /// the blocks do not back, claims never completed. Other nodes' and
+    /// other networks' allocations in a shared datastore are never touched.
+    ///
+    /// Holds the node's IPAM lock throughout, so no ADD of this node
+    /// allocates (and then creates its interfaces) in between.
+    pub fn gc(
+        &self,
+        conf: &NetConf,
+        mut teardown: impl FnMut(&StaleAttachment, &Kept) -> Result<()>,
+    ) -> Result<Vec<Released>> {
+        let _serial = self.node_lock()?;
+        let (stale, kept) = self.stale_attachments(conf)?;
+        let mut torn_down = BTreeSet::new();
+        let mut failure = None;
+        for attachment in stale.values() {
+            match teardown(attachment, &kept) {
+                Ok(()) => {
+                    torn_down.insert(attachment.handle.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(handle = %attachment.handle, error = %e, "GC keeps an attachment whose interfaces could not be removed");
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        let released = self.ipam.release_handles(&torn_down)?;
+        let node = Some(self.node.as_str());
+        for repair in self.ipam.repair_handles(|_, n| n == node)? {
+            tracing::info!(handle = %repair.handle, recorded = ?repair.recorded, actual = ?repair.actual, "GC repaired a handle");
+        }
+        self.ipam.drop_dead_claims(&self.node)?;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(released),
+        }
+    }
+
+    /// This node's allocations on this network that no valid attachment
+    /// owns, by handle; and what the other allocations of this node record.
+    fn stale_attachments(
+        &self,
+        conf: &NetConf,
+    ) -> Result<(BTreeMap<String, StaleAttachment>, Kept)> {
+        let valid = ValidAttachments::new(conf);
         let (node, network) = (self.node.as_str(), conf.name.as_str());
         let prefix = format!("{network}.");
-        Ok(self.ipam.gc_where(|attr| {
-            let on_node = attr.secondary.get("node").map(String::as_str) == Some(node);
+        let mut stale: BTreeMap<String, StaleAttachment> = BTreeMap::new();
+        let mut kept = Kept::default();
+        for allocation in self.ipam.allocations()? {
+            let attr = &allocation.attribute;
+            if attr.secondary.get("node").map(String::as_str) != Some(node) {
+                continue;
+            }
             let on_network = match attr.secondary.get("network") {
                 Some(n) => n == network,
                 None => attr.handle_id.starts_with(&prefix),
             };
-            on_node && on_network && !valid.contains(&attr.handle_id)
-        })?)
+            if !on_network || valid.holds(attr) {
+                kept.record(&attr.secondary);
+                continue;
+            }
+            let entry = stale
+                .entry(attr.handle_id.clone())
+                .or_insert_with(|| StaleAttachment {
+                    handle: attr.handle_id.clone(),
+                    attributes: Vec::new(),
+                    ips: Vec::new(),
+                });
+            entry.attributes.push(attr.secondary.clone());
+            entry.ips.push(allocation.ip);
+        }
+        Ok((stale, kept))
     }
 
     /// STATUS: the datastore answers and some enabled pool has a free address.
@@ -315,7 +385,7 @@ pub fn run(
 ) -> Result<String> {
     use crate::env::Command;
     let ipam = TabbyIpam::open(conf)?;
-    let handle = conf.handle(&inv.container_id);
+    let handle = conf.handle(&inv.container_id, &inv.ifname);
     match inv.command {
         Command::Add => Ok(ipam
             .add(&handle, allocation_attributes(inv, conf))?
@@ -331,7 +401,8 @@ pub fn run(
                     "GC needs cni.dev/valid-attachments",
                 ));
             }
-            ipam.gc(conf).map(|_| String::new())
+            // Under another interface plugin, that plugin removes interfaces.
+            ipam.gc(conf, |_, _| Ok(())).map(|_| String::new())
         }
         Command::Status => ipam.status().map(|()| String::new()),
         Command::Version => Ok(crate::version::version_info()),
@@ -357,4 +428,66 @@ pub fn allocation_attributes(
         a.insert("pod".into(), pod.into());
     }
     a
+}
+
+/// The `cni.dev/valid-attachments` of a GC.
+struct ValidAttachments {
+    handles: HashSet<String>,
+    /// (containerID, ifname): also matches allocations of older releases,
+    /// whose handle did not name the interface.
+    pairs: HashSet<(String, String)>,
+    /// Containers listed without an interface: all their interfaces stay.
+    containers: HashSet<String>,
+}
+
+impl ValidAttachments {
+    fn new(conf: &NetConf) -> Self {
+        let mut valid = Self {
+            handles: HashSet::new(),
+            pairs: HashSet::new(),
+            containers: HashSet::new(),
+        };
+        for a in conf.valid_attachments.iter().flatten() {
+            if a.container_id.is_empty() {
+                continue;
+            }
+            valid
+                .handles
+                .insert(conf.handle(&a.container_id, &a.ifname));
+            valid
+                .pairs
+                .insert((a.container_id.clone(), a.ifname.clone()));
+            if a.ifname.is_empty() {
+                valid.containers.insert(a.container_id.clone());
+            }
+        }
+        valid
+    }
+
+    /// Whether a valid attachment owns this allocation.
+    fn holds(&self, attr: &AllocationAttribute) -> bool {
+        let get = |k: &str| attr.secondary.get(k).cloned().unwrap_or_default();
+        let (id, ifname) = (get("containerID"), get("ifname"));
+        self.handles.contains(&attr.handle_id)
+            || self.containers.contains(&id)
+            || self.pairs.contains(&(id, ifname))
+    }
+}
+
+/// The conflist's `ipam.pool` as the pool it creates, validated like any
+/// pool so that a conflist naming an unusable range fails before anything
+/// is written (and also when pools exist already).
+fn default_pool(p: &PoolConf) -> Result<IpPool> {
+    let family = if p.cidr.is_ipv4() { "ipv4" } else { "ipv6" };
+    let pool = IpPool {
+        name: format!("default-{family}-ippool"),
+        cidr: p.cidr,
+        block_size: p.block_size.unwrap_or_else(|| default_block_size(&p.cidr)),
+        ipip_mode: Default::default(),
+        vxlan_mode: Default::default(),
+        nat_outgoing: p.nat_outgoing,
+        disabled: false,
+        node_selector: "all()".into(),
+    };
+    Ok(tabby_ipam::pools::validate_pool(&pool)?)
 }

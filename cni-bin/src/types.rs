@@ -95,8 +95,9 @@ impl NetConf {
             CniError::with_source(Code::InvalidConfig, "invalid network configuration", &e)
         })?;
         let version = CniVersion::parse(&conf.cni_version)?;
-        if conf.name.is_empty() {
-            return Err(CniError::new(Code::InvalidConfig, "network name is empty"));
+        validate_network_name(&conf.name)?;
+        if let Some(node) = conf.nodename.as_deref().filter(|n| !n.is_empty()) {
+            validate_node_name(node)?;
         }
         if let Some(mtu) = conf.mtu {
             if !(68..=65535).contains(&mtu) {
@@ -122,16 +123,30 @@ impl NetConf {
             .unwrap_or_else(host_name)
     }
 
-    /// The IPAM handle of a container on this network.
-    pub fn handle(&self, container_id: &str) -> String {
-        format!("{}.{}", self.name, container_id)
+    /// The IPAM handle of an attachment: network, container and interface,
+    /// as the CNI spec keys attachments. `eth0` keeps the `<network>.<id>`
+    /// form of earlier releases (and Calico's), so their allocations are
+    /// still found; any other interface is `<network>.<id>:<ifname>`, which
+    /// no `eth0` handle can be (container IDs have no ':').
+    pub fn handle(&self, container_id: &str, ifname: &str) -> String {
+        if ifname == crate::naming::DEFAULT_IFNAME || ifname.is_empty() {
+            format!("{}.{}", self.name, container_id)
+        } else {
+            format!("{}.{}:{}", self.name, container_id, ifname)
+        }
     }
 
-    /// The addresses of the previous result; CHECK cannot run without one.
+    /// The addresses of the previous result; CHECK cannot run without them.
     pub fn required_prev_ips(&self) -> Result<Vec<std::net::IpAddr>> {
         let prev = self
             .prev_result()?
             .ok_or_else(|| CniError::new(Code::InvalidConfig, "CHECK needs prevResult"))?;
+        if prev.ips.is_empty() {
+            return Err(CniError::new(
+                Code::InvalidConfig,
+                "CHECK needs prevResult.ips: a result without addresses leaves nothing to check",
+            ));
+        }
         Ok(prev.ips.iter().map(|c| c.address.ip()).collect())
     }
 
@@ -155,6 +170,51 @@ impl NetConf {
             })
             .transpose()
     }
+}
+
+/// The spec's network name: `^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$`.
+fn validate_network_name(name: &str) -> Result<()> {
+    let ok = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            Code::InvalidConfig,
+            format!(
+                "network name {name:?} must start with a letter or digit and have only letters, digits, '_', '.' and '-'"
+            ),
+        ))
+    }
+}
+
+/// A Kubernetes node name: a DNS-1123 subdomain (lower-case letters,
+/// digits, '-' and '.', labels starting and ending alphanumeric, at most 253).
+pub fn validate_node_name(name: &str) -> Result<()> {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if name.len() <= 253 && name.split('.').all(label_ok) {
+        return Ok(());
+    }
+    let shown: String = name.chars().take(64).collect();
+    let more = if name.chars().count() > 64 { "..." } else { "" };
+    Err(CniError::new(
+        Code::InvalidConfig,
+        format!(
+            "node name {shown:?}{more} ({} bytes) is not a Kubernetes node name: at most 253 lower-case letters, digits, '-' and '.', each label starting and ending with a letter or digit (set `nodename`)",
+            name.len()
+        ),
+    ))
 }
 
 /// The host name, lower-cased as Kubernetes node names are.
@@ -292,7 +352,8 @@ mod tests {
         assert_eq!(v, CniVersion::V1_1_0);
         assert_eq!(c.node_name(), "node-a");
         assert_eq!(c.ipam_type(), Some("tabby-ipam"));
-        assert_eq!(c.handle("c1"), "k8s-pod-network.c1");
+        assert_eq!(c.handle("c1", "eth0"), "k8s-pod-network.c1");
+        assert_eq!(c.handle("c1", "net1"), "k8s-pod-network.c1:net1");
     }
 
     #[test]
@@ -310,6 +371,30 @@ mod tests {
         let e = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"tabby","mtu":10}"#)
             .unwrap_err();
         assert_eq!(e.code, Code::InvalidConfig);
+    }
+
+    #[test]
+    fn network_and_node_names_follow_their_patterns() {
+        let conf = |name: &str, node: &str| {
+            format!(
+                r#"{{"cniVersion":"1.0.0","name":"{name}","type":"tabby","nodename":"{node}"}}"#
+            )
+        };
+        assert!(NetConf::parse(conf("k8s-pod.net_1", "node-a.example").as_bytes()).is_ok());
+        for (name, node) in [
+            ("a/b", "n"),
+            ("-a", "n"),
+            ("", "n"),
+            ("a b", "n"),
+            ("n", "Node-A"),
+            ("n", "node_a"),
+            ("n", "a..b"),
+            ("n", "-a"),
+            ("n", &"a".repeat(254)),
+        ] {
+            let e = NetConf::parse(conf(name, node).as_bytes()).unwrap_err();
+            assert_eq!(e.code, Code::InvalidConfig, "{name:?} {node:?}");
+        }
     }
 
     fn sample() -> CniResult {

@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::Context;
 use clap::Subcommand;
 use tabby_ipam::report::{self, CheckReport, IpInfo, Liveness, PoolUsage, Snapshot, Usage};
-use tabby_ipam::{AllocationAttribute, Ipam};
+use tabby_ipam::{AllocationAttribute, Datastore, Ipam};
 
 use crate::table::{Align, Table};
 
@@ -26,6 +26,11 @@ pub enum IpamCommand {
         /// This node's name: only its allocations can be checked for liveness.
         #[arg(long, env = "NODENAME")]
         node: Option<String>,
+        /// Repair what killed plugins of this node left: handles whose counts
+        /// the blocks do not back (and handles of older releases, which name
+        /// no node), and block claims never completed.
+        #[arg(long)]
+        fix: bool,
     },
     /// Release one address.
     Release {
@@ -50,7 +55,7 @@ pub fn run(ipam: &Ipam<crate::Store>, cmd: IpamCommand) -> anyhow::Result<()> {
                 usage_table(&report::usage(&load()?), show_blocks).boxed()
             );
         }
-        IpamCommand::Check { node } => {
+        IpamCommand::Check { node, fix } => {
             let node = match node {
                 Some(node) => node,
                 None => local_hostname().context("finding this node's name (pass --node)")?,
@@ -58,16 +63,33 @@ pub fn run(ipam: &Ipam<crate::Store>, cmd: IpamCommand) -> anyhow::Result<()> {
             let snap = load()?;
             let report = report::check(&snap, |attr| liveness(attr, &node, Path::new("/")));
             print!("{}", check_text(&snap, &report, &node));
-        }
-        IpamCommand::Release { ip } => match ipam
-            .release_ip(ip)
-            .with_context(|| format!("releasing {ip}"))?
-        {
-            Some(released) => {
-                println!("Successfully released IP {ip} (handle {})", released.handle)
+            if fix {
+                print!("{}", fix_node(ipam, &node)?);
             }
-            None => anyhow::bail!("IP {ip} is not assigned"),
-        },
+        }
+        IpamCommand::Release { ip } => {
+            // Serialized with the plugin of the node holding the address.
+            let _serial = match report::ip_info(&load()?, ip) {
+                IpInfo::InUse { attribute, .. } => match attribute.secondary.get("node") {
+                    Some(node) => Some(
+                        ipam.datastore()
+                            .node_lock(node)
+                            .with_context(|| format!("taking the IPAM lock of node {node}"))?,
+                    ),
+                    None => None,
+                },
+                _ => None,
+            };
+            match ipam
+                .release_ip(ip)
+                .with_context(|| format!("releasing {ip}"))?
+            {
+                Some(released) => {
+                    println!("Successfully released IP {ip} (handle {})", released.handle)
+                }
+                None => anyhow::bail!("IP {ip} is not assigned"),
+            }
+        }
     }
     Ok(())
 }
@@ -204,6 +226,55 @@ fn check_text(snap: &Snapshot, report: &CheckReport, node: &str) -> String {
         report.problems.len()
     ));
     out
+}
+
+/// `ipam check --fix`: under the node's IPAM lock (no ADD or DEL of that
+/// node is half done meanwhile), makes its handles say what the blocks hold
+/// and drops its claims whose block was never created.
+fn fix_node(ipam: &Ipam<crate::Store>, node: &str) -> anyhow::Result<String> {
+    let _serial = ipam
+        .datastore()
+        .node_lock(node)
+        .with_context(|| format!("taking the IPAM lock of node {node}"))?;
+    let repairs = ipam
+        .repair_handles(|_, n| n.is_none_or(|n| n == node))
+        .context("repairing handles")?;
+    let claims = ipam
+        .drop_dead_claims(node)
+        .context("dropping dead block claims")?;
+    let mut out = String::from("\nFixing what killed plugins of this node left...\n");
+    for r in &repairs {
+        let counts = |m: &std::collections::BTreeMap<String, u32>| {
+            let parts: Vec<String> = m.iter().map(|(b, n)| format!("{n} in {b}")).collect();
+            if parts.is_empty() {
+                "nothing".to_string()
+            } else {
+                parts.join(", ")
+            }
+        };
+        let verb = if r.actual.is_empty() {
+            "deleted"
+        } else {
+            "rewrote"
+        };
+        out.push_str(&format!(
+            "  - {verb} handle {}: it recorded {}, the blocks hold {}\n",
+            r.handle,
+            counts(&r.recorded),
+            counts(&r.actual)
+        ));
+    }
+    for cidr in &claims {
+        out.push_str(&format!(
+            "  - dropped node {node}'s unfinished claim of block {cidr}\n"
+        ));
+    }
+    out.push_str(&format!(
+        "Fixed {} handles and {} claims. Other nodes' handles are fixed on their node.\n",
+        repairs.len(),
+        claims.len()
+    ));
+    Ok(out)
 }
 
 /// This machine's host name, the default node name.

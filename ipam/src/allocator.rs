@@ -15,12 +15,14 @@
 //!
 //! The handle document is incremented before the block is written and
 //! decremented if that write fails, so a crash can over-count a handle but
-//! never leave an address no handle knows.
+//! never leave an address no handle knows ([`crate::repair`] puts such
+//! handles right). An assign that fails after committing addresses releases
+//! them again (a guard, so every error path does).
 //!
 //! Pool and configuration management lives in [`crate::pools`].
 
 use std::collections::hash_map::RandomState;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::time::Duration;
@@ -29,10 +31,9 @@ use ipnetwork::IpNetwork;
 
 use crate::block::{block_of, ip_to_u128, normalize};
 use crate::datastore::{Datastore, DatastoreError};
+use crate::pools::reserved_addresses;
 use crate::store::{self, Doc};
-use crate::types::{
-    AffinityState, AllocationAttribute, Block, BlockAffinity, Handle, IpPool, IpamConfig,
-};
+use crate::types::{AffinityState, Block, BlockAffinity, Handle, IpPool, IpamConfig};
 
 /// How many conflicting attempts an operation makes before giving up.
 pub const MAX_ATTEMPTS: u32 = 100;
@@ -146,7 +147,7 @@ pub struct Ipam<D: Datastore> {
 /// The outcome of one assign step.
 enum Step {
     /// Addresses were committed in one block.
-    Assigned(Vec<IpAddr>),
+    Assigned(IpNetwork, Vec<IpAddr>),
     /// The node gained (or confirmed) a block: try again.
     Claimed,
     /// Nothing is left for this node.
@@ -228,33 +229,28 @@ impl<D: Datastore> Ipam<D> {
         args.attrs
             .entry("node".to_string())
             .or_insert_with(|| args.node.clone());
+        let mut committed = Committed {
+            ipam: self,
+            ips: Vec::new(),
+        };
         let mut assigned = Vec::new();
-        let mut result = Ok(());
         for (family, n) in [(4u8, args.num_v4), (6u8, args.num_v6)] {
             if n > 0 {
-                result = self.assign_family(&args, family, n as usize, &mut assigned);
-                if result.is_err() {
-                    break;
-                }
+                self.assign_family(&args, family, n as usize, &mut committed, &mut assigned)?;
             }
         }
-        if let Err(e) = result {
-            for net in &assigned {
-                if let Err(undo) = self.release_ip(net.ip()) {
-                    tracing::warn!(ip = %net.ip(), error = %undo, "could not undo a partial assign");
-                }
-            }
-            return Err(e);
-        }
+        committed.keep();
         Ok(assigned)
     }
 
-    /// Assigns `n` addresses of one family, appending them to `out` as they commit.
+    /// Assigns `n` addresses of one family: each is recorded in `committed`
+    /// as soon as its block is written, then appended to `out` with its prefix.
     fn assign_family(
         &self,
         args: &AssignArgs,
         family: u8,
         n: usize,
+        committed: &mut Committed<'_, D>,
         out: &mut Vec<IpNetwork>,
     ) -> Result<()> {
         let config = self.config()?;
@@ -274,27 +270,20 @@ impl<D: Datastore> Ipam<D> {
         if pools.is_empty() {
             return Err(IpamError::NoPool { family });
         }
+        let reserved: Vec<IpAddr> = pools.iter().flat_map(reserved_addresses).collect();
         let mut got = 0;
         let mut backoff = Backoff::new();
         while got < n {
-            let step = self.assign_step(args, &pools, &config, n - got);
+            let step = self.assign_step(args, &pools, &config, &reserved, n - got);
             if let Some(key) = conflict_key(&step) {
                 backoff.conflict(key)?;
                 continue;
             }
             match step? {
-                Step::Assigned(ips) => {
+                Step::Assigned(block, ips) => {
+                    committed.ips.extend(ips.iter().map(|ip| (block, *ip)));
                     for ip in ips {
-                        let prefix = pools
-                            .iter()
-                            .find(|p| p.cidr.contains(ip))
-                            .map_or(if family == 4 { 32 } else { 128 }, |p| p.block_size);
-                        let net =
-                            IpNetwork::new(ip, prefix).map_err(|e| IpamError::InvalidPool {
-                                name: ip.to_string(),
-                                reason: e.to_string(),
-                            })?;
-                        out.push(net);
+                        out.push(with_block_prefix(&pools, family, ip)?);
                         got += 1;
                     }
                 }
@@ -317,6 +306,7 @@ impl<D: Datastore> Ipam<D> {
         args: &AssignArgs,
         pools: &[IpPool],
         config: &IpamConfig,
+        reserved: &[IpAddr],
         want: usize,
     ) -> Result<Step> {
         let in_pools = |cidr: &IpNetwork| pools.iter().any(|p| p.cidr.contains(cidr.network()));
@@ -339,8 +329,8 @@ impl<D: Datastore> Ipam<D> {
                         self.drop_affinity(&args.node, &cidr, true)?;
                         continue;
                     }
-                    if !block.value.deleted && block.value.free() > 0 {
-                        return Ok(Step::Assigned(self.assign_in_block(block, want, args)?));
+                    if !block.value.deleted && block.value.assignable(reserved) > 0 {
+                        return self.assign_in_block(block, want, args, reserved);
                     }
                 }
                 AffinityState::Pending => {
@@ -369,11 +359,11 @@ impl<D: Datastore> Ipam<D> {
                 let b = &block.value;
                 if in_pools(&b.cidr)
                     && !b.deleted
-                    && b.free() > 0
+                    && b.assignable(reserved) > 0
                     && b.node() != Some(args.node.as_str())
                 {
                     tracing::info!(cidr = %b.cidr, owner = ?b.node(), node = %args.node, "borrowing an address");
-                    return Ok(Step::Assigned(self.assign_in_block(block, want, args)?));
+                    return self.assign_in_block(block, want, args, reserved);
                 }
             }
         }
@@ -386,32 +376,40 @@ impl<D: Datastore> Ipam<D> {
         block: Doc<Block>,
         want: usize,
         args: &AssignArgs,
-    ) -> Result<Vec<IpAddr>> {
+        reserved: &[IpAddr],
+    ) -> Result<Step> {
         let Doc {
             key,
             value: mut updated,
             revision,
         } = block;
-        let ips = updated.assign(want, &args.handle, &args.attrs);
+        let ips = updated.assign_except(want, &args.handle, &args.attrs, reserved);
         if ips.is_empty() {
-            return Ok(ips);
+            return Ok(Step::Assigned(updated.cidr, ips));
         }
         let count = ips.len() as i64;
-        self.handle_add(&args.handle, &updated.cidr, count)?;
+        let node = Some(args.node.as_str());
+        self.handle_add(&args.handle, node, &updated.cidr, count)?;
         match store::update(&self.ds, &key, &updated, &revision) {
-            Ok(_) => Ok(ips),
+            Ok(_) => Ok(Step::Assigned(updated.cidr, ips)),
             Err(e) => {
-                if let Err(undo) = self.handle_add(&args.handle, &updated.cidr, -count) {
-                    tracing::warn!(handle = %args.handle, error = %undo, "handle count left too high");
+                if let Err(undo) = self.handle_add(&args.handle, node, &updated.cidr, -count) {
+                    tracing::warn!(handle = %args.handle, error = %crate::error_chain(&undo), "handle count left too high");
                 }
                 Err(e.into())
             }
         }
     }
 
-    /// Adds `delta` to the count of `handle` in block `cidr`, creating or
-    /// deleting the handle document as needed.
-    fn handle_add(&self, handle: &str, cidr: &IpNetwork, delta: i64) -> Result<()> {
+    /// Adds `delta` to the count of `handle` in block `cidr`, creating (for
+    /// `node`) or deleting the handle document as needed.
+    fn handle_add(
+        &self,
+        handle: &str,
+        node: Option<&str>,
+        cidr: &IpNetwork,
+        delta: i64,
+    ) -> Result<()> {
         let key = store::handle_key(handle);
         let block = normalize(cidr).to_string();
         self.retry(|| {
@@ -420,6 +418,7 @@ impl<D: Datastore> Ipam<D> {
                     let value = Handle {
                         handle_id: handle.to_string(),
                         block: BTreeMap::from([(block.clone(), delta as u32)]),
+                        node: node.map(str::to_string),
                     };
                     store::create(&self.ds, &key, &value)?;
                 }
@@ -469,7 +468,7 @@ impl<D: Datastore> Ipam<D> {
     }
 
     /// Applies `release` to block `cidr` and writes it back if it released anything.
-    fn release_in_block(
+    pub(crate) fn release_in_block(
         &self,
         cidr: &IpNetwork,
         release: impl FnOnce(&mut Block) -> Vec<IpAddr>,
@@ -505,12 +504,17 @@ impl<D: Datastore> Ipam<D> {
             .iter()
             .find_map(|p| block_of(&p.cidr, p.block_size, ip))
             .ok_or(IpamError::NotInPool { ip })?;
+        self.release_ip_in(&cidr, ip)
+    }
+
+    /// Releases `ip` in block `cidr` (block first, then the handle's count).
+    fn release_ip_in(&self, cidr: &IpNetwork, ip: IpAddr) -> Result<Option<Released>> {
         let released = self.retry(|| {
             let Some(Doc {
                 key,
                 value: mut block,
                 revision,
-            }) = store::get_block(&self.ds, &cidr)?
+            }) = store::get_block(&self.ds, cidr)?
             else {
                 return Ok(None);
             };
@@ -521,40 +525,47 @@ impl<D: Datastore> Ipam<D> {
             Ok(Some(Released { ip, handle }))
         })?;
         if let Some(r) = &released {
-            self.handle_add(&r.handle, &cidr, -1)?;
+            self.handle_add(&r.handle, None, cidr, -1)?;
         }
         Ok(released)
     }
+}
 
-    /// Releases every handle that starts with `handle_prefix` and is not in `valid`.
-    ///
-    /// Also sweeps the blocks for allocations of such handles that have no
-    /// handle document (left by a crash or an older version).
-    pub fn gc(&self, handle_prefix: &str, valid: &HashSet<String>) -> Result<Vec<Released>> {
-        let stale = |h: &str| h.starts_with(handle_prefix) && !valid.contains(h);
-        let mut released = Vec::new();
-        for doc in store::list::<Handle>(&self.ds, store::HANDLES)? {
-            if stale(&doc.value.handle_id) {
-                released.extend(self.release_by_handle(&doc.value.handle_id)?);
-            }
-        }
-        for entry in self.ds.list(store::BLOCKS)? {
-            let block = store::checked_block(store::decode::<Block>(entry)?)?;
-            let orphans: HashSet<String> = block
-                .value
-                .handle_counts()
-                .into_keys()
-                .filter(|h| stale(h))
-                .collect();
-            for handle in orphans {
-                let cidr = block.value.cidr;
-                released.extend(self.retry(|| {
-                    self.release_in_block(&cidr, |b| b.release_handle(&handle), &handle)
-                })?);
-            }
-        }
-        Ok(released)
+/// Addresses an assign committed, released again unless it succeeds: on
+/// every error path, early return and panic alike.
+struct Committed<'a, D: Datastore> {
+    ipam: &'a Ipam<D>,
+    /// (block, address) in the order they were committed.
+    ips: Vec<(IpNetwork, IpAddr)>,
+}
+
+impl<D: Datastore> Committed<'_, D> {
+    /// The assign succeeded: keep everything.
+    fn keep(mut self) {
+        self.ips.clear();
     }
+}
+
+impl<D: Datastore> Drop for Committed<'_, D> {
+    fn drop(&mut self) {
+        for (block, ip) in self.ips.drain(..) {
+            if let Err(e) = self.ipam.release_ip_in(&block, ip) {
+                tracing::warn!(%ip, %block, error = %crate::error_chain(&e), "could not undo a failed assign");
+            }
+        }
+    }
+}
+
+/// `ip` with the block size of its pool as prefix length.
+fn with_block_prefix(pools: &[IpPool], family: u8, ip: IpAddr) -> Result<IpNetwork> {
+    let prefix = pools
+        .iter()
+        .find(|p| p.cidr.contains(ip))
+        .map_or(if family == 4 { 32 } else { 128 }, |p| p.block_size);
+    IpNetwork::new(ip, prefix).map_err(|e| IpamError::InvalidPool {
+        name: ip.to_string(),
+        reason: e.to_string(),
+    })
 }
 
 impl<D: Datastore> Ipam<D> {
@@ -581,44 +592,6 @@ impl<D: Datastore> Ipam<D> {
             }
         }
         Ok(ips)
-    }
-
-    /// Releases every handle that holds an allocation `stale` accepts, judged
-    /// by the allocation's handle and attributes (e.g. its node and network),
-    /// so a node's runtime can collect its own garbage without touching other
-    /// nodes' or other networks' addresses.
-    pub fn gc_where(&self, stale: impl Fn(&AllocationAttribute) -> bool) -> Result<Vec<Released>> {
-        let mut handles = std::collections::BTreeSet::new();
-        for entry in self.ds.list(store::BLOCKS)? {
-            let block = store::checked_block(store::decode::<Block>(entry)?)?;
-            handles.extend(
-                block
-                    .value
-                    .allocated()
-                    .filter(|(_, a)| stale(a))
-                    .map(|(_, a)| a.handle_id.clone()),
-            );
-        }
-        let mut released = Vec::new();
-        for handle in &handles {
-            released.extend(self.release_by_handle(handle)?);
-        }
-        // Allocations of those handles that had no handle document (a crash).
-        for entry in self.ds.list(store::BLOCKS)? {
-            let block = store::checked_block(store::decode::<Block>(entry)?)?;
-            let cidr = block.value.cidr;
-            for handle in block
-                .value
-                .handle_counts()
-                .into_keys()
-                .filter(|h| handles.contains(h))
-            {
-                released.extend(self.retry(|| {
-                    self.release_in_block(&cidr, |b| b.release_handle(&handle), &handle)
-                })?);
-            }
-        }
-        Ok(released)
     }
 }
 

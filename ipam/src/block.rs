@@ -211,6 +211,14 @@ impl Block {
         counts
     }
 
+    /// Free addresses that are not `reserved`: what [`Block::assign_except`] can hand out.
+    pub fn assignable(&self, reserved: &[IpAddr]) -> usize {
+        self.unallocated
+            .iter()
+            .filter(|&&o| !self.ip_at(o).is_some_and(|ip| reserved.contains(&ip)))
+            .count()
+    }
+
     /// Allocates up to `n` free addresses to `handle` (fewer if the block is full).
     pub fn assign(
         &mut self,
@@ -218,16 +226,38 @@ impl Block {
         handle: &str,
         attrs: &BTreeMap<String, String>,
     ) -> Vec<IpAddr> {
-        let take = n.min(self.unallocated.len());
+        self.assign_except(n, handle, attrs, &[])
+    }
+
+    /// Like [`Block::assign`], but never hands out an address of `reserved`
+    /// (those stay free, in their place in the queue).
+    pub fn assign_except(
+        &mut self,
+        n: usize,
+        handle: &str,
+        attrs: &BTreeMap<String, String>,
+        reserved: &[IpAddr],
+    ) -> Vec<IpAddr> {
+        let mut ordinals = Vec::with_capacity(n);
+        let mut kept = Vec::with_capacity(self.unallocated.len());
+        for &ordinal in &self.unallocated {
+            let usable = !self.ip_at(ordinal).is_some_and(|ip| reserved.contains(&ip));
+            if usable && ordinals.len() < n {
+                ordinals.push(ordinal);
+            } else {
+                kept.push(ordinal);
+            }
+        }
+        let take = ordinals.len();
         if take == 0 {
             return Vec::new();
         }
+        self.unallocated = kept;
         let index = self.attributes.len();
         self.attributes.push(AllocationAttribute {
             handle_id: handle.to_string(),
             secondary: attrs.clone(),
         });
-        let ordinals: Vec<usize> = self.unallocated.drain(..take).collect();
         let mut ips = Vec::with_capacity(take);
         for ordinal in ordinals {
             if let Some(slot) = self.allocations.get_mut(ordinal) {

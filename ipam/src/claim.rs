@@ -77,7 +77,7 @@ impl<D: Datastore> Ipam<D> {
             }
             Err(e) => {
                 if let Err(undo) = self.drop_affinity(node, cidr, false) {
-                    tracing::warn!(%cidr, %node, error = %undo, "pending affinity left behind");
+                    tracing::warn!(%cidr, %node, error = %crate::error_chain(&undo), "pending affinity left behind");
                 }
                 return Err(e.into());
             }

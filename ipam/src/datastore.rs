@@ -9,6 +9,8 @@
 
 use std::fmt;
 
+use crate::lock::NodeLock;
+
 /// An opaque document version. The file backend counts writes; the
 /// Kubernetes backend will carry `resourceVersion`, etcd `mod_revision`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -87,6 +89,12 @@ pub trait Datastore: Send + Sync {
     fn ping(&self) -> Result<()>;
     /// A human description (`file:/var/lib/tabby/datastore`).
     fn describe(&self) -> String;
+    /// Takes the node-wide IPAM lock of `node`, which serializes that node's
+    /// assigns and releases with its GC and repairs; waits while it is held.
+    /// Every backend has one (a host-local flock for the file and Kubernetes
+    /// backends, see [`crate::lock`]): without it a GC could release an
+    /// address between an ADD's assign and the interfaces it creates.
+    fn node_lock(&self, node: &str) -> Result<NodeLock>;
 }
 
 /// Forwards every method to the pointee, so that `Ipam` can own a shared
@@ -114,6 +122,9 @@ macro_rules! forward_datastore {
             }
             fn describe(&self) -> String {
                 (**self).describe()
+            }
+            fn node_lock(&self, node: &str) -> Result<NodeLock> {
+                (**self).node_lock(node)
             }
         }
     };

@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! .lock                               flock(2) taken for every write
+//! .swept                              when stale temporary files were last removed
 //! pools/default-ipv4-ippool.json      {"revision":"…","value":{…}}
 //! blocks/10.244.0.0-26.json
 //! affinities/node-a/10.244.0.0-26.json
@@ -29,13 +30,14 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::{Flock, FlockArg};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::datastore::{Datastore, DatastoreError, Entry, Result, Revision};
+use crate::lock::NodeLock;
 
 /// The default directory of the file datastore.
 pub const DEFAULT_PATH: &str = "/var/lib/tabby/datastore";
@@ -63,9 +65,29 @@ impl FileDatastore {
         let root = dir.as_ref().to_path_buf();
         fs::create_dir_all(&root).map_err(|e| unavailable(&root, e))?;
         let store = Self { root };
-        // Make sure the lock file can be created now rather than on the first write.
-        drop(store.lock()?);
+        // Make sure the lock file can be created now rather than on the first
+        // write; under it, no writer is between its rename and its cleanup.
+        let lock = store.lock()?;
+        store.sweep_if_due();
+        drop(lock);
         Ok(store)
+    }
+
+    /// Removes killed writers' temporary files, at most once a minute (the
+    /// walk costs far more than the rest of an open; `.swept` says when).
+    fn sweep_if_due(&self) {
+        let marker = self.root.join(SWEEP_MARKER);
+        let now = SystemTime::now();
+        let due = fs::metadata(&marker)
+            .and_then(|m| m.modified())
+            .map_or(true, |last| {
+                now.duration_since(last)
+                    .map_or(true, |d| d >= STALE_TEMP_AGE)
+            });
+        if due {
+            remove_stale_temp_files(&self.root, now - STALE_TEMP_AGE);
+            let _ = fs::write(&marker, b"");
+        }
     }
 
     /// The directory this store lives in.
@@ -268,6 +290,11 @@ impl Datastore for FileDatastore {
     fn describe(&self) -> String {
         format!("file:{}", self.root.display())
     }
+
+    /// A flock on `.ipam-<node>.lock` beside the documents (see [`crate::lock`]).
+    fn node_lock(&self, node: &str) -> Result<NodeLock> {
+        NodeLock::host(&self.root.join(format!(".ipam-{}.lock", escape(node))))
+    }
 }
 
 /// A document written to its temporary file; dropped without [`Prepared::commit`]
@@ -289,6 +316,39 @@ impl Drop for Prepared {
     fn drop(&mut self) {
         // After a commit the file is gone already; otherwise clean up.
         let _ = fs::remove_file(&self.tmp);
+    }
+}
+
+/// How old a writer's temporary file must be to count as left by a killed
+/// writer; also how often [`FileDatastore::open`] looks for them.
+const STALE_TEMP_AGE: Duration = Duration::from_secs(60);
+
+/// Touched by each sweep for temporary files.
+const SWEEP_MARKER: &str = ".swept";
+
+/// Removes, under `dir`, the temporary files (`.<doc>.json.<revision>.tmp`)
+/// last written before `before`: their writers were killed between write
+/// and rename. Best effort: a file that cannot be read or removed stays.
+fn remove_stale_temp_files(dir: &Path, before: SystemTime) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // The type comes with the directory entry: only candidates are stat'ed.
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_stale_temp_files(&entry.path(), before);
+        } else if name.starts_with('.')
+            && name.ends_with(".tmp")
+            && name.contains(&format!("{EXT}."))
+            && entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|m| m < before)
+            && fs::remove_file(entry.path()).is_ok()
+        {
+            tracing::info!(file = %entry.path().display(), "removed a killed writer's temporary file");
+        }
     }
 }
 
@@ -318,7 +378,7 @@ fn fresh_revision() -> Revision {
 }
 
 /// Escapes one key component into a safe file name.
-fn escape(part: &str) -> String {
+pub(crate) fn escape(part: &str) -> String {
     let mut out = String::with_capacity(part.len());
     for (i, byte) in part.bytes().enumerate() {
         let safe = byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b':' | b'.');

@@ -16,6 +16,7 @@
 //! - [`allocator`]: assign / release / gc over a datastore, with retries on conflict.
 //! - [`claim`]: the two-phase block claim (pending -> confirmed affinity).
 //! - [`pools`]: pool validation and management, cluster settings.
+//! - [`repair`]: GC, and the repair of what crashed writers leave (orphan handles, dead claims).
 //! - [`store`]: document keys and typed JSON access.
 //! - [`report`]: usage and consistency reports for `tabbyctl ipam show|check`.
 
@@ -26,8 +27,10 @@ pub mod config;
 pub mod datastore;
 pub mod file;
 pub mod kubernetes;
+pub mod lock;
 pub mod mem;
 pub mod pools;
+pub mod repair;
 pub mod report;
 pub mod resources;
 pub mod store;
@@ -39,8 +42,22 @@ pub use datastore::{Datastore, DatastoreError, Revision};
 pub use file::FileDatastore;
 pub use file::DEFAULT_PATH;
 pub use kubernetes::{KubeDatastore, KubeOptions};
+pub use lock::NodeLock;
 pub use mem::MemDatastore;
+pub use repair::HandleRepair;
 pub use types::{
     AffinityState, AllocationAttribute, Block, BlockAffinity, EncapMode, Handle, IpPool,
     IpamConfig, Node,
 };
+
+/// `err: cause: cause...`: an error with its whole source chain, for logs.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cur = e.source();
+    }
+    out
+}

@@ -7,12 +7,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::datastore::{Datastore, DatastoreError, Entry, Result, Revision};
+use crate::lock::{NodeLock, ProcessLocks};
 
 /// A map from key to (revision, document) behind a mutex.
 #[derive(Debug, Default)]
 pub struct MemDatastore {
     docs: Mutex<BTreeMap<String, (Revision, Vec<u8>)>>,
     writes: AtomicU64,
+    locks: ProcessLocks,
 }
 
 impl MemDatastore {
@@ -103,5 +105,10 @@ impl Datastore for MemDatastore {
 
     fn describe(&self) -> String {
         "memory".to_string()
+    }
+
+    /// In-process: one process owns a memory store.
+    fn node_lock(&self, node: &str) -> Result<NodeLock> {
+        Ok(self.locks.lock(node))
     }
 }

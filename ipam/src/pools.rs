@@ -1,15 +1,86 @@
 //! Pools and cluster settings: create, validate, list, delete.
 
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+
 use crate::allocator::{delete_if_present, Ipam, IpamError, Result};
 use crate::block::{family_bits, normalize};
 use crate::datastore::{Datastore, DatastoreError};
 use crate::store::{self, Doc};
-use crate::types::{Block, BlockAffinity, IpPool, IpamConfig};
+use crate::types::{default_block_size, Block, BlockAffinity, IpPool, IpamConfig};
 
 /// Smallest block prefix (largest block) allowed per family, as Calico:
 /// a block is rewritten on every assign, so it must stay small.
 const MIN_BLOCK_PREFIX_V4: u8 = 20;
 const MIN_BLOCK_PREFIX_V6: u8 = 116;
+
+/// Ranges no pod address may come from, with what they are. A pool that
+/// overlaps one of them can never work (a pod on 127.0.0.1 or 224.0.0.1 is
+/// unreachable, one on 169.254.1.1 is its own gateway).
+const UNUSABLE_RANGES: [(&str, &str); 10] = [
+    ("0.0.0.0/8", "\"this network\" range (RFC 1122)"),
+    ("127.0.0.0/8", "loopback range"),
+    (
+        "169.254.0.0/16",
+        "link-local range (the pods' gateway 169.254.1.1 is there)",
+    ),
+    ("224.0.0.0/4", "multicast range"),
+    (
+        "240.0.0.0/4",
+        "reserved range (with the broadcast address 255.255.255.255)",
+    ),
+    ("::/128", "unspecified address"),
+    ("::1/128", "loopback address"),
+    ("::ffff:0:0/96", "reserved range of IPv4-mapped addresses"),
+    (
+        "fe80::/10",
+        "link-local range (the pods' gateway fe80::ecee:eeff:feee:eeee is there)",
+    ),
+    ("ff00::/8", "multicast range"),
+];
+
+/// Addresses never handed out whatever the pool: the pods' gateways. Only
+/// a pool stored before pools were validated can contain them.
+const GATEWAYS: [IpAddr; 2] = [
+    IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 1, 1)),
+    IpAddr::V6(std::net::Ipv6Addr::new(
+        0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee,
+    )),
+];
+
+/// Why no pool may cover `cidr`, if it overlaps a range pods cannot use.
+pub fn unusable_range(cidr: &IpNetwork) -> Option<String> {
+    if cidr.prefix() == 0 {
+        return Some(format!(
+            "{cidr} is the default route, not a range of pod addresses"
+        ));
+    }
+    UNUSABLE_RANGES.iter().find_map(|(range, what)| {
+        let range: IpNetwork = range.parse().ok()?;
+        overlaps(cidr, &range).then(|| format!("{cidr} overlaps {range}, the {what}"))
+    })
+}
+
+/// The addresses of `pool` that are never handed out: the pods' gateways
+/// and, for an IPv4 pool smaller than a block (/27 to /30), its network and
+/// broadcast addresses, which such a slice of a subnet keeps as a subnet
+/// would. Larger pools hand out every address, as Calico's do: they are
+/// routed as /32s, not subnets. A /31 or /32 pool has neither (RFC 3021).
+pub fn reserved_addresses(pool: &IpPool) -> Vec<IpAddr> {
+    let mut reserved: Vec<IpAddr> = GATEWAYS
+        .iter()
+        .copied()
+        .filter(|ip| pool.cidr.contains(*ip))
+        .collect();
+    if let IpNetwork::V4(v4) = pool.cidr {
+        if (default_block_size(&pool.cidr) + 1..=30).contains(&v4.prefix()) {
+            reserved.push(IpAddr::V4(v4.network()));
+            reserved.push(IpAddr::V4(v4.broadcast()));
+        }
+    }
+    reserved
+}
 
 /// Checks a pool definition; returns it with its CIDR's host bits cleared.
 pub fn validate_pool(pool: &IpPool) -> Result<IpPool> {
@@ -17,6 +88,9 @@ pub fn validate_pool(pool: &IpPool) -> Result<IpPool> {
         name: pool.name.clone(),
         reason,
     };
+    if let Some(reason) = unusable_range(&pool.cidr) {
+        return Err(invalid(reason));
+    }
     let name_ok = !pool.name.is_empty()
         && pool.name.len() <= 253
         && !pool.name.starts_with('.')
@@ -54,7 +128,7 @@ pub fn validate_pool(pool: &IpPool) -> Result<IpPool> {
 }
 
 /// Whether two networks share any address.
-fn overlaps(a: &ipnetwork::IpNetwork, b: &ipnetwork::IpNetwork) -> bool {
+fn overlaps(a: &IpNetwork, b: &IpNetwork) -> bool {
     a.is_ipv4() == b.is_ipv4() && (a.contains(b.network()) || b.contains(a.network()))
 }
 

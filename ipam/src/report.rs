@@ -108,11 +108,20 @@ pub struct PoolUsage {
     pub blocks: Vec<BlockUsage>,
 }
 
-/// Usage of every pool.
+/// Usage of every pool. Addresses never handed out (see
+/// [`crate::pools::reserved_addresses`]) are not counted, unless an older
+/// release allocated them.
 pub fn usage(snap: &Snapshot) -> Vec<PoolUsage> {
     snap.pools
         .iter()
         .map(|pool| {
+            let reserved = crate::pools::reserved_addresses(pool);
+            let allocated = |ip: &IpAddr| {
+                snap.blocks
+                    .iter()
+                    .any(|b| b.cidr.contains(*ip) && b.attribute_of(*ip).is_some())
+            };
+            let unusable: Vec<IpAddr> = reserved.into_iter().filter(|ip| !allocated(ip)).collect();
             let mut blocks: Vec<BlockUsage> = snap
                 .blocks
                 .iter()
@@ -121,7 +130,7 @@ pub fn usage(snap: &Snapshot) -> Vec<PoolUsage> {
                     cidr: b.cidr,
                     node: b.node().map(str::to_string),
                     usage: Usage {
-                        total: b.total() as u128,
+                        total: (b.in_use() + b.assignable(&unusable)) as u128,
                         in_use: b.in_use() as u128,
                     },
                 })
@@ -131,7 +140,7 @@ pub fn usage(snap: &Snapshot) -> Vec<PoolUsage> {
             PoolUsage {
                 pool: pool.clone(),
                 usage: Usage {
-                    total: net_size(&pool.cidr),
+                    total: net_size(&pool.cidr) - unusable.len() as u128,
                     in_use,
                 },
                 blocks,
@@ -421,10 +430,12 @@ mod tests {
                 Handle {
                     handle_id: "h1".into(),
                     block: BTreeMap::from([("10.0.0.0/26".to_string(), 2)]),
+                    node: None,
                 },
                 Handle {
                     handle_id: "h2".into(),
                     block: BTreeMap::from([("10.0.0.0/26".to_string(), 3)]),
+                    node: None,
                 },
             ],
             nodes: vec![Node {

@@ -126,6 +126,10 @@ pub struct Handle {
     pub handle_id: String,
     /// Block CIDR (as a string key) -> how many addresses this handle holds there.
     pub block: BTreeMap<String, u32>,
+    /// The node whose IPAM wrote it (absent in documents of older releases):
+    /// a handle the blocks no longer back is repaired by that node's GC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// A node known to the datastore.

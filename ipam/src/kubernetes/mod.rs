@@ -31,7 +31,7 @@ pub mod nodes;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +49,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::datastore::{Datastore, DatastoreError, Entry, Result, Revision};
+use crate::file::escape;
+use crate::lock::{NodeLock, HOST_LOCK_DIR};
 use crate::store::NODES;
 use bridge::Bridge;
 use crd::{kind_of, Kind, KINDS};
@@ -213,6 +215,15 @@ impl Datastore for KubeDatastore {
             Some(scope) => format!("kubernetes:{} (scope {scope})", self.inner.url),
             None => format!("kubernetes:{}", self.inner.url),
         }
+    }
+
+    /// A host-local flock in [`HOST_LOCK_DIR`] (see [`crate::lock`]: every
+    /// writer of one node's attachments runs on that node), named by scope
+    /// and node; no request to the apiserver.
+    fn node_lock(&self, node: &str) -> Result<NodeLock> {
+        let scope = self.inner.scope.as_deref().unwrap_or("cluster");
+        let name = format!("ipam-kubernetes-{scope}-{}.lock", escape(node));
+        NodeLock::host(&Path::new(HOST_LOCK_DIR).join(name))
     }
 }
 
