@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
+// Shared by every lab test binary; not each of them uses both.
+#[allow(unused_imports)]
 pub use tabby_testkit::{eventually, require_root};
 
 /// One lab under test, torn down on drop.
