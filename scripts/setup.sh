@@ -10,10 +10,9 @@ need_root
 packages=(
     # namespaces, links, routes, firewall and conntrack tooling
     iproute2 iptables nftables ipset conntrack iputils-ping procps util-linux kmod
-    # real peers: BGP speakers, etcd, Debian's reference CNI plugins
+    # real peers: BGP speakers, etcd, Debian's reference CNI plugins (the
+    # namespace tests' host-local; conformance uses the upstream ones)
     bird2 gobgpd etcd-server etcd-client containernetworking-plugins
-    # Go + libcni for the conformance driver (built offline in GOPATH mode)
-    golang-1.19-go golang-github-appc-cni-dev
     # guests and the C toolchain Rust links with
     busybox-static build-essential pkg-config ca-certificates
     # the Kubernetes lab's OCI runtime (containerd comes from scripts/upstream.sh)
@@ -48,6 +47,6 @@ if command -v rustup >/dev/null 2>&1 && ! rustup target list --installed | grep 
     step "rustup target add x86_64-unknown-linux-musl"
     rustup target add x86_64-unknown-linux-musl
 fi
-for bin in /usr/lib/go-1.19/bin/go /usr/lib/cni/ptp /usr/lib/cni/host-local /usr/lib/cni/portmap /usr/sbin/runc; do
+for bin in /usr/sbin/runc /usr/lib/cni/ptp /usr/lib/cni/host-local /usr/lib/cni/portmap; do
     [ -x "$bin" ] || { echo "setup: $bin missing after install" >&2; exit 1; }
 done

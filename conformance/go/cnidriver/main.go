@@ -1,32 +1,30 @@
 // cnidriver drives CNI plugins through libcni, the library containerd and
 // CRI-O use, so Tabby's conformance tests and benchmarks exercise the plugin
 // exactly as a real runtime does (config injection, prevResult, result
-// parsing and the result cache).
+// parsing, the result cache, GC of cached attachments and STATUS).
 //
-// It is built offline in GOPATH mode against Debian's
-// golang-github-appc-cni-dev (libcni 1.1.2):
+// It is a Go module of its own on github.com/containernetworking/cni v1.3.1
+// (CNI spec up to 1.1.0), built by scripts/build-cnidriver.sh:
 //
-//	GO111MODULE=off GOPATH=DIR:/usr/share/gocode go build -o bin/cnidriver ./cnidriver
+//	GOFLAGS=-mod=mod go build -o ../bin/cnidriver .
 //
 // Usage:
 //
 //	cnidriver add|check|del --conflist F --bin-dirs D1:D2 --cache-dir C \
 //	    --netns PATH --container-id ID [--ifname eth0] [--args 'K=V;K2=V2'] \
 //	    [--capability-args JSON]
+//	cnidriver gc --conflist F --bin-dirs D --cache-dir C [--valid 'ID/IF,ID2/IF']
+//	cnidriver status --conflist F --bin-dirs D --cache-dir C
 //	cnidriver bench --conflist F --bin-dirs D --cache-dir C \
 //	    --netns-pattern /run/netns/pod-%d --count N --concurrency K --id-prefix P
 //
-// add prints the result JSON (as parsed by libcni) on stdout. Any failure
-// exits non-zero with the error on stderr. bench ADDs then DELs N pods, K at a
-// time, into netns that the caller created, and prints one JSON summary line
-// per operation (latency percentiles and wall time).
-//
-// libcni 1.1.2 implements CNI spec 1.0.0 and rejects "1.1.0" results. For a
-// 1.1.0 config the driver keeps libcni's bookkeeping at 1.0.0 and its exec
-// adapter (spec11Exec) gives the plugin the config and prevResult labelled
-// "1.1.0", checks that the plugin answers "1.1.0", and relabels the answer for
-// libcni. A 1.1.0 ADD result has the same schema as a 1.0.0 one, so libcni
-// still parses every field.
+// add prints the result JSON (as parsed by libcni) on stdout. gc DELs every
+// attachment in the cache that --valid does not name, then (cniVersion >=
+// 1.1.0) sends GC with cni.dev/valid-attachments to every plugin. status sends
+// STATUS to every plugin. Any failure exits non-zero with the error on stderr.
+// bench ADDs then DELs N pods, K at a time, into netns that the caller
+// created, and prints one JSON summary line per operation (latency
+// percentiles and wall time).
 package main
 
 import (
@@ -35,7 +33,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io/ioutil"
 	"os"
 	"sort"
 	"strings"
@@ -43,9 +40,7 @@ import (
 	"time"
 
 	"github.com/containernetworking/cni/libcni"
-	"github.com/containernetworking/cni/pkg/invoke"
 	"github.com/containernetworking/cni/pkg/types"
-	"github.com/containernetworking/cni/pkg/version"
 )
 
 // options holds every flag of every sub-command.
@@ -58,6 +53,7 @@ type options struct {
 	ifname         string
 	args           string
 	capabilityArgs string
+	valid          string // gc only
 	// bench only
 	netnsPattern string
 	count        int
@@ -68,7 +64,7 @@ type options struct {
 
 func main() {
 	if len(os.Args) < 2 {
-		fatalf("usage: cnidriver add|check|del|bench [flags] (see the source header)")
+		fatalf("usage: cnidriver add|check|del|gc|status|bench [flags] (see the source header)")
 	}
 	cmd := os.Args[1]
 	var o options
@@ -81,6 +77,7 @@ func main() {
 	fs.StringVar(&o.ifname, "ifname", "eth0", "interface name (CNI_IFNAME)")
 	fs.StringVar(&o.args, "args", "", "CNI_ARGS as 'K=V;K2=V2'")
 	fs.StringVar(&o.capabilityArgs, "capability-args", "", "JSON object of capability args (runtimeConfig), e.g. portMappings")
+	fs.StringVar(&o.valid, "valid", "", "gc: attachments still in use, as 'ID/IFNAME,ID2/IFNAME'")
 	fs.StringVar(&o.netnsPattern, "netns-pattern", "", "bench: netns path with one %d for the pod index")
 	fs.IntVar(&o.count, "count", 10, "bench: number of pods")
 	fs.IntVar(&o.concurrency, "concurrency", 1, "bench: operations in flight at once")
@@ -95,10 +92,14 @@ func main() {
 	switch cmd {
 	case "add", "check", "del":
 		err = d.single(cmd, o)
+	case "gc":
+		err = d.gc(o)
+	case "status":
+		err = d.status(o)
 	case "bench":
 		err = d.bench(o)
 	default:
-		err = fmt.Errorf("unknown command %q (want add, check, del or bench)", cmd)
+		err = fmt.Errorf("unknown command %q (want add, check, del, gc, status or bench)", cmd)
 	}
 	if err != nil {
 		fatalf("%v", err)
@@ -112,16 +113,15 @@ func fatalf(format string, a ...interface{}) {
 
 // driver is one libcni configuration list plus the runtime around it.
 type driver struct {
-	list      *libcni.NetworkConfigList
-	cni       *libcni.CNIConfig
-	requested string // cniVersion the config asked for
+	list *libcni.NetworkConfigList
+	cni  *libcni.CNIConfig
 }
 
 func newDriver(o options) (*driver, error) {
 	if o.conflist == "" {
 		return nil, errors.New("--conflist is required")
 	}
-	raw, err := ioutil.ReadFile(o.conflist)
+	raw, err := os.ReadFile(o.conflist)
 	if err != nil {
 		return nil, fmt.Errorf("read conflist: %w", err)
 	}
@@ -129,17 +129,8 @@ func newDriver(o options) (*driver, error) {
 	if err != nil {
 		return nil, err
 	}
-	d := &driver{list: list, requested: list.CNIVersion}
-	var exec invoke.Exec
-	if list.CNIVersion == "1.1.0" {
-		list.CNIVersion = "1.0.0"
-		exec = &spec11Exec{inner: &invoke.DefaultExec{
-			RawExec:       &invoke.RawExec{Stderr: os.Stderr},
-			PluginDecoder: version.PluginDecoder{},
-		}}
-	}
-	d.cni = libcni.NewCNIConfigWithCacheDir(strings.Split(o.binDirs, ":"), o.cacheDir, exec)
-	return d, nil
+	cni := libcni.NewCNIConfigWithCacheDir(strings.Split(o.binDirs, ":"), o.cacheDir, nil)
+	return &driver{list: list, cni: cni}, nil
 }
 
 // runtimeConf builds libcni's per-attachment arguments.
@@ -187,88 +178,39 @@ func (d *driver) single(cmd string, o options) error {
 	}
 }
 
-// printResult prints the libcni-parsed result, labelled with the version the
-// config asked for (see spec11Exec for 1.1.0).
+// printResult prints the result as libcni parsed it.
 func (d *driver) printResult(res types.Result) error {
-	raw, err := json.Marshal(res)
+	raw, err := json.MarshalIndent(res, "", "  ")
 	if err != nil {
 		return err
 	}
-	var m map[string]interface{}
-	if err := json.Unmarshal(raw, &m); err != nil {
-		return err
-	}
-	if d.requested == "1.1.0" {
-		m["cniVersion"] = "1.1.0"
-	}
-	out, err := json.MarshalIndent(m, "", "  ")
-	if err != nil {
-		return err
-	}
-	fmt.Println(string(out))
+	fmt.Println(string(raw))
 	return nil
 }
 
-// spec11Exec lets libcni 1.1.2 drive a plugin in CNI spec 1.1.0: plugins see
-// "1.1.0" in the config and in prevResult, their answers must say "1.1.0",
-// and libcni sees "1.0.0" (same result schema).
-type spec11Exec struct {
-	inner invoke.Exec
-}
-
-func (e *spec11Exec) ExecPlugin(ctx context.Context, path string, stdin []byte, environ []string) ([]byte, error) {
-	if envValue(environ, "CNI_COMMAND") == "VERSION" {
-		return e.inner.ExecPlugin(ctx, path, stdin, environ)
-	}
-	conf, err := relabel(stdin, "1.0.0", "1.1.0", true)
-	if err != nil {
-		return nil, fmt.Errorf("spec 1.1.0 adapter: config: %w", err)
-	}
-	out, err := e.inner.ExecPlugin(ctx, path, conf, environ)
-	if err != nil || len(strings.TrimSpace(string(out))) == 0 {
-		return out, err
-	}
-	var head struct {
-		CNIVersion string `json:"cniVersion"`
-	}
-	if err := json.Unmarshal(out, &head); err != nil {
-		return nil, fmt.Errorf("spec 1.1.0 adapter: plugin output is not JSON: %w", err)
-	}
-	if head.CNIVersion != "1.1.0" {
-		return nil, fmt.Errorf("plugin %s answered a 1.1.0 config with a %q result", path, head.CNIVersion)
-	}
-	return relabel(out, "1.1.0", "1.0.0", false)
-}
-
-func (e *spec11Exec) FindInPath(plugin string, paths []string) (string, error) {
-	return e.inner.FindInPath(plugin, paths)
-}
-
-func (e *spec11Exec) Decode(b []byte) (version.PluginInfo, error) { return e.inner.Decode(b) }
-
-// relabel rewrites cniVersion from -> to at the top level (and in prevResult
-// when withPrev is set) of a JSON object.
-func relabel(doc []byte, from, to string, withPrev bool) ([]byte, error) {
-	var m map[string]interface{}
-	if err := json.Unmarshal(doc, &m); err != nil {
-		return nil, err
-	}
-	if m["cniVersion"] == from {
-		m["cniVersion"] = to
-	}
-	if prev, ok := m["prevResult"].(map[string]interface{}); ok && withPrev && prev["cniVersion"] == from {
-		prev["cniVersion"] = to
-	}
-	return json.Marshal(m)
-}
-
-func envValue(environ []string, key string) string {
-	for _, kv := range environ {
-		if strings.HasPrefix(kv, key+"=") {
-			return kv[len(key)+1:]
+// gc DELs the cached attachments of the list that --valid does not name and
+// sends GC (1.1.0 and later) with the valid ones to every plugin.
+func (d *driver) gc(o options) error {
+	args := &libcni.GCArgs{ValidAttachments: []types.GCAttachment{}}
+	if o.valid != "" {
+		for _, a := range strings.Split(o.valid, ",") {
+			id, ifname, ok := strings.Cut(a, "/")
+			if !ok || id == "" || ifname == "" {
+				return fmt.Errorf("--valid: %q is not ID/IFNAME", a)
+			}
+			args.ValidAttachments = append(args.ValidAttachments, types.GCAttachment{ContainerID: id, IfName: ifname})
 		}
 	}
-	return ""
+	ctx, cancel := context.WithTimeout(context.Background(), o.timeout)
+	defer cancel()
+	return d.cni.GCNetworkList(ctx, d.list, args)
+}
+
+// status sends STATUS (1.1.0 and later) to every plugin of the list.
+func (d *driver) status(o options) error {
+	ctx, cancel := context.WithTimeout(context.Background(), o.timeout)
+	defer cancel()
+	return d.cni.GetStatusNetworkList(ctx, d.list)
 }
 
 // phase is the JSON summary of one bench operation over all pods.
