@@ -1,10 +1,12 @@
 //! Helpers for Tabby's CNI conformance tests and benchmarks.
 //!
 //! Plugins are driven through `cnidriver` (conformance/go/cnidriver), a small
-//! Go program over Debian's libcni, the library containerd and CRI-O use. The
-//! helpers here build that driver once per process (and under a file lock
-//! across processes) and run it inside a test's own "host" namespace
-//! ([`Driver`]), so a test never touches the real host's network.
+//! Go module over libcni v1.3.1, the library containerd and CRI-O use, and
+//! through upstream `cnitool` v1.3.1; the peers are the upstream reference
+//! plugins v1.10.0. `scripts/upstream.sh` builds cnitool and the plugins into
+//! [`plugins_dir`]. The helpers here build the driver once per process (and
+//! under a file lock across processes) and run it inside a test's own "host"
+//! namespace ([`Driver`]), so a test never touches the real host's network.
 //!
 //! Namespaces, unique names, the release binaries and the root check are
 //! `tabby-testkit`'s. Like testkit, every helper here fails the test
@@ -16,25 +18,58 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Mutex, OnceLock};
-use std::time::SystemTime;
 
 use nix::fcntl::{Flock, FlockArg};
 use serde_json::Value;
 use tabby_testkit::bins::{target_dir, workspace_root};
 use tabby_testkit::{run_ok, Netns};
 
-/// Directory of Debian's reference CNI plugins (containernetworking-plugins).
-pub const DEBIAN_CNI_DIR: &str = "/usr/lib/cni";
+pub mod containerd;
+mod pod;
+pub use pod::{assert_gone, assert_tabby_pod, k8s_args, tcp_echo};
+
+/// The upstream reference plugins (v1.10) the conformance tests chain with
+/// Tabby or measure it against.
+pub const UPSTREAM_PLUGINS: [&str; 6] = [
+    "ptp",
+    "host-local",
+    "portmap",
+    "bandwidth",
+    "tuning",
+    "firewall",
+];
+
+/// The directory of the upstream reference plugins and cnitool: testkit's
+/// upstream binaries (`/var/cache/tabby/bin` or `TABBY_UPSTREAM_BIN`).
+pub fn plugins_dir() -> PathBuf {
+    tabby_testkit::bins::upstream_dir()
+}
+
+/// `true` when every upstream binary in `names` is in [`plugins_dir`], else
+/// [`tabby_testkit::skip_or_fail`] naming the missing ones.
+pub fn require_upstream(test: &str, names: &[&str]) -> bool {
+    let dir = plugins_dir();
+    let missing: Vec<String> = names
+        .iter()
+        .map(|n| dir.join(n))
+        .filter(|p| !tabby_testkit::has_program(&p.display().to_string()))
+        .map(|p| p.display().to_string())
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let why = format!(
+        "needs {} (bash scripts/upstream.sh cni plugins builds them)",
+        missing.join(", ")
+    );
+    tabby_testkit::skip_or_fail(test, &why)
+}
 
 /// Call first in a conformance test: `true` when it can run (root, the
-/// reference plugins, the libcni driver built). Otherwise the test fails,
-/// or with `TABBY_ALLOW_SKIP=1` is reported as skipped and returns.
+/// upstream reference plugins, the libcni driver built). Otherwise the test
+/// fails, or with `TABBY_ALLOW_SKIP=1` is reported as skipped and returns.
 pub fn ready(test: &str) -> bool {
-    if !tabby_testkit::require_root(test) {
-        return false;
-    }
-    let plugins = ["portmap", "host-local", "ptp"].map(|p| format!("{DEBIAN_CNI_DIR}/{p}"));
-    if !tabby_testkit::require_programs(test, &plugins.each_ref().map(String::as_str)) {
+    if !tabby_testkit::require_root(test) || !require_upstream(test, &UPSTREAM_PLUGINS) {
         return false;
     }
     match try_cnidriver() {
@@ -57,13 +92,9 @@ fn build_lock() -> Result<Flock<File>, String> {
     Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| format!("flock build lock: {e}"))
 }
 
-fn mtime(path: &Path) -> Option<SystemTime> {
-    fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
-/// Path of the libcni driver, built (once per process) with
-/// `scripts/build-cnidriver.sh` when missing or older than its source;
-/// fails the test when it cannot be built.
+/// Path of the libcni driver, built (once per process) by
+/// `scripts/build-cnidriver.sh`, which skips the build when the binary is
+/// newer than its sources; fails the test when it cannot be built.
 pub fn cnidriver() -> PathBuf {
     try_cnidriver().unwrap_or_else(|e| panic!("{e}"))
 }
@@ -76,11 +107,7 @@ fn try_cnidriver() -> Result<PathBuf, String> {
 fn build_cnidriver() -> Result<PathBuf, String> {
     let root = workspace_root();
     let bin = root.join("conformance/go/bin/cnidriver");
-    let src = root.join("conformance/go/cnidriver/main.go");
     let _lock = build_lock()?;
-    if mtime(&bin).is_some() && mtime(&bin) >= mtime(&src) {
-        return Ok(bin);
-    }
     let out = Command::new("bash")
         .arg(root.join("scripts/build-cnidriver.sh"))
         .output()
@@ -182,6 +209,39 @@ impl Driver {
     /// DEL through libcni.
     pub fn del(&self, pod: &Netns, id: &str, extra: &[&str]) {
         self.single("del", pod, id, extra);
+    }
+
+    /// GC through libcni: DELs every cached attachment not in `valid`
+    /// (container ID, ifname), then (cniVersion >= 1.1.0) sends GC with
+    /// `cni.dev/valid-attachments` = `valid` to every plugin.
+    pub fn gc(&self, valid: &[(&str, &str)]) {
+        let valid: Vec<String> = valid
+            .iter()
+            .map(|(id, ifname)| format!("{id}/{ifname}"))
+            .collect();
+        let mut cmd = self.command("gc");
+        if !valid.is_empty() {
+            cmd.arg("--valid").arg(valid.join(","));
+        }
+        run_ok(&mut cmd);
+    }
+
+    /// STATUS through libcni (every plugin of the list); the driver's output.
+    pub fn status(&self) -> Output {
+        self.command("status")
+            .output()
+            .unwrap_or_else(|e| panic!("run cnidriver status: {e}"))
+    }
+
+    /// Uses `dir` as libcni's result cache (a runtime's own, for GC).
+    pub fn with_cache_dir(mut self, dir: &Path) -> Driver {
+        self.cache_dir = dir.to_path_buf();
+        self
+    }
+
+    /// The libcni result cache of this driver.
+    pub fn cache_dir(&self) -> &Path {
+        &self.cache_dir
     }
 
     /// A `cnidriver bench` command (ADD then DEL of `count` pods whose netns
