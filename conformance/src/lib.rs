@@ -135,7 +135,6 @@ pub struct Driver {
     conflist: PathBuf,
     bin_dirs: String,
     cache_dir: PathBuf,
-    path_prefix: Option<PathBuf>,
 }
 
 impl Driver {
@@ -153,15 +152,7 @@ impl Driver {
             conflist: path,
             bin_dirs: bin_dirs.join(":"),
             cache_dir: dir.join("cache"),
-            path_prefix: None,
         }
-    }
-
-    /// Puts `dir` first on the PATH the driver and the plugins see (to pick
-    /// the iptables flavour a chained plugin runs).
-    pub fn with_path_prefix(mut self, dir: &Path) -> Driver {
-        self.path_prefix = Some(dir.to_path_buf());
-        self
     }
 
     fn command(&self, verb: &str) -> Command {
@@ -172,11 +163,6 @@ impl Driver {
         cmd.arg("--conflist").arg(&self.conflist);
         cmd.arg("--bin-dirs").arg(&self.bin_dirs);
         cmd.arg("--cache-dir").arg(&self.cache_dir);
-        if let Some(prefix) = &self.path_prefix {
-            let path =
-                std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
-            cmd.env("PATH", format!("{}:{path}", prefix.display()));
-        }
         cmd
     }
 
