@@ -13,9 +13,12 @@ packages=(
     # real peers: BGP speakers, etcd, Debian's reference CNI plugins (the
     # namespace tests' host-local; conformance uses the upstream ones)
     bird2 gobgpd etcd-server etcd-client containernetworking-plugins
+    # podman with its CNI backend (podman conformance test)
+    podman conmon
     # guests and the C toolchain Rust links with
     busybox-static build-essential pkg-config ca-certificates
-    # the Kubernetes lab's OCI runtime (containerd comes from scripts/upstream.sh)
+    # the OCI runtime of the Kubernetes lab and of the ctr conformance test
+    # (containerd comes from scripts/upstream.sh)
     runc
 )
 
@@ -47,6 +50,6 @@ if command -v rustup >/dev/null 2>&1 && ! rustup target list --installed | grep 
     step "rustup target add x86_64-unknown-linux-musl"
     rustup target add x86_64-unknown-linux-musl
 fi
-for bin in /usr/sbin/runc /usr/lib/cni/ptp /usr/lib/cni/host-local /usr/lib/cni/portmap; do
+for bin in /usr/sbin/runc /usr/bin/podman /usr/lib/cni/ptp /usr/lib/cni/host-local /usr/lib/cni/portmap; do
     [ -x "$bin" ] || { echo "setup: $bin missing after install" >&2; exit 1; }
 done
