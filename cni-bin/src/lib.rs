@@ -3,6 +3,7 @@
 //! - [`env`], [`types`], [`version`], [`error`]: the CNI protocol, typed.
 //! - [`plugin`]: the `tabby` interface plugin (veth + proxy-ARP gateway).
 //! - [`tabby_ipam`]: the `tabby-ipam` IPAM plugin, also called in-process by `tabby`.
+//! - [`pod`]: a pod's IPAM annotations (`tabby.dev/ipv4pools`, `tabby.dev/ipAddrs`).
 //! - [`ipam_backend`], [`exec`]: in-process or delegated IPAM.
 //! - [`entry`]: the shared `main` of both binaries: stdin/env in, result or error object out.
 
@@ -14,6 +15,7 @@ pub mod ipam_backend;
 pub mod logging;
 pub mod naming;
 pub mod plugin;
+pub mod pod;
 pub mod rollback;
 pub mod tabby_ipam;
 pub mod types;
