@@ -4,30 +4,33 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::sync::Arc;
 
 use ipnetwork::IpNetwork;
 use serde::Deserialize;
 use tabby_ipam::report::{self, IpInfo, Snapshot};
 use tabby_ipam::types::default_block_size;
 use tabby_ipam::{
-    AllocationAttribute, AssignArgs, Datastore, FileDatastore, IpPool, Ipam, NodeLock, Released,
+    AllocationAttribute, AssignArgs, Datastore, DatastoreConfig, FileDatastore, IpPool, Ipam,
+    KubeDatastore, NodeLock, Released,
 };
 
 use crate::error::{CniError, Code, Result};
 use crate::naming::GATEWAY_V4;
+use crate::pod::PodIpam;
 use crate::types::{validate_node_name, CniResult, IpConfig, NetConf};
 
 /// Default directory of the file datastore.
-pub const DEFAULT_DATASTORE: &str = "/var/lib/tabby/datastore";
+pub const DEFAULT_DATASTORE: &str = tabby_ipam::DEFAULT_PATH;
 
 /// The `ipam` section for `tabby-ipam`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct IpamConf {
-    /// Where IPAM state lives.
+    /// Where IPAM state lives: `{"type":"file","path":...}` or
+    /// `{"type":"kubernetes","kubeconfig":...}`.
     #[serde(default)]
-    pub datastore: DatastoreConf,
+    pub datastore: DatastoreConfig,
     /// A pool to create when the datastore has none.
     #[serde(default)]
     pub pool: Option<PoolConf>,
@@ -46,34 +49,6 @@ fn yes() -> bool {
     true
 }
 
-/// `ipam.datastore`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct DatastoreConf {
-    /// Backend type; this release has `file`.
-    #[serde(rename = "type", default = "file_type")]
-    pub kind: String,
-    /// The file backend's directory.
-    #[serde(default = "default_path")]
-    pub path: PathBuf,
-}
-
-fn file_type() -> String {
-    "file".into()
-}
-
-fn default_path() -> PathBuf {
-    DEFAULT_DATASTORE.into()
-}
-
-impl Default for DatastoreConf {
-    fn default() -> Self {
-        Self {
-            kind: file_type(),
-            path: default_path(),
-        }
-    }
-}
-
 /// `ipam.pool`: the pool created on first use.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -90,7 +65,9 @@ pub struct PoolConf {
 
 /// An open `tabby-ipam` for one invocation.
 pub struct TabbyIpam {
-    ipam: Ipam<FileDatastore>,
+    ipam: Ipam<Arc<dyn Datastore>>,
+    /// The Kubernetes datastore again, for pod annotations.
+    kube: Option<Arc<KubeDatastore>>,
     conf: IpamConf,
     /// The conflist's pool, validated.
     pool: Option<IpPool>,
@@ -144,15 +121,6 @@ impl TabbyIpam {
                 &e,
             )
         })?;
-        if conf.datastore.kind != "file" {
-            return Err(CniError::new(
-                Code::UnsupportedField,
-                format!(
-                    "ipam.datastore.type {:?} is not supported; use \"file\"",
-                    conf.datastore.kind
-                ),
-            ));
-        }
         if !conf.assign_ipv4 && !conf.assign_ipv6 {
             return Err(CniError::new(
                 Code::InvalidConfig,
@@ -162,15 +130,10 @@ impl TabbyIpam {
         let node = net.node_name();
         validate_node_name(&node)?;
         let pool = conf.pool.as_ref().map(default_pool).transpose()?;
-        let ds = FileDatastore::open(&conf.datastore.path).map_err(|e| {
-            CniError::with_source(
-                Code::IoFailure,
-                format!("open datastore {}", conf.datastore.path.display()),
-                &e,
-            )
-        })?;
+        let (ds, kube) = open_datastore(&conf.datastore)?;
         Ok(Self {
             ipam: Ipam::new(ds),
+            kube,
             conf,
             pool,
             node,
@@ -178,7 +141,7 @@ impl TabbyIpam {
     }
 
     /// The IPAM engine.
-    pub fn ipam(&self) -> &Ipam<FileDatastore> {
+    pub fn ipam(&self) -> &Ipam<Arc<dyn Datastore>> {
         &self.ipam
     }
 
@@ -196,9 +159,12 @@ impl TabbyIpam {
 
     /// Assigns addresses to `handle`: each with its block's prefix and the
     /// 169.254.1.1 gateway (so plain `ptp` builds the same data path).
+    /// With the Kubernetes datastore, the pod named by `attrs` (namespace,
+    /// pod) may choose pools or fixed addresses ([`crate::pod`]).
     pub fn add(&self, handle: &str, attrs: BTreeMap<String, String>) -> Result<CniResult> {
         self.ensure_pool()?;
-        let args = AssignArgs {
+        let pod = self.pod_ipam(&attrs)?;
+        let mut args = AssignArgs {
             handle: handle.to_string(),
             node: self.node.clone(),
             attrs,
@@ -206,8 +172,14 @@ impl TabbyIpam {
             num_v6: u32::from(self.conf.assign_ipv6),
             pools: self.conf.ipv4_pools.clone(),
         };
+        if !pod.pools.is_empty() {
+            args.pools = pod.resolve(&self.ipam.pools()?)?;
+        }
         let _serial = self.node_lock()?;
-        let nets = self.ipam.assign(&args)?;
+        let nets = match pod.addrs.is_empty() {
+            true => self.ipam.assign(&args)?,
+            false => self.assign_fixed(&args, &pod.addrs)?,
+        };
         let ips = nets
             .into_iter()
             .map(|address| IpConfig {
@@ -220,6 +192,53 @@ impl TabbyIpam {
             ips,
             ..Default::default()
         })
+    }
+
+    /// What the pod's annotations ask for (nothing without a Kubernetes
+    /// datastore or a pod identity). A pod that is not there is an error:
+    /// the kubelet creates the object before it asks for a network.
+    fn pod_ipam(&self, attrs: &BTreeMap<String, String>) -> Result<PodIpam> {
+        let (Some(kube), Some(namespace), Some(name)) =
+            (&self.kube, attrs.get("namespace"), attrs.get("pod"))
+        else {
+            return Ok(PodIpam::default());
+        };
+        let annotations = kube.pod_annotations(namespace, name).map_err(|e| {
+            CniError::with_source(
+                Code::TryAgainLater,
+                format!("read pod {namespace}/{name} from {}", kube.describe()),
+                &e,
+            )
+        })?;
+        let annotations = annotations.ok_or_else(|| {
+            CniError::new(
+                Code::TryAgainLater,
+                format!(
+                    "pod {namespace}/{name} does not exist in {}",
+                    kube.describe()
+                ),
+            )
+        })?;
+        PodIpam::from_annotations(&annotations)
+    }
+
+    /// Assigns the pod's fixed addresses; on failure releases them again.
+    fn assign_fixed(&self, args: &AssignArgs, addrs: &[IpAddr]) -> Result<Vec<IpNetwork>> {
+        let mut nets = Vec::new();
+        for ip in addrs {
+            match self.ipam.assign_ip(args, *ip) {
+                Ok(net) => nets.push(net),
+                Err(e) => {
+                    if !nets.is_empty() {
+                        if let Err(undo) = self.ipam.release_by_handle(&args.handle) {
+                            tracing::warn!(handle = %args.handle, error = %crate::error::chain(&undo), "could not undo a partial fixed assign");
+                        }
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(nets)
     }
 
     /// Releases `handle`; a missing handle is success.
@@ -374,6 +393,34 @@ impl TabbyIpam {
             ));
         }
         Ok(())
+    }
+}
+
+/// Opens the configured backend; the Kubernetes one is also returned
+/// typed, for pod annotations.
+type Opened = (Arc<dyn Datastore>, Option<Arc<KubeDatastore>>);
+
+fn open_datastore(config: &DatastoreConfig) -> Result<Opened> {
+    let failed = |what: String, e: &tabby_ipam::DatastoreError| {
+        CniError::with_source(Code::IoFailure, format!("open datastore {what}"), e)
+    };
+    match config {
+        DatastoreConfig::File { path } => {
+            let ds =
+                FileDatastore::open(path).map_err(|e| failed(path.display().to_string(), &e))?;
+            Ok((Arc::new(ds), None))
+        }
+        DatastoreConfig::Kubernetes(options) => {
+            let ds = KubeDatastore::open(options).map_err(|e| {
+                let at = options.kubeconfig.as_ref().map_or_else(
+                    || "kubernetes (inferred config)".to_string(),
+                    |p| format!("kubernetes ({})", p.display()),
+                );
+                failed(at, &e)
+            })?;
+            let ds = Arc::new(ds);
+            Ok((ds.clone(), Some(ds)))
+        }
     }
 }
 

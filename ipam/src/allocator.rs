@@ -99,6 +99,14 @@ pub enum IpamError {
         /// Addresses still allocated.
         in_use: usize,
     },
+    /// A fixed address asked for is held by another handle.
+    #[error("{ip} is already allocated to {holder}")]
+    InUse {
+        /// The address.
+        ip: IpAddr,
+        /// The handle holding it.
+        holder: String,
+    },
     /// The request itself is invalid (empty handle or node name, ...).
     #[error("invalid IPAM request: {reason}")]
     InvalidRequest {
@@ -182,8 +190,20 @@ impl Backoff {
     }
 }
 
+/// Refuses an empty handle or node name, or one with a '/'.
+pub(crate) fn check_request(args: &AssignArgs) -> Result<()> {
+    for (what, value) in [("handle", &args.handle), ("node", &args.node)] {
+        if value.is_empty() || value.contains('/') {
+            return Err(IpamError::InvalidRequest {
+                reason: format!("{what} {value:?} must be non-empty and contain no '/'"),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The key of a datastore conflict, if `result` is one.
-fn conflict_key<T>(result: &Result<T>) -> Option<String> {
+pub(crate) fn conflict_key<T>(result: &Result<T>) -> Option<String> {
     match result {
         Err(IpamError::Datastore(DatastoreError::Conflict { key })) => Some(key.clone()),
         _ => None,
@@ -218,13 +238,7 @@ impl<D: Datastore> Ipam<D> {
     ///
     /// On failure, the addresses this call already assigned are released again.
     pub fn assign(&self, args: &AssignArgs) -> Result<Vec<IpNetwork>> {
-        for (what, value) in [("handle", &args.handle), ("node", &args.node)] {
-            if value.is_empty() || value.contains('/') {
-                return Err(IpamError::InvalidRequest {
-                    reason: format!("{what} {value:?} must be non-empty and contain no '/'"),
-                });
-            }
-        }
+        check_request(args)?;
         let mut args = args.clone();
         args.attrs
             .entry("node".to_string())
@@ -403,7 +417,7 @@ impl<D: Datastore> Ipam<D> {
 
     /// Adds `delta` to the count of `handle` in block `cidr`, creating (for
     /// `node`) or deleting the handle document as needed.
-    fn handle_add(
+    pub(crate) fn handle_add(
         &self,
         handle: &str,
         node: Option<&str>,

@@ -270,6 +270,32 @@ impl Block {
         ips
     }
 
+    /// Allocates exactly `ip` to `handle`; `Err` names the handle holding
+    /// it already (`Ok(false)`: `ip` is not in this block).
+    pub fn assign_ip(
+        &mut self,
+        ip: IpAddr,
+        handle: &str,
+        attrs: &BTreeMap<String, String>,
+    ) -> Result<bool, String> {
+        let Some(ordinal) = self.ordinal_of(ip) else {
+            return Ok(false);
+        };
+        if let Some(holder) = self.slot_handle(ordinal) {
+            return Err(holder.to_string());
+        }
+        let index = self.attributes.len();
+        self.attributes.push(AllocationAttribute {
+            handle_id: handle.to_string(),
+            secondary: attrs.clone(),
+        });
+        self.unallocated.retain(|&o| o != ordinal);
+        if let Some(slot) = self.allocations.get_mut(ordinal) {
+            *slot = Some(index);
+        }
+        Ok(true)
+    }
+
     /// Releases every address of `handle`; returns them.
     pub fn release_handle(&mut self, handle: &str) -> Vec<IpAddr> {
         let ordinals: Vec<usize> = (0..self.allocations.len())

@@ -49,7 +49,7 @@ impl<D: Datastore> Ipam<D> {
     }
 
     /// Runs the two phases for one block; `false` when another node owns it.
-    fn try_claim(&self, node: &str, cidr: &IpNetwork) -> Result<bool> {
+    pub(crate) fn try_claim(&self, node: &str, cidr: &IpNetwork) -> Result<bool> {
         self.register_node(node)?;
         let affinity_key = store::affinity_key(node, cidr);
         let pending = BlockAffinity {

@@ -15,6 +15,7 @@
 //! - [`block`]: pure block arithmetic and the per-block allocation table.
 //! - [`allocator`]: assign / release / gc over a datastore, with retries on conflict.
 //! - [`claim`]: the two-phase block claim (pending -> confirmed affinity).
+//! - [`fixed`]: assigning one named address (a pod's `tabby.dev/ipAddrs`).
 //! - [`pools`]: pool validation and management, cluster settings.
 //! - [`repair`]: GC, and the repair of what crashed writers leave (orphan handles, dead claims).
 //! - [`store`]: document keys and typed JSON access.
@@ -26,6 +27,7 @@ pub mod claim;
 pub mod config;
 pub mod datastore;
 pub mod file;
+pub mod fixed;
 pub mod kubernetes;
 pub mod lock;
 pub mod mem;

@@ -25,3 +25,25 @@ fn the_checked_in_crds_match_the_rust_types() {
         path.display()
     );
 }
+
+/// The line in `deploy/tabby.yaml` after which the CRDs follow verbatim.
+const MARKER: &str = "# ---- The CRDs below are generated (deploy/crds.yaml); do not edit. ----\n";
+
+#[test]
+fn the_manifest_carries_the_same_crds() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/tabby.yaml");
+    let generated = tabby_ipam::kubernetes::crd::crds_yaml();
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let Some((head, crds)) = text.split_once(MARKER) else {
+        panic!("{} has no line {MARKER:?}", path.display());
+    };
+    if std::env::var_os("TABBY_UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, format!("{head}{MARKER}{generated}")).unwrap();
+        return;
+    }
+    assert!(
+        crds == generated,
+        "the CRDs in {} drifted from the Rust types: regenerate with TABBY_UPDATE_GOLDEN=1 cargo test -p tabby-ipam --test crds",
+        path.display()
+    );
+}

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use ipnetwork::IpNetwork;
 use tabby_dataplane::Netlink;
-use tabby_ipam::FileDatastore;
+use tabby_ipam::Datastore;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -170,7 +170,7 @@ pub struct Shared {
 /// The agent's state, owned by its loop.
 pub struct Agent<B: BgpControl> {
     cfg: AgentConfig,
-    ds: Arc<FileDatastore>,
+    ds: Arc<dyn Datastore>,
     bgp: B,
     routes: RouteProgrammer,
     uplink: u32,
@@ -212,8 +212,8 @@ pub fn resolve_uplink(cfg: &AgentConfig) -> Result<u32> {
 impl<B: BgpControl> Agent<B> {
     /// Registers the node and prepares the route thread; `bgp` is a started speaker.
     pub fn new(cfg: AgentConfig, bgp: B, shared: Arc<Mutex<Shared>>) -> Result<Self> {
-        let ds = Arc::new(FileDatastore::open(&cfg.datastore)?);
-        let node = register_node(ds.as_ref(), &cfg)?;
+        let ds: Arc<dyn Datastore> = Arc::from(cfg.datastore.open()?);
+        let node = register_node(&ds, &cfg)?;
         info!(node = %node.name, address = ?node.address, "registered");
         let uplink = resolve_uplink(&cfg)?;
         let uplink_nets = Netlink::host()?.addresses(uplink)?;
@@ -288,7 +288,7 @@ impl<B: BgpControl> Agent<B> {
 
     async fn reconcile(&mut self, events: &mut mpsc::Receiver<BgpEvent>) {
         let ds = Arc::clone(&self.ds);
-        let view = match tokio::task::spawn_blocking(move || load_view(ds.as_ref())).await {
+        let view = match tokio::task::spawn_blocking(move || load_view(&ds)).await {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
                 warn!(error = %e, "reading the datastore failed");

@@ -3,7 +3,10 @@
 //! ```toml
 //! node_name = "node-1"
 //! bgp_address = "10.98.0.1"
-//! datastore = "/var/lib/tabby/datastore"
+//! datastore = "/var/lib/tabby/datastore"   # the file backend; or the table below
+//! # [datastore]
+//! # type = "kubernetes"
+//! # kubeconfig = "/etc/tabby/kubeconfig"    # else $KUBECONFIG, ~/.kube/config or in-cluster
 //! uplink = "eth0"                      # else: the interface holding bgp_address
 //! as_number = 64512                    # else: the cluster's BGPConfiguration
 //! bgp_port = 179
@@ -17,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use tabby_ipam::DatastoreConfig;
 
 use crate::error::{AgentError, Result};
 
@@ -28,9 +32,10 @@ pub struct AgentConfig {
     pub node_name: String,
     /// The address BGP binds to and advertises as next hop.
     pub bgp_address: IpAddr,
-    /// The datastore directory (file backend).
-    #[serde(default = "default_datastore")]
-    pub datastore: PathBuf,
+    /// The datastore: a directory (the file backend), or a table
+    /// `{type = "file" | "kubernetes", ...}` as in the conflist.
+    #[serde(default, deserialize_with = "datastore_or_path")]
+    pub datastore: DatastoreConfig,
     /// The underlay interface learned routes go out of.
     #[serde(default)]
     pub uplink: Option<String>,
@@ -132,8 +137,18 @@ impl Default for ProxyConfig {
     }
 }
 
-fn default_datastore() -> PathBuf {
-    tabby_ipam::file::DEFAULT_PATH.into()
+/// `datastore = "/dir"` (the file backend) or `[datastore]` with a type.
+fn datastore_or_path<'de, D: serde::Deserializer<'de>>(d: D) -> Result<DatastoreConfig, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        Path(PathBuf),
+        Table(DatastoreConfig),
+    }
+    Ok(match Form::deserialize(d)? {
+        Form::Path(path) => DatastoreConfig::file(path),
+        Form::Table(config) => config,
+    })
 }
 fn default_bgp_port() -> u16 {
     179
@@ -277,6 +292,22 @@ mod tests {
         assert_eq!(c.bgp_address, "10.0.0.9".parse::<IpAddr>().unwrap());
         let e = AgentConfig::load_with(None, &[("node_name", s("n"))]).unwrap_err();
         assert!(e.to_string().contains("bgp_address"), "{e}");
+    }
+
+    #[test]
+    fn the_datastore_is_a_directory_or_a_typed_table() {
+        let base = "node_name = \"n\"\nbgp_address = \"10.0.0.1\"\n";
+        let c = AgentConfig::parse(base).unwrap();
+        assert_eq!(c.datastore, DatastoreConfig::default());
+        let c = AgentConfig::parse(&format!("{base}datastore = \"/x\"\n")).unwrap();
+        assert_eq!(c.datastore, DatastoreConfig::file("/x"));
+        let c = AgentConfig::parse(&format!(
+            "{base}[datastore]\ntype = \"kubernetes\"\nkubeconfig = \"/k\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.datastore, DatastoreConfig::kubernetes(Some("/k".into())));
+        let e = AgentConfig::parse(&format!("{base}[datastore]\ntype = \"etcd\"\n")).unwrap_err();
+        assert!(e.to_string().contains("datastore"), "{e}");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! - [`speaker_control`]: connects the BGP speaker (crate `tabby-bgp`) to the agent.
 //! - [`service_proxy`]: starts the service proxy (crate `tabby-proxy`) inside the agent.
 //! - [`status`], [`health`]: `tabbyctl node status`, health and metrics (HTTP).
+//! - [`install_cni`]: `tabby-node install-cni`: the plugin, its conflist and kubeconfig on the host.
 //! - [`metrics`]: the one Prometheus registry: the agent's gauges and the proxy's metrics.
 
 pub mod agent;
@@ -16,6 +17,7 @@ pub mod config;
 pub mod desired;
 pub mod error;
 pub mod health;
+pub mod install_cni;
 pub mod metrics;
 pub mod policy;
 pub mod register;
@@ -23,3 +25,5 @@ pub mod routes;
 pub mod service_proxy;
 pub mod speaker_control;
 pub mod status;
+
+pub use error::error_chain;

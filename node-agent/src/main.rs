@@ -1,4 +1,5 @@
-//! `tabby-node --config FILE`: the per-node agent.
+//! `tabby-node --config FILE`: the per-node agent;
+//! `tabby-node install-cni`: the plugin onto the host (the init container).
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -6,10 +7,11 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tabby_bgp::{Speaker, SpeakerConfig};
 use tabby_node::agent::{Agent, Shared};
 use tabby_node::config::AgentConfig;
+use tabby_node::install_cni::cli::{InstallCniArgs, TokenArgs};
 use tabby_node::speaker_control::{forward_events, SpeakerControl};
 use tabby_node::{health, metrics, service_proxy, status};
 use tokio::signal::unix::{signal, SignalKind};
@@ -19,14 +21,16 @@ use tracing::{error, info};
 #[derive(Debug, Parser)]
 #[command(name = "tabby-node", version)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// The configuration file (TOML); the flags below override it.
-    #[arg(long)]
+    #[arg(long, env = "TABBY_CONFIG")]
     config: Option<PathBuf>,
-    /// This node's name.
-    #[arg(long)]
+    /// This node's name (the DaemonSet passes spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
     /// The address BGP binds to and advertises as next hop.
-    #[arg(long)]
+    #[arg(long, env = "TABBY_BGP_ADDRESS")]
     bgp_address: Option<IpAddr>,
     /// This node's AS number.
     #[arg(long)]
@@ -34,9 +38,21 @@ struct Args {
     /// The datastore directory.
     #[arg(long)]
     datastore: Option<PathBuf>,
+    /// Keep this plugin kubeconfig's token fresh (what install-cni wrote).
+    #[arg(long, env = "TABBY_PLUGIN_KUBECONFIG")]
+    plugin_kubeconfig: Option<PathBuf>,
+    /// The plugin's ServiceAccount, for the refresh.
+    #[command(flatten)]
+    token: TokenArgs,
     /// Log filter (error, warn, info, debug, or a tracing directive).
-    #[arg(long, env = "TABBY_LOG", default_value = "info")]
+    #[arg(long, env = "TABBY_LOG", default_value = "info", global = true)]
     log_level: String,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+enum Command {
+    /// Copy the plugin into the host's CNI bin dir and write its conflist and kubeconfig.
+    InstallCni(InstallCniArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,7 +71,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    let result = match args.command.clone() {
+        Some(Command::InstallCni(install)) => {
+            runtime.block_on(tabby_node::install_cni::cli::run(install))
+        }
+        None => runtime.block_on(run(args)),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
@@ -85,10 +107,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let datastore = cfg.datastore.clone();
     let cluster_asn = tokio::task::spawn_blocking(move || {
-        let ds = tabby_ipam::FileDatastore::open(&datastore)?;
+        let ds = datastore.open()?;
         anyhow::Ok(tabby_ipam::resources::bgp_config(&ds)?.as_number)
     })
     .await??;
+    let token_task = match &args.plugin_kubeconfig {
+        Some(path) => {
+            let (client, plugin) = args.token.plugin_kubeconfig(path.clone()).await?;
+            Some(tokio::spawn(plugin.keep_fresh(client)))
+        }
+        None => None,
+    };
     let asn = cfg.as_number.unwrap_or(cluster_asn);
     let (speaker, speaker_events) = Speaker::start(SpeakerConfig {
         router_id,
@@ -140,6 +169,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     bgp.shutdown().await;
     status_task.abort();
     health_task.abort();
+    if let Some(task) = token_task {
+        task.abort();
+    }
     let _ = std::fs::remove_file(&cfg.status_socket);
     info!("stopped");
     Ok(())

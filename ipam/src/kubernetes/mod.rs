@@ -18,6 +18,7 @@
 //! - Scope: an optional `scope` (for tests that share one apiserver) puts
 //!   every object under the label `tabby.dev/scope=<scope>` and its name
 //!   under `<scope>.`; a datastore without scope sees only unscoped objects.
+//! - Pods: [`KubeDatastore::pod_annotations`] for the CNI plugin.
 //!
 //! The client runs on a runtime the backend owns ([`bridge`]): every
 //! method blocks the calling thread, from any thread, in or out of a
@@ -27,6 +28,7 @@ mod bridge;
 pub mod crd;
 pub mod names;
 pub mod nodes;
+mod pods;
 
 use std::collections::BTreeMap;
 use std::future::Future;
