@@ -8,8 +8,11 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Context};
 use clap::Parser;
 use tabby_bgp::{Speaker, SpeakerConfig};
-use tabby_node::agent::{Agent, Shared};
+use tabby_errors::chain;
+use tabby_ipam::FileDatastore;
+use tabby_node::agent::Agent;
 use tabby_node::config::AgentConfig;
+use tabby_node::shared::Shared;
 use tabby_node::speaker_control::{forward_events, SpeakerControl};
 use tabby_node::{health, metrics, service_proxy, status};
 use tokio::signal::unix::{signal, SignalKind};
@@ -51,7 +54,7 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
-            error!(error = %e, "cannot start the runtime");
+            error!(error = %chain(&e), "cannot start the runtime");
             return ExitCode::FAILURE;
         }
     };
@@ -83,10 +86,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let IpAddr::V4(router_id) = cfg.bgp_address else {
         bail!("bgp_address must be IPv4 for now")
     };
+    // The one place that picks the datastore backend.
     let datastore = cfg.datastore.clone();
-    let cluster_asn = tokio::task::spawn_blocking(move || {
-        let ds = tabby_ipam::FileDatastore::open(&datastore)?;
-        anyhow::Ok(tabby_ipam::resources::bgp_config(&ds)?.as_number)
+    let (ds, cluster_asn) = tokio::task::spawn_blocking(move || {
+        let ds = FileDatastore::open(&datastore)
+            .with_context(|| format!("open the file datastore {}", datastore.display()))?;
+        let asn = tabby_ipam::resources::bgp_config(&ds)
+            .context("read the cluster's BGP configuration")?
+            .as_number;
+        anyhow::Ok((Arc::new(ds), asn))
     })
     .await??;
     let asn = cfg.as_number.unwrap_or(cluster_asn);
@@ -98,14 +106,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     })
     .await
     .context("start the BGP speaker")?;
-    let (tx, events) = tokio::sync::mpsc::channel(1024);
+    // Small: each event holds one UPDATE's prefixes; a full queue slows the sessions.
+    let (tx, events) = tokio::sync::mpsc::channel(64);
     tokio::spawn(forward_events(speaker_events, tx));
 
     let shared = Arc::new(Mutex::new(Shared::default()));
     let bgp = SpeakerControl::new(speaker, &cfg);
     // Registration and the first netlink calls block: keep them off the async workers.
     let (c, s) = (cfg.clone(), Arc::clone(&shared));
-    let mut agent = tokio::task::spawn_blocking(move || Agent::new(c, bgp, s)).await??;
+    let mut agent = tokio::task::spawn_blocking(move || Agent::new(c, ds, bgp, s)).await??;
     let mut registry = metrics::registry(Arc::clone(&shared));
     if cfg.proxy.enabled {
         // Backend detection runs iptables-save: off the async workers.
