@@ -12,7 +12,7 @@
 //! ```
 //!
 //! Each pass over the datastore is planned by pure functions
-//! ([`crate::plan`]); BGP events change the [`Rib`](crate::rib::Rib), and
+//! ([`crate::plan`]); BGP events change the [`Rib`], and
 //! only the prefixes whose best path moved reach the route thread.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ipnetwork::IpNetwork;
+use tabby_bgp::rib::Rib;
 use tabby_dataplane::Netlink;
 use tabby_errors::chain;
 use tabby_ipam::datastore::Datastore;
@@ -81,6 +82,26 @@ pub enum BgpEvent {
         /// The peer.
         peer: IpAddr,
     },
+}
+
+impl BgpEvent {
+    /// Applies the event to `rib`; returns the prefixes whose best path moved.
+    pub fn apply_to(&self, rib: &mut Rib<IpNetwork, IpAddr>) -> Vec<IpNetwork> {
+        match self {
+            BgpEvent::Learned {
+                peer,
+                prefixes,
+                next_hop,
+            } => rib.learn(*peer, prefixes, *next_hop),
+            BgpEvent::Withdrawn { peer, prefixes } => rib.withdraw(*peer, prefixes),
+            BgpEvent::PeerDown { peer } => rib.peer_down(*peer),
+            BgpEvent::Stale { peer } => {
+                rib.mark_stale(*peer);
+                Vec::new()
+            }
+            BgpEvent::PurgeStale { peer } => rib.purge_stale(*peer),
+        }
+    }
 }
 
 /// What the agent asks of a BGP speaker.
@@ -204,7 +225,10 @@ impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
         let Ok(mut source) = self.source.lock() else {
             return Vec::new();
         };
-        events.iter().flat_map(|ev| source.rib.apply(ev)).collect()
+        events
+            .iter()
+            .flat_map(|ev| ev.apply_to(&mut source.rib))
+            .collect()
     }
 
     /// Hands the kernel routes of `prefixes` (in any order, repeats allowed) to the route thread.

@@ -6,7 +6,6 @@
 //! - [`desired`]: pure computation of peers, originated prefixes and node facts.
 //! - [`policy`]: pure import policy (BGPFilter rules, then Tabby's defaults).
 //! - [`plan`]: pure plans from what the agent has to what it wants (peers, prefixes, routes).
-//! - [`rib`]: learned routes and their best paths, with graceful-restart stale marks.
 //! - [`routes`]: the kernel side: applies route changes through rtnetlink.
 //! - [`shared`]: the snapshot the loop publishes for status, health and metrics.
 //! - [`speaker_control`]: connects the BGP speaker (crate `tabby-bgp`) to the agent.
@@ -23,7 +22,6 @@ pub mod metrics;
 pub mod plan;
 pub mod policy;
 pub mod register;
-pub mod rib;
 pub mod routes;
 pub mod service_proxy;
 pub mod shared;

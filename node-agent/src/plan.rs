@@ -13,7 +13,7 @@ use ipnetwork::IpNetwork;
 use tabby_dataplane::Route;
 
 use crate::desired::{PeerSpec, RTPROT_TABBY};
-use crate::routes::RouteChange;
+use tabby_dataplane::route_sync::RouteChange;
 
 /// The session changes that turn the current peers into the wanted ones.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

@@ -23,29 +23,21 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ipnetwork::IpNetwork;
-use tabby_dataplane::{Family, Netlink, Route, RouteBatch, RouteKind};
+use tabby_dataplane::route_sync::{Desired, KernelOps, KernelRoutes, OwnedRoutes, RouteChange};
+use tabby_dataplane::{Family, Netlink, Route, RouteBatch};
 use tabby_errors::chain;
 use tracing::{debug, info, warn};
 
 use crate::desired::RTPROT_TABBY;
 use crate::error::AgentError;
 use crate::plan::{desired_route, route_changes};
-use crate::rib::Rib;
+use tabby_bgp::rib::Rib;
 
 /// How often the kernel is re-read in full.
 pub const RESYNC: Duration = Duration::from_secs(30);
 
 /// Messages in flight to the route thread; the agent waits beyond that.
 const QUEUE: usize = 2;
-
-/// One change of this node's kernel routes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RouteChange {
-    /// Add the route, or replace the one with its destination.
-    Upsert(Route),
-    /// Remove our route to this destination.
-    Delete(IpNetwork),
-}
 
 /// Counters of the route thread, for metrics and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -65,22 +57,12 @@ enum Msg {
     Ready,
 }
 
-/// What the kernel should hear: routes to delete and to replace, each
-/// destination at most once.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct KernelOps {
-    /// Routes to delete.
-    pub delete: Vec<Route>,
-    /// Routes to add or replace.
-    pub replace: Vec<Route>,
-}
-
 /// What the kernel routes follow: the learned routes and the local
 /// blocks. The agent changes it; the route thread reads it to repair.
 #[derive(Debug, Clone)]
 pub struct RouteSource {
     /// Learned routes.
-    pub rib: Rib,
+    pub rib: Rib<IpNetwork, IpAddr>,
     /// This node's blocks (blackholes).
     pub blocks: BTreeSet<IpNetwork>,
     /// This node's address (a learned route via it is no route).
@@ -124,150 +106,12 @@ impl RouteSource {
     }
 }
 
-/// A kernel route of ours, without its destination.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Seen {
-    gateway: Option<IpAddr>,
-    oif: Option<u32>,
-    kind: RouteKind,
-}
-
-impl Seen {
-    fn of(r: &Route) -> Self {
-        Seen {
-            gateway: r.gateway,
-            oif: r.oif,
-            kind: r.kind,
-        }
+impl Desired for RouteSource {
+    fn route(&self, dst: IpNetwork) -> Option<Route> {
+        RouteSource::route(self, dst)
     }
-
-    fn route(&self, dst: IpNetwork) -> Route {
-        let mut r = Route::new(dst).with_protocol(RTPROT_TABBY);
-        (r.gateway, r.oif, r.kind) = (self.gateway, self.oif, self.kind);
-        r
-    }
-
-    /// Whether it is `want` (the kernel fills in an oif we left open).
-    fn is(&self, want: &Route) -> bool {
-        self.gateway == want.gateway
-            && self.kind == want.kind
-            && (want.oif.is_none() || self.oif == want.oif)
-    }
-}
-
-/// The kernel's routes of our protocol, sorted, and the destinations of
-/// other protocols, as one dump found them.
-#[derive(Debug, Default)]
-pub struct KernelRoutes {
-    ours: Vec<(IpNetwork, Seen)>,
-    foreign: BTreeSet<IpNetwork>,
-}
-
-impl KernelRoutes {
-    /// Reads them with `read`.
-    pub fn read<E>(read: KernelRead<'_, E>) -> Result<Self, E> {
-        let mut k = KernelRoutes::default();
-        read(&mut |r: Route| {
-            if r.protocol == RTPROT_TABBY {
-                k.ours.push((r.dst, Seen::of(&r)));
-            } else if r.dst.prefix() > 0 {
-                k.foreign.insert(r.dst);
-            }
-        })?;
-        k.ours.sort_unstable_by_key(|(dst, _)| *dst);
-        Ok(k)
-    }
-
-    fn has_ours(&self, dst: &IpNetwork) -> bool {
-        self.ours.binary_search_by_key(dst, |(d, _)| *d).is_ok()
-    }
-}
-
-/// The route thread's state, pure: the destinations other protocols own
-/// (pod routes: never replaced), the learned routes a previous run left
-/// (kept through the start grace) and the routes the kernel refused.
-#[derive(Debug, Default)]
-pub struct RouteTable {
-    foreign: BTreeSet<IpNetwork>,
-    inherited: BTreeSet<IpNetwork>,
-    failed: BTreeSet<IpNetwork>,
-}
-
-/// Reads the kernel's routes, handing each to the callback.
-pub type KernelRead<'a, E> = &'a mut dyn FnMut(&mut dyn FnMut(Route)) -> Result<(), E>;
-
-impl RouteTable {
-    /// Learns the kernel at start: foreign destinations, and our learned
-    /// routes (inherited: kept, unless replaced, while the grace lasts).
-    pub fn start(&mut self, kernel: KernelRoutes) {
-        self.foreign = kernel.foreign;
-        self.inherited = (kernel.ours.into_iter())
-            .filter(|(_, r)| r.kind != RouteKind::Blackhole)
-            .map(|(dst, _)| dst)
-            .collect();
-    }
-
-    /// What the kernel must do for the agent's changes.
-    pub fn change(&mut self, changes: Vec<RouteChange>) -> KernelOps {
-        let mut ops = KernelOps::default();
-        for change in changes {
-            match change {
-                RouteChange::Upsert(r) => {
-                    self.inherited.remove(&r.dst);
-                    if !self.foreign.contains(&r.dst) {
-                        ops.replace.push(r);
-                    }
-                }
-                RouteChange::Delete(dst) if !self.inherited.contains(&dst) => {
-                    self.failed.remove(&dst);
-                    ops.delete
-                        .push(Route::matching(dst).with_protocol(RTPROT_TABBY));
-                }
-                RouteChange::Delete(_) => {}
-            }
-        }
-        ops
-    }
-
-    /// Compares the kernel with what `source` wants: replaces what differs
-    /// or is missing, deletes our routes nobody wants (inherited ones only
-    /// once `grace` is over).
-    pub fn resync(&mut self, grace: bool, kernel: KernelRoutes, source: &RouteSource) -> KernelOps {
-        let mut ops = KernelOps::default();
-        for (dst, seen) in &kernel.ours {
-            match source.route(*dst) {
-                Some(want) if seen.is(&want) => {}
-                Some(want) if !kernel.foreign.contains(dst) => ops.replace.push(want),
-                Some(_) => {}
-                None if grace && self.inherited.contains(dst) => {}
-                None => ops.delete.push(seen.route(*dst)),
-            }
-        }
-        let missing = source
-            .routes()
-            .filter(|r| !kernel.has_ours(&r.dst) && !kernel.foreign.contains(&r.dst));
-        ops.replace.extend(missing);
-        self.foreign = kernel.foreign;
-        if !grace {
-            self.inherited = BTreeSet::new();
-        }
-        ops
-    }
-
-    /// Notes which of `ops` the kernel refused (the next resync retries them).
-    pub fn record(&mut self, ops: &KernelOps, failed: &BTreeSet<IpNetwork>) {
-        for r in &ops.replace {
-            if failed.contains(&r.dst) {
-                self.failed.insert(r.dst);
-            } else {
-                self.failed.remove(&r.dst);
-            }
-        }
-    }
-
-    /// Our routes believed to be in the kernel, of `wanted`.
-    pub fn installed(&self, wanted: usize) -> u64 {
-        (wanted.saturating_sub(self.failed.len()) + self.inherited.len()) as u64
+    fn routes(&self) -> Box<dyn Iterator<Item = Route> + '_> {
+        Box::new(RouteSource::routes(self))
     }
 }
 
@@ -299,9 +143,8 @@ impl RouteProgrammer {
             batch,
             stats: Arc::clone(&stats),
             source,
-            table: RouteTable::default(),
+            table: None,
             grace_ends: Instant::now() + startup_grace,
-            started: false,
             ready: false,
         };
         let thread = std::thread::Builder::new()
@@ -362,9 +205,9 @@ struct Thread {
     batch: RouteBatch,
     stats: Arc<Mutex<RouteStats>>,
     source: Arc<Mutex<RouteSource>>,
-    table: RouteTable,
+    /// Set by the first read of the kernel.
+    table: Option<OwnedRoutes>,
     grace_ends: Instant,
-    started: bool,
     ready: bool,
 }
 
@@ -375,8 +218,8 @@ impl Thread {
             match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
                 Ok(Msg::Changes(changes)) => {
                     // Before the first read of the kernel, the resync installs them.
-                    if self.started {
-                        let ops = self.table.change(changes);
+                    if let Some(table) = &mut self.table {
+                        let ops = table.change(changes);
                         self.apply(ops);
                     }
                 }
@@ -403,23 +246,22 @@ impl Thread {
             nl.for_each_route(Family::V4, &mut *f)?;
             nl.for_each_route(Family::V6, &mut *f)
         };
-        let kernel = match KernelRoutes::read(&mut read) {
+        let kernel = match KernelRoutes::read(RTPROT_TABBY, &mut read) {
             Ok(k) => k,
             Err(e) => {
                 warn!(error = %chain(&e), "reading the kernel's routes failed; retrying");
                 return now + Duration::from_secs(1);
             }
         };
-        if !self.started {
-            self.table.start(kernel);
-            self.started = true;
+        let Some(table) = &mut self.table else {
+            self.table = Some(OwnedRoutes::start(kernel));
             return if self.ready { now } else { now + RESYNC };
-        }
+        };
         if !self.ready {
             return now + RESYNC;
         }
         let ops = match self.source.lock() {
-            Ok(source) => self.table.resync(in_grace, kernel, &source),
+            Ok(source) => table.resync(in_grace, kernel, &*source),
             Err(_) => return now + RESYNC,
         };
         self.apply(ops);
@@ -440,7 +282,8 @@ impl Thread {
             warn!(%route, error = %chain(error), "route change failed");
         }
         let failed_dst: BTreeSet<IpNetwork> = failed.iter().map(|(r, _)| r.dst).collect();
-        self.table.record(&ops, &failed_dst);
+        let Some(table) = &mut self.table else { return };
+        table.record(&ops, &failed_dst);
         let ok = |rs: &[Route]| rs.iter().filter(|r| !failed_dst.contains(&r.dst)).count() as u64;
         let (ok_r, ok_d) = (ok(&ops.replace), ok(&ops.delete));
         if ok_r + ok_d >= 50 {
@@ -453,7 +296,7 @@ impl Thread {
             s.replaced += ok_r;
             s.deleted += ok_d;
             s.errors += failed.len() as u64;
-            s.installed = self.table.installed(wanted.unwrap_or(0));
+            s.installed = table.installed(wanted.unwrap_or(0));
         }
     }
 }
