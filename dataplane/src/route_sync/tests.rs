@@ -125,7 +125,7 @@ fn learned_routes_of_a_previous_run_wait_out_the_grace_unless_replaced() {
             .len(),
         1
     );
-    let want = Want::of(&[again.clone()]);
+    let want = Want::of(std::slice::from_ref(&again));
     let now = vec![left[0].clone(), again, left[2].clone()];
     let in_grace = t.resync(true, kernel(now.clone()), &want);
     assert_eq!(
