@@ -67,7 +67,8 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+/// The configuration file with the flags' overrides.
+fn config(args: &Args) -> anyhow::Result<AgentConfig> {
     let text = |s: String| toml::Value::String(s);
     let mut overrides: Vec<(&str, toml::Value)> = Vec::new();
     if let Some(n) = &args.node_name {
@@ -82,13 +83,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(d) = &args.datastore {
         overrides.push(("datastore", text(d.display().to_string())));
     }
-    let cfg = AgentConfig::load_with(args.config.as_deref(), &overrides)?;
-    let IpAddr::V4(router_id) = cfg.bgp_address else {
-        bail!("bgp_address must be IPv4 for now")
-    };
-    // The one place that picks the datastore backend.
+    Ok(AgentConfig::load_with(args.config.as_deref(), &overrides)?)
+}
+
+/// Opens the datastore (the one place that picks its backend) and reads
+/// the cluster's AS number.
+async fn open_datastore(cfg: &AgentConfig) -> anyhow::Result<(Arc<FileDatastore>, u32)> {
     let datastore = cfg.datastore.clone();
-    let (ds, cluster_asn) = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let ds = FileDatastore::open(&datastore)
             .with_context(|| format!("open the file datastore {}", datastore.display()))?;
         let asn = tabby_ipam::resources::bgp_config(&ds)
@@ -96,7 +98,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .as_number;
         anyhow::Ok((Arc::new(ds), asn))
     })
-    .await??;
+    .await?
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let cfg = config(&args)?;
+    let IpAddr::V4(router_id) = cfg.bgp_address else {
+        bail!("bgp_address must be IPv4 for now")
+    };
+    let (ds, cluster_asn) = open_datastore(&cfg).await?;
     let asn = cfg.as_number.unwrap_or(cluster_asn);
     let (speaker, speaker_events) = Speaker::start(SpeakerConfig {
         router_id,
