@@ -13,21 +13,26 @@
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 
-/// One path: the peer, the next hop it gave, and whether it is left over
-/// from a session that went down gracefully.
+/// One path: the peer, the next hop it gave, whether it is left over from
+/// a session that went down gracefully, and whether the consumer's import
+/// policy lets it be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Path<A> {
     peer: A,
     next_hop: A,
     stale: bool,
+    accepted: bool,
 }
 
-/// Learned routes. The best path of a prefix is the one from the lowest
-/// peer address (deterministic on every node), stale or not: a stale path
-/// still forwards (the restarting peer kept its forwarding state), so it is
-/// used until it is replaced or purged.
+/// Learned routes. The best path of a prefix is the accepted one from the
+/// lowest peer address (deterministic on every node), stale or not: a stale
+/// path still forwards (the restarting peer kept its forwarding state), so
+/// it is used until it is replaced or purged. Rejected paths are kept (in
+/// the side table) so that a change of the import policy
+/// ([`Rib::refilter`]) needs no route refresh.
 #[derive(Debug, Clone)]
 pub struct Rib<P, A> {
+    /// The best path of each prefix that has an accepted one.
     best: HashMap<P, Path<A>>,
     /// The other paths of a prefix, by peer.
     others: BTreeMap<P, BTreeMap<A, Path<A>>>,
@@ -46,13 +51,26 @@ impl<P: Copy + Ord + Hash, A: Copy + Ord> Rib<P, A> {
     /// `peer` announced `prefixes` via `next_hop` (replacing its earlier
     /// paths, stale ones too); returns the prefixes whose best next hop moved.
     pub fn learn(&mut self, peer: A, prefixes: &[P], next_hop: A) -> Vec<P> {
-        let path = Path {
-            peer,
-            next_hop,
-            stale: false,
-        };
+        self.learn_where(peer, prefixes, next_hop, |_| true)
+    }
+
+    /// [`Rib::learn`], with the paths of the prefixes `accept` refuses kept
+    /// but never best (an import policy).
+    pub fn learn_where(
+        &mut self,
+        peer: A,
+        prefixes: &[P],
+        next_hop: A,
+        accept: impl Fn(&P) -> bool,
+    ) -> Vec<P> {
         let mut changed = Vec::new();
         for p in prefixes {
+            let path = Path {
+                peer,
+                next_hop,
+                stale: false,
+                accepted: accept(p),
+            };
             self.set(*p, peer, Some(path), &mut changed);
         }
         changed
@@ -74,9 +92,7 @@ impl<P: Copy + Ord + Hash, A: Copy + Ord> Rib<P, A> {
 
     /// The session with `peer` ended gracefully: its paths stay, marked stale.
     pub fn mark_stale(&mut self, peer: A) {
-        let paths =
-            (self.best.values_mut()).chain(self.others.values_mut().flat_map(|m| m.values_mut()));
-        paths
+        self.paths_mut()
             .filter(|p| p.peer == peer)
             .for_each(|p| p.stale = true);
     }
@@ -86,49 +102,93 @@ impl<P: Copy + Ord + Hash, A: Copy + Ord> Rib<P, A> {
         self.remove_where(peer, |p| p.stale)
     }
 
-    /// Sets (or with `None` removes) the path of `prefix` from `peer`.
+    /// Judges every path again with `accept(prefix, peer)` (the import
+    /// policy changed); returns the prefixes whose best next hop moved.
+    pub fn refilter(&mut self, accept: impl Fn(&P, A) -> bool) -> Vec<P> {
+        let mut prefixes: Vec<P> = self.best.keys().copied().collect();
+        prefixes.extend(self.others.keys().copied());
+        prefixes.sort_unstable();
+        prefixes.dedup();
+        let mut changed = Vec::new();
+        for prefix in prefixes {
+            let before = self.best(&prefix);
+            let mut paths = self.others.remove(&prefix).unwrap_or_default();
+            if let Some(b) = self.best.remove(&prefix) {
+                paths.insert(b.peer, b);
+            }
+            for path in paths.values_mut() {
+                path.accepted = accept(&prefix, path.peer);
+            }
+            self.others.insert(prefix, paths);
+            self.promote(prefix);
+            if self.best(&prefix) != before {
+                changed.push(prefix);
+            }
+        }
+        changed
+    }
+
+    fn paths_mut(&mut self) -> impl Iterator<Item = &mut Path<A>> {
+        (self.best.values_mut()).chain(self.others.values_mut().flat_map(|m| m.values_mut()))
+    }
+
+    /// Sets (or with `None` removes) the path of `prefix` from `peer`,
+    /// keeping the best path the lowest accepted one.
     fn set(&mut self, prefix: P, peer: A, path: Option<Path<A>>, changed: &mut Vec<P>) {
-        let before = self.best.get(&prefix).copied();
-        match (before, path) {
-            (Some(b), Some(path)) if b.peer == peer => {
-                self.best.insert(prefix, path);
+        let before = self.best(&prefix);
+        if self.best.get(&prefix).is_some_and(|b| b.peer == peer) {
+            self.best.remove(&prefix);
+        } else if let Some(m) = self.others.get_mut(&prefix) {
+            m.remove(&peer);
+            if m.is_empty() {
+                self.others.remove(&prefix);
             }
-            (Some(b), None) if b.peer == peer => self.promote(prefix),
-            (Some(b), Some(path)) if peer < b.peer => {
-                self.others.entry(prefix).or_default().insert(b.peer, b);
-                self.best.insert(prefix, path);
-            }
-            (Some(_), Some(path)) => {
-                self.others.entry(prefix).or_default().insert(peer, path);
-            }
-            (Some(_), None) => {
-                if let Some(m) = self.others.get_mut(&prefix) {
-                    m.remove(&peer);
-                    if m.is_empty() {
-                        self.others.remove(&prefix);
-                    }
+        }
+        if let Some(path) = path {
+            match self.best.get(&prefix).copied() {
+                Some(b) if !path.accepted || b.peer < peer => {
+                    self.others.entry(prefix).or_default().insert(peer, path);
+                }
+                Some(b) => {
+                    self.others.entry(prefix).or_default().insert(b.peer, b);
+                    self.best.insert(prefix, path);
+                }
+                // None is best: either no path is accepted, or the best was
+                // this peer's, lower than every other accepted one.
+                None if path.accepted => {
+                    self.best.insert(prefix, path);
+                }
+                None => {
+                    self.others.entry(prefix).or_default().insert(peer, path);
                 }
             }
-            (None, Some(path)) => {
-                self.best.insert(prefix, path);
-            }
-            (None, None) => {}
         }
-        if self.best(&prefix) != before.map(|p| p.next_hop) {
+        if !self.best.contains_key(&prefix) {
+            self.promote(prefix);
+        }
+        if self.best(&prefix) != before {
             changed.push(prefix);
         }
     }
 
-    /// Replaces the best path of `prefix` by the lowest of the others, if any.
+    /// Makes the lowest accepted path of the side table best, if it is
+    /// lower than the best one (or there is none).
     fn promote(&mut self, prefix: P) {
-        let next = self.others.get_mut(&prefix).and_then(|m| m.pop_first());
-        if self.others.get(&prefix).is_some_and(|m| m.is_empty()) {
+        let Some(m) = self.others.get_mut(&prefix) else {
+            return;
+        };
+        let lowest = m.values().find(|p| p.accepted).copied();
+        if let Some(next) =
+            lowest.filter(|n| self.best.get(&prefix).is_none_or(|b| n.peer < b.peer))
+        {
+            m.remove(&next.peer);
+            if let Some(old) = self.best.insert(prefix, next) {
+                m.insert(old.peer, old);
+            }
+        }
+        if m.is_empty() {
             self.others.remove(&prefix);
         }
-        match next {
-            Some((_, path)) => self.best.insert(prefix, path),
-            None => self.best.remove(&prefix),
-        };
     }
 
     /// Removes the paths of `peer` that `which` selects.
@@ -150,22 +210,23 @@ impl<P: Copy + Ord + Hash, A: Copy + Ord> Rib<P, A> {
         changed
     }
 
-    /// The best next hop of `prefix`.
+    /// The best next hop of `prefix` (none when no path is accepted).
     pub fn best(&self, prefix: &P) -> Option<A> {
         self.best.get(prefix).map(|p| p.next_hop)
     }
 
-    /// Every prefix with its best next hop, in no particular order.
+    /// Every prefix with an accepted path, with its best next hop, in no
+    /// particular order.
     pub fn best_paths(&self) -> impl Iterator<Item = (P, A)> + '_ {
         self.best.iter().map(|(prefix, p)| (*prefix, p.next_hop))
     }
 
-    /// How many prefixes are known.
+    /// How many prefixes have an accepted path.
     pub fn len(&self) -> usize {
         self.best.len()
     }
 
-    /// Whether nothing is known.
+    /// Whether no prefix has an accepted path.
     pub fn is_empty(&self) -> bool {
         self.best.is_empty()
     }
@@ -242,5 +303,43 @@ mod tests {
             ]
         );
         assert!(rib.purge_stale(ip("10.0.0.2")).is_empty());
+    }
+
+    #[test]
+    fn rejected_paths_are_never_best_and_a_new_policy_moves_the_best_paths() {
+        let mut rib = Rib::default();
+        let block = net("10.244.1.0/26");
+        let (router, node) = (ip("10.0.0.1"), ip("10.0.0.5"));
+        let only_node = |_: &Ipv4Network, peer: Ipv4Addr| peer == node;
+        // The lower address is rejected: the higher one is best.
+        assert!(rib
+            .learn_where(router, &[block], router, |p| only_node(p, router))
+            .is_empty());
+        assert_eq!(rib.best(&block), None, "a rejected path alone is no route");
+        assert_eq!(
+            rib.learn_where(node, &[block], node, |p| only_node(p, node)),
+            [block]
+        );
+        assert_eq!(rib.best(&block), Some(node));
+        // A change of the rejected path changes nothing; of the accepted, it moves.
+        assert!(rib
+            .learn_where(router, &[block], ip("10.0.0.9"), |p| only_node(p, router))
+            .is_empty());
+        assert_eq!(
+            rib.learn_where(node, &[block], ip("10.0.0.6"), |p| only_node(p, node)),
+            [block]
+        );
+        assert_eq!(rib.best(&block), Some(ip("10.0.0.6")));
+        // Everything accepted: the lower address takes over, and back.
+        assert_eq!(rib.refilter(|_, _| true), [block]);
+        assert_eq!(rib.best(&block), Some(ip("10.0.0.9")));
+        assert!(rib.refilter(|_, _| true).is_empty());
+        assert_eq!(rib.refilter(only_node), [block]);
+        assert_eq!(rib.best(&block), Some(ip("10.0.0.6")));
+        // The accepted path goes: the rejected one is still no route.
+        assert_eq!(rib.peer_down(node), [block]);
+        assert_eq!((rib.best(&block), rib.len()), (None, 0));
+        assert!(rib.withdraw(router, &[block]).is_empty());
+        assert!(rib.others.is_empty(), "nothing left behind");
     }
 }

@@ -10,8 +10,11 @@
 //!   *inherited*: while a grace lasts they stay even when nothing wants
 //!   them (the daemon's peers are not back yet), unless this run replaces
 //!   or deletes them itself.
+//! - A route the kernel refused is *refused*: it is not sent again (a
+//!   peer's unusable route would otherwise fail, and be logged, on every
+//!   resync) until the daemon wants something else for its destination.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
@@ -115,7 +118,8 @@ pub struct OwnedRoutes {
     protocol: u8,
     foreign: BTreeSet<IpNetwork>,
     inherited: BTreeSet<IpNetwork>,
-    failed: BTreeSet<IpNetwork>,
+    /// Refused routes, by destination, exactly as they were sent.
+    refused: BTreeMap<IpNetwork, Route>,
 }
 
 impl OwnedRoutes {
@@ -128,7 +132,7 @@ impl OwnedRoutes {
                 .filter(|(_, r)| r.kind != RouteKind::Blackhole)
                 .map(|(dst, _)| dst)
                 .collect(),
-            failed: BTreeSet::new(),
+            refused: BTreeMap::new(),
         }
     }
 
@@ -139,12 +143,12 @@ impl OwnedRoutes {
             match change {
                 RouteChange::Upsert(r) => {
                     self.inherited.remove(&r.dst);
-                    if !self.foreign.contains(&r.dst) {
+                    if !self.foreign.contains(&r.dst) && !self.was_refused(&r) {
                         ops.replace.push(r);
                     }
                 }
                 RouteChange::Delete(dst) if !self.inherited.contains(&dst) => {
-                    self.failed.remove(&dst);
+                    self.refused.remove(&dst);
                     ops.delete
                         .push(Route::matching(dst).with_protocol(self.protocol));
                 }
@@ -156,21 +160,23 @@ impl OwnedRoutes {
 
     /// Compares a dump with what `want` says: replaces what differs or is
     /// missing, deletes our routes nobody wants (inherited ones only once
-    /// `grace` is over).
+    /// `grace` is over). Refused routes are not sent again.
     pub fn resync(&mut self, grace: bool, kernel: KernelRoutes, want: &dyn Desired) -> KernelOps {
         let mut ops = KernelOps::default();
+        self.refused
+            .retain(|dst, r| want.route(*dst).as_ref() == Some(&*r));
         for (dst, seen) in &kernel.ours {
             match want.route(*dst) {
-                Some(w) if seen.is(&w) => {}
+                Some(w) if seen.is(&w) || self.was_refused(&w) => {}
                 Some(w) if !kernel.foreign.contains(dst) => ops.replace.push(w),
                 Some(_) => {}
                 None if grace && self.inherited.contains(dst) => {}
                 None => ops.delete.push(seen.route(*dst, self.protocol)),
             }
         }
-        let missing = want
-            .routes()
-            .filter(|r| !kernel.has_ours(&r.dst) && !kernel.foreign.contains(&r.dst));
+        let missing = want.routes().filter(|r| {
+            !kernel.has_ours(&r.dst) && !kernel.foreign.contains(&r.dst) && !self.was_refused(r)
+        });
         ops.replace.extend(missing);
         self.foreign = kernel.foreign;
         if !grace {
@@ -179,20 +185,26 @@ impl OwnedRoutes {
         ops
     }
 
-    /// Notes which of `ops` the kernel refused (the next resync retries them).
+    /// Notes which of `ops` the kernel refused: they are not tried again
+    /// until the daemon wants another route to their destination.
     pub fn record(&mut self, ops: &KernelOps, failed: &BTreeSet<IpNetwork>) {
         for r in &ops.replace {
             if failed.contains(&r.dst) {
-                self.failed.insert(r.dst);
+                self.refused.insert(r.dst, r.clone());
             } else {
-                self.failed.remove(&r.dst);
+                self.refused.remove(&r.dst);
             }
         }
     }
 
+    /// Whether the kernel refused exactly this route before.
+    fn was_refused(&self, r: &Route) -> bool {
+        self.refused.get(&r.dst) == Some(r)
+    }
+
     /// How many of ours are believed to be in the kernel, of `wanted`.
     pub fn installed(&self, wanted: usize) -> u64 {
-        (wanted.saturating_sub(self.failed.len()) + self.inherited.len()) as u64
+        (wanted.saturating_sub(self.refused.len()) + self.inherited.len()) as u64
     }
 }
 

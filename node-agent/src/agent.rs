@@ -85,14 +85,19 @@ pub enum BgpEvent {
 }
 
 impl BgpEvent {
-    /// Applies the event to `rib`; returns the prefixes whose best path moved.
-    pub fn apply_to(&self, rib: &mut Rib<IpNetwork, IpAddr>) -> Vec<IpNetwork> {
+    /// Applies the event to `rib`, whose paths `import` judges; returns the
+    /// prefixes whose best path moved.
+    pub fn apply_to(
+        &self,
+        rib: &mut Rib<IpNetwork, IpAddr>,
+        import: &ImportPolicy,
+    ) -> Vec<IpNetwork> {
         match self {
             BgpEvent::Learned {
                 peer,
                 prefixes,
                 next_hop,
-            } => rib.learn(*peer, prefixes, *next_hop),
+            } => rib.learn_where(*peer, prefixes, *next_hop, |p| import.accepts(*peer, p)),
             BgpEvent::Withdrawn { peer, prefixes } => rib.withdraw(*peer, prefixes),
             BgpEvent::PeerDown { peer } => rib.peer_down(*peer),
             BgpEvent::Stale { peer } => {
@@ -129,7 +134,10 @@ pub struct Agent<D: Datastore, B: BgpControl> {
     source: Arc<Mutex<RouteSource>>,
     peers: BTreeMap<IpAddr, PeerSpec>,
     originated: BTreeSet<IpNetwork>,
+    /// Which learned paths may be used (judged as they are learned, and
+    /// all again when it changes).
     import: ImportPolicy,
+    /// The subnets of the uplink (the underlay the import policy guards).
     uplink_nets: Vec<IpNetwork>,
     shared: Arc<Mutex<Shared>>,
     proxy: Option<mpsc::Sender<ProxyEvent>>,
@@ -165,7 +173,8 @@ impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
         let node = register_node(ds.as_ref(), &cfg)?;
         info!(node = %node.name, address = ?node.address, datastore = %ds.describe(), "registered");
         let uplink = resolve_uplink(&cfg)?;
-        let uplink_nets = (Netlink::host().and_then(|nl| nl.addresses(uplink))).map_err(AgentError::Uplink)?;
+        let uplink_nets =
+            (Netlink::host().and_then(|nl| nl.addresses(uplink))).map_err(AgentError::Uplink)?;
         let source = Arc::new(Mutex::new(RouteSource::new(cfg.bgp_address, uplink)));
         let grace = std::time::Duration::from_secs(u64::from(cfg.hold_time.max(3)));
         let routes = RouteProgrammer::start(grace, Arc::clone(&source))?;
@@ -227,7 +236,7 @@ impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
         };
         events
             .iter()
-            .flat_map(|ev| ev.apply_to(&mut source.rib))
+            .flat_map(|ev| ev.apply_to(&mut source.rib, &self.import))
             .collect()
     }
 
@@ -290,7 +299,14 @@ impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
             .change_peers(plan_peers(&self.peers, &want), events)
             .await;
         let peer_types = self.peers.iter().map(|(a, s)| (*a, s.peer_type)).collect();
-        self.import = ImportPolicy::new(&view, &me, &peer_types, &self.uplink_nets);
+        let import = ImportPolicy::new(&view, &me, &peer_types, &self.uplink_nets);
+        if import != self.import {
+            self.import = import;
+            if let Ok(mut source) = self.source.lock() {
+                let import = &self.import;
+                changed.extend(source.rib.refilter(|p, peer| import.accepts(peer, p)));
+            }
+        }
         let blocks = local_blocks(&view, &me);
         if let Ok(mut source) = self.source.lock() {
             changed.extend(source.blocks.symmetric_difference(&blocks).copied());

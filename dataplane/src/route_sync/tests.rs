@@ -158,3 +158,42 @@ fn a_refused_route_counts_as_not_installed_until_it_goes_in() {
     t.record(&ops, &BTreeSet::new());
     assert_eq!(t.installed(1), 1);
 }
+
+#[test]
+fn a_refused_route_is_not_sent_again_until_it_changes_or_goes() {
+    let mut t = OwnedRoutes::start(kernel(vec![]));
+    let bad = via("10.77.0.0/24", "10.55.0.1");
+    let ops = t.change(vec![RouteChange::Upsert(bad.clone())]);
+    assert_eq!(ops.replace, vec![bad.clone()]);
+    t.record(&ops, &[bad.dst].into());
+    let want = Want::of(std::slice::from_ref(&bad));
+    assert!(
+        t.resync(false, kernel(vec![]), &want).replace.is_empty(),
+        "the resync does not retry it"
+    );
+    assert!(t
+        .change(vec![RouteChange::Upsert(bad.clone())])
+        .replace
+        .is_empty());
+    // Another route to the destination is tried.
+    let changed = via("10.77.0.0/24", "10.55.0.2");
+    assert_eq!(
+        t.change(vec![RouteChange::Upsert(changed.clone())]).replace,
+        vec![changed.clone()]
+    );
+    // Once it is not wanted as it was, the refusal is forgotten.
+    t.record(
+        &KernelOps {
+            delete: vec![],
+            replace: vec![bad.clone()],
+        },
+        &[bad.dst].into(),
+    );
+    let want = Want::of(std::slice::from_ref(&changed));
+    assert_eq!(
+        t.resync(false, kernel(vec![]), &want).replace,
+        vec![changed]
+    );
+    let want = Want::of(std::slice::from_ref(&bad));
+    assert_eq!(t.resync(false, kernel(vec![]), &want).replace, vec![bad]);
+}
