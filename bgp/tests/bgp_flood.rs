@@ -106,8 +106,12 @@ async fn a_peer_that_asks_for_the_table_without_reading_is_reset_and_memory_stay
         Some(SpeakerEvent::PeerDown { peer: PEER })
     );
     let grown = rss_mib() - before;
+    // The status follows the event.
+    tabby_testkit::poll_until("the reset in the status", Duration::from_secs(5), || {
+        speaker.status()[0].info.contains("send queue full")
+    })
+    .await;
     let status = speaker.status();
-    assert!(status[0].info.contains("send queue full"), "{:?}", status);
     assert!(
         grown < 64.0,
         "the speaker grew by {grown:.1} MiB for {REQUESTS} unread table dumps"

@@ -495,7 +495,7 @@ fn announce(prefix: &str) -> Message {
         attributes: Some(PathAttributes {
             origin: Origin::Igp,
             as_path: vec![],
-            next_hop: PEER,
+            next_hop: PEER_NH,
             local_pref: Some(100),
             med: None,
         }),

@@ -30,9 +30,11 @@ fn block(i: u8) -> IpNetwork {
     net(&format!("10.88.{i}.0/24"))
 }
 
-/// One pass: a resync of the thread first (`ready` runs one at once), then
-/// the peer's route to [`TARGET`] via `next_hop` and blackhole `i` in place
-/// of `i - 1`; waits until the thread has replaced `replaced` routes.
+/// One pass: the peer's route to [`TARGET`] via `next_hop` and blackhole
+/// `i` in place of `i - 1`, then a resync (`ready` runs one at once, after
+/// the changes: the thread takes its messages in order); waits until the
+/// thread has replaced `replaced` routes (the resync of the pass before
+/// ran by then).
 async fn pass(
     p: &RouteProgrammer,
     source: &Mutex<RouteSource>,
@@ -40,7 +42,6 @@ async fn pass(
     i: u8,
     replaced: u64,
 ) -> RouteStats {
-    p.ready().await;
     let changes = {
         let mut s = source.lock().unwrap();
         let mut changed = s.rib.learn(ip(PEER), &[net(TARGET)], ip(next_hop));
@@ -53,6 +54,7 @@ async fn pass(
         s.changes(changed)
     };
     p.apply(changes).await;
+    p.ready().await;
     wait_until("the route pass", Duration::from_secs(10), || {
         p.stats().replaced >= replaced
     });
@@ -80,18 +82,19 @@ fn a_refused_route_is_tried_once_and_again_only_when_it_changes() {
 
 fn in_netns(ns: &Netns, file: &File) {
     setns(file, CloneFlags::CLONE_NEWNET).unwrap();
+    // Netlink runs a runtime of its own: outside the test's.
+    let uplink = Netlink::host().unwrap().link("rr-a").unwrap().unwrap();
+    let source = Arc::new(Mutex::new(RouteSource::new(
+        ip("10.55.0.100"),
+        uplink.index,
+    )));
+    // The route thread starts here and so lives in the namespace.
+    let p = RouteProgrammer::start(Duration::ZERO, Arc::clone(&source)).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let uplink = Netlink::host().unwrap().link("rr-a").unwrap().unwrap();
-        let source = Arc::new(Mutex::new(RouteSource::new(
-            ip("10.55.0.100"),
-            uplink.index,
-        )));
-        // The route thread starts here and so lives in the namespace.
-        let p = RouteProgrammer::start(Duration::ZERO, Arc::clone(&source)).unwrap();
         // Every pass changes one blackhole, so each one is seen to be done.
         let mut stats = RouteStats::default();
         for i in 0..10u8 {
