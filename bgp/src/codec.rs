@@ -23,7 +23,8 @@ use std::collections::HashMap;
 use bytes::{Buf, BufMut, BytesMut};
 use ipnetwork::Ipv4Network;
 use netgauze_bgp_pkt::capabilities::{
-    BgpCapability, FourOctetAsCapability, MultiProtocolExtensionsCapability, UnrecognizedCapability,
+    BgpCapability, FourOctetAsCapability, GracefulRestartAddressFamily, GracefulRestartCapability,
+    MultiProtocolExtensionsCapability, UnrecognizedCapability,
 };
 use netgauze_bgp_pkt::iana::RouteRefreshSubcode;
 use netgauze_bgp_pkt::notification::BgpNotificationMessage;
@@ -40,7 +41,8 @@ use update::{update_from_wire, update_to_wire};
 use validate::Verdict;
 
 use super::message::{
-    code, Capability, Message, Notification, Open, RouteRefresh, Update, AS_TRANS,
+    code, Capability, GrFamily, GracefulRestart, Message, Notification, Open, RouteRefresh, Update,
+    AS_TRANS,
 };
 
 /// Length of the fixed header: marker, length, type.
@@ -371,6 +373,21 @@ fn open_from_wire(open: &BgpOpenMessage) -> Open {
             },
             BgpCapability::RouteRefresh => Capability::RouteRefresh,
             BgpCapability::FourOctetAs(c) => Capability::FourOctetAs(c.asn4()),
+            BgpCapability::GracefulRestartCapability(gr) => {
+                Capability::GracefulRestart(GracefulRestart {
+                    restarted: gr.restart(),
+                    restart_time: gr.time(),
+                    families: gr
+                        .address_families()
+                        .iter()
+                        .map(|f| GrFamily {
+                            afi: f.address_type().address_family().into(),
+                            safi: f.address_type().subsequent_address_family().into(),
+                            forwarding: f.forwarding_state(),
+                        })
+                        .collect(),
+                })
+            }
             BgpCapability::Unrecognized(u) => Capability::Other(*u.code()),
             other => Capability::Other(match other.code() {
                 Ok(c) => c.into(),
@@ -398,6 +415,22 @@ fn open_to_wire(open: &Open) -> Result<BgpOpenMessage, EncodeError> {
                 Capability::RouteRefresh => BgpCapability::RouteRefresh,
                 Capability::FourOctetAs(asn) => {
                     BgpCapability::FourOctetAs(FourOctetAsCapability::new(asn))
+                }
+                Capability::GracefulRestart(ref gr) => {
+                    let families = gr
+                        .families
+                        .iter()
+                        .map(|f| {
+                            let at = address_type(f.afi, f.safi)?;
+                            Ok(GracefulRestartAddressFamily::new(f.forwarding, at))
+                        })
+                        .collect::<Result<Vec<_>, EncodeError>>()?;
+                    BgpCapability::GracefulRestartCapability(GracefulRestartCapability::new(
+                        gr.restarted,
+                        false,
+                        gr.restart_time.min(4095),
+                        families,
+                    ))
                 }
                 Capability::Other(code) => {
                     BgpCapability::Unrecognized(UnrecognizedCapability::new(code, Vec::new()))

@@ -74,10 +74,19 @@ pub struct PeerConfig {
     /// Export rules: local routes a rule rejects are not announced to this
     /// peer (unmatched routes are).
     pub export: Vec<Rule>,
+    /// Graceful restart (RFC 4724): the restart time we advertise, in
+    /// seconds (default 120, as Calico's BIRD; at most 4095; 0: off). A peer
+    /// that advertises it too keeps our routes that long when we crash, and
+    /// we keep its routes when it does.
+    pub restart_time: u16,
+    /// How long a restarted peer's stale routes wait for its End-of-RIB
+    /// (default 360 s).
+    pub stale_time: Duration,
 }
 
 impl PeerConfig {
-    /// A peer with the defaults: hold 90 s, keepalive 30 s, retry 5..120 s.
+    /// A peer with the defaults: hold 90 s, keepalive 30 s, retry 5..120 s,
+    /// graceful restart time 120 s.
     pub fn new(addr: Ipv4Addr, asn: u32, peer_type: PeerType) -> Self {
         PeerConfig {
             addr,
@@ -91,6 +100,8 @@ impl PeerConfig {
             next_hop_self: false,
             max_prefix: None,
             export: Vec::new(),
+            restart_time: 120,
+            stale_time: Duration::from_secs(360),
         }
     }
 }
@@ -108,6 +119,19 @@ pub enum SpeakerEvent {
     },
     /// The session with `peer` went down: drop every route learned from it.
     PeerDown {
+        /// The peer.
+        peer: Ipv4Addr,
+    },
+    /// The session with `peer` dropped but it restarts gracefully: keep its
+    /// routes, marked stale, until [`SpeakerEvent::PurgeStale`] or
+    /// [`SpeakerEvent::PeerDown`].
+    PeerStale {
+        /// The peer.
+        peer: Ipv4Addr,
+    },
+    /// `peer` is back and re-sent its routes (or ran out of time): drop its
+    /// routes still marked stale.
+    PurgeStale {
         /// The peer.
         peer: Ipv4Addr,
     },

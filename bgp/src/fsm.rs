@@ -12,6 +12,16 @@
 //! *candidate*, is kept only until its OPEN names the remote BGP identifier,
 //! when collision detection (RFC 4271 §6.8) keeps one and closes the other
 //! with Cease 6/7.
+//!
+//! Graceful restart (RFC 4724), both sides: our OPEN advertises the
+//! capability (restart time, IPv4 unicast with the F bit: the kernel keeps
+//! Tabby's routes across a restart) and we send End-of-RIB after the
+//! initial advertisement. When the TCP connection of a peer that advertised
+//! IPv4 unicast in its capability drops (not a NOTIFICATION, not a hold
+//! timer expiry), its routes are kept and marked stale ([`Action::Stale`])
+//! for its restart time; once it is back with the F bit they stay until its
+//! End-of-RIB or `stale_time`, then those not re-sent go
+//! ([`Action::PurgeStale`]); if it does not come back, [`Action::Down`].
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -19,12 +29,15 @@ use std::time::Duration;
 use ipnetwork::Ipv4Network;
 
 use super::message::{
-    code, Capability, Message, Notification, Open, Update, AFI_IPV4, SAFI_UNICAST,
+    code, Capability, GrFamily, GracefulRestart, Message, Notification, Open, Update, AFI_IPV4,
+    SAFI_UNICAST,
 };
 
 mod types;
 
-pub use types::{Action, ConnId, Event, FsmConfig, Negotiated, State, Timer, OPEN_HOLD_TIME};
+pub use types::{
+    Action, ConnId, Event, FsmConfig, Negotiated, PeerRestart, State, Timer, OPEN_HOLD_TIME,
+};
 
 #[derive(Debug, Clone, Copy)]
 struct Conn {
@@ -45,6 +58,10 @@ pub struct Fsm {
     last_error: Option<String>,
     /// The prefixes the peer announces now (its Adj-RIB-In), for max-prefix.
     received: HashSet<Ipv4Network>,
+    /// Routes of a gracefully restarting peer are kept, marked stale.
+    stale: bool,
+    /// No session reached Established yet (the R bit of our OPEN).
+    restarted: bool,
 }
 
 impl Fsm {
@@ -61,6 +78,8 @@ impl Fsm {
             negotiated: None,
             last_error: None,
             received: HashSet::new(),
+            stale: false,
+            restarted: true,
         }
     }
 
@@ -79,20 +98,38 @@ impl Fsm {
         self.last_error.as_deref()
     }
 
-    /// The OPEN we send: IPv4 unicast, route refresh, 4-octet AS.
+    /// Whether the peer's routes are kept as stale (it is restarting).
+    pub fn is_stale(&self) -> bool {
+        self.stale
+    }
+
+    /// The OPEN we send: IPv4 unicast, route refresh, 4-octet AS, and
+    /// graceful restart unless its restart time is 0.
     pub fn open_message(&self) -> Message {
+        let mut capabilities = vec![
+            Capability::Multiprotocol {
+                afi: AFI_IPV4,
+                safi: SAFI_UNICAST,
+            },
+            Capability::RouteRefresh,
+            Capability::FourOctetAs(self.config.local_asn),
+        ];
+        if self.config.restart_time > 0 {
+            capabilities.push(Capability::GracefulRestart(GracefulRestart {
+                restarted: self.restarted,
+                restart_time: self.config.restart_time,
+                families: vec![GrFamily {
+                    afi: AFI_IPV4,
+                    safi: SAFI_UNICAST,
+                    forwarding: true,
+                }],
+            }));
+        }
         Message::Open(Open {
             asn: self.config.local_asn,
             hold_time: self.config.hold_time,
             router_id: self.config.router_id,
-            capabilities: vec![
-                Capability::Multiprotocol {
-                    afi: AFI_IPV4,
-                    safi: SAFI_UNICAST,
-                },
-                Capability::RouteRefresh,
-                Capability::FourOctetAs(self.config.local_asn),
-            ],
+            capabilities,
         })
     }
 
@@ -140,8 +177,16 @@ impl Fsm {
                         self.arm_retry(&mut out);
                         self.back_off();
                     } else {
-                        self.reset(&mut out, None, "connection closed by peer");
+                        self.connection_lost(&mut out);
                     }
+                }
+            }
+            Event::SendBlocked { conn } => {
+                if self.is_candidate(conn) {
+                    self.drop_candidate(&mut out, None);
+                } else if self.is_primary(conn) {
+                    let n = Notification::new(code::CEASE, code::OUT_OF_RESOURCES);
+                    self.reset(&mut out, Some(n), "the peer does not read: send queue full");
                 }
             }
             Event::Malformed { conn, notification } => {
@@ -204,6 +249,18 @@ impl Fsm {
             (Timer::Hold, State::OpenSent | State::OpenConfirm | State::Established) => {
                 let n = Notification::new(code::HOLD_TIMER_EXPIRED, 0);
                 self.reset(out, Some(n), "hold timer expired");
+            }
+            (Timer::Restart, state) if self.stale && state != State::Established => {
+                // The restarting peer did not come back in time.
+                self.stale = false;
+                self.last_error = Some("the restarting peer did not come back in time".into());
+                out.push(Action::StopTimer(Timer::Stale));
+                out.push(Action::Down);
+            }
+            (Timer::Stale, _) if self.stale => {
+                // Back, but no End-of-RIB in time: what it did not re-send goes.
+                self.stale = false;
+                out.push(Action::PurgeStale);
             }
             (Timer::Keepalive, State::OpenConfirm | State::Established) => {
                 if let (Some(conn), Some(n)) = (self.primary, &self.negotiated) {
@@ -283,6 +340,16 @@ impl Fsm {
         } else {
             self.config.keepalive.min(hold_time / 3).max(1)
         };
+        let gr = open.graceful_restart();
+        let peer_restart = gr.filter(|_| self.config.restart_time > 0).and_then(|gr| {
+            gr.families
+                .iter()
+                .find(|f| f.afi == AFI_IPV4 && f.safi == SAFI_UNICAST)
+                .map(|f| PeerRestart {
+                    restart_time: gr.restart_time,
+                    forwarding: f.forwarding,
+                })
+        });
         Ok(Negotiated {
             conn,
             hold_time,
@@ -290,6 +357,8 @@ impl Fsm {
             asn4: open.four_octet_as(),
             route_refresh: open.route_refresh(),
             remote_id: id,
+            peer_restart,
+            end_of_rib: gr.is_some(),
         })
     }
 
@@ -377,16 +446,7 @@ impl Fsm {
                 unexpected(code::FSM_OPEN_SENT),
                 "unexpected message in OpenSent",
             ),
-            (State::OpenConfirm, Message::Keepalive) => {
-                self.state = State::Established;
-                self.retry_delay = self.config.connect_retry;
-                self.last_error = None;
-                self.restart_hold(out);
-                if let Some(n) = &self.negotiated {
-                    out.push(Action::Up(n.clone()));
-                }
-                out.push(Action::AdvertiseAll);
-            }
+            (State::OpenConfirm, Message::Keepalive) => self.established(conn, out),
             (State::OpenConfirm, _) => self.reset(
                 out,
                 unexpected(code::FSM_OPEN_CONFIRM),
@@ -414,6 +474,58 @@ impl Fsm {
         }
     }
 
+    fn established(&mut self, conn: ConnId, out: &mut Vec<Action>) {
+        self.state = State::Established;
+        self.retry_delay = self.config.connect_retry;
+        self.last_error = None;
+        self.restarted = false;
+        self.restart_hold(out);
+        let Some(n) = self.negotiated.clone() else {
+            return;
+        };
+        out.push(Action::Up(n.clone()));
+        out.push(Action::AdvertiseAll);
+        if n.end_of_rib {
+            out.push(Action::Send {
+                conn,
+                msg: Message::Update(Update::default()),
+            });
+        }
+        if self.stale {
+            out.push(Action::StopTimer(Timer::Restart));
+            if n.peer_restart.is_some_and(|r| r.forwarding) {
+                out.push(Action::StartTimer(Timer::Stale, self.config.stale_time));
+            } else {
+                // It did not keep forwarding: its old routes are no good.
+                self.stale = false;
+                out.push(Action::PurgeStale);
+            }
+        }
+    }
+
+    /// The TCP connection of the session is gone without a NOTIFICATION:
+    /// a restarting peer keeps its routes (stale), others lose them.
+    fn connection_lost(&mut self, out: &mut Vec<Action>) {
+        let restart = self
+            .negotiated
+            .as_ref()
+            .and_then(|n| n.peer_restart)
+            .filter(|r| r.restart_time > 0 && self.state == State::Established);
+        let Some(restart) = restart else {
+            return self.reset(out, None, "connection closed by peer");
+        };
+        let reason = format!(
+            "connection closed by peer; keeping its routes for {} s (graceful restart)",
+            restart.restart_time
+        );
+        self.teardown(out, None, &reason, true);
+        out.push(Action::StopTimer(Timer::Stale));
+        out.push(Action::StartTimer(
+            Timer::Restart,
+            secs(restart.restart_time),
+        ));
+    }
+
     /// Turns an UPDATE into route actions. Routes the peer may not give us
     /// are withdrawn instead (RFC 7606 §3 e): an eBGP path that does not start
     /// with the peer's AS (RFC 4271 §6.3, 3/11), a next hop that is no host
@@ -421,6 +533,13 @@ impl Fsm {
     /// 3/8 in the log); paths holding our AS are loops. More prefixes than
     /// `max_prefix` is an error: Cease 6/1 (RFC 4486).
     fn on_update(&mut self, update: Update, out: &mut Vec<Action>) -> Result<(), Notification> {
+        if update.is_end_of_rib() {
+            if std::mem::take(&mut self.stale) {
+                out.push(Action::StopTimer(Timer::Stale));
+                out.push(Action::PurgeStale);
+            }
+            return Ok(());
+        }
         let Update {
             mut withdrawn,
             attributes,
@@ -481,8 +600,20 @@ impl Fsm {
     }
 
     /// Closes every connection (sending `notification` on the primary), goes
-    /// to Idle and arms the automatic restart unless stopped.
+    /// to Idle and arms the automatic restart unless stopped. The routes go
+    /// with an Established session, and stale ones when stopped.
     fn reset(&mut self, out: &mut Vec<Action>, notification: Option<Notification>, reason: &str) {
+        self.teardown(out, notification, reason, false);
+    }
+
+    /// [`Self::reset`]; `graceful` keeps the routes, marked stale.
+    fn teardown(
+        &mut self,
+        out: &mut Vec<Action>,
+        notification: Option<Notification>,
+        reason: &str,
+        graceful: bool,
+    ) {
         if let Some(conn) = self.primary.take() {
             if let Some(n) = notification {
                 out.push(Action::Send {
@@ -495,7 +626,14 @@ impl Fsm {
         self.drop_candidate(out, None);
         out.push(Action::StopTimer(Timer::Hold));
         out.push(Action::StopTimer(Timer::Keepalive));
-        if self.state == State::Established {
+        if graceful {
+            self.stale = true;
+            out.push(Action::Stale);
+        } else if self.state == State::Established || (self.stale && self.stopped) {
+            if std::mem::take(&mut self.stale) {
+                out.push(Action::StopTimer(Timer::Restart));
+                out.push(Action::StopTimer(Timer::Stale));
+            }
             out.push(Action::Down);
         }
         self.negotiated = None;
@@ -520,5 +658,7 @@ fn secs(s: u16) -> Duration {
     Duration::from_secs(u64::from(s))
 }
 
+#[cfg(test)]
+mod restart_tests;
 #[cfg(test)]
 mod tests;

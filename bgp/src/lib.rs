@@ -7,6 +7,7 @@
 //! - [`fsm`]: the per-peer state machine, pure (events in, actions out).
 //! - [`adj_out`]: the UPDATEs sent to a peer, packed to 4096 octets.
 //! - [`policy`]: prefix filters (ordered accept/reject rules by CIDR).
+//! - [`rib`]: a Loc-RIB for the speaker's consumer: best paths, graceful-restart stale marks.
 //! - `session`: one tokio task per peer running the FSM over TCP.
 //! - [`Speaker`]: the handle the agent drives (peers, routes, status) and
 //!   the listener on TCP 179.
@@ -26,6 +27,7 @@ pub mod fsm;
 mod md5;
 pub mod message;
 pub mod policy;
+pub mod rib;
 mod session;
 mod speaker;
 

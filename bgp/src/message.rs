@@ -78,6 +78,39 @@ impl Open {
             .iter()
             .any(|c| matches!(c, Capability::RouteRefresh))
     }
+
+    /// The sender's graceful restart capability (RFC 4724), if any.
+    pub fn graceful_restart(&self) -> Option<&GracefulRestart> {
+        self.capabilities.iter().find_map(|c| match c {
+            Capability::GracefulRestart(gr) => Some(gr),
+            _ => None,
+        })
+    }
+}
+
+/// The graceful restart capability (RFC 4724 §3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GracefulRestart {
+    /// R: the sender has restarted (its peers need not wait for it before
+    /// sending their End-of-RIB).
+    pub restarted: bool,
+    /// How long, in seconds (at most 4095), the receiver should keep the
+    /// sender's routes after the session drops, waiting for it to come back.
+    pub restart_time: u16,
+    /// The address families whose routes the sender keeps forwarding across
+    /// a restart, with F: it did keep them in the restart that just happened.
+    pub families: Vec<GrFamily>,
+}
+
+/// One address family of [`GracefulRestart`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrFamily {
+    /// Address family.
+    pub afi: u16,
+    /// Subsequent address family.
+    pub safi: u8,
+    /// F: the forwarding state was preserved.
+    pub forwarding: bool,
 }
 
 /// A capability in an OPEN message.
@@ -94,6 +127,8 @@ pub enum Capability {
     RouteRefresh,
     /// 4-octet AS numbers (RFC 6793) with the speaker's AS.
     FourOctetAs(u32),
+    /// Graceful restart (RFC 4724).
+    GracefulRestart(GracefulRestart),
     /// Any other capability, by code; Tabby ignores it.
     Other(u8),
 }
@@ -220,6 +255,7 @@ pub fn error_name(code: u8, subcode: u8) -> &'static str {
         (6, 4) => "administrative reset",
         (6, 5) => "connection rejected",
         (6, 7) => "connection collision resolution",
+        (6, 8) => "out of resources",
         (6, _) => "cease",
         (7, _) => "ROUTE-REFRESH message error",
         _ => "unknown error",
@@ -298,6 +334,8 @@ pub mod code {
     pub const PEER_DECONFIGURED: u8 = 3;
     /// Cease: connection rejected.
     pub const CONNECTION_REJECTED: u8 = 5;
+    /// Cease: out of resources (RFC 4486).
+    pub const OUT_OF_RESOURCES: u8 = 8;
     /// Cease: connection collision resolution.
     pub const COLLISION_RESOLUTION: u8 = 7;
 }

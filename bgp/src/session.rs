@@ -2,16 +2,21 @@
 //! connections and its timers, and carries out the FSM's actions.
 //!
 //! ```text
-//!  Speaker ──PeerCommand──► peer task ◄──Internal── reader task (per conn)
-//!  listener ─(Inbound)────►  │  ▲      ◄──Internal── connect task
-//!                            │  └── timers (tokio::time)
-//!                            ├──Bytes──► writer task (per conn) ──► TCP
-//!                            └──SpeakerEvent──► consumer
+//!  Speaker ──PeerCommand──► peer task ◄──Internal (256)── reader task (per conn)
+//!  listener ─TcpStream (2)─►  │  ▲      ◄──Internal────── connect task
+//!                             │  └── timers (tokio::time)
+//!                             ├──Bytes (WRITE_QUEUE)──► writer task (per conn) ──► TCP
+//!                             └──SpeakerEvent (bounded)──► consumer
 //! ```
 //!
 //! Readers decode on their own task, so a large table is parsed in
-//! parallel with the FSM; writers take an unbounded queue so the peer task
-//! never blocks on a slow peer while its own reader waits on it.
+//! parallel with the FSM. Every queue a peer can fill is bounded: the
+//! readers wait on the peer task (TCP flow control slows the peer down),
+//! connections beyond two waiting ones are closed, and the writer queue
+//! never blocks the peer task: a peer that does not read what we send (the
+//! queue is full, or one write makes no progress for [`WRITE_STALL`]) is
+//! reset with Cease 6/8, out of resources. The command queue is filled only
+//! by the local speaker's own calls.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -26,7 +31,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinHandle};
-use tokio::time::{sleep_until, Instant};
+use tokio::time::{sleep_until, Duration, Instant};
 use tracing::{debug, info, warn};
 
 use super::adj_out::{self, LocalRib, OutPolicy};
@@ -36,12 +41,18 @@ use super::fsm::{Action, ConnId, Event, Fsm, FsmConfig, State, Timer};
 use super::md5::set_md5_key;
 use super::message::{Message, Update};
 use super::policy;
+use tabby_errors::chain;
+
+/// Messages (each at most 4096 octets) waiting for a connection's writer.
+pub(crate) const WRITE_QUEUE: usize = 1024;
+/// How long one write may wait for the peer to read before it is reset.
+pub(crate) const WRITE_STALL: Duration = Duration::from_secs(60);
+/// Accepted connections waiting for their peer task; more are closed.
+pub(crate) const INBOUND_QUEUE: usize = 2;
 
 /// Commands from the speaker to a peer task.
 #[derive(Debug)]
 pub(crate) enum PeerCommand {
-    /// The listener accepted a connection from this peer.
-    Inbound(TcpStream),
     /// Announce (or re-announce) local routes.
     Announce(Vec<(Ipv4Network, Option<Ipv4Addr>)>),
     /// Withdraw local routes.
@@ -56,13 +67,15 @@ enum Internal {
     Message(ConnId, Message),
     Malformed(ConnId, super::message::Notification),
     Closed(ConnId),
+    /// The writer made no progress for [`WRITE_STALL`].
+    Stalled(ConnId),
 }
 
 /// Shared status table, read by [`Speaker::status`](super::Speaker::status).
 pub(crate) type StatusTable = Arc<Mutex<HashMap<Ipv4Addr, PeerStatus>>>;
 
 struct Conn {
-    writer: mpsc::UnboundedSender<Bytes>,
+    writer: mpsc::Sender<Bytes>,
     reader: AbortHandle,
     local_addr: Ipv4Addr,
 }
@@ -70,9 +83,17 @@ struct Conn {
 impl Drop for Conn {
     fn drop(&mut self) {
         // The writer drains its queue (a NOTIFICATION, say) and shuts the
-        // socket down once its sender is gone.
+        // socket down once its sender is gone, or gives up after WRITE_STALL.
         self.reader.abort();
     }
+}
+
+/// What a peer task receives.
+pub(crate) struct Inputs {
+    /// From the speaker.
+    pub commands: mpsc::UnboundedReceiver<PeerCommand>,
+    /// Connections the listener accepted from this peer.
+    pub inbound: mpsc::Receiver<TcpStream>,
 }
 
 /// The state of one peer task.
@@ -90,6 +111,8 @@ pub(crate) struct Session {
     events: mpsc::Sender<SpeakerEvent>,
     status: StatusTable,
     scratch: BytesMut,
+    /// Connections whose send queue overflowed, reported after each event.
+    blocked: Vec<ConnId>,
 }
 
 impl Session {
@@ -100,7 +123,7 @@ impl Session {
         rib: LocalRib,
         events: mpsc::Sender<SpeakerEvent>,
         status: StatusTable,
-        commands: mpsc::UnboundedReceiver<PeerCommand>,
+        inputs: Inputs,
     ) -> JoinHandle<()> {
         let fsm = Fsm::new(FsmConfig {
             local_asn: local.asn,
@@ -111,6 +134,8 @@ impl Session {
             connect_retry: peer.connect_retry,
             connect_retry_max: peer.connect_retry_max,
             max_prefix: peer.max_prefix,
+            restart_time: peer.restart_time,
+            stale_time: peer.stale_time,
         });
         let (internal_tx, internal_rx) = mpsc::channel(256);
         let mut session = Session {
@@ -127,20 +152,25 @@ impl Session {
             events,
             status,
             scratch: BytesMut::with_capacity(codec::MAX_MESSAGE_LEN),
+            blocked: Vec::new(),
         };
-        tokio::spawn(async move { session.run(commands).await })
+        tokio::spawn(async move { session.run(inputs).await })
     }
 
-    async fn run(&mut self, mut commands: mpsc::UnboundedReceiver<PeerCommand>) {
+    async fn run(&mut self, mut inputs: Inputs) {
         self.set_status();
         self.feed(Event::Start).await;
         loop {
             let deadline = self.timers.values().min().copied();
             tokio::select! {
-                cmd = commands.recv() => match cmd {
-                    Some(cmd) => self.on_command(cmd).await,
+                cmd = inputs.commands.recv() => match cmd {
+                    Some(cmd) => self.on_command(cmd),
                     None => break,
                 },
+                Some(stream) = inputs.inbound.recv() => {
+                    let conn = self.add_conn(stream);
+                    self.feed(Event::Connected { conn, outbound: false }).await;
+                }
                 Some(internal) = self.internal_rx.recv() => self.on_internal(internal).await,
                 () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     let now = Instant::now();
@@ -159,16 +189,8 @@ impl Session {
         }
     }
 
-    async fn on_command(&mut self, cmd: PeerCommand) {
+    fn on_command(&mut self, cmd: PeerCommand) {
         match cmd {
-            PeerCommand::Inbound(stream) => {
-                let conn = self.add_conn(stream);
-                self.feed(Event::Connected {
-                    conn,
-                    outbound: false,
-                })
-                .await;
-            }
             PeerCommand::Announce(routes) => {
                 for (prefix, next_hop) in &routes {
                     self.rib.insert(*prefix, *next_hop);
@@ -204,7 +226,7 @@ impl Session {
                 }
             }
             Internal::ConnectFailed(conn, err) => {
-                debug!(peer = %self.peer.addr, error = %err, "connect failed");
+                debug!(peer = %self.peer.addr, error = %chain(&err), "connect failed");
                 if self.connecting.as_ref().is_none_or(|(id, _)| *id != conn) {
                     return;
                 }
@@ -217,16 +239,27 @@ impl Session {
                 Event::Malformed { conn, notification }
             }
             Internal::Closed(conn) => Event::Closed { conn },
+            Internal::Stalled(conn) => {
+                warn!(peer = %self.peer.addr, stall = ?WRITE_STALL, "the peer does not read what we send");
+                Event::SendBlocked { conn }
+            }
         };
         self.feed(event).await;
     }
 
-    /// Feeds the FSM one event and carries out its actions.
+    /// Feeds the FSM one event and carries out its actions, then tells it
+    /// of send queues that overflowed meanwhile.
     async fn feed(&mut self, event: Event) {
         let before = self.fsm.state();
-        let actions = self.fsm.handle(event);
-        for action in actions {
-            self.apply(action).await;
+        let mut actions = self.fsm.handle(event);
+        loop {
+            for action in actions {
+                self.apply(action).await;
+            }
+            let Some(conn) = self.blocked.pop() else {
+                break;
+            };
+            actions = self.fsm.handle(Event::SendBlocked { conn });
         }
         if self.fsm.state() != before {
             info!(peer = %self.peer.addr, from = %before, to = %self.fsm.state(), "BGP state change");
@@ -255,6 +288,19 @@ impl Session {
             }
             Action::Down => {
                 self.emit(SpeakerEvent::PeerDown {
+                    peer: self.peer.addr,
+                })
+                .await
+            }
+            Action::Stale => {
+                info!(peer = %self.peer.addr, "session lost; keeping the peer's routes while it restarts");
+                self.emit(SpeakerEvent::PeerStale {
+                    peer: self.peer.addr,
+                })
+                .await
+            }
+            Action::PurgeStale => {
+                self.emit(SpeakerEvent::PurgeStale {
                     peer: self.peer.addr,
                 })
                 .await
@@ -345,12 +391,22 @@ impl Session {
         let asn4 = self.fsm.negotiated().is_some_and(|n| n.asn4);
         self.scratch.clear();
         if let Err(err) = codec::encode(msg, asn4, &mut self.scratch) {
-            warn!(peer = %self.peer.addr, error = %err, kind = msg.kind(), "cannot encode message");
+            warn!(peer = %self.peer.addr, error = %chain(&err), kind = msg.kind(), "cannot encode message");
             return;
         }
-        if let Some(c) = self.conns.get(&conn) {
-            // A send error means the writer is gone; its reader reports the close.
-            let _ = c.writer.send(self.scratch.split().freeze());
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        match c.writer.try_send(self.scratch.split().freeze()) {
+            Ok(()) => {}
+            // The writer is gone; its reader reports the close.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if !self.blocked.contains(&conn) {
+                    warn!(peer = %self.peer.addr, queued = WRITE_QUEUE, "send queue full: the peer does not read");
+                    self.blocked.push(conn);
+                }
+            }
         }
     }
 
@@ -388,8 +444,8 @@ impl Session {
             _ => self.local.router_id,
         };
         let (read, write) = stream.into_split();
-        let (writer, queue) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(write, queue));
+        let (writer, queue) = mpsc::channel(WRITE_QUEUE);
+        tokio::spawn(write_loop(conn, write, queue, self.internal_tx.clone()));
         let reader = tokio::spawn(read_loop(
             conn,
             self.peer.addr,
@@ -425,13 +481,25 @@ async fn connect(
     socket.connect(remote.into()).await
 }
 
-async fn write_loop(mut write: OwnedWriteHalf, mut queue: mpsc::UnboundedReceiver<Bytes>) {
+/// Writes the queue to the socket; a write the peer does not take in
+/// [`WRITE_STALL`] ends it (the peer task hears of it).
+async fn write_loop(
+    conn: ConnId,
+    mut write: OwnedWriteHalf,
+    mut queue: mpsc::Receiver<Bytes>,
+    tx: mpsc::Sender<Internal>,
+) {
     while let Some(bytes) = queue.recv().await {
-        if write.write_all(&bytes).await.is_err() {
-            return;
+        match tokio::time::timeout(WRITE_STALL, write.write_all(&bytes)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                let _ = tx.send(Internal::Stalled(conn)).await;
+                return;
+            }
         }
     }
-    let _ = write.shutdown().await;
+    let _ = tokio::time::timeout(WRITE_STALL, write.shutdown()).await;
 }
 
 /// Reads and decodes messages until the connection closes or a message is

@@ -14,14 +14,19 @@ use tracing::{debug, info, warn};
 use super::adj_out::LocalRib;
 use super::config::{Error, PeerConfig, PeerStatus, Result, SpeakerConfig, SpeakerEvent};
 use super::md5::set_md5_key;
-use super::session::{PeerCommand, Session, StatusTable};
+use super::session::{Inputs, PeerCommand, Session, StatusTable, INBOUND_QUEUE};
+use tabby_errors::chain;
 
 /// Capacity of the event channel; peer tasks wait when it is full, which
-/// slows their readers and so the peers (TCP flow control).
-const EVENT_CAPACITY: usize = 1024;
+/// slows their readers and so the peers (TCP flow control). Each event
+/// holds at most one UPDATE's prefixes.
+const EVENT_CAPACITY: usize = 128;
 
 struct Peer {
+    /// Local route changes: only the speaker's own calls fill it.
     commands: mpsc::UnboundedSender<PeerCommand>,
+    /// Accepted connections: bounded, the peer can open many.
+    inbound: mpsc::Sender<tokio::net::TcpStream>,
     task: JoinHandle<()>,
 }
 
@@ -120,7 +125,8 @@ impl Speaker {
             )?;
         }
         info!(peer = %peer.addr, asn = peer.asn, peer_type = %peer.peer_type, "adding BGP peer");
-        let (commands, rx) = mpsc::unbounded_channel();
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let (inbound, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
         let addr = peer.addr;
         let task = Session::spawn(
             peer,
@@ -128,9 +134,19 @@ impl Speaker {
             inner.rib.clone(),
             inner.events.clone(),
             self.status.clone(),
-            rx,
+            Inputs {
+                commands: commands_rx,
+                inbound: inbound_rx,
+            },
         );
-        inner.peers.insert(addr, Peer { commands, task });
+        inner.peers.insert(
+            addr,
+            Peer {
+                commands,
+                inbound,
+                task,
+            },
+        );
         Ok(())
     }
 
@@ -142,9 +158,9 @@ impl Speaker {
             return false;
         };
         info!(peer = %addr, "removing BGP peer");
-        drop(peer.commands);
+        drop((peer.commands, peer.inbound));
         if let Err(err) = peer.task.await {
-            warn!(peer = %addr, error = %err, "peer task failed");
+            warn!(peer = %addr, error = %chain(&err), "peer task failed");
         }
         if let Ok(mut table) = self.status.lock() {
             table.remove(&addr);
@@ -226,7 +242,7 @@ async fn accept_loop(listener: Arc<TcpListener>, inner: std::sync::Weak<Mutex<In
         let (stream, from) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(err) => {
-                warn!(error = %err, "accept failed");
+                warn!(error = %chain(&err), "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
@@ -239,10 +255,12 @@ async fn accept_loop(listener: Arc<TcpListener>, inner: std::sync::Weak<Mutex<In
         };
         let inner = inner.lock().unwrap_or_else(|e| e.into_inner());
         match inner.peers.get(from.ip()) {
-            Some(peer) => {
-                debug!(peer = %from.ip(), "inbound connection");
-                let _ = peer.commands.send(PeerCommand::Inbound(stream));
-            }
+            Some(peer) => match peer.inbound.try_send(stream) {
+                Ok(()) => debug!(peer = %from.ip(), "inbound connection"),
+                Err(_) => {
+                    debug!(peer = %from.ip(), "inbound connection closed: others are waiting")
+                }
+            },
             None => debug!(from = %from, "connection from unknown peer closed"),
         }
     }

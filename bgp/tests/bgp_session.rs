@@ -7,7 +7,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tabby_bgp::codec::{decode_from, encode};
 use tabby_bgp::message::{
-    Capability, Message, Notification, Open, Origin, PathAttributes, RouteRefresh, Update,
+    Capability, GrFamily, GracefulRestart, Message, Notification, Open, Origin, PathAttributes,
+    RouteRefresh, Update,
 };
 use tabby_bgp::{PeerConfig, PeerType, Speaker, SpeakerConfig, SpeakerEvent, State};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -46,18 +47,27 @@ impl FakePeer {
 
     /// Answers the speaker's OPEN and KEEPALIVE.
     async fn establish(&mut self, hold_time: u16) {
-        assert!(
-            matches!(self.recv().await, Some(Message::Open(o)) if o.asn == 64512 && o.four_octet_as())
-        );
+        self.establish_with(hold_time, vec![]).await;
+    }
+
+    /// [`FakePeer::establish`] with more capabilities in our OPEN; returns the speaker's OPEN.
+    async fn establish_with(&mut self, hold_time: u16, extra: Vec<Capability>) -> Open {
+        let Some(Message::Open(theirs)) = self.recv().await else {
+            panic!("no OPEN")
+        };
+        assert!(theirs.asn == 64512 && theirs.four_octet_as());
+        let mut capabilities = vec![Capability::FourOctetAs(64512), Capability::RouteRefresh];
+        capabilities.extend(extra);
         self.send(Message::Open(Open {
             asn: 64512,
             hold_time,
             router_id: PEER,
-            capabilities: vec![Capability::FourOctetAs(64512), Capability::RouteRefresh],
+            capabilities,
         }))
         .await;
         self.send(Message::Keepalive).await;
         assert_eq!(self.recv().await, Some(Message::Keepalive));
+        theirs
     }
 }
 
@@ -464,4 +474,91 @@ async fn as_0_and_as_trans_are_refused() {
     })
     .await;
     assert!(refused.is_err());
+}
+
+/// A graceful restart capability: 120 s, IPv4 unicast with F = `forwarding`.
+fn graceful(forwarding: bool) -> Capability {
+    Capability::GracefulRestart(GracefulRestart {
+        restarted: false,
+        restart_time: 120,
+        families: vec![GrFamily {
+            afi: 1,
+            safi: 1,
+            forwarding,
+        }],
+    })
+}
+
+fn announce(prefix: &str) -> Message {
+    Message::Update(Update {
+        withdrawn: vec![],
+        attributes: Some(PathAttributes {
+            origin: Origin::Igp,
+            as_path: vec![],
+            next_hop: PEER_NH,
+            local_pref: Some(100),
+            med: None,
+        }),
+        nlri: vec![prefix.parse().unwrap()],
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_restarts_gracefully_keeps_its_routes_until_its_end_of_rib() {
+    let (speaker, mut events, listener) = setup(90).await;
+    speaker.announce("10.244.1.0/26".parse().unwrap(), None);
+    let mut peer = accept(&listener).await;
+    let open = peer.establish_with(90, vec![graceful(true)]).await;
+    let gr = open
+        .graceful_restart()
+        .expect("the speaker restarts gracefully too");
+    assert_eq!(gr.restart_time, 120);
+    assert!(gr.families[0].forwarding);
+    assert!(matches!(peer.recv().await, Some(Message::Update(u)) if !u.nlri.is_empty()));
+    assert_eq!(
+        peer.recv().await,
+        Some(Message::Update(Update::default())),
+        "End-of-RIB after the initial routes"
+    );
+    assert_eq!(
+        events.recv().await,
+        Some(SpeakerEvent::PeerUp { peer: PEER })
+    );
+    peer.send(announce("10.250.1.0/24")).await;
+    peer.send(announce("10.250.2.0/24")).await;
+    for _ in 0..2 {
+        assert!(matches!(
+            events.recv().await,
+            Some(SpeakerEvent::RoutesLearned { .. })
+        ));
+    }
+
+    // The peer's process dies: the connection closes without a NOTIFICATION.
+    drop(peer);
+    assert_eq!(
+        events.recv().await,
+        Some(SpeakerEvent::PeerStale { peer: PEER })
+    );
+    assert!(
+        speaker.status()[0].info.contains("graceful restart"),
+        "{:?}",
+        speaker.status()
+    );
+    // It is back, re-sends one of its two routes, then End-of-RIB.
+    let mut peer = accept(&listener).await;
+    peer.establish_with(90, vec![graceful(true)]).await;
+    assert_eq!(
+        events.recv().await,
+        Some(SpeakerEvent::PeerUp { peer: PEER })
+    );
+    peer.send(announce("10.250.1.0/24")).await;
+    assert!(matches!(
+        events.recv().await,
+        Some(SpeakerEvent::RoutesLearned { .. })
+    ));
+    peer.send(Message::Update(Update::default())).await;
+    assert_eq!(
+        events.recv().await,
+        Some(SpeakerEvent::PurgeStale { peer: PEER })
+    );
 }

@@ -12,7 +12,7 @@ use crate::env::{Command, Invocation};
 use crate::error::{CniError, Code, Result};
 use crate::ipam_backend::IpamBackend;
 use crate::naming::{format_mac, host_veth_name, GATEWAY_V4, GATEWAY_V6, HOST_VETH_MAC};
-use crate::rollback::Rollback;
+use crate::rollback::{why, Rollback};
 use crate::types::{CniResult, Interface, IpConfig, NetConf, RouteEntry};
 use crate::version::CniVersion;
 
@@ -155,10 +155,7 @@ fn add(inv: &Invocation, conf: &NetConf, version: CniVersion, stdin: &[u8]) -> R
     let attrs = attributes(inv, conf, &plan);
     let ipam_output = plan.ipam.add(inv, conf, attrs)?;
     rollback.push("release IPAM allocation", || {
-        plan.ipam
-            .del(inv, conf)
-            .map(drop)
-            .map_err(|e| e.to_string())
+        plan.ipam.del(inv, conf).map(drop).map_err(why)
     });
     let ipam_result = ipam_output.parse()?;
     let addrs: Vec<IpNetwork> = ipam_result
@@ -179,7 +176,7 @@ fn add(inv: &Invocation, conf: &NetConf, version: CniVersion, stdin: &[u8]) -> R
     )?;
     let veth = plan.host_veth.as_str();
     rollback.push("delete veth", || {
-        host.delete_link(veth).map(drop).map_err(|e| e.to_string())
+        host.delete_link(veth).map(drop).map_err(why)
     });
     configure_host_veth(&host, veth, host_index, &addrs)?;
 
@@ -242,7 +239,7 @@ fn configure_host_veth(host: &Netlink, name: &str, index: u32, addrs: &[IpNetwor
         sysctl::set(&format!("net/ipv6/conf/{name}/forwarding"), "1")?;
     } else if let Err(e) = sysctl::set(&format!("net/ipv6/conf/{name}/accept_ra"), "0") {
         // IPv6 may be disabled on the host; not needed for an IPv4-only pod.
-        tracing::debug!(error = %e, "accept_ra not set");
+        tracing::debug!(error = %tabby_errors::chain(&e), "accept_ra not set");
     }
     host.set_up(index)?;
     Ok(())

@@ -5,6 +5,11 @@ use tracing::warn;
 
 type Undo<'a> = Box<dyn FnOnce() -> Result<(), String> + 'a>;
 
+/// Why an undo step failed: the error with all its sources.
+pub fn why(e: impl std::error::Error) -> String {
+    tabby_errors::chain(&e).to_string()
+}
+
 /// Undo steps of a failed ADD (a guard, not a flag: it also runs on early return and panic).
 #[derive(Default)]
 pub struct Rollback<'a> {

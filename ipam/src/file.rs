@@ -25,6 +25,11 @@
 //! - Writes (create, update, delete) hold the store's exclusive flock only
 //!   for the read-compare-write, so compare-and-swap is atomic across
 //!   threads and processes.
+//! - A write is durable when it returns: the document's data is fsynced
+//!   before the rename, and the directory after it (a rename lives in the
+//!   directory: without that fsync a committed allocation can vanish on a
+//!   power loss), outside the lock, so that writers to other keys are not
+//!   held up by the disk; new directories are fsynced into their parents.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -159,7 +164,7 @@ impl FileDatastore {
         let doc = format!("{{\"revision\":{rev_json},\"value\":{}}}\n", raw.get());
 
         let dir = path.parent().unwrap_or(&self.root);
-        fs::create_dir_all(dir).map_err(|e| unavailable(dir, e))?;
+        self.ensure_dir(dir)?;
         let file_name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -176,6 +181,25 @@ impl FileDatastore {
         let prepared = Prepared { tmp, revision };
         written.map_err(|e| unavailable(&prepared.tmp, e))?;
         Ok(prepared)
+    }
+
+    /// Creates `dir` (under the root) if needed, making each new directory
+    /// durable in its parent.
+    fn ensure_dir(&self, dir: &Path) -> Result<()> {
+        if dir.is_dir() {
+            return Ok(());
+        }
+        let mut missing = Vec::new();
+        let mut d = dir;
+        while !d.is_dir() && d != self.root {
+            missing.push(d);
+            d = d.parent().unwrap_or(&self.root);
+        }
+        fs::create_dir_all(dir).map_err(|e| unavailable(dir, e))?;
+        for d in missing.into_iter().rev() {
+            sync_parent(d)?;
+        }
+        Ok(())
     }
 
     /// Collects every document under `dir` (recursively) into `out`.
@@ -239,41 +263,58 @@ impl Datastore for FileDatastore {
     fn create(&self, key: &str, value: &[u8]) -> Result<Revision> {
         let path = self.path_of(key)?;
         let prepared = self.prepare(key, &path, value)?;
-        let _lock = self.lock()?;
-        if path.exists() {
-            return Err(DatastoreError::Conflict {
-                key: key.to_string(),
-            });
-        }
-        prepared.commit(&path)
+        let revision = {
+            let _lock = self.lock()?;
+            if path.exists() {
+                return Err(DatastoreError::Conflict {
+                    key: key.to_string(),
+                });
+            }
+            prepared.commit(&path)?
+        };
+        sync_parent(&path)?;
+        Ok(revision)
     }
 
     fn update(&self, key: &str, value: &[u8], expected: &Revision) -> Result<Revision> {
         let path = self.path_of(key)?;
         let prepared = self.prepare(key, &path, value)?;
-        let _lock = self.lock()?;
-        match self.read(key, &path)? {
-            Some(current) if current.revision == *expected => prepared.commit(&path),
-            _ => Err(DatastoreError::Conflict {
-                key: key.to_string(),
-            }),
-        }
+        let revision = {
+            let _lock = self.lock()?;
+            match self.read(key, &path)? {
+                Some(current) if current.revision == *expected => prepared.commit(&path)?,
+                _ => {
+                    return Err(DatastoreError::Conflict {
+                        key: key.to_string(),
+                    })
+                }
+            }
+        };
+        sync_parent(&path)?;
+        Ok(revision)
     }
 
     fn delete(&self, key: &str, expected: &Revision) -> Result<()> {
         let path = self.path_of(key)?;
-        let _lock = self.lock()?;
-        match self.read(key, &path)? {
-            None => Err(DatastoreError::NotFound {
-                key: key.to_string(),
-            }),
-            Some(current) if current.revision == *expected => {
-                fs::remove_file(&path).map_err(|e| unavailable(&path, e))
+        {
+            let _lock = self.lock()?;
+            match self.read(key, &path)? {
+                None => {
+                    return Err(DatastoreError::NotFound {
+                        key: key.to_string(),
+                    })
+                }
+                Some(current) if current.revision == *expected => {
+                    fs::remove_file(&path).map_err(|e| unavailable(&path, e))?
+                }
+                Some(_) => {
+                    return Err(DatastoreError::Conflict {
+                        key: key.to_string(),
+                    })
+                }
             }
-            Some(_) => Err(DatastoreError::Conflict {
-                key: key.to_string(),
-            }),
         }
+        sync_parent(&path)
     }
 
     fn ping(&self) -> Result<()> {
@@ -350,6 +391,14 @@ fn remove_stale_temp_files(dir: &Path, before: SystemTime) {
             tracing::info!(file = %entry.path().display(), "removed a killed writer's temporary file");
         }
     }
+}
+
+/// Makes the directory entry of `path` durable: fsync of its directory.
+fn sync_parent(path: &Path) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| unavailable(dir, e))
 }
 
 fn unavailable(path: &Path, source: io::Error) -> DatastoreError {

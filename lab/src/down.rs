@@ -6,6 +6,8 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::Path;
 
+use anyhow::Context;
+
 use crate::pods::cni_del;
 use crate::process::{netns_pids, proc_ref, stop_all, ProcRef, TERM_GRACE};
 use crate::sh::{del_netns, list_netns};
@@ -43,55 +45,18 @@ pub fn down(lab: &Lab) -> anyhow::Result<()> {
     let kube = crate::kube::down::teardown(lab, state.as_ref(), &mut errors);
 
     // 2. Every namespace: the recorded ones and any the prefix names.
-    let mut namespaces: BTreeSet<String> = list_netns()
-        .into_iter()
-        .filter(|ns| lab.names.owns_ns(ns))
-        .collect();
-    if let Some(state) = &state {
-        namespaces.extend(state.namespaces.iter().cloned());
-        namespaces.extend(state.pods.iter().map(|p| p.netns.clone()));
-        namespaces.extend(state.nodes.iter().map(|n| n.netns.clone()));
-    }
-
+    let namespaces = namespaces(lab, state.as_ref());
     // 3. Stop the processes: recorded ones and whatever runs in those namespaces.
-    let mut procs: Vec<ProcRef> = Vec::new();
-    if let Some(state) = &state {
-        procs.extend(state.nodes.iter().filter_map(|n| n.agent.clone()));
-        procs.extend(state.pods.iter().filter_map(|p| p.echo.clone()));
-    }
-    for ns in &namespaces {
-        procs.extend(netns_pids(ns).into_iter().filter_map(proc_ref));
-    }
-    procs.retain(|p| p.alive() && p.pid != std::process::id() as i32);
-    procs.sort_by_key(|p| p.pid);
-    procs.dedup();
+    let procs = processes(state.as_ref(), &namespaces);
     let killed = stop_all(&procs, TERM_GRACE);
-
     // 4. Delete the namespaces, the underlay last (its veths die with their peers).
-    let underlay = lab.names.underlay_ns();
-    let (last, first): (Vec<&String>, Vec<&String>) =
-        namespaces.iter().partition(|ns| **ns == underlay);
-    let mut deleted = 0;
-    for ns in first.into_iter().chain(last) {
-        let existed = crate::sh::netns_exists(ns);
-        match del_netns(ns) {
-            Ok(()) => deleted += usize::from(existed),
-            Err(e) => errors.push(format!("{e:#}")),
-        }
-    }
-
+    let deleted = delete_namespaces(lab, &namespaces, &mut errors);
     // 5. The files.
-    let removed_dir = if state_dir_exists {
-        match remove_files(lab.dir.root()) {
-            Ok(removed) => removed,
-            Err(e) => {
-                errors.push(format!("{e:#}"));
-                false
-            }
-        }
-    } else {
-        false
-    };
+    let removed_dir = state_dir_exists
+        && remove_files(lab.dir.root()).unwrap_or_else(|e| {
+            errors.push(format!("{e:#}"));
+            false
+        });
 
     let kube_did = kube.processes + kube.killed + kube.cgroups + kube.mounts > 0;
     if procs.is_empty() && deleted == 0 && !state_dir_exists && !kube_did {
@@ -122,6 +87,53 @@ pub fn down(lab: &Lab) -> anyhow::Result<()> {
     }
 }
 
+/// The lab's namespaces: those the prefix names and those the state recorded.
+fn namespaces(lab: &Lab, state: Option<&LabState>) -> BTreeSet<String> {
+    let mut namespaces: BTreeSet<String> = list_netns()
+        .into_iter()
+        .filter(|ns| lab.names.owns_ns(ns))
+        .collect();
+    if let Some(state) = state {
+        namespaces.extend(state.namespaces.iter().cloned());
+        namespaces.extend(state.pods.iter().map(|p| p.netns.clone()));
+        namespaces.extend(state.nodes.iter().map(|n| n.netns.clone()));
+    }
+    namespaces
+}
+
+/// The live processes of the lab: recorded agents and echo servers, and
+/// whatever runs in its namespaces (never this process).
+fn processes(state: Option<&LabState>, namespaces: &BTreeSet<String>) -> Vec<ProcRef> {
+    let mut procs: Vec<ProcRef> = Vec::new();
+    if let Some(state) = state {
+        procs.extend(state.nodes.iter().filter_map(|n| n.agent.clone()));
+        procs.extend(state.pods.iter().filter_map(|p| p.echo.clone()));
+    }
+    for ns in namespaces {
+        procs.extend(netns_pids(ns).into_iter().filter_map(proc_ref));
+    }
+    procs.retain(|p| p.alive() && p.pid != std::process::id() as i32);
+    procs.sort_by_key(|p| p.pid);
+    procs.dedup();
+    procs
+}
+
+/// Deletes the namespaces, the underlay last; returns how many existed.
+fn delete_namespaces(lab: &Lab, namespaces: &BTreeSet<String>, errors: &mut Vec<String>) -> usize {
+    let underlay = lab.names.underlay_ns();
+    let (last, first): (Vec<&String>, Vec<&String>) =
+        namespaces.iter().partition(|ns| **ns == underlay);
+    let mut deleted = 0;
+    for ns in first.into_iter().chain(last) {
+        let existed = crate::sh::netns_exists(ns);
+        match del_netns(ns) {
+            Ok(()) => deleted += usize::from(existed),
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
+    deleted
+}
+
 /// Removes the files the lab writes in its state directory, then the
 /// directory if nothing else is left in it. Returns whether it went.
 fn remove_files(root: &Path) -> anyhow::Result<bool> {
@@ -130,7 +142,7 @@ fn remove_files(root: &Path) -> anyhow::Result<bool> {
         match fs::remove_dir_all(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => anyhow::bail!("removing {}: {e}", path.display()),
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
         }
     }
     for entry in fs::read_dir(root)? {

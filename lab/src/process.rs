@@ -185,7 +185,7 @@ pub fn netns_pids(ns: &str) -> Vec<i32> {
 /// Kills `p` with SIGKILL at once (a crash, for tests) and waits until it is gone.
 pub fn kill_now(p: &ProcRef) -> anyhow::Result<()> {
     kill(Pid::from_raw(p.pid), Signal::SIGKILL)
-        .map_err(|e| anyhow::anyhow!("SIGKILL pid {}: {e}", p.pid))?;
+        .with_context(|| format!("SIGKILL pid {}", p.pid))?;
     if poll_until(Duration::from_secs(5), Duration::from_millis(10), || {
         !p.alive()
     }) {

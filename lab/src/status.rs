@@ -4,6 +4,7 @@ use std::ffi::OsString;
 use std::process::{Command, ExitStatus};
 
 use anyhow::Context;
+use tabby_errors::chain;
 
 use crate::sh::{in_netns, netns_exists};
 use crate::state::LabState;
@@ -48,7 +49,7 @@ pub fn status(lab: &Lab, state: &LabState) -> anyhow::Result<()> {
                     println!("(tabbyctl node status failed: {})", err.trim());
                 }
             }
-            Err(e) => println!("(cannot run {}: {e})", tabbyctl.display()),
+            Err(e) => println!("(cannot run {}: {})", tabbyctl.display(), chain(&e)),
         }
 
         println!("--- ip route");
@@ -103,8 +104,9 @@ fn capture(cmd: &mut Command) -> String {
             String::from_utf8_lossy(&out.stderr).trim()
         ),
         Err(e) => format!(
-            "(cannot run {}: {e})\n",
-            cmd.get_program().to_string_lossy()
+            "(cannot run {}: {})\n",
+            cmd.get_program().to_string_lossy(),
+            chain(&e)
         ),
     }
 }

@@ -2,13 +2,18 @@
 //! the BGP speaker and the route thread talk to it.
 //!
 //! ```text
-//!   datastore ──(poll every 500 ms, blocking pool)──┐
-//!                                                   ▼
-//!   BGP speaker ──SpeakerEvent (mpsc)──────────▶ agent loop ──Vec<Route>──▶ route thread ──▶ kernel
-//!        ▲                                          │
-//!        └──── add/remove peer, announce/withdraw ──┘
+//!   datastore D ──(poll every 500 ms, blocking pool)──┐
+//!                                                     ▼
+//!   BGP speaker ──BgpEvent (mpsc)──▶ agent loop ──route changes (bounded)──▶ route thread ──▶ kernel
+//!        ▲                             │  │  │ writes                         │ reads (resync)
+//!        │                             │  │  └──▶ RouteSource (Rib, blocks) ◀─┘
+//!        └─ add/remove peer, announce/withdraw └──ProxyEvent::Node──▶ service proxy
 //!   status socket / health HTTP ◀── shared snapshot (Arc<Mutex<Shared>>)
 //! ```
+//!
+//! Each pass over the datastore is planned by pure functions
+//! ([`crate::plan`]); BGP events change the [`Rib`], and
+//! only the prefixes whose best path moved reach the route thread.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -16,21 +21,30 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ipnetwork::IpNetwork;
+use tabby_bgp::rib::Rib;
 use tabby_dataplane::Netlink;
-use tabby_ipam::Datastore;
+use tabby_errors::chain;
+use tabby_ipam::datastore::Datastore;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::config::AgentConfig;
-use crate::desired::{desired_peers, kernel_routes, local_blocks, local_prefixes, PeerSpec};
+use crate::desired::{
+    desired_peers, local_blocks, local_prefixes, node_facts, ClusterView, PeerSpec,
+};
 use crate::error::{AgentError, Result};
+use crate::plan::{plan_peers, plan_prefixes, PeerPlan};
 use crate::policy::ImportPolicy;
 use crate::register::{load_view, register_node};
-use crate::routes::RouteProgrammer;
-use crate::service_proxy::node_facts;
+use crate::routes::{RouteProgrammer, RouteSource};
 use crate::status::{NodeStatus, PeerRow};
 use tabby_proxy::model::NodeFacts;
 use tabby_proxy::proxier::ProxyEvent;
+
+pub use crate::shared::Shared;
+
+/// BGP events handled before the kernel hears of their changes.
+const DRAIN: usize = 8;
 
 /// What happened in BGP, as the agent needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +70,43 @@ pub enum BgpEvent {
         /// The peer.
         peer: IpAddr,
     },
+    /// The session with `peer` went down but the peer is restarting
+    /// (graceful restart): keep its routes, marked stale.
+    Stale {
+        /// The peer.
+        peer: IpAddr,
+    },
+    /// `peer` is back and has re-sent its table (or the restart timed
+    /// out): forget its routes still marked stale.
+    PurgeStale {
+        /// The peer.
+        peer: IpAddr,
+    },
+}
+
+impl BgpEvent {
+    /// Applies the event to `rib`, whose paths `import` judges; returns the
+    /// prefixes whose best path moved.
+    pub fn apply_to(
+        &self,
+        rib: &mut Rib<IpNetwork, IpAddr>,
+        import: &ImportPolicy,
+    ) -> Vec<IpNetwork> {
+        match self {
+            BgpEvent::Learned {
+                peer,
+                prefixes,
+                next_hop,
+            } => rib.learn_where(*peer, prefixes, *next_hop, |p| import.accepts(*peer, p)),
+            BgpEvent::Withdrawn { peer, prefixes } => rib.withdraw(*peer, prefixes),
+            BgpEvent::PeerDown { peer } => rib.peer_down(*peer),
+            BgpEvent::Stale { peer } => {
+                rib.mark_stale(*peer);
+                Vec::new()
+            }
+            BgpEvent::PurgeStale { peer } => rib.purge_stale(*peer),
+        }
+    }
 }
 
 /// What the agent asks of a BGP speaker.
@@ -72,113 +123,21 @@ pub trait BgpControl: Send {
     fn status(&self) -> Vec<PeerRow>;
 }
 
-/// Learned routes: prefix -> peer -> next hop. The best path is the one
-/// from the lowest peer address (deterministic on every node).
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Rib {
-    routes: BTreeMap<IpNetwork, BTreeMap<IpAddr, IpAddr>>,
-}
-
-impl Rib {
-    /// Applies one event; returns whether the best paths may have changed.
-    pub fn apply(&mut self, ev: &BgpEvent) -> bool {
-        match ev {
-            BgpEvent::Learned {
-                peer,
-                prefixes,
-                next_hop,
-            } => {
-                for p in prefixes {
-                    self.routes.entry(*p).or_default().insert(*peer, *next_hop);
-                }
-                !prefixes.is_empty()
-            }
-            BgpEvent::Withdrawn { peer, prefixes } => {
-                let mut changed = false;
-                for p in prefixes {
-                    if let Some(paths) = self.routes.get_mut(p) {
-                        changed |= paths.remove(peer).is_some();
-                        if paths.is_empty() {
-                            self.routes.remove(p);
-                        }
-                    }
-                }
-                changed
-            }
-            BgpEvent::PeerDown { peer } => {
-                let before = self.routes.len();
-                let mut changed = false;
-                self.routes.retain(|_, paths| {
-                    changed |= paths.remove(peer).is_some();
-                    !paths.is_empty()
-                });
-                changed || before != self.routes.len()
-            }
-        }
-    }
-
-    /// The best next hop per prefix.
-    pub fn best(&self) -> BTreeMap<IpNetwork, IpAddr> {
-        self.best_where(|_, _| true)
-    }
-
-    /// The best next hop per prefix among the paths `accept(prefix, peer)`
-    /// lets through (the import policy).
-    pub fn best_where(
-        &self,
-        accept: impl Fn(&IpNetwork, IpAddr) -> bool,
-    ) -> BTreeMap<IpNetwork, IpAddr> {
-        self.routes
-            .iter()
-            .filter_map(|(p, paths)| {
-                paths
-                    .iter()
-                    .find(|(peer, _)| accept(p, **peer))
-                    .map(|(_, nh)| (*p, *nh))
-            })
-            .collect()
-    }
-
-    /// How many prefixes are known.
-    pub fn len(&self) -> usize {
-        self.routes.len()
-    }
-
-    /// Whether nothing is known.
-    pub fn is_empty(&self) -> bool {
-        self.routes.is_empty()
-    }
-}
-
-/// What the status socket and health endpoint read.
-#[derive(Debug, Clone, Default)]
-pub struct Shared {
-    /// The `node status` answer.
-    pub status: NodeStatus,
-    /// The first reconcile completed.
-    pub ready: bool,
-    /// When the loop last ran a reconcile.
-    pub last_pass: Option<Instant>,
-    /// Learned prefixes.
-    pub learned: usize,
-    /// Originated prefixes.
-    pub originated: usize,
-    /// Kernel route counters.
-    pub routes: crate::routes::RouteStats,
-}
-
-/// The agent's state, owned by its loop.
-pub struct Agent<B: BgpControl> {
+/// The agent's state, owned by its loop, over any datastore backend.
+pub struct Agent<D: Datastore, B: BgpControl> {
     cfg: AgentConfig,
-    ds: Arc<dyn Datastore>,
+    ds: Arc<D>,
     bgp: B,
     routes: RouteProgrammer,
-    uplink: u32,
+    routes_ready: bool,
+    /// Learned routes and local blocks, read by the route thread too.
+    source: Arc<Mutex<RouteSource>>,
     peers: BTreeMap<IpAddr, PeerSpec>,
     originated: BTreeSet<IpNetwork>,
-    blocks: BTreeSet<IpNetwork>,
-    rib: Rib,
+    /// Which learned paths may be used (judged as they are learned, and
+    /// all again when it changes).
     import: ImportPolicy,
+    /// The subnets of the uplink (the underlay the import policy guards).
     uplink_nets: Vec<IpNetwork>,
     shared: Arc<Mutex<Shared>>,
     proxy: Option<mpsc::Sender<ProxyEvent>>,
@@ -187,19 +146,17 @@ pub struct Agent<B: BgpControl> {
 
 /// The index of the uplink: the configured interface, else the one holding `bgp_address`.
 pub fn resolve_uplink(cfg: &AgentConfig) -> Result<u32> {
-    let nl = Netlink::host()?;
+    let nl = Netlink::host().map_err(AgentError::Uplink)?;
     if let Some(name) = &cfg.uplink {
         return nl
-            .link(name)?
+            .link(name)
+            .map_err(AgentError::Uplink)?
             .map(|l| l.index)
             .ok_or_else(|| AgentError::Config(format!("uplink {name} does not exist")));
     }
-    for link in nl.links()? {
-        if nl
-            .addresses(link.index)?
-            .iter()
-            .any(|a| a.ip() == cfg.bgp_address)
-        {
+    for link in nl.links().map_err(AgentError::Uplink)? {
+        let addrs = nl.addresses(link.index).map_err(AgentError::Uplink)?;
+        if addrs.iter().any(|a| a.ip() == cfg.bgp_address) {
             return Ok(link.index);
         }
     }
@@ -209,27 +166,27 @@ pub fn resolve_uplink(cfg: &AgentConfig) -> Result<u32> {
     )))
 }
 
-impl<B: BgpControl> Agent<B> {
-    /// Registers the node and prepares the route thread; `bgp` is a started speaker.
-    pub fn new(cfg: AgentConfig, bgp: B, shared: Arc<Mutex<Shared>>) -> Result<Self> {
-        let ds: Arc<dyn Datastore> = Arc::from(cfg.datastore.open()?);
-        let node = register_node(&ds, &cfg)?;
-        info!(node = %node.name, address = ?node.address, "registered");
+impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
+    /// Registers the node in `ds` and prepares the route thread; `bgp` is a
+    /// started speaker. Blocks: call it off the async workers.
+    pub fn new(cfg: AgentConfig, ds: Arc<D>, bgp: B, shared: Arc<Mutex<Shared>>) -> Result<Self> {
+        let node = register_node(ds.as_ref(), &cfg)?;
+        info!(node = %node.name, address = ?node.address, datastore = %ds.describe(), "registered");
         let uplink = resolve_uplink(&cfg)?;
-        let uplink_nets = Netlink::host()?.addresses(uplink)?;
-        let routes = RouteProgrammer::start(std::time::Duration::from_secs(u64::from(
-            cfg.hold_time.max(3),
-        )))?;
+        let uplink_nets =
+            (Netlink::host().and_then(|nl| nl.addresses(uplink))).map_err(AgentError::Uplink)?;
+        let source = Arc::new(Mutex::new(RouteSource::new(cfg.bgp_address, uplink)));
+        let grace = std::time::Duration::from_secs(u64::from(cfg.hold_time.max(3)));
+        let routes = RouteProgrammer::start(grace, Arc::clone(&source))?;
         Ok(Self {
             cfg,
             ds,
             bgp,
             routes,
-            uplink,
+            routes_ready: false,
+            source,
             peers: BTreeMap::new(),
             originated: BTreeSet::new(),
-            blocks: BTreeSet::new(),
-            rib: Rib::default(),
             import: ImportPolicy::default(),
             uplink_nets,
             shared,
@@ -256,14 +213,14 @@ impl<B: BgpControl> Agent<B> {
             tokio::select! {
                 _ = tick.tick() => self.reconcile(&mut events).await,
                 Some(ev) = events.recv() => {
-                    let mut changed = self.rib.apply(&ev);
-                    // Drain what else is queued before touching the kernel once.
-                    while let Ok(ev) = events.try_recv() {
-                        changed |= self.rib.apply(&ev);
+                    let mut batch = vec![ev];
+                    // Take what else is queued before touching the kernel once.
+                    while batch.len() < DRAIN {
+                        let Ok(ev) = events.try_recv() else { break };
+                        batch.push(ev);
                     }
-                    if changed {
-                        self.push_routes();
-                    }
+                    let changed = self.learn(&batch);
+                    self.program(changed).await;
                 }
                 () = &mut shutdown => break,
             }
@@ -272,86 +229,143 @@ impl<B: BgpControl> Agent<B> {
         self.bgp
     }
 
-    /// Ends the session with `addr` while still draining BGP events: the
-    /// session may be waiting to hand over an event before it can stop.
-    async fn remove_peer(&mut self, addr: IpAddr, events: &mut mpsc::Receiver<BgpEvent>) {
-        let Agent { bgp, rib, .. } = self;
-        let removal = bgp.remove_peer(addr);
-        tokio::pin!(removal);
-        loop {
-            tokio::select! {
-                () = &mut removal => break,
-                Some(ev) = events.recv() => { rib.apply(&ev); }
+    /// Applies BGP events to the RIB; returns the prefixes whose best path moved.
+    fn learn(&self, events: &[BgpEvent]) -> Vec<IpNetwork> {
+        let Ok(mut source) = self.source.lock() else {
+            return Vec::new();
+        };
+        events
+            .iter()
+            .flat_map(|ev| ev.apply_to(&mut source.rib, &self.import))
+            .collect()
+    }
+
+    /// Hands the kernel routes of `prefixes` (in any order, repeats allowed) to the route thread.
+    async fn program(&mut self, prefixes: Vec<IpNetwork>) {
+        let changes = match self.source.lock() {
+            Ok(source) => source.changes(prefixes),
+            Err(_) => return,
+        };
+        self.routes.apply(changes).await;
+    }
+
+    /// Ends the session with `addr` while still draining BGP events (the
+    /// session may be waiting to hand over an event before it can stop);
+    /// returns the prefixes those events changed.
+    async fn remove_peer(
+        &mut self,
+        addr: IpAddr,
+        events: &mut mpsc::Receiver<BgpEvent>,
+    ) -> Vec<IpNetwork> {
+        let mut drained = Vec::new();
+        {
+            let removal = self.bgp.remove_peer(addr);
+            tokio::pin!(removal);
+            loop {
+                tokio::select! {
+                    () = &mut removal => break,
+                    Some(ev) = events.recv() => drained.push(ev),
+                }
             }
         }
+        self.learn(&drained)
     }
 
     async fn reconcile(&mut self, events: &mut mpsc::Receiver<BgpEvent>) {
         let ds = Arc::clone(&self.ds);
         let view = match tokio::task::spawn_blocking(move || load_view(&ds)).await {
             Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
-                warn!(error = %e, "reading the datastore failed");
-                return;
-            }
-            Err(e) => {
-                warn!(error = %e, "datastore reader panicked");
-                return;
-            }
+            Ok(Err(e)) => return warn!(error = %chain(&e), "reading the datastore failed"),
+            Err(e) => return warn!(error = %chain(&e), "datastore reader panicked"),
         };
         let me = self.cfg.node_name.clone();
+        // Originate first: a session that comes up in this pass sends them at once.
+        let prefixes = local_prefixes(&view, &me);
+        let (announce, withdraw) = plan_prefixes(&self.originated, &prefixes);
+        for p in withdraw {
+            info!(prefix = %p, "withdrawing");
+            self.bgp.withdraw(p);
+        }
+        for p in announce {
+            info!(prefix = %p, "announcing");
+            self.bgp.announce(p);
+        }
+        self.originated = prefixes;
         let want: BTreeMap<IpAddr, PeerSpec> = desired_peers(&view, &me, self.cfg.bgp_address)
             .into_iter()
             .map(|p| (p.addr, p))
             .collect();
-        for addr in self
-            .peers
-            .keys()
-            .filter(|a| !want.contains_key(a))
-            .copied()
-            .collect::<Vec<_>>()
-        {
-            info!(peer = %addr, "removing peer");
-            self.remove_peer(addr, events).await;
-            self.peers.remove(&addr);
-            self.rib.apply(&BgpEvent::PeerDown { peer: addr });
-        }
-        for (addr, spec) in &want {
-            if self.peers.get(addr) != Some(spec) {
-                info!(peer = %addr, peer_type = %spec.peer_type, asn = spec.asn, "adding peer");
-                if self.peers.contains_key(addr) {
-                    self.remove_peer(*addr, events).await;
-                }
-                self.bgp.add_peer(spec);
-                self.peers.insert(*addr, spec.clone());
-            }
-        }
+        let mut changed = self
+            .change_peers(plan_peers(&self.peers, &want), events)
+            .await;
         let peer_types = self.peers.iter().map(|(a, s)| (*a, s.peer_type)).collect();
-        self.import = ImportPolicy::new(&view, &me, &peer_types, &self.uplink_nets);
-        let prefixes = local_prefixes(&view, &me);
-        for p in self.originated.difference(&prefixes) {
-            info!(prefix = %p, "withdrawing");
-            self.bgp.withdraw(*p);
-        }
-        for p in prefixes.difference(&self.originated) {
-            info!(prefix = %p, "announcing");
-            self.bgp.announce(*p);
-        }
-        self.originated = prefixes;
-        self.blocks = local_blocks(&view, &me);
-        self.push_routes();
-        if let Some(tx) = &self.proxy {
-            let facts = node_facts(&self.cfg, &view);
-            // Never wait on the proxy (its syncs block on iptables-restore):
-            // when its queue is full, the next pass tries again.
-            if self.facts.as_ref() != Some(&facts)
-                && tx
-                    .try_send(ProxyEvent::Node(Box::new(facts.clone())))
-                    .is_ok()
-            {
-                self.facts = Some(facts);
+        let import = ImportPolicy::new(&view, &me, &peer_types, &self.uplink_nets);
+        if import != self.import {
+            self.import = import;
+            if let Ok(mut source) = self.source.lock() {
+                let import = &self.import;
+                changed.extend(source.rib.refilter(|p, peer| import.accepts(peer, p)));
             }
         }
+        let blocks = local_blocks(&view, &me);
+        if let Ok(mut source) = self.source.lock() {
+            changed.extend(source.blocks.symmetric_difference(&blocks).copied());
+            source.blocks = blocks;
+        }
+        self.program(changed).await;
+        if !self.routes_ready {
+            self.routes.ready().await;
+            self.routes_ready = true;
+        }
+        self.send_facts(&view);
+        self.publish(&view, me);
+    }
+
+    /// Carries out a peer plan; returns the prefixes whose paths it changed.
+    async fn change_peers(
+        &mut self,
+        plan: PeerPlan,
+        events: &mut mpsc::Receiver<BgpEvent>,
+    ) -> Vec<IpNetwork> {
+        let mut changed = Vec::new();
+        for addr in plan.remove {
+            info!(peer = %addr, "removing peer");
+            changed.extend(self.remove_peer(addr, events).await);
+            self.peers.remove(&addr);
+            changed.extend(self.learn(&[BgpEvent::PeerDown { peer: addr }]));
+        }
+        for spec in plan.replace.into_iter().chain(plan.add) {
+            info!(peer = %spec.addr, peer_type = %spec.peer_type, asn = spec.asn, "adding peer");
+            if self.peers.contains_key(&spec.addr) {
+                changed.extend(self.remove_peer(spec.addr, events).await);
+            }
+            self.bgp.add_peer(&spec);
+            self.peers.insert(spec.addr, spec);
+        }
+        changed
+    }
+
+    /// Sends changed node facts to the service proxy, never waiting on it
+    /// (its syncs block on iptables-restore): when its queue is full, the
+    /// next pass tries again.
+    fn send_facts(&mut self, view: &ClusterView) {
+        let Some(tx) = &self.proxy else { return };
+        let facts = node_facts(
+            view,
+            &self.cfg.node_name,
+            self.cfg.bgp_address,
+            self.cfg.proxy.cluster_cidr,
+        );
+        if self.facts.as_ref() != Some(&facts)
+            && tx
+                .try_send(ProxyEvent::Node(Box::new(facts.clone())))
+                .is_ok()
+        {
+            self.facts = Some(facts);
+        }
+    }
+
+    fn publish(&self, view: &ClusterView, me: String) {
         let rows = self.bgp.status();
         if let Ok(mut s) = self.shared.lock() {
             s.status = NodeStatus {
@@ -362,63 +376,9 @@ impl<B: BgpControl> Agent<B> {
             };
             s.ready = true;
             s.last_pass = Some(Instant::now());
-            s.learned = self.rib.len();
+            s.learned = self.source.lock().map(|r| r.rib.len()).unwrap_or(0);
             s.originated = self.originated.len();
             s.routes = self.routes.stats();
         }
-    }
-
-    fn push_routes(&self) {
-        let best = self.rib.best_where(|p, peer| self.import.accepts(peer, p));
-        self.routes.set(kernel_routes(
-            &self.blocks,
-            &best,
-            self.cfg.bgp_address,
-            self.uplink,
-        ));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn net(s: &str) -> IpNetwork {
-        s.parse().unwrap()
-    }
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
-    }
-
-    #[test]
-    fn the_rib_keeps_one_best_path_and_forgets_a_peer_that_went_down() {
-        let mut rib = Rib::default();
-        assert!(rib.apply(&BgpEvent::Learned {
-            peer: ip("10.0.0.3"),
-            prefixes: vec![net("10.244.1.0/26")],
-            next_hop: ip("10.0.0.3")
-        }));
-        rib.apply(&BgpEvent::Learned {
-            peer: ip("10.0.0.2"),
-            prefixes: vec![net("10.244.1.0/26")],
-            next_hop: ip("10.0.0.9"),
-        });
-        assert_eq!(
-            rib.best()[&net("10.244.1.0/26")],
-            ip("10.0.0.9"),
-            "the lowest peer address wins"
-        );
-        assert!(rib.apply(&BgpEvent::PeerDown {
-            peer: ip("10.0.0.2")
-        }));
-        assert_eq!(rib.best()[&net("10.244.1.0/26")], ip("10.0.0.3"));
-        assert!(rib.apply(&BgpEvent::Withdrawn {
-            peer: ip("10.0.0.3"),
-            prefixes: vec![net("10.244.1.0/26")]
-        }));
-        assert!(rib.is_empty());
-        assert!(!rib.apply(&BgpEvent::PeerDown {
-            peer: ip("10.0.0.3")
-        }));
     }
 }

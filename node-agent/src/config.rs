@@ -11,6 +11,7 @@
 //! as_number = 64512                    # else: the cluster's BGPConfiguration
 //! bgp_port = 179
 //! hold_time = 90                       # seconds; keepalive defaults to hold_time / 3
+//! graceful_restart_time = 120          # seconds peers keep our routes while we restart (0: off)
 //! status_socket = "/run/tabby/node.sock"
 //! health_listen = "127.0.0.1:9099"
 //! ```
@@ -54,6 +55,10 @@ pub struct AgentConfig {
     /// BGP connect-retry base interval in seconds.
     #[serde(default = "default_connect_retry")]
     pub connect_retry: u16,
+    /// BGP graceful restart time in seconds (0: off): how long peers keep
+    /// this node's routes when its agent crashes, and it keeps theirs.
+    #[serde(default = "default_restart_time")]
+    pub graceful_restart_time: u16,
     /// Where `tabbyctl node status` asks.
     #[serde(default = "default_status_socket")]
     pub status_socket: PathBuf,
@@ -159,6 +164,9 @@ fn default_hold() -> u16 {
 fn default_connect_retry() -> u16 {
     2
 }
+fn default_restart_time() -> u16 {
+    120
+}
 fn default_status_socket() -> PathBuf {
     "/run/tabby/node.sock".into()
 }
@@ -225,6 +233,12 @@ impl AgentConfig {
             return Err(AgentError::Config(format!(
                 "hold_time {} must be 0 or at least 3 seconds (RFC 4271)",
                 self.hold_time
+            )));
+        }
+        if self.graceful_restart_time > 4095 {
+            return Err(AgentError::Config(format!(
+                "graceful_restart_time {} exceeds 4095 seconds (RFC 4724)",
+                self.graceful_restart_time
             )));
         }
         if let Some(k) = self.keepalive {

@@ -5,18 +5,19 @@
 //!   global peers and peers of this node;
 //! - which prefixes it originates ([`local_prefixes`]): its confirmed
 //!   blocks and the /32s it borrowed from other nodes' blocks;
-//! - which kernel routes it owns ([`kernel_routes`]): a blackhole per local
-//!   block and a route per learned prefix.
+//! - what the service proxy needs to know of it ([`node_facts`]).
+//!
+//! What to change to get there is planned in [`crate::plan`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use ipnetwork::IpNetwork;
+use ipnetwork::{IpNetwork, Ipv4Network};
 use tabby_bgp::policy::Rule;
-use tabby_dataplane::Route;
 use tabby_ipam::report::Snapshot;
 use tabby_ipam::resources::{BgpConfiguration, BgpFilter, BgpPeer};
 use tabby_ipam::AffinityState;
+use tabby_proxy::model::NodeFacts;
 
 pub use tabby_bgp::PeerType;
 
@@ -158,62 +159,34 @@ pub fn local_prefixes(view: &ClusterView, me: &str) -> BTreeSet<IpNetwork> {
     out
 }
 
-/// The routes this node owns in the kernel: a blackhole for each local block
-/// (so traffic to its unused addresses is dropped here, not looped) and a
-/// route `via <next hop> dev <uplink>` for each learned prefix that is not ours.
-pub fn kernel_routes(
-    local_blocks: &BTreeSet<IpNetwork>,
-    learned: &BTreeMap<IpNetwork, IpAddr>,
+/// The proxy's view of this node: its address, the cluster CIDR
+/// (`cluster_cidr` if configured, else the first enabled IPv4 pool) and its blocks.
+pub fn node_facts(
+    view: &ClusterView,
+    me: &str,
     my_addr: IpAddr,
-    uplink: u32,
-) -> Vec<Route> {
-    let mut routes: Vec<Route> = local_blocks
-        .iter()
-        .map(|b| Route::blackhole(*b).with_protocol(RTPROT_TABBY))
-        .collect();
-    for (prefix, nh) in learned {
-        if local_blocks.contains(prefix) || *nh == my_addr || prefix.is_ipv4() != nh.is_ipv4() {
-            continue;
-        }
-        routes.push(
-            Route::new(*prefix)
-                .via(*nh)
-                .dev(uplink)
-                .with_protocol(RTPROT_TABBY),
-        );
+    cluster_cidr: Option<Ipv4Network>,
+) -> NodeFacts {
+    let v4 = |n: &IpNetwork| match n {
+        IpNetwork::V4(n) => Some(*n),
+        IpNetwork::V6(_) => None,
+    };
+    let cluster_cidr = cluster_cidr.or_else(|| {
+        view.snapshot
+            .pools
+            .iter()
+            .filter(|p| !p.disabled)
+            .find_map(|p| v4(&p.cidr))
+    });
+    NodeFacts {
+        name: me.to_string(),
+        node_ips: match my_addr {
+            IpAddr::V4(a) => vec![a],
+            IpAddr::V6(_) => Vec::new(),
+        },
+        cluster_cidr,
+        pod_cidrs: local_blocks(view, me).iter().filter_map(v4).collect(),
     }
-    routes
-}
-
-/// The changes that turn `current` (the kernel's routes of our protocol, by
-/// destination) into `desired`: routes to replace and routes to delete.
-/// `foreign` destinations (routes of other protocols, such as pod routes)
-/// are never replaced.
-pub fn diff(
-    current: &BTreeMap<IpNetwork, Route>,
-    desired: &[Route],
-    foreign: &BTreeSet<IpNetwork>,
-) -> (Vec<Route>, Vec<Route>) {
-    let mut wanted: BTreeSet<IpNetwork> = BTreeSet::new();
-    let mut replace = Vec::new();
-    for r in desired.iter().filter(|r| !foreign.contains(&r.dst)) {
-        if wanted.insert(r.dst) && current.get(&r.dst).is_none_or(|c| !same_route(c, r)) {
-            replace.push(r.clone());
-        }
-    }
-    let delete = current
-        .iter()
-        .filter(|(dst, _)| !wanted.contains(*dst))
-        .map(|(_, r)| r.clone())
-        .collect();
-    (replace, delete)
-}
-
-fn same_route(a: &Route, b: &Route) -> bool {
-    a.dst == b.dst
-        && a.gateway == b.gateway
-        && a.kind == b.kind
-        && (a.oif == b.oif || b.oif.is_none())
 }
 
 #[cfg(test)]

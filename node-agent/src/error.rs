@@ -15,12 +15,24 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
-    /// The datastore failed.
-    #[error("datastore")]
-    Datastore(#[from] tabby_ipam::DatastoreError),
-    /// A kernel call failed.
-    #[error("kernel")]
-    Dataplane(#[from] tabby_dataplane::Error),
+    /// Registering this node in the datastore failed.
+    #[error("register node {node} in the datastore")]
+    Register {
+        /// The node's name.
+        node: String,
+        /// Why.
+        #[source]
+        source: tabby_ipam::DatastoreError,
+    },
+    /// Reading what the agent acts on (pools, blocks, nodes, BGP settings) failed.
+    #[error("read the cluster view from the datastore")]
+    ReadView(#[source] tabby_ipam::DatastoreError),
+    /// Finding the uplink interface over netlink failed.
+    #[error("find the uplink interface")]
+    Uplink(#[source] tabby_dataplane::Error),
+    /// Opening the route thread's netlink sockets failed.
+    #[error("open the netlink sockets of the route thread")]
+    RouteSockets(#[source] tabby_dataplane::Error),
     /// A socket or thread could not be set up.
     #[error("{context}")]
     Io {

@@ -3,9 +3,11 @@
 //! - [`agent`]: the main loop that owns the node's state (diagram there).
 //! - [`config`]: the agent's configuration file.
 //! - [`register`]: registering the node, reading the cluster view.
-//! - [`desired`]: pure computation of peers, originated prefixes and kernel routes.
+//! - [`desired`]: pure computation of peers, originated prefixes and node facts.
 //! - [`policy`]: pure import policy (BGPFilter rules, then Tabby's defaults).
+//! - [`plan`]: pure plans from what the agent has to what it wants (peers, prefixes, routes).
 //! - [`routes`]: the kernel side: applies route changes through rtnetlink.
+//! - [`shared`]: the snapshot the loop publishes for status, health and metrics.
 //! - [`speaker_control`]: connects the BGP speaker (crate `tabby-bgp`) to the agent.
 //! - [`service_proxy`]: starts the service proxy (crate `tabby-proxy`) inside the agent.
 //! - [`status`], [`health`]: `tabbyctl node status`, health and metrics (HTTP).
@@ -19,10 +21,12 @@ pub mod error;
 pub mod health;
 pub mod install_cni;
 pub mod metrics;
+pub mod plan;
 pub mod policy;
 pub mod register;
 pub mod routes;
 pub mod service_proxy;
+pub mod shared;
 pub mod speaker_control;
 pub mod status;
 

@@ -9,9 +9,12 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use tabby_bgp::{Speaker, SpeakerConfig};
-use tabby_node::agent::{Agent, Shared};
+use tabby_errors::chain;
+use tabby_ipam::Datastore;
+use tabby_node::agent::Agent;
 use tabby_node::config::AgentConfig;
 use tabby_node::install_cni::cli::{InstallCniArgs, TokenArgs};
+use tabby_node::shared::Shared;
 use tabby_node::speaker_control::{forward_events, SpeakerControl};
 use tabby_node::{health, metrics, service_proxy, status};
 use tokio::signal::unix::{signal, SignalKind};
@@ -67,7 +70,7 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
-            error!(error = %e, "cannot start the runtime");
+            error!(error = %chain(&e), "cannot start the runtime");
             return ExitCode::FAILURE;
         }
     };
@@ -86,7 +89,8 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+/// The configuration file with the flags' overrides.
+fn config(args: &Args) -> anyhow::Result<AgentConfig> {
     let text = |s: String| toml::Value::String(s);
     let mut overrides: Vec<(&str, toml::Value)> = Vec::new();
     if let Some(n) = &args.node_name {
@@ -101,16 +105,32 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(d) = &args.datastore {
         overrides.push(("datastore", text(d.display().to_string())));
     }
-    let cfg = AgentConfig::load_with(args.config.as_deref(), &overrides)?;
+    Ok(AgentConfig::load_with(args.config.as_deref(), &overrides)?)
+}
+
+/// The backend `[datastore]` names, chosen at run time (file or kubernetes).
+type AnyDatastore = Arc<dyn Datastore>;
+
+/// Opens the datastore (the one place that picks its backend) and reads
+/// the cluster's AS number.
+async fn open_datastore(cfg: &AgentConfig) -> anyhow::Result<(Arc<AnyDatastore>, u32)> {
+    let datastore = cfg.datastore.clone();
+    tokio::task::spawn_blocking(move || {
+        let ds: AnyDatastore = Arc::from(datastore.open().context("open the datastore")?);
+        let asn = tabby_ipam::resources::bgp_config(&ds)
+            .context("read the cluster's BGP configuration")?
+            .as_number;
+        anyhow::Ok((Arc::new(ds), asn))
+    })
+    .await?
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let cfg = config(&args)?;
     let IpAddr::V4(router_id) = cfg.bgp_address else {
         bail!("bgp_address must be IPv4 for now")
     };
-    let datastore = cfg.datastore.clone();
-    let cluster_asn = tokio::task::spawn_blocking(move || {
-        let ds = datastore.open()?;
-        anyhow::Ok(tabby_ipam::resources::bgp_config(&ds)?.as_number)
-    })
-    .await??;
+    let (ds, cluster_asn) = open_datastore(&cfg).await?;
     let token_task = match &args.plugin_kubeconfig {
         Some(path) => {
             let (client, plugin) = args.token.plugin_kubeconfig(path.clone()).await?;
@@ -127,14 +147,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     })
     .await
     .context("start the BGP speaker")?;
-    let (tx, events) = tokio::sync::mpsc::channel(1024);
+    // Small: each event holds one UPDATE's prefixes; a full queue slows the sessions.
+    let (tx, events) = tokio::sync::mpsc::channel(64);
     tokio::spawn(forward_events(speaker_events, tx));
 
     let shared = Arc::new(Mutex::new(Shared::default()));
     let bgp = SpeakerControl::new(speaker, &cfg);
     // Registration and the first netlink calls block: keep them off the async workers.
     let (c, s) = (cfg.clone(), Arc::clone(&shared));
-    let mut agent = tokio::task::spawn_blocking(move || Agent::new(c, bgp, s)).await??;
+    let mut agent = tokio::task::spawn_blocking(move || Agent::new(c, ds, bgp, s)).await??;
     let mut registry = metrics::registry(Arc::clone(&shared));
     if cfg.proxy.enabled {
         // Backend detection runs iptables-save: off the async workers.

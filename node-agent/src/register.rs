@@ -8,11 +8,18 @@ use tabby_ipam::{resources, DatastoreError, Node};
 
 use crate::config::AgentConfig;
 use crate::desired::ClusterView;
-use crate::error::Result;
+use crate::error::{AgentError, Result};
 
 /// Creates or updates `nodes/<name>` with this node's address and AS,
 /// keeping what others wrote (labels). Retries on conflicts.
 pub fn register_node(ds: &impl Datastore, cfg: &AgentConfig) -> Result<Node> {
+    try_register(ds, cfg).map_err(|source| AgentError::Register {
+        node: cfg.node_name.clone(),
+        source,
+    })
+}
+
+fn try_register(ds: &impl Datastore, cfg: &AgentConfig) -> Result<Node, DatastoreError> {
     let key = node_key(&cfg.node_name);
     for _ in 0..100 {
         let result = match store::get::<Node>(ds, &key)? {
@@ -38,20 +45,23 @@ pub fn register_node(ds: &impl Datastore, cfg: &AgentConfig) -> Result<Node> {
         match result {
             Ok(node) => return Ok(node),
             Err(DatastoreError::Conflict { .. }) => continue,
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
     }
-    Err(DatastoreError::Conflict { key }.into())
+    Err(DatastoreError::Conflict { key })
 }
 
 /// Reads everything the agent acts on.
 pub fn load_view(ds: &impl Datastore) -> Result<ClusterView> {
-    Ok(ClusterView {
-        snapshot: Snapshot::load(ds)?,
-        bgp: resources::bgp_config(ds)?,
-        peers: resources::bgp_peers(ds)?,
-        filters: resources::bgp_filters(ds)?,
-    })
+    let read = || -> Result<ClusterView, DatastoreError> {
+        Ok(ClusterView {
+            snapshot: Snapshot::load(ds)?,
+            bgp: resources::bgp_config(ds)?,
+            peers: resources::bgp_peers(ds)?,
+            filters: resources::bgp_filters(ds)?,
+        })
+    };
+    read().map_err(AgentError::ReadView)
 }
 
 #[cfg(test)]

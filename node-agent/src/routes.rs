@@ -1,29 +1,43 @@
-//! The kernel side of routing: one thread owns the netlink sockets and turns
-//! each new desired route set into batches of replace/delete requests.
+//! The kernel side of routing: one thread owns the netlink sockets and
+//! applies the agent's route changes in batches.
 //!
 //! ```text
-//!  agent task ──Vec<Route> (latest wins)──▶ route thread ──rtnetlink──▶ kernel
+//!  agent task ──Changes(Vec<RouteChange>) / Ready (bounded)──▶ route thread ──RouteBatch──▶ kernel
+//!                                                                │ ▲
+//!                                   at start, on Ready, every RESYNC: dump the kernel, repair
 //! ```
 //!
-//! The thread remembers what it applied, so a change costs only its own
-//! netlink calls; it re-reads the kernel (our protocol's routes, and the
-//! destinations other protocols own) on start and every `RESYNC`, which
-//! also removes stale routes a previous run left behind. A route the kernel
-//! refuses is logged once and not tried again until it changes ([`Refused`]).
+//! The agent sends only what changed (a prefix's best path moved, a block
+//! came or went), so that a change costs only its own netlink calls. The
+//! desired set is never copied: it is a function of the [`RouteSource`]
+//! (learned routes and local blocks) the agent changes and the thread reads
+//! under a lock for its periodic resync against the kernel, which repairs
+//! what someone else changed and removes stale routes a previous run left
+//! behind (as BIRD's kernel protocol compares its scans with its one table).
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ipnetwork::IpNetwork;
-use tabby_dataplane::{Family, Netlink, Route, RouteBatch, RouteKind};
+use tabby_dataplane::route_sync::{Desired, KernelOps, KernelRoutes, OwnedRoutes, RouteChange};
+use tabby_dataplane::{Family, Netlink, Route, RouteBatch};
+use tabby_errors::chain;
 use tracing::{debug, info, warn};
 
-use crate::desired::{diff, RTPROT_TABBY};
+use crate::desired::RTPROT_TABBY;
+use crate::error::AgentError;
+use crate::plan::{desired_route, route_changes};
+use tabby_bgp::rib::Rib;
 
 /// How often the kernel is re-read in full.
 pub const RESYNC: Duration = Duration::from_secs(30);
+
+/// Messages in flight to the route thread; the agent waits beyond that.
+const QUEUE: usize = 2;
 
 /// Counters of the route thread, for metrics and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -38,29 +52,105 @@ pub struct RouteStats {
     pub installed: u64,
 }
 
+enum Msg {
+    Changes(Vec<RouteChange>),
+    Ready,
+}
+
+/// What the kernel routes follow: the learned routes and the local
+/// blocks. The agent changes it; the route thread reads it to repair.
+#[derive(Debug, Clone)]
+pub struct RouteSource {
+    /// Learned routes.
+    pub rib: Rib<IpNetwork, IpAddr>,
+    /// This node's blocks (blackholes).
+    pub blocks: BTreeSet<IpNetwork>,
+    /// This node's address (a learned route via it is no route).
+    pub my_addr: IpAddr,
+    /// Where learned routes go out.
+    pub uplink: u32,
+}
+
+impl RouteSource {
+    /// Nothing learned, no blocks yet.
+    pub fn new(my_addr: IpAddr, uplink: u32) -> Self {
+        RouteSource {
+            rib: Rib::default(),
+            blocks: BTreeSet::new(),
+            my_addr,
+            uplink,
+        }
+    }
+
+    /// The route wanted for `prefix`.
+    pub fn route(&self, prefix: IpNetwork) -> Option<Route> {
+        let best = self.rib.best(&prefix);
+        desired_route(prefix, &self.blocks, best, self.my_addr, self.uplink)
+    }
+
+    /// Every wanted route.
+    pub fn routes(&self) -> impl Iterator<Item = Route> + '_ {
+        let holes = self.blocks.iter().filter_map(|b| self.route(*b));
+        let learned = (self.rib.best_paths())
+            .filter(|(p, _)| !self.blocks.contains(p))
+            .filter_map(|(p, _)| self.route(p));
+        holes.chain(learned)
+    }
+
+    /// The changes of `prefixes` (any order, repeats allowed).
+    pub fn changes(&self, mut prefixes: Vec<IpNetwork>) -> Vec<RouteChange> {
+        prefixes.sort_unstable();
+        prefixes.dedup();
+        let best = |p: &IpNetwork| self.rib.best(p);
+        route_changes(&prefixes, &self.blocks, best, self.my_addr, self.uplink)
+    }
+}
+
+impl Desired for RouteSource {
+    fn route(&self, dst: IpNetwork) -> Option<Route> {
+        RouteSource::route(self, dst)
+    }
+    fn routes(&self) -> Box<dyn Iterator<Item = Route> + '_> {
+        Box::new(RouteSource::routes(self))
+    }
+}
+
 /// Handle of the route thread; dropping it stops the thread.
 pub struct RouteProgrammer {
-    tx: Option<Sender<Vec<Route>>>,
+    tx: Option<SyncSender<Msg>>,
     thread: Option<JoinHandle<()>>,
-    stats: std::sync::Arc<std::sync::Mutex<RouteStats>>,
+    stats: Arc<Mutex<RouteStats>>,
 }
 
 impl RouteProgrammer {
-    /// Starts the thread with a netlink socket in the current thread's netns.
-    /// For `startup_grace` after the start, learned routes a previous run left
-    /// are kept even when nothing wants them yet, so that a restart does not
-    /// cut cross-node traffic until the BGP sessions are back (like BGP
-    /// graceful restart); blackholes and changed routes are applied at once.
-    pub fn start(startup_grace: Duration) -> crate::error::Result<Self> {
-        let nl = Netlink::host()?;
-        let batch = RouteBatch::open()?;
-        let (tx, rx) = mpsc::channel();
-        let stats = std::sync::Arc::new(std::sync::Mutex::new(RouteStats::default()));
-        let s2 = std::sync::Arc::clone(&stats);
+    /// Starts the thread with a netlink socket in the current thread's
+    /// netns, repairing the kernel against `source`. For `startup_grace`
+    /// after the start, learned routes a previous run left are kept even
+    /// when nothing wants them yet, so that a restart does not cut
+    /// cross-node traffic until the BGP sessions are back (the restarting
+    /// side of BGP graceful restart); blackholes and routes this run
+    /// changed follow at once.
+    pub fn start(
+        startup_grace: Duration,
+        source: Arc<Mutex<RouteSource>>,
+    ) -> crate::error::Result<Self> {
+        let nl = Netlink::host().map_err(AgentError::RouteSockets)?;
+        let batch = RouteBatch::open().map_err(AgentError::RouteSockets)?;
+        let (tx, rx) = mpsc::sync_channel(QUEUE);
+        let stats = Arc::new(Mutex::new(RouteStats::default()));
+        let thread = Thread {
+            nl,
+            batch,
+            stats: Arc::clone(&stats),
+            source,
+            table: None,
+            grace_ends: Instant::now() + startup_grace,
+            ready: false,
+        };
         let thread = std::thread::Builder::new()
             .name("tabby-routes".into())
-            .spawn(move || run(nl, batch, rx, s2, startup_grace))
-            .map_err(|e| crate::error::AgentError::Io {
+            .spawn(move || thread.run(rx))
+            .map_err(|e| AgentError::Io {
                 context: "start the route thread".into(),
                 source: e,
             })?;
@@ -71,10 +161,26 @@ impl RouteProgrammer {
         })
     }
 
-    /// Hands over the complete desired set of our routes.
-    pub fn set(&self, routes: Vec<Route>) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(routes);
+    /// Hands over changes; waits (off the async workers) while the thread
+    /// is `QUEUE` messages behind, so that a burst of learned routes slows
+    /// the BGP sessions down instead of piling up here.
+    pub async fn apply(&self, changes: Vec<RouteChange>) {
+        if !changes.is_empty() {
+            self.send(Msg::Changes(changes)).await;
+        }
+    }
+
+    /// Says the source is complete (the first datastore pass is done): from
+    /// now on routes nobody wants are removed (after the grace for inherited ones).
+    pub async fn ready(&self) {
+        self.send(Msg::Ready).await;
+    }
+
+    async fn send(&self, msg: Msg) {
+        let Some(tx) = &self.tx else { return };
+        if let Err(TrySendError::Full(msg)) = tx.try_send(msg) {
+            let tx = tx.clone();
+            let _ = tokio::task::spawn_blocking(move || tx.send(msg)).await;
         }
     }
 
@@ -93,200 +199,107 @@ impl Drop for RouteProgrammer {
     }
 }
 
-struct Kernel {
-    applied: BTreeMap<IpNetwork, Route>,
-    foreign: BTreeSet<IpNetwork>,
-}
-
-/// Routes the kernel refused, by destination. An identical route is not
-/// sent again (a peer's unusable route would otherwise fail, and be logged,
-/// on every pass); a changed one, or one no longer wanted, is forgotten.
-#[derive(Debug, Default)]
-pub struct Refused(BTreeMap<IpNetwork, Route>);
-
-impl Refused {
-    /// Removes from `replace` the routes refused before exactly as they are,
-    /// and forgets refusals `want` no longer asks for as they were.
-    pub fn skip(&mut self, replace: &mut Vec<Route>, want: &[Route]) {
-        if self.0.is_empty() {
-            return;
-        }
-        let wanted: BTreeMap<&IpNetwork, &Route> = want.iter().map(|r| (&r.dst, r)).collect();
-        self.0.retain(|dst, r| wanted.get(dst) == Some(&&*r));
-        replace.retain(|r| self.0.get(&r.dst) != Some(r));
-    }
-
-    /// Records the routes of `replace` that are among `failed`.
-    pub fn record<E>(&mut self, replace: &[Route], failed: &[(Route, E)]) {
-        for (route, _) in failed {
-            if replace.contains(route) {
-                self.0.insert(route.dst, route.clone());
-            }
-        }
-    }
-}
-
-fn read_kernel(nl: &Netlink) -> tabby_dataplane::Result<Kernel> {
-    let mut applied = BTreeMap::new();
-    let mut foreign = BTreeSet::new();
-    for fam in [Family::V4, Family::V6] {
-        for r in nl.routes(fam)? {
-            if r.protocol == RTPROT_TABBY {
-                applied.insert(r.dst, r);
-            } else if r.dst.prefix() > 0 {
-                foreign.insert(r.dst);
-            }
-        }
-    }
-    Ok(Kernel { applied, foreign })
-}
-
-fn run(
+/// The route thread's own state.
+struct Thread {
     nl: Netlink,
-    mut batch: RouteBatch,
-    rx: Receiver<Vec<Route>>,
-    stats: std::sync::Arc<std::sync::Mutex<RouteStats>>,
-    startup_grace: Duration,
-) {
-    let mut kernel: Option<Kernel> = None;
-    let mut desired: Option<Vec<Route>> = None;
-    let mut last_full = Instant::now();
-    let grace_ends = Instant::now() + startup_grace;
-    // Learned routes a previous run left: kept through the grace unless
-    // this run wants them gone by replacing them.
-    let mut inherited: Option<BTreeSet<IpNetwork>> = None;
-    let mut refused = Refused::default();
-    loop {
-        let now = Instant::now();
-        let wait = if now < grace_ends {
-            (grace_ends - now).min(RESYNC)
-        } else {
-            RESYNC
-        };
-        match rx.recv_timeout(wait) {
-            Ok(mut d) => {
-                // Coalesce: only the newest set matters.
-                while let Ok(newer) = rx.try_recv() {
-                    d = newer;
-                }
-                desired = Some(d);
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
-        }
-        if kernel.is_none() || last_full.elapsed() >= RESYNC {
-            match read_kernel(&nl) {
-                Ok(k) => {
-                    kernel = Some(k);
-                    last_full = Instant::now();
-                }
-                Err(e) => {
-                    warn!(error = %e, "reading the kernel's routes failed; retrying later");
-                    continue;
-                }
-            }
-        }
-        let (Some(k), Some(want)) = (kernel.as_mut(), desired.as_ref()) else {
-            continue;
-        };
-        let inherited = inherited.get_or_insert_with(|| {
-            k.applied
-                .values()
-                .filter(|r| r.kind != RouteKind::Blackhole)
-                .map(|r| r.dst)
-                .collect()
-        });
-        if Instant::now() >= grace_ends {
-            inherited.clear();
-        }
-        apply(&mut batch, k, want, &stats, inherited, &mut refused);
-    }
+    batch: RouteBatch,
+    stats: Arc<Mutex<RouteStats>>,
+    source: Arc<Mutex<RouteSource>>,
+    /// Set by the first read of the kernel.
+    table: Option<OwnedRoutes>,
+    grace_ends: Instant,
+    ready: bool,
 }
 
-fn apply(
-    batch: &mut RouteBatch,
-    k: &mut Kernel,
-    want: &[Route],
-    stats: &std::sync::Mutex<RouteStats>,
-    inherited: &mut BTreeSet<IpNetwork>,
-    refused: &mut Refused,
-) {
-    let (mut replace, mut delete) = diff(&k.applied, want, &k.foreign);
-    refused.skip(&mut replace, want);
-    for r in &replace {
-        inherited.remove(&r.dst);
+impl Thread {
+    fn run(mut self, rx: Receiver<Msg>) {
+        let mut due = Instant::now();
+        loop {
+            match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
+                Ok(Msg::Changes(changes)) => {
+                    // Before the first read of the kernel, the resync installs them.
+                    if let Some(table) = &mut self.table {
+                        let ops = table.change(changes);
+                        self.apply(ops);
+                    }
+                }
+                Ok(Msg::Ready) => {
+                    self.ready = true;
+                    due = Instant::now();
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            if Instant::now() >= due {
+                due = self.repair();
+            }
+        }
     }
-    // Inherited learned routes wait out the grace; routes this run installed
-    // (and every blackhole) follow the desired set at once.
-    delete.retain(|r| !inherited.contains(&r.dst));
-    if replace.is_empty() && delete.is_empty() {
-        return;
+
+    /// Reads the kernel (first to learn it, then to repair it); returns
+    /// when to do it again.
+    fn repair(&mut self) -> Instant {
+        let now = Instant::now();
+        let in_grace = now < self.grace_ends;
+        let nl = &self.nl;
+        let mut read = |f: &mut dyn FnMut(Route)| -> tabby_dataplane::Result<()> {
+            nl.for_each_route(Family::V4, &mut *f)?;
+            nl.for_each_route(Family::V6, &mut *f)
+        };
+        let kernel = match KernelRoutes::read(RTPROT_TABBY, &mut read) {
+            Ok(k) => k,
+            Err(e) => {
+                warn!(error = %chain(&e), "reading the kernel's routes failed; retrying");
+                return now + Duration::from_secs(1);
+            }
+        };
+        let Some(table) = &mut self.table else {
+            self.table = Some(OwnedRoutes::start(kernel));
+            return if self.ready { now } else { now + RESYNC };
+        };
+        if !self.ready {
+            return now + RESYNC;
+        }
+        let ops = match self.source.lock() {
+            Ok(source) => table.resync(in_grace, kernel, &*source),
+            Err(_) => return now + RESYNC,
+        };
+        self.apply(ops);
+        if in_grace {
+            self.grace_ends.min(now + RESYNC)
+        } else {
+            now + RESYNC
+        }
     }
-    let failed = batch.apply(&delete, &replace);
-    for (route, error) in &failed {
-        warn!(%route, %error, "route change failed; not retried until the route changes");
-    }
-    refused.record(&replace, &failed);
-    let failed_dst: BTreeSet<IpNetwork> = failed.iter().map(|(r, _)| r.dst).collect();
-    for r in delete.iter().filter(|r| !failed_dst.contains(&r.dst)) {
-        k.applied.remove(&r.dst);
-    }
-    for r in replace.iter().filter(|r| !failed_dst.contains(&r.dst)) {
-        k.applied.insert(r.dst, r.clone());
-    }
-    let (ok_d, ok_r) = (
-        delete
-            .iter()
-            .filter(|r| !failed_dst.contains(&r.dst))
-            .count() as u64,
-        replace
-            .iter()
-            .filter(|r| !failed_dst.contains(&r.dst))
-            .count() as u64,
-    );
-    if ok_r + ok_d < 50 {
-        debug!(replaced = ok_r, deleted = ok_d, "routes synced");
-    } else {
-        info!(replaced = ok_r, deleted = ok_d, "routes synced");
-    }
-    if let Ok(mut s) = stats.lock() {
-        s.replaced += ok_r;
-        s.deleted += ok_d;
-        s.errors += failed.len() as u64;
-        s.installed = k.applied.len() as u64;
+
+    fn apply(&mut self, ops: KernelOps) {
+        let failed = if ops.replace.is_empty() && ops.delete.is_empty() {
+            Vec::new()
+        } else {
+            self.batch.apply(&ops.delete, &ops.replace)
+        };
+        for (route, error) in &failed {
+            warn!(%route, error = %chain(error), "route change failed");
+        }
+        let failed_dst: BTreeSet<IpNetwork> = failed.iter().map(|(r, _)| r.dst).collect();
+        let Some(table) = &mut self.table else { return };
+        table.record(&ops, &failed_dst);
+        let ok = |rs: &[Route]| rs.iter().filter(|r| !failed_dst.contains(&r.dst)).count() as u64;
+        let (ok_r, ok_d) = (ok(&ops.replace), ok(&ops.delete));
+        if ok_r + ok_d >= 50 {
+            info!(replaced = ok_r, deleted = ok_d, "routes synced");
+        } else if ok_r + ok_d > 0 {
+            debug!(replaced = ok_r, deleted = ok_d, "routes synced");
+        }
+        let wanted = self.source.lock().map(|s| s.rib.len() + s.blocks.len());
+        if let Ok(mut s) = self.stats.lock() {
+            s.replaced += ok_r;
+            s.deleted += ok_d;
+            s.errors += failed.len() as u64;
+            s.installed = table.installed(wanted.unwrap_or(0));
+        }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn route(dst: &str, via: &str) -> Route {
-        Route::new(dst.parse().unwrap()).via(via.parse().unwrap())
-    }
-
-    #[test]
-    fn a_refused_route_is_skipped_until_it_changes_or_goes() {
-        let mut refused = Refused::default();
-        let bad = route("10.77.0.0/24", "10.55.0.1");
-        let good = route("10.78.0.0/24", "10.98.0.1");
-        refused.record(
-            &[bad.clone(), good.clone()],
-            &[(bad.clone(), "ENETUNREACH")],
-        );
-        let want = vec![bad.clone(), good.clone()];
-        let mut replace = want.clone();
-        refused.skip(&mut replace, &want);
-        assert_eq!(replace, vec![good.clone()]);
-        // Changed: tried again.
-        let changed = vec![route("10.77.0.0/24", "10.55.0.2")];
-        let mut replace = changed.clone();
-        refused.skip(&mut replace, &changed);
-        assert_eq!(replace, changed);
-        // The old refusal is forgotten: the first route may come back.
-        let bad = vec![bad];
-        let mut replace = bad.clone();
-        refused.skip(&mut replace, &bad);
-        assert_eq!(replace, bad);
-    }
-}
+mod tests;

@@ -3,10 +3,10 @@
 //! `iptables-restore` and block), and the health-check node ports.
 //!
 //! ```text
-//!  FileClusterState ──ProxyEvent──┐
-//!  agent loop (node facts) ───────┤ (mpsc)
-//!                                 ▼
-//!                 proxy thread: Proxier::run_observed ──iptables-restore──▶ kernel
+//!  FileClusterState ──ProxyEvent (… SourceSynced)──┐
+//!  agent loop (node facts) ─────────────────────────┤ (mpsc)
+//!                                                   ▼
+//!   proxy thread: Proxier::run_observed (first sync once all synced) ──iptables-restore──▶ kernel
 //!                                 │ after each sync
 //!                                 ├──▶ HealthCheckServer (tasks on the main runtime)
 //!                                 └──▶ its ProxyMetrics, registered in the agent's Registry (/metrics)
@@ -15,20 +15,19 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use ipnetwork::{IpNetwork, Ipv4Network};
 use prometheus_client::registry::Registry;
+use tabby_errors::chain;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::config::AgentConfig;
-use crate::desired::ClusterView;
 use crate::error::{AgentError, Result};
 use tabby_proxy::cluster_state::{ClusterState, FileClusterState};
 use tabby_proxy::conntrack::ConntrackCli;
 use tabby_proxy::healthcheck::HealthCheckServer;
 use tabby_proxy::iptables::{detect_backend, Backend, Iptables};
 use tabby_proxy::model::NodeFacts;
-use tabby_proxy::proxier::{Proxier, ProxyEvent, SyncConfig};
+use tabby_proxy::proxier::{Proxier, ProxyEvent, SourceId, SyncConfig};
 use tabby_proxy::rules::ProxyOptions;
 
 /// Starts the proxy with its metrics in `registry`; returns where node facts changes go.
@@ -53,13 +52,16 @@ pub fn start(cfg: &AgentConfig, registry: &mut Registry) -> Result<mpsc::Sender<
         name: cfg.node_name.clone(),
         ..NodeFacts::default()
     };
+    // The first sync waits for the resource files and the node's facts:
+    // until then the previous run's rules keep serving.
     let proxier = Proxier::new(
         facts,
         opts,
         sync,
         Iptables::new(backend),
         ConntrackCli::default(),
-    );
+    )
+    .wait_for([SourceId::Services, SourceId::EndpointSlices, SourceId::Node]);
     proxier.metrics().register(registry);
     let (tx, rx) = mpsc::channel(4096);
     let main = tokio::runtime::Handle::current();
@@ -76,7 +78,7 @@ pub fn start(cfg: &AgentConfig, registry: &mut Registry) -> Result<mpsc::Sender<
             {
                 Ok(rt) => rt,
                 Err(e) => {
-                    warn!(error = %e, "service proxy runtime");
+                    warn!(error = %chain(&e), "service proxy runtime");
                     return;
                 }
             };
@@ -97,34 +99,4 @@ pub fn start(cfg: &AgentConfig, registry: &mut Registry) -> Result<mpsc::Sender<
     };
     tokio::spawn(source.run(tx.clone()));
     Ok(tx)
-}
-
-/// The proxy's view of this node, from the cluster view: its address, the
-/// cluster CIDR (configured, else the first enabled IPv4 pool) and its blocks.
-pub fn node_facts(cfg: &AgentConfig, view: &ClusterView) -> NodeFacts {
-    let v4 = |n: &IpNetwork| match n {
-        IpNetwork::V4(n) => Some(*n),
-        IpNetwork::V6(_) => None,
-    };
-    let cluster_cidr: Option<Ipv4Network> = cfg.proxy.cluster_cidr.or_else(|| {
-        view.snapshot
-            .pools
-            .iter()
-            .filter(|p| !p.disabled)
-            .find_map(|p| v4(&p.cidr))
-    });
-    let pod_cidrs = crate::desired::local_blocks(view, &cfg.node_name)
-        .iter()
-        .filter_map(v4)
-        .collect();
-    let node_ips = match cfg.bgp_address {
-        IpAddr::V4(a) => vec![a],
-        IpAddr::V6(_) => Vec::new(),
-    };
-    NodeFacts {
-        name: cfg.node_name.clone(),
-        node_ips,
-        cluster_cidr,
-        pod_cidrs,
-    }
 }

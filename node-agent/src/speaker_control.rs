@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnetwork::IpNetwork;
+use tabby_errors::chain;
 use tokio::sync::mpsc;
 use tracing::warn;
 
@@ -20,6 +21,7 @@ pub struct SpeakerControl {
     hold_time: u16,
     keepalive: u16,
     connect_retry: Duration,
+    restart_time: u16,
 }
 
 impl SpeakerControl {
@@ -30,6 +32,7 @@ impl SpeakerControl {
             hold_time: cfg.hold_time,
             keepalive: cfg.keepalive().as_secs() as u16,
             connect_retry: Duration::from_secs(u64::from(cfg.connect_retry.max(1))),
+            restart_time: cfg.graceful_restart_time,
         }
     }
 
@@ -52,8 +55,9 @@ impl BgpControl for SpeakerControl {
         pc.password = peer.password.clone();
         pc.export = peer.export.clone();
         pc.max_prefix = peer.max_prefix;
+        pc.restart_time = self.restart_time;
         if let Err(e) = self.speaker.add_peer(pc) {
-            warn!(peer = %addr, error = %e, "adding BGP peer failed");
+            warn!(peer = %addr, error = %chain(&e), "adding BGP peer failed");
         }
     }
 
@@ -138,6 +142,8 @@ pub async fn forward_events(mut from: mpsc::Receiver<SpeakerEvent>, to: mpsc::Se
         let ev = match ev {
             SpeakerEvent::PeerUp { .. } => continue,
             SpeakerEvent::PeerDown { peer } => BgpEvent::PeerDown { peer: v4(peer) },
+            SpeakerEvent::PeerStale { peer } => BgpEvent::Stale { peer: v4(peer) },
+            SpeakerEvent::PurgeStale { peer } => BgpEvent::PurgeStale { peer: v4(peer) },
             SpeakerEvent::RoutesLearned {
                 peer,
                 next_hop,

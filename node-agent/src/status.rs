@@ -50,7 +50,7 @@ pub async fn serve(path: PathBuf, status: Arc<dyn Fn() -> NodeStatus + Send + Sy
         let mut stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
-                tracing::debug!(error = %e, "accept on the status socket");
+                tracing::debug!(error = %tabby_errors::chain(&e), "accept on the status socket");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }

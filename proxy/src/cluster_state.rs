@@ -21,12 +21,16 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::model::ServiceKey;
+use crate::proxier::SourceId;
 use crate::yaml;
 use crate::ProxyEvent;
+use tabby_errors::chain;
 
 /// A source of cluster state for the proxy (file backend now, Kubernetes later).
 pub trait ClusterState: Send + 'static {
-    /// Sends every object once, then every change, until `tx` closes.
+    /// Sends every object once, then [`ProxyEvent::SourceSynced`] for each
+    /// kind it serves (the proxy's first sync waits for it), then every
+    /// change, until `tx` closes.
     fn run(self, tx: mpsc::Sender<ProxyEvent>) -> impl Future<Output = ()> + Send;
 }
 
@@ -38,7 +42,10 @@ pub trait ClusterState: Send + 'static {
 /// files atomically by rename).
 ///
 /// A file that does not parse is logged and keeps the objects it last held
-/// until its next change; a missing directory holds no objects.
+/// until its next change; a missing directory holds no objects. The first
+/// scan that could list the directory is the initial state: Services and
+/// EndpointSlices are synced after it (a file that does not parse then is
+/// an error to fix, not a state to wait for).
 #[derive(Debug, Clone)]
 pub struct FileClusterState {
     /// The directory.
@@ -50,6 +57,7 @@ pub struct FileClusterState {
 impl ClusterState for FileClusterState {
     async fn run(self, tx: mpsc::Sender<ProxyEvent>) {
         let mut scanner = Scanner::new(self.dir);
+        let mut synced = false;
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -68,7 +76,17 @@ impl ClusterState for FileClusterState {
                 return;
             };
             scanner = next;
-            for ev in events {
+            let initial = !synced && scanner.listed;
+            if initial {
+                synced = true;
+                debug!(dir = %scanner.dir.display(), "resource directory read: Services and EndpointSlices synced");
+            }
+            let sources = [SourceId::Services, SourceId::EndpointSlices];
+            let done = sources
+                .into_iter()
+                .filter(|_| initial)
+                .map(ProxyEvent::SourceSynced);
+            for ev in events.into_iter().chain(done) {
                 if tx.send(ev).await.is_err() {
                     return;
                 }
@@ -129,6 +147,8 @@ pub(crate) struct Scanner {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
     sent: BTreeMap<ObjectKey, Object>,
+    /// A scan could list the directory (or see that it does not exist).
+    pub(crate) listed: bool,
 }
 
 impl Scanner {
@@ -137,6 +157,7 @@ impl Scanner {
             dir,
             files: BTreeMap::new(),
             sent: BTreeMap::new(),
+            listed: false,
         }
     }
 
@@ -146,10 +167,11 @@ impl Scanner {
         let listing = match list(&self.dir) {
             Ok(l) => l,
             Err(error) => {
-                warn!(dir = %self.dir.display(), %error, "cannot list the resource directory");
+                warn!(dir = %self.dir.display(), error = %chain(&error), "cannot list the resource directory");
                 return Vec::new();
             }
         };
+        self.listed = true;
         let mut changed = false;
         self.files.retain(|path, _| {
             let keep = listing.contains_key(path);
@@ -168,7 +190,7 @@ impl Scanner {
                         changed = true;
                     }
                     Err(error) => {
-                        warn!(file = %path.display(), %error, "cannot parse resource file; keeping its previous objects");
+                        warn!(file = %path.display(), error = %chain(&error), "cannot parse resource file; keeping its previous objects");
                         let state = self.files.entry(path).or_insert_with(|| FileState {
                             stamp,
                             objects: BTreeMap::new(),
@@ -179,7 +201,9 @@ impl Scanner {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     changed |= self.files.remove(&path).is_some();
                 }
-                Err(error) => warn!(file = %path.display(), %error, "cannot read resource file"),
+                Err(error) => {
+                    warn!(file = %path.display(), error = %chain(&error), "cannot read resource file")
+                }
             }
         }
         if changed {

@@ -10,7 +10,7 @@ use std::fmt;
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
-use k8s_openapi::api::core::v1::{Service, ServicePort};
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 /// Label that ties an EndpointSlice to its Service.
@@ -216,6 +216,27 @@ pub struct NodeFacts {
     pub pod_cidrs: Vec<Ipv4Network>,
 }
 
+/// `loadBalancerSourceRanges` that parse as IPv4 networks.
+fn source_ranges(spec: &ServiceSpec) -> Vec<Ipv4Network> {
+    spec.load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .filter_map(|r| r.trim().parse::<Ipv4Network>().ok())
+        .collect()
+}
+
+/// The ClientIP affinity timeout in seconds, when the service asks for affinity.
+fn affinity_timeout(spec: &ServiceSpec) -> Option<u32> {
+    (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .and_then(|t| u32::try_from(t).ok())
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
+    })
+}
+
 /// Build the service ports of one Service from it and its EndpointSlices.
 ///
 /// Returns nothing for headless (`clusterIP: None`) and ExternalName
@@ -242,20 +263,8 @@ pub fn service_ports(
     };
     let external_ips = parse_all(spec.external_ips.iter().flatten().map(String::as_str));
     let load_balancer_ips = load_balancer_ips(svc);
-    let ranges: Vec<Ipv4Network> = spec
-        .load_balancer_source_ranges
-        .iter()
-        .flatten()
-        .filter_map(|r| r.trim().parse::<Ipv4Network>().ok())
-        .collect();
-    let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-        spec.session_affinity_config
-            .as_ref()
-            .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds)
-            .and_then(|t| u32::try_from(t).ok())
-            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
-    });
+    let ranges = source_ranges(spec);
+    let affinity_timeout = affinity_timeout(spec);
     let node_port_type = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
     let mut out = Vec::new();
     for port in spec.ports.iter().flatten() {

@@ -9,6 +9,14 @@
 //!                                 ─▶ one iptables-restore --noflush ─▶ conntrack -D for stale UDP flows
 //! ```
 //!
+//! The first sync waits until every source the proxier was told to wait
+//! for ([`Proxier::wait_for`]) has delivered its initial state
+//! ([`ProxyEvent::SourceSynced`]; a [`ProxyEvent::Node`] counts for
+//! [`SourceId::Node`]): a sync from a partial view would delete the rules of
+//! every service not read yet, which after an agent restart are the live
+//! rules of the previous run (kube-proxy waits for its informers the same
+//! way). Until then the kernel's rules stay untouched.
+//!
 //! The first sync is full; later ones are partial (dispatch chains plus the
 //! chains of services that changed). A failed restore, a node change, a
 //! switch into or out of large cluster mode, or `full_resync_period` without
@@ -52,6 +60,17 @@ impl Default for SyncConfig {
     }
 }
 
+/// A source of cluster state whose initial state the first sync waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SourceId {
+    /// Services (the file source's first complete read, or a reflector's initial list).
+    Services,
+    /// EndpointSlices.
+    EndpointSlices,
+    /// The node's own facts (the agent's first datastore pass).
+    Node,
+}
+
 /// A change of cluster state, from the watcher.
 #[derive(Debug, Clone)]
 pub enum ProxyEvent {
@@ -63,8 +82,10 @@ pub enum ProxyEvent {
     SliceUpsert(Box<EndpointSlice>),
     /// An EndpointSlice was deleted (namespace, name).
     SliceDelete(String, String),
-    /// The node's facts changed.
+    /// The node's facts changed (the first also marks [`SourceId::Node`] synced).
     Node(Box<NodeFacts>),
+    /// A source has delivered everything it had at its start.
+    SourceSynced(SourceId),
     /// Resync everything now.
     FullSync,
 }
@@ -97,6 +118,7 @@ pub struct Proxier<D, C> {
     needs_full: bool,
     last_sync: Option<Instant>,
     last_full: Option<Instant>,
+    waiting: BTreeSet<SourceId>,
     metrics: ProxyMetrics,
 }
 
@@ -154,7 +176,25 @@ impl<D: Dataplane, C: Conntrack> Proxier<D, C> {
             needs_full: true,
             last_sync: None,
             last_full: None,
+            waiting: BTreeSet::new(),
             metrics: ProxyMetrics::default(),
+        }
+    }
+
+    /// Holds the first sync until each of `sources` has synced.
+    pub fn wait_for(mut self, sources: impl IntoIterator<Item = SourceId>) -> Self {
+        self.waiting.extend(sources);
+        self
+    }
+
+    /// Whether every awaited source has delivered its initial state.
+    pub fn sources_synced(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    fn source_synced(&mut self, source: SourceId) {
+        if self.waiting.remove(&source) && self.waiting.is_empty() {
+            tracing::info!(last = ?source, "every source has synced; the first sync may run");
         }
     }
 
@@ -210,7 +250,9 @@ impl<D: Dataplane, C: Conntrack> Proxier<D, C> {
             ProxyEvent::Node(node) => {
                 self.node = *node;
                 self.needs_full = true;
+                self.source_synced(SourceId::Node);
             }
+            ProxyEvent::SourceSynced(source) => self.source_synced(source),
             ProxyEvent::FullSync => self.needs_full = true,
         }
     }
@@ -229,21 +271,26 @@ impl<D: Dataplane, C: Conntrack> Proxier<D, C> {
         self.needs_full || !self.dirty.is_empty()
     }
 
-    /// When the next sync should run.
-    pub fn next_deadline(&self, now: Instant) -> Instant {
+    /// When the next sync should run; `None` while a source has not synced.
+    pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        if !self.sources_synced() {
+            return None;
+        }
         let Some(last) = self.last_sync else {
-            return now;
+            return Some(now);
         };
-        if self.has_pending() {
+        Some(if self.has_pending() {
             (last + self.cfg.min_sync_period).max(now)
         } else {
             last + self.cfg.max_sync_period
-        }
+        })
     }
 
     /// Sync when [`Self::next_deadline`] has come.
     pub fn sync_if_due(&mut self, now: Instant) -> Option<Result<SyncReport>> {
-        (self.next_deadline(now) <= now).then(|| self.sync(now))
+        self.next_deadline(now)
+            .is_some_and(|d| d <= now)
+            .then(|| self.sync(now))
     }
 
     fn ctx(&self, large_cluster: bool) -> Ctx<'_> {
@@ -306,7 +353,8 @@ impl<D: Dataplane, C: Conntrack> Proxier<D, C> {
         (self.is_large(set.endpoint_count()) == was_large).then_some(set)
     }
 
-    /// Program the current state now: one restore, then conntrack cleanup.
+    /// Program the current state now (even before the sources synced):
+    /// one restore, then conntrack cleanup.
     pub fn sync(&mut self, now: Instant) -> Result<SyncReport> {
         let started = Instant::now();
         let full_due = self
@@ -336,7 +384,7 @@ impl<D: Dataplane, C: Conntrack> Proxier<D, C> {
             Err(e) => {
                 self.needs_full = true;
                 self.metrics.record_restore_failure(full);
-                tracing::warn!(error = %e, full, "service proxy sync failed; next sync is full");
+                tracing::warn!(error = %tabby_errors::chain(&e), full, "service proxy sync failed; next sync is full");
                 return Err(e);
             }
         };
@@ -387,7 +435,7 @@ impl<D: Dataplane, C: Conntrack> Proxier<D, C> {
             let result = self.conntrack.delete(&del);
             self.metrics.record_conntrack_delete(result.is_ok());
             if let Err(e) = result {
-                tracing::warn!(error = %e, ?del, "conntrack cleanup failed");
+                tracing::warn!(error = %tabby_errors::chain(&e), ?del, "conntrack cleanup failed");
             }
         }
     }
@@ -424,17 +472,114 @@ impl<D: Dataplane, C: Conntrack> Proxier<D, C> {
     ) -> Self {
         loop {
             let now = tokio::time::Instant::now();
-            let deadline = tokio::time::Instant::from_std(self.next_deadline(now.into_std()));
+            let deadline = self.next_deadline(now.into_std());
             tokio::select! {
                 ev = events.recv() => match ev {
                     Some(ev) => self.apply_event(ev),
                     None => return self,
                 },
-                () = tokio::time::sleep_until(deadline) => {
+                () = until(deadline) => {
                     let _ = self.sync(tokio::time::Instant::now().into_std());
                     after_sync(&self);
                 }
             }
         }
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conntrack::NoConntrack;
+
+    /// Counts payloads; `save` shows the rules a previous run left.
+    #[derive(Default)]
+    struct Recorder {
+        payloads: Vec<String>,
+    }
+
+    impl Dataplane for Recorder {
+        fn save(&mut self) -> Result<String> {
+            Ok("*nat\n:TABBY-SERVICES - [0:0]\n:TABBY-SVC-OLD - [0:0]\nCOMMIT\n".into())
+        }
+        fn restore(&mut self, payload: &str) -> Result<()> {
+            self.payloads.push(payload.to_string());
+            Ok(())
+        }
+    }
+
+    fn waiting_proxier() -> Proxier<Recorder, NoConntrack> {
+        Proxier::new(
+            NodeFacts::default(),
+            ProxyOptions::default(),
+            SyncConfig::default(),
+            Recorder::default(),
+            NoConntrack::default(),
+        )
+        .wait_for([SourceId::Services, SourceId::EndpointSlices, SourceId::Node])
+    }
+
+    fn service() -> ProxyEvent {
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80, "protocol": "TCP"}]}
+        }))
+        .unwrap();
+        ProxyEvent::ServiceUpsert(Box::new(svc))
+    }
+
+    #[test]
+    fn the_first_sync_waits_for_every_source_and_is_due_right_after_the_last() {
+        let mut p = waiting_proxier();
+        let t0 = Instant::now();
+        for ev in [
+            service(),
+            ProxyEvent::SourceSynced(SourceId::Services),
+            ProxyEvent::SourceSynced(SourceId::EndpointSlices),
+            ProxyEvent::FullSync,
+        ] {
+            p.apply_event(ev);
+            assert_eq!(p.next_deadline(t0), None, "a source is still missing");
+            assert!(p.sync_if_due(t0 + Duration::from_secs(60)).is_none());
+        }
+        p.apply_event(ProxyEvent::Node(Box::default()));
+        assert!(p.sources_synced());
+        assert_eq!(p.next_deadline(t0), Some(t0), "due at once");
+        let report = p.sync_if_due(t0).unwrap().unwrap();
+        assert!(report.full);
+        assert!(
+            report.payload.text.contains("10.96.0.10/32"),
+            "the first sync holds what the sources delivered"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_run_loop_leaves_the_old_rules_alone_until_the_sources_synced() {
+        let (tx, rx) = mpsc::channel(16);
+        let task = tokio::spawn(waiting_proxier().run(rx));
+        tx.send(service()).await.unwrap();
+        tx.send(ProxyEvent::SourceSynced(SourceId::Services))
+            .await
+            .unwrap();
+        tx.send(ProxyEvent::SourceSynced(SourceId::EndpointSlices))
+            .await
+            .unwrap();
+        // Far beyond max_sync_period: still no sync without the node's facts.
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        tx.send(ProxyEvent::Node(Box::default())).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        drop(tx);
+        let mut p = task.await.unwrap();
+        let payloads = &p.dataplane_mut().payloads;
+        assert_eq!(payloads.len(), 1, "one sync, right after the last source");
+        assert!(payloads[0].contains("10.96.0.10/32"), "{}", payloads[0]);
     }
 }

@@ -246,17 +246,17 @@ mod proxy {
             NoConntrack::default(),
         );
         let t0 = Instant::now();
-        assert_eq!(p.next_deadline(t0), t0, "the first sync is immediate");
+        assert_eq!(p.next_deadline(t0), Some(t0), "the first sync is immediate");
         p.sync(t0).unwrap();
         assert_eq!(
             p.next_deadline(t0),
-            t0 + Duration::from_secs(30),
+            Some(t0 + Duration::from_secs(30)),
             "idle: periodic"
         );
         feed(&mut p, DNS);
         assert_eq!(
             p.next_deadline(t0),
-            t0 + Duration::from_secs(1),
+            Some(t0 + Duration::from_secs(1)),
             "a change waits for the minimum period"
         );
         assert!(p.sync_if_due(t0 + Duration::from_millis(500)).is_none());

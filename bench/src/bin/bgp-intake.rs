@@ -34,7 +34,8 @@
 //!
 //! Everything (daemons, namespaces, temp dir) is removed on drop, also on
 //! error, panic or Ctrl-C. Run (root): `cargo run --release -p tabby-bench
-//! --bin bgp-intake [-- --prefixes N] [--together]`; needs `bird`, `gobgpd`, `gobgp`.
+//! --bin bgp-intake [-- --prefixes N] [--together]` (`--help` says more);
+//! needs `bird`, `gobgpd`, `gobgp`.
 
 #[path = "../intake.rs"]
 mod intake;
@@ -42,6 +43,7 @@ mod intake;
 mod rtnl;
 
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -128,6 +130,20 @@ fn fmt(v: Option<f64>) -> String {
     v.map_or("-".into(), |s| format!("{s:.2} s"))
 }
 
+const HELP: &str = "\
+bgp-intake: GoBGP announces N /32s to (a) tabby-node and (b) BIRD 2 in the same
+run; prints each receiver's intake time (session Established -> all routes in
+the kernel), the ratio a/b (target <= 1.0), peak RSS (VmHWM) and CPU.
+
+usage: bgp-intake [--prefixes N] [--together]
+  --prefixes N   routes GoBGP announces (default 100000, at most 1048576)
+  --together     enable both sessions at once (default: tabby-node's first,
+                 BIRD's once tabby-node has every route)
+  -h, --help     this text
+
+Needs root, bird, gobgpd and gobgp, and the release binaries:
+cargo build --release -p tabby-bench -p tabby-node -p tabby-ctl";
+
 fn main() -> std::process::ExitCode {
     rtnl::catch_signals();
     match real_main() {
@@ -139,9 +155,26 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn real_main() -> Result<()> {
+/// The command line: how many prefixes, whether both sessions start together.
+struct Options {
+    prefixes: u32,
+    together: bool,
+}
+
+/// Parses the flags; `None` after printing the help.
+fn options() -> Result<Option<Options>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let n: u32 = match args.iter().position(|a| a == "--prefixes") {
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{HELP}");
+        return Ok(None);
+    }
+    if let Some(a) = args
+        .iter()
+        .find(|a| a.starts_with('-') && !["--prefixes", "--together"].contains(&a.as_str()))
+    {
+        bail!("unknown option {a} (see --help)");
+    }
+    let prefixes: u32 = match args.iter().position(|a| a == "--prefixes") {
         Some(i) => args
             .get(i + 1)
             .context("--prefixes needs a value")?
@@ -149,8 +182,16 @@ fn real_main() -> Result<()> {
             .context("bad --prefixes")?,
         None => 100_000,
     };
-    anyhow::ensure!((1..=1 << 20).contains(&n), "--prefixes must be 1..=1048576");
+    anyhow::ensure!(
+        (1..=1 << 20).contains(&prefixes),
+        "--prefixes must be 1..=1048576"
+    );
     let together = args.iter().any(|a| a == "--together");
+    Ok(Some(Options { prefixes, together }))
+}
+
+/// Root, the release binaries (tabby-node, tabbyctl) and the peers' tools.
+fn check_prerequisites() -> Result<(PathBuf, PathBuf)> {
     if !tabby_testkit::is_root() {
         bail!("needs root (network namespaces)");
     }
@@ -169,12 +210,11 @@ fn real_main() -> Result<()> {
             .output()
             .with_context(|| format!("`{tool}` is not installed (apt-get install bird2 gobgpd)"))?;
     }
-    println!("bgp-intake: GoBGP announces {n} /32s from {FIRST} to (a) tabby-node and (b) BIRD 2, iBGP AS {ASN}");
+    Ok((node_bin, ctl_bin))
+}
 
-    // Drop order (reverse of declaration): watchers, daemons, namespaces, temp dir.
-    let dir = tempfile::Builder::new()
-        .prefix("tabby-bgp-intake-")
-        .tempdir()?;
+/// GoBGP's namespace joined to each receiver's by a veth.
+fn namespaces(dir: &Path) -> Result<(Netns, Netns, Netns)> {
     let (g, t, b) = (
         Netns::new("ib-gobgp"),
         Netns::new("ib-tabby"),
@@ -184,18 +224,8 @@ fn real_main() -> Result<()> {
         (&t, "to-tabby", GOBGP_T, TABBY),
         (&b, "to-bird", GOBGP_B, BIRD),
     ] {
-        g.ip(&[
-            "link",
-            "add",
-            dev,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns.name(),
-        ]);
+        let link = ["link", "add", dev, "type", "veth", "peer", "name", "eth0"];
+        g.ip(&[&link[..], &["netns", ns.name()]].concat());
         g.ip(&["addr", "add", &format!("{mine}/24"), "dev", dev]);
         g.ip(&["link", "set", dev, "up"]);
         ns.ip(&["addr", "add", &format!("{peer}/24"), "dev", "eth0"]);
@@ -206,15 +236,17 @@ fn real_main() -> Result<()> {
         g.name(),
         t.name(),
         b.name(),
-        dir.path().display()
+        dir.display()
     );
-    let mut daemons: Vec<Daemon> = Vec::new();
+    Ok((g, t, b))
+}
 
-    // 1. gobgpd with both neighbors admin-down, then its RIB.
+/// gobgpd with both neighbors admin-down, then its RIB of `n` routes.
+fn start_gobgp(g: &Netns, dir: &Path, n: u32) -> Result<Daemon> {
     let neighbor = |addr: &str| {
         format!("[[neighbors]]\n  [neighbors.config]\n    neighbor-address = \"{addr}\"\n    peer-as = {ASN}\n    admin-down = true\n  [neighbors.timers.config]\n    connect-retry = 1\n    hold-time = 90\n    keepalive-interval = 30\n")
     };
-    let conf = dir.path().join("gobgpd.toml");
+    let conf = dir.join("gobgpd.toml");
     std::fs::write(
         &conf,
         format!(
@@ -223,23 +255,20 @@ fn real_main() -> Result<()> {
             neighbor(BIRD)
         ),
     )?;
-    daemons.push(Daemon::start(
+    let conf = conf.display().to_string();
+    let args = [
         "gobgpd",
-        &g,
-        dir.path(),
-        &[
-            "gobgpd",
-            "-f",
-            &conf.display().to_string(),
-            "--api-hosts",
-            "127.0.0.1:50051",
-            "-l",
-            "warn",
-        ],
-    )?);
+        "-f",
+        &conf,
+        "--api-hosts",
+        "127.0.0.1:50051",
+        "-l",
+        "warn",
+    ];
+    let mut daemon = Daemon::start("gobgpd", g, dir, &args)?;
     let t0 = Instant::now();
-    while gobgp(&g, &["global"]).is_err() {
-        daemons[0].check_alive()?;
+    while gobgp(g, &["global"]).is_err() {
+        daemon.check_alive()?;
         anyhow::ensure!(
             t0.elapsed() < Duration::from_secs(20),
             "gobgpd's API did not come up in 20 s"
@@ -247,15 +276,23 @@ fn real_main() -> Result<()> {
         nap(Duration::from_millis(100))?;
     }
     let t0 = Instant::now();
-    load_rib(&g, dir.path(), n)?;
+    load_rib(g, dir, n)?;
     println!(
         "GoBGP RIB loaded with {n} routes in {:.2} s (gobgp mrt inject)",
         t0.elapsed().as_secs_f64()
     );
+    Ok(daemon)
+}
 
-    // 2. The receivers and their kernel watchers.
-    let ds = dir.path().join("datastore");
-    run_ok(Command::new(&ctl_bin).arg("--datastore").arg(&ds).args([
+/// tabby-node (GoBGP as a global BGPPeer in a file datastore) and BIRD.
+fn start_receivers(
+    (t, b): (&Netns, &Netns),
+    dir: &Path,
+    (node_bin, ctl_bin): (&Path, &Path),
+) -> Result<[Daemon; 2]> {
+    let ds = dir.join("datastore");
+    let asn = ASN.to_string();
+    let peer = [
         "bgp",
         "peer",
         "create",
@@ -264,18 +301,20 @@ fn real_main() -> Result<()> {
         "--peer-ip",
         GOBGP_T,
         "--as-number",
-        &ASN.to_string(),
-    ]));
-    let node_conf = dir.path().join("tabby-node.toml");
+        &asn,
+    ];
+    // Storing GoBGP as a BGPPeer.
+    run_ok(Command::new(ctl_bin).arg("--datastore").arg(&ds).args(peer));
+    let node_conf = dir.join("tabby-node.toml");
     std::fs::write(
         &node_conf,
         format!(
             "node_name = \"intake\"\nbgp_address = \"{TABBY}\"\ndatastore = {:?}\nuplink = \"eth0\"\nas_number = {ASN}\nhold_time = 90\nconnect_retry = 1\nstatus_socket = {:?}\nhealth_listen = \"127.0.0.1:9099\"\n",
             ds.display().to_string(),
-            dir.path().join("node.sock").display().to_string()
+            dir.join("node.sock").display().to_string()
         ),
     )?;
-    let bird_conf = dir.path().join("bird.conf");
+    let bird_conf = dir.join("bird.conf");
     std::fs::write(
         &bird_conf,
         format!(
@@ -283,42 +322,57 @@ fn real_main() -> Result<()> {
              protocol bgp gobgp {{\n  local {BIRD} as {ASN}; neighbor {GOBGP_B} as {ASN};\n  connect delay time 1; connect retry time 1; error wait time 1, 2;\n  ipv4 {{ import all; export none; }};\n}}\n"
         ),
     )?;
-    let watch_t = Watcher::start(t.name(), PROTO_TABBY, n as usize)?;
-    let watch_b = Watcher::start(b.name(), PROTO_BIRD, n as usize)?;
     let (node_bin, node_conf) = (
         node_bin.display().to_string(),
         node_conf.display().to_string(),
     );
-    daemons.push(Daemon::start(
-        "tabby-node",
-        &t,
-        dir.path(),
-        &[&node_bin, "--config", &node_conf],
-    )?);
-    let (ctl, pid) = (
-        dir.path().join("bird.ctl").display().to_string(),
-        dir.path().join("bird.pid").display().to_string(),
+    let tabby = Daemon::start("tabby-node", t, dir, &[&node_bin, "--config", &node_conf])?;
+    let path = |f: &str| dir.join(f).display().to_string();
+    let (ctl, pid, conf) = (
+        path("bird.ctl"),
+        path("bird.pid"),
+        bird_conf.display().to_string(),
     );
-    daemons.push(Daemon::start(
+    let bird = Daemon::start(
         "bird",
-        &b,
+        b,
+        dir,
+        &["bird", "-f", "-c", &conf, "-s", &ctl, "-P", &pid],
+    )?;
+    Ok([tabby, bird])
+}
+
+fn real_main() -> Result<()> {
+    let Some(Options {
+        prefixes: n,
+        together,
+    }) = options()?
+    else {
+        return Ok(());
+    };
+    let (node_bin, ctl_bin) = check_prerequisites()?;
+    println!("bgp-intake: GoBGP announces {n} /32s from {FIRST} to (a) tabby-node and (b) BIRD 2, iBGP AS {ASN}");
+
+    // Drop order (reverse of declaration): watchers, daemons, namespaces, temp dir.
+    let dir = tempfile::Builder::new()
+        .prefix("tabby-bgp-intake-")
+        .tempdir()?;
+    let (g, t, b) = namespaces(dir.path())?;
+    // 1. gobgpd with both neighbors admin-down, then its RIB.
+    let mut daemons: Vec<Daemon> = vec![start_gobgp(&g, dir.path(), n)?];
+    // 2. The receivers and their kernel watchers.
+    let watch_t = Watcher::start(t.name(), PROTO_TABBY, n as usize)?;
+    let watch_b = Watcher::start(b.name(), PROTO_BIRD, n as usize)?;
+    daemons.extend(start_receivers(
+        (&t, &b),
         dir.path(),
-        &[
-            "bird",
-            "-f",
-            "-c",
-            &bird_conf.display().to_string(),
-            "-s",
-            &ctl,
-            "-P",
-            &pid,
-        ],
+        (&node_bin, &ctl_bin),
     )?);
     nap(Duration::from_secs(1))?;
     for d in daemons.iter_mut() {
         d.check_alive()?;
     }
-    let cpu_start: Vec<f64> = daemons
+    let cpu0: Vec<f64> = daemons
         .iter()
         .map(|d| rtnl::cpu_seconds(&format!("/proc/{}/stat", d.pid())).unwrap_or(0.0))
         .collect();
@@ -341,9 +395,27 @@ fn real_main() -> Result<()> {
         enable_and_wait(&g, which, &watchers, &mut daemons, &mut times)?;
     }
     nap(Duration::from_millis(300))?; // let both settle before the dump check
-    let cpu0 = cpu_start;
 
     // 4. Figures.
+    report(n, (&t, &b), &watchers, &daemons, &times, &cpu0)?;
+    drop((watch_t, watch_b));
+    daemons.reverse(); // receivers first: no withdraw churn when gobgpd goes
+    drop(daemons);
+    drop((g, t, b));
+    drop(dir);
+    println!("cleaned up: daemons stopped, namespaces and temp dir removed");
+    Ok(())
+}
+
+/// Prints each receiver's figures, the ratio, and tabby-node's threads and log.
+fn report(
+    n: u32,
+    (t, b): (&Netns, &Netns),
+    watchers: &[&Watcher; 2],
+    daemons: &[Daemon],
+    times: &[Timing; 2],
+    cpu0: &[f64],
+) -> Result<()> {
     let lo = u32::from(FIRST);
     let count = |ns: &Netns, proto: u8| -> Result<usize> {
         let routes = Rtnl::open_in(ns.name(), 0)?.dump_v4()?;
@@ -354,43 +426,20 @@ fn real_main() -> Result<()> {
             })
             .count())
     };
-    let (dump_t, dump_b) = (count(&t, PROTO_TABBY)?, count(&b, PROTO_BIRD)?);
+    let dumps = [count(t, PROTO_TABBY)?, count(b, PROTO_BIRD)?];
     println!("\n== bgp-intake: {n} /32 routes, GoBGP -> kernel ==");
+    let labels = ["(a) tabby-node", "(b) BIRD 2    "];
     let mut intake = [None, None];
-    for (i, (label, w, dump, d)) in [
-        ("(a) tabby-node", &watch_t, dump_t, &daemons[1]),
-        ("(b) BIRD 2    ", &watch_b, dump_b, &daemons[2]),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let (first, full, lost) = w.get(|s| (s.first, s.full, s.lost));
-        // GoBGP is polled every 100 ms: a first route seen earlier bounds Established.
-        let est = times[i].established.map(|e| first.map_or(e, |f| e.min(f)));
-        let t_enable = times[i].enable.unwrap_or_else(Instant::now);
-        intake[i] = est.and_then(|e| secs(e, full));
-        let rate = intake[i].map_or("-".into(), |s| format!("{:.0} routes/s", f64::from(n) / s));
-        let cpu = rtnl::cpu_seconds(&format!("/proc/{}/stat", d.pid()))
-            .map(|c| c - cpu0[i + 1])
-            .unwrap_or(f64::NAN);
-        let rss = rtnl::peak_rss_mib(d.pid()).map_or("-".into(), |m| format!("{m:.1} MiB"));
-        println!(
-            "{label}: intake {} ({rate}): Established -> all {n} routes in the kernel",
-            fmt(intake[i])
+    for i in 0..2 {
+        intake[i] = receiver(
+            n,
+            labels[i],
+            watchers[i],
+            dumps[i],
+            &daemons[i + 1],
+            times[i],
+            cpu0[i + 1],
         );
-        println!(
-            "      Established {} after enable; first route +{}; first -> last route {}; from enable {}",
-            fmt(secs(t_enable, est)),
-            fmt(est.and_then(|e| secs(e, first))),
-            fmt(first.and_then(|f| secs(f, full))),
-            fmt(secs(t_enable, full))
-        );
-        let lost = if lost > 0 {
-            format!("; {lost} notification overflows (resynced by dump)")
-        } else {
-            String::new()
-        };
-        println!("      kernel dump {dump}/{n}; CPU {cpu:.2} s; peak RSS (VmHWM) {rss}{lost}");
     }
     match intake {
         [Some(a), Some(b)] => println!(
@@ -419,11 +468,45 @@ fn real_main() -> Result<()> {
         .filter(|l| l.contains("WARN") || l.contains("ERROR"))
         .count();
     println!("tabby-node log: {syncs} logged route-sync batches (of >= 50 routes), {warns} warnings/errors");
-    drop((watch_t, watch_b));
-    daemons.reverse(); // receivers first: no withdraw churn when gobgpd goes
-    drop(daemons);
-    drop((g, t, b));
-    drop(dir);
-    println!("cleaned up: daemons stopped, namespaces and temp dir removed");
     Ok(())
+}
+
+/// Prints one receiver's figures; returns its intake time in seconds.
+fn receiver(
+    n: u32,
+    label: &str,
+    w: &Watcher,
+    dump: usize,
+    d: &Daemon,
+    times: Timing,
+    cpu0: f64,
+) -> Option<f64> {
+    let (first, full, lost) = w.get(|s| (s.first, s.full, s.lost));
+    // GoBGP is polled every 100 ms: a first route seen earlier bounds Established.
+    let est = times.established.map(|e| first.map_or(e, |f| e.min(f)));
+    let t_enable = times.enable.unwrap_or_else(Instant::now);
+    let intake = est.and_then(|e| secs(e, full));
+    let rate = intake.map_or("-".into(), |s| format!("{:.0} routes/s", f64::from(n) / s));
+    let cpu = rtnl::cpu_seconds(&format!("/proc/{}/stat", d.pid()))
+        .map(|c| c - cpu0)
+        .unwrap_or(f64::NAN);
+    let rss = rtnl::peak_rss_mib(d.pid()).map_or("-".into(), |m| format!("{m:.1} MiB"));
+    println!(
+        "{label}: intake {} ({rate}): Established -> all {n} routes in the kernel",
+        fmt(intake)
+    );
+    println!(
+        "      Established {} after enable; first route +{}; first -> last route {}; from enable {}",
+        fmt(secs(t_enable, est)),
+        fmt(est.and_then(|e| secs(e, first))),
+        fmt(first.and_then(|f| secs(f, full))),
+        fmt(secs(t_enable, full))
+    );
+    let lost = if lost > 0 {
+        format!("; {lost} notification overflows (resynced by dump)")
+    } else {
+        String::new()
+    };
+    println!("      kernel dump {dump}/{n}; CPU {cpu:.2} s; peak RSS (VmHWM) {rss}{lost}");
+    intake
 }

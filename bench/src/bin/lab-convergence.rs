@@ -194,8 +194,9 @@ fn ms(from: Instant, to: Instant) -> f64 {
     }
 }
 
-/// One run: returns (ms from last agent start, ms from `up` returning).
-fn run_once(lab_bin: &Path, run: usize, node_count: usize) -> Result<(f64, f64)> {
+/// Runs `tabby-lab up` for a fresh lab, dumping every node's table while
+/// it runs; returns the lab's guard, the watch, and when `up` returned.
+fn build_lab(lab_bin: &Path, run: usize, node_count: usize) -> Result<(LabGuard, Watch, Instant)> {
     let prefix = format!("lc{}-{run}", std::process::id());
     let state = tempfile::Builder::new()
         .prefix("tabby-lab-conv-")
@@ -248,18 +249,13 @@ fn run_once(lab_bin: &Path, run: usize, node_count: usize) -> Result<(f64, f64)>
         "    up returned after {:.1} s",
         (t_up - t_spawn).as_secs_f64()
     );
+    Ok((guard, watch, t_up))
+}
 
-    let (nodes, blocks) = read_state(&state_file).context("reading lab.json")?;
-    if nodes.len() != node_count || blocks.len() != node_count {
-        bail!(
-            "lab.json lists {} nodes and {} blocks, expected {node_count}",
-            nodes.len(),
-            blocks.len()
-        );
-    }
-    let now = Instant::now();
+/// When the last agent started, from the clock ticks in lab.json.
+fn last_agent_start(nodes: &[Node], now: Instant) -> Result<Instant> {
     let mut last_start = None::<Instant>;
-    for n in &nodes {
+    for n in nodes {
         let ticks = n
             .start_ticks
             .with_context(|| format!("{} has no running agent in lab.json", n.name))?;
@@ -269,18 +265,26 @@ fn run_once(lab_bin: &Path, run: usize, node_count: usize) -> Result<(f64, f64)>
             .unwrap_or(now);
         last_start = Some(last_start.map_or(start, |l| l.max(start)));
     }
-    let last_start = last_start.context("no nodes")?;
-    let wants: Vec<BTreeSet<V4Route>> =
-        nodes.iter().map(|n| expected(n, &nodes, &blocks)).collect();
+    last_start.context("no nodes")
+}
+
+/// Polls until every node holds what it must; on the deadline says what is missing.
+fn wait_converged(
+    watch: &mut Watch,
+    state_file: &Path,
+    nodes: &[Node],
+    wants: &[BTreeSet<V4Route>],
+    t_up: Instant,
+) -> Result<()> {
     let done = |w: &Watch| {
         nodes
             .iter()
-            .zip(&wants)
+            .zip(wants)
             .all(|(n, want)| w.converged(&n.name, want).is_some())
     };
-    while !done(&watch) {
+    while !done(watch) {
         if t_up.elapsed() > DEADLINE {
-            for (n, want) in nodes.iter().zip(&wants) {
+            for (n, want) in nodes.iter().zip(wants) {
                 let have = watch
                     .history
                     .get(&n.name)
@@ -298,8 +302,61 @@ fn run_once(lab_bin: &Path, run: usize, node_count: usize) -> Result<(f64, f64)>
             bail!("not converged {} s after up returned", DEADLINE.as_secs());
         }
         nap(POLL)?;
-        watch.poll(&state_file);
+        watch.poll(state_file);
     }
+    Ok(())
+}
+
+/// Prints where the time went: the last node noticing its own block (its
+/// datastore poll), then BGP carrying it to every other kernel.
+fn breakdown(
+    watch: &Watch,
+    nodes: &[Node],
+    wants: &[BTreeSet<V4Route>],
+    last_start: Instant,
+    total: f64,
+) {
+    let Some((n, want)) = nodes.iter().zip(wants).max_by_key(|(n, _)| n.start_ticks) else {
+        return;
+    };
+    let own: BTreeSet<V4Route> = want
+        .iter()
+        .filter(|r| r.kind == RTN_BLACKHOLE)
+        .cloned()
+        .collect();
+    if let Some(t) = watch.converged(&n.name, &own) {
+        let t = ms(last_start, t);
+        let rest = match total - t {
+            d if d < POLL.as_millis() as f64 => {
+                format!("< {} ms (the same dump round)", POLL.as_millis())
+            }
+            d => format!("{d:.0} ms more"),
+        };
+        println!(
+            "    breakdown: {} installed its own blackhole at {t:.0} ms (its datastore poll saw the block); \
+             BGP + kernel on all other nodes: {rest}",
+            n.name
+        );
+    }
+}
+
+/// One run: returns (ms from last agent start, ms from `up` returning).
+fn run_once(lab_bin: &Path, run: usize, node_count: usize) -> Result<(f64, f64)> {
+    let (guard, mut watch, t_up) = build_lab(lab_bin, run, node_count)?;
+    let state_file = guard.state.path().join("lab.json");
+    let (nodes, blocks) = read_state(&state_file).context("reading lab.json")?;
+    if nodes.len() != node_count || blocks.len() != node_count {
+        bail!(
+            "lab.json lists {} nodes and {} blocks, expected {node_count}",
+            nodes.len(),
+            blocks.len()
+        );
+    }
+    let now = Instant::now();
+    let last_start = last_agent_start(&nodes, now)?;
+    let wants: Vec<BTreeSet<V4Route>> =
+        nodes.iter().map(|n| expected(n, &nodes, &blocks)).collect();
+    wait_converged(&mut watch, &state_file, &nodes, &wants, t_up)?;
     let mut total = f64::MIN;
     for (n, want) in nodes.iter().zip(&wants) {
         let t = watch.converged(&n.name, want).expect("checked above");
@@ -318,31 +375,10 @@ fn run_once(lab_bin: &Path, run: usize, node_count: usize) -> Result<(f64, f64)>
         );
         total = total.max(ms(last_start, t));
     }
-    // Where the time goes: the last node noticing its own block (its
-    // datastore poll), then BGP carrying it to every other kernel.
-    if let Some((n, want)) = nodes.iter().zip(&wants).max_by_key(|(n, _)| n.start_ticks) {
-        let own: BTreeSet<V4Route> = want
-            .iter()
-            .filter(|r| r.kind == RTN_BLACKHOLE)
-            .cloned()
-            .collect();
-        if let Some(t) = watch.converged(&n.name, &own) {
-            let t = ms(last_start, t);
-            let rest = match total - t {
-                d if d < POLL.as_millis() as f64 => {
-                    format!("< {} ms (the same dump round)", POLL.as_millis())
-                }
-                d => format!("{d:.0} ms more"),
-            };
-            println!(
-                "    breakdown: {} installed its own blackhole at {t:.0} ms (its datastore poll saw the block); \
-                 BGP + kernel on all other nodes: {rest}",
-                n.name
-            );
-        }
-    }
+    breakdown(&watch, &nodes, &wants, last_start, total);
     let from_up = total + ms(t_up, last_start);
     println!("  run {run}: converged {total:.0} ms after the last agent start ({from_up:.0} ms relative to `up` returning)");
+    drop(guard);
     Ok((total, from_up))
 }
 

@@ -67,6 +67,33 @@ fn open_carries_capabilities_in_one_parameter() {
 }
 
 #[test]
+fn the_graceful_restart_capability_has_rfc_4724_bytes_and_round_trips() {
+    let mut o = open(64512);
+    o.capabilities = vec![Capability::GracefulRestart(
+        crate::message::GracefulRestart {
+            restarted: true,
+            restart_time: 120,
+            families: vec![crate::message::GrFamily {
+                afi: 1,
+                safi: 1,
+                forwarding: true,
+            }],
+        },
+    )];
+    let body = [
+        4, 0xfc, 0x00, 0, 90, 10, 0, 0, 1, // version, AS 64512, hold 90, id
+        10, 2, 8, // optional parameters: one capabilities parameter of 8
+        64, 6, // graceful restart, 6 octets
+        0x80, 120, // R bit, restart time 120 s (12 bits)
+        0, 1, 1, 0x80, // IPv4 unicast, F bit
+    ];
+    let expected = frame(1, &body);
+    let msg = Message::Open(o);
+    assert_eq!(bytes_of(&msg, true), expected);
+    assert_eq!(decode(&expected, true).unwrap(), msg);
+}
+
+#[test]
 fn open_with_a_four_octet_as_sends_as_trans() {
     let bytes = bytes_of(&Message::Open(open(4_200_000_000)), true);
     assert_eq!(&bytes[20..22], &AS_TRANS.to_be_bytes());

@@ -35,29 +35,45 @@ fn to_network(addr: &Ipv4UnicastAddress) -> Result<Ipv4Network, Notification> {
         .map_err(|_| Notification::new(code::UPDATE, code::INVALID_NETWORK_FIELD))
 }
 
-pub(super) fn update_from_wire(
-    update: &BgpUpdateMessage,
-    asn4: bool,
-) -> Result<Update, Notification> {
-    let mut withdrawn = update
-        .withdraw_routes()
-        .iter()
-        .map(to_network)
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut nlri = update
-        .nlri()
-        .iter()
-        .map(to_network)
-        .collect::<Result<Vec<_>, _>>()?;
-    let classic_nlri = !nlri.is_empty();
-    let mut seen = Seen::default();
-    let (mut origin, mut next_hop, mut local_pref, mut med) = (None, None, None, None);
-    let mut as_path: Option<Vec<u32>> = None;
-    let mut as4_path: Option<Vec<u32>> = None;
-    for attr in update.path_attributes() {
-        let type_code = match attr.value() {
+/// The path attributes of one UPDATE as they are read, before the checks.
+#[derive(Default)]
+struct Read {
+    seen: Seen,
+    origin: Option<Origin>,
+    as_path: Option<Vec<u32>>,
+    as4_path: Option<Vec<u32>>,
+    next_hop: Option<std::net::Ipv4Addr>,
+    local_pref: Option<u32>,
+    med: Option<u32>,
+    nlri: Vec<Ipv4Network>,
+    withdrawn: Vec<Ipv4Network>,
+}
+
+fn networks<'a>(
+    addrs: impl IntoIterator<Item = &'a Ipv4UnicastAddress>,
+) -> Result<Vec<Ipv4Network>, Notification> {
+    addrs.into_iter().map(to_network).collect()
+}
+
+fn flat_path(p: &pa::AsPath) -> Vec<u32> {
+    match p {
+        pa::AsPath::As2PathSegments(s) => s
+            .iter()
+            .flat_map(|s| s.as_numbers().iter().map(|&a| u32::from(a)))
+            .collect(),
+        pa::AsPath::As4PathSegments(s) => s
+            .iter()
+            .flat_map(|s| s.as_numbers().iter().copied())
+            .collect(),
+    }
+}
+
+impl Read {
+    /// Takes one attribute (duplicates were stripped before: RFC 7606 §3 g).
+    fn attribute(&mut self, value: &pa::PathAttributeValue) -> Result<(), Notification> {
+        let type_code = match value {
             pa::PathAttributeValue::Origin(o) => {
-                origin = Some(match o {
+                self.origin = Some(match o {
                     pa::Origin::IGP => Origin::Igp,
                     pa::Origin::EGP => Origin::Egp,
                     pa::Origin::Incomplete => Origin::Incomplete,
@@ -65,28 +81,19 @@ pub(super) fn update_from_wire(
                 1
             }
             pa::PathAttributeValue::AsPath(p) => {
-                as_path = Some(match p {
-                    pa::AsPath::As2PathSegments(s) => s
-                        .iter()
-                        .flat_map(|s| s.as_numbers().iter().map(|&a| u32::from(a)))
-                        .collect(),
-                    pa::AsPath::As4PathSegments(s) => s
-                        .iter()
-                        .flat_map(|s| s.as_numbers().iter().copied())
-                        .collect(),
-                });
+                self.as_path = Some(flat_path(p));
                 2
             }
             pa::PathAttributeValue::NextHop(n) => {
-                next_hop = Some(n.next_hop());
+                self.next_hop = Some(n.next_hop());
                 3
             }
             pa::PathAttributeValue::MultiExitDiscriminator(m) => {
-                med = Some(m.metric());
+                self.med = Some(m.metric());
                 4
             }
             pa::PathAttributeValue::LocalPreference(l) => {
-                local_pref = Some(l.metric());
+                self.local_pref = Some(l.metric());
                 5
             }
             pa::PathAttributeValue::MpReach(pa::MpReach::Ipv4Unicast {
@@ -94,79 +101,86 @@ pub(super) fn update_from_wire(
                 nlri: mp,
                 ..
             }) => {
-                if let (IpAddr::V4(nh), None) = (nh, next_hop) {
-                    next_hop = Some(*nh);
+                if let (IpAddr::V4(nh), None) = (nh, self.next_hop) {
+                    self.next_hop = Some(*nh);
                 }
-                nlri.extend(mp.iter().map(to_network).collect::<Result<Vec<_>, _>>()?);
+                self.nlri.extend(networks(mp)?);
                 14
             }
             pa::PathAttributeValue::MpUnreach(pa::MpUnreach::Ipv4Unicast { nlri: mp }) => {
-                withdrawn.extend(mp.iter().map(to_network).collect::<Result<Vec<_>, _>>()?);
+                self.withdrawn.extend(networks(mp)?);
                 15
             }
             pa::PathAttributeValue::As4Path(p) => {
-                as4_path = Some(
-                    p.segments()
-                        .iter()
-                        .flat_map(|s| s.as_numbers().iter().copied())
-                        .collect(),
-                );
+                let path = p.segments().iter();
+                self.as4_path = Some(path.flat_map(|s| s.as_numbers().iter().copied()).collect());
                 17
             }
-            _ => continue,
+            _ => return Ok(()),
         };
         // RFC 7606 §3 g: the first occurrence counts (the validator strips
         // the others before netgauze sees them).
-        seen.insert(type_code);
+        self.seen.insert(type_code);
+        Ok(())
     }
-    if classic_nlri {
-        for type_code in [1u8, 2, 3] {
-            if !seen.has(type_code) {
-                return Err(Notification::with_data(
-                    code::UPDATE,
-                    code::MISSING_WELL_KNOWN_ATTRIBUTE,
-                    [type_code],
-                ));
-            }
-        }
-    }
-    if let (false, Some(path), Some(path4)) = (asn4, as_path.as_mut(), as4_path) {
-        // RFC 6793 §4.2.3: keep the leading ASes AS_PATH has beyond AS4_PATH.
-        if path.len() >= path4.len() {
-            path.truncate(path.len() - path4.len());
-            path.extend(path4);
-        }
-    }
-    let attributes = match (origin, as_path, next_hop) {
-        (Some(origin), Some(as_path), Some(next_hop)) => Some(PathAttributes {
-            origin,
-            as_path,
-            next_hop,
-            local_pref,
-            med,
-        }),
-        _ if nlri.is_empty() => None,
-        // Announcements carried only in MP_REACH_NLRI still need ORIGIN and AS_PATH.
-        (o, p, _) => {
-            let missing = if o.is_none() {
-                1
-            } else if p.is_none() {
-                2
-            } else {
-                3
-            };
-            return Err(Notification::with_data(
+
+    /// The attributes the announced routes share, after the checks.
+    fn finish(mut self, asn4: bool, classic_nlri: bool) -> Result<Update, Notification> {
+        let missing = |type_code: u8| {
+            Notification::with_data(
                 code::UPDATE,
                 code::MISSING_WELL_KNOWN_ATTRIBUTE,
-                [missing],
-            ));
+                [type_code],
+            )
+        };
+        if classic_nlri {
+            if let Some(t) = [1u8, 2, 3].into_iter().find(|t| !self.seen.has(*t)) {
+                return Err(missing(t));
+            }
         }
+        if let (false, Some(path), Some(path4)) = (asn4, self.as_path.as_mut(), self.as4_path) {
+            // RFC 6793 §4.2.3: keep the leading ASes AS_PATH has beyond AS4_PATH.
+            if path.len() >= path4.len() {
+                path.truncate(path.len() - path4.len());
+                path.extend(path4);
+            }
+        }
+        let attributes = match (self.origin, self.as_path, self.next_hop) {
+            (Some(origin), Some(as_path), Some(next_hop)) => Some(PathAttributes {
+                origin,
+                as_path,
+                next_hop,
+                local_pref: self.local_pref,
+                med: self.med,
+            }),
+            _ if self.nlri.is_empty() => None,
+            // Announcements carried only in MP_REACH_NLRI still need ORIGIN and AS_PATH.
+            (None, _, _) => return Err(missing(1)),
+            (_, None, _) => return Err(missing(2)),
+            _ => return Err(missing(3)),
+        };
+        Ok(Update {
+            withdrawn: self.withdrawn,
+            attributes,
+            nlri: self.nlri,
+        })
+    }
+}
+
+pub(super) fn update_from_wire(
+    update: &BgpUpdateMessage,
+    asn4: bool,
+) -> Result<Update, Notification> {
+    let mut read = Read {
+        withdrawn: networks(update.withdraw_routes())?,
+        nlri: networks(update.nlri())?,
+        ..Read::default()
     };
-    Ok(Update {
-        withdrawn,
-        attributes,
-        nlri,
-    })
+    let classic_nlri = !read.nlri.is_empty();
+    for attr in update.path_attributes() {
+        read.attribute(attr.value())?;
+    }
+    read.finish(asn4, classic_nlri)
 }
 
 fn to_wire_prefix(net: &Ipv4Network) -> Result<Ipv4UnicastAddress, EncodeError> {
@@ -196,87 +210,102 @@ fn segments<T: Copy>(path: &[T]) -> impl Iterator<Item = &[T]> {
     path.chunks(255)
 }
 
-pub(super) fn update_to_wire(update: &Update, asn4: bool) -> Result<BgpUpdateMessage, EncodeError> {
-    let withdrawn = update
-        .withdrawn
-        .iter()
-        .map(to_wire_prefix)
-        .collect::<Result<Vec<_>, _>>()?;
-    let nlri = update
-        .nlri
-        .iter()
-        .map(to_wire_prefix)
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut attrs = Vec::new();
-    if let Some(a) = &update.attributes {
-        let origin = match a.origin {
-            Origin::Igp => pa::Origin::IGP,
-            Origin::Egp => pa::Origin::EGP,
-            Origin::Incomplete => pa::Origin::Incomplete,
-        };
-        attrs.push(attribute(
-            pa::PathAttributeValue::Origin(origin),
-            false,
+/// AS_PATH, and AS4_PATH on a 2-octet session whose path has 4-octet ASes.
+fn as_paths(as_path: &[u32], asn4: bool) -> Result<Vec<pa::PathAttribute>, EncodeError> {
+    let seq = pa::AsPathSegmentType::AsSequence;
+    let width = if asn4 { 4 } else { 2 };
+    let extended = as_path.len() * width + 2 * as_path.len().div_ceil(255) > 255;
+    let path = if asn4 {
+        pa::AsPath::As4PathSegments(
+            segments(as_path)
+                .map(|s| pa::As4PathSegment::new(seq, s))
+                .collect(),
+        )
+    } else {
+        let two: Vec<u16> = as_path
+            .iter()
+            .map(|&asn| u16::try_from(asn).unwrap_or(AS_TRANS))
+            .collect();
+        pa::AsPath::As2PathSegments(
+            segments(&two)
+                .map(|s| pa::As2PathSegment::new(seq, s))
+                .collect(),
+        )
+    };
+    let mut out = vec![attribute(
+        pa::PathAttributeValue::AsPath(path),
+        false,
+        true,
+        extended,
+    )?];
+    if !asn4 && as_path.iter().any(|&asn| asn > u32::from(u16::MAX)) {
+        let extended = as_path.len() * 4 + 2 * as_path.len().div_ceil(255) > 255;
+        let path4 = pa::As4Path::new(
+            segments(as_path)
+                .map(|s| pa::As4PathSegment::new(seq, s))
+                .collect::<Vec<_>>(),
+        );
+        out.push(attribute(
+            pa::PathAttributeValue::As4Path(path4),
             true,
-            false,
-        )?);
-        let seq = pa::AsPathSegmentType::AsSequence;
-        let width = if asn4 { 4 } else { 2 };
-        let extended = a.as_path.len() * width + 2 * a.as_path.len().div_ceil(255) > 255;
-        let path = if asn4 {
-            pa::AsPath::As4PathSegments(
-                segments(&a.as_path)
-                    .map(|s| pa::As4PathSegment::new(seq, s))
-                    .collect(),
-            )
-        } else {
-            let two: Vec<u16> = a
-                .as_path
-                .iter()
-                .map(|&asn| u16::try_from(asn).unwrap_or(AS_TRANS))
-                .collect();
-            pa::AsPath::As2PathSegments(
-                segments(&two)
-                    .map(|s| pa::As2PathSegment::new(seq, s))
-                    .collect(),
-            )
-        };
-        attrs.push(attribute(
-            pa::PathAttributeValue::AsPath(path),
-            false,
             true,
             extended,
         )?);
-        attrs.push(attribute(
-            pa::PathAttributeValue::NextHop(pa::NextHop::new(a.next_hop)),
-            false,
-            true,
-            false,
-        )?);
-        if let Some(med) = a.med {
-            let med = pa::PathAttributeValue::MultiExitDiscriminator(
-                pa::MultiExitDiscriminator::new(med),
-            );
-            attrs.push(attribute(med, true, false, false)?);
-        }
-        if let Some(pref) = a.local_pref {
-            let pref = pa::PathAttributeValue::LocalPreference(pa::LocalPreference::new(pref));
-            attrs.push(attribute(pref, false, true, false)?);
-        }
-        if !asn4 && a.as_path.iter().any(|&asn| asn > u32::from(u16::MAX)) {
-            let extended = a.as_path.len() * 4 + 2 * a.as_path.len().div_ceil(255) > 255;
-            let path4 = pa::As4Path::new(
-                segments(&a.as_path)
-                    .map(|s| pa::As4PathSegment::new(seq, s))
-                    .collect::<Vec<_>>(),
-            );
-            attrs.push(attribute(
-                pa::PathAttributeValue::As4Path(path4),
-                true,
-                true,
-                extended,
-            )?);
-        }
     }
-    Ok(BgpUpdateMessage::new(withdrawn, attrs, nlri))
+    Ok(out)
+}
+
+/// The path attributes of `a`, in type-code order (AS4_PATH last).
+fn attributes_to_wire(
+    a: &PathAttributes,
+    asn4: bool,
+) -> Result<Vec<pa::PathAttribute>, EncodeError> {
+    let origin = match a.origin {
+        Origin::Igp => pa::Origin::IGP,
+        Origin::Egp => pa::Origin::EGP,
+        Origin::Incomplete => pa::Origin::Incomplete,
+    };
+    let mut paths = as_paths(&a.as_path, asn4)?;
+    let as4 = (paths.len() > 1).then(|| paths.remove(1));
+    let mut attrs = vec![attribute(
+        pa::PathAttributeValue::Origin(origin),
+        false,
+        true,
+        false,
+    )?];
+    attrs.extend(paths);
+    attrs.push(attribute(
+        pa::PathAttributeValue::NextHop(pa::NextHop::new(a.next_hop)),
+        false,
+        true,
+        false,
+    )?);
+    if let Some(med) = a.med {
+        let med =
+            pa::PathAttributeValue::MultiExitDiscriminator(pa::MultiExitDiscriminator::new(med));
+        attrs.push(attribute(med, true, false, false)?);
+    }
+    if let Some(pref) = a.local_pref {
+        let pref = pa::PathAttributeValue::LocalPreference(pa::LocalPreference::new(pref));
+        attrs.push(attribute(pref, false, true, false)?);
+    }
+    attrs.extend(as4);
+    Ok(attrs)
+}
+
+pub(super) fn update_to_wire(update: &Update, asn4: bool) -> Result<BgpUpdateMessage, EncodeError> {
+    let prefixes = |nets: &[Ipv4Network]| {
+        nets.iter()
+            .map(to_wire_prefix)
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let attrs = match &update.attributes {
+        Some(a) => attributes_to_wire(a, asn4)?,
+        None => Vec::new(),
+    };
+    Ok(BgpUpdateMessage::new(
+        prefixes(&update.withdrawn)?,
+        attrs,
+        prefixes(&update.nlri)?,
+    ))
 }

@@ -16,6 +16,8 @@ fn config(peer_asn: u32) -> FsmConfig {
         connect_retry: Duration::from_secs(5),
         connect_retry_max: Duration::from_secs(120),
         max_prefix: None,
+        restart_time: 0,
+        stale_time: Duration::from_secs(360),
     }
 }
 

@@ -52,6 +52,12 @@ pub enum Timer {
     Hold,
     /// Keepalive timer.
     Keepalive,
+    /// Graceful restart: how long a peer that went down keeps its routes
+    /// while it restarts (the restart time it advertised).
+    Restart,
+    /// Graceful restart: how long a peer that is back has to re-send its
+    /// routes (End-of-RIB) before its stale ones go.
+    Stale,
 }
 
 /// What the FSM needs to know about both ends.
@@ -76,6 +82,12 @@ pub struct FsmConfig {
     /// session with Cease 6/1. Counts what the peer announced, before any
     /// import policy.
     pub max_prefix: Option<u32>,
+    /// Graceful restart (RFC 4724): the restart time we advertise, in
+    /// seconds; 0 turns graceful restart off on both sides.
+    pub restart_time: u16,
+    /// Graceful restart: how long a restarted peer's stale routes wait for
+    /// its End-of-RIB once it is back.
+    pub stale_time: Duration,
 }
 
 /// What was agreed when the session came up.
@@ -93,6 +105,20 @@ pub struct Negotiated {
     pub route_refresh: bool,
     /// The peer's BGP identifier.
     pub remote_id: Ipv4Addr,
+    /// The peer restarts gracefully for IPv4 unicast (both sides advertised
+    /// graceful restart, and the peer listed the family).
+    pub peer_restart: Option<PeerRestart>,
+    /// The peer understands End-of-RIB: it advertised graceful restart.
+    pub end_of_rib: bool,
+}
+
+/// What a gracefully restarting peer announced in its OPEN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerRestart {
+    /// How long to keep its routes after its session drops.
+    pub restart_time: u16,
+    /// It kept forwarding through the restart that just happened (F bit).
+    pub forwarding: bool,
 }
 
 /// Inputs to the FSM.
@@ -132,6 +158,12 @@ pub enum Event {
         /// What to send back.
         notification: Notification,
     },
+    /// The peer does not read what we send (the send queue is full or a
+    /// write made no progress for too long).
+    SendBlocked {
+        /// Connection id.
+        conn: ConnId,
+    },
 }
 
 /// Outputs of the FSM, to be carried out in order.
@@ -157,8 +189,15 @@ pub enum Action {
     StopTimer(Timer),
     /// The session reached Established.
     Up(Negotiated),
-    /// The session left Established: drop every route learned from the peer.
+    /// The session left Established, or a restarting peer did not come
+    /// back in time: drop every route learned from the peer.
     Down,
+    /// The session of a gracefully restarting peer dropped: keep its routes,
+    /// marked stale, until it is back.
+    Stale,
+    /// The restarted peer has re-sent its routes (End-of-RIB) or ran out of
+    /// time: drop its routes that are still stale.
+    PurgeStale,
     /// Advertise the whole local RIB (Established, or ROUTE-REFRESH).
     AdvertiseAll,
     /// Routes announced by the peer, sharing one next hop.

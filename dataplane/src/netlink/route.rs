@@ -6,6 +6,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope, RouteType,
@@ -100,6 +101,15 @@ impl Route {
     pub fn blackhole(dst: IpNetwork) -> Route {
         Route {
             kind: RouteKind::Blackhole,
+            ..Route::new(dst)
+        }
+    }
+
+    /// What to delete to remove the route to `dst` whatever its type, gateway
+    /// and device (`ip route del DST`): type 0 and no next hop match any.
+    pub fn matching(dst: IpNetwork) -> Route {
+        Route {
+            kind: RouteKind::Other(0),
             ..Route::new(dst)
         }
     }
@@ -340,18 +350,28 @@ impl Netlink {
 
     /// Lists the routes of the main table (`ip -4 route show` or `ip -6 route show`).
     pub fn routes(&self, family: Family) -> Result<Vec<Route>> {
+        let mut routes = Vec::new();
+        self.for_each_route(family, |r| routes.push(r))?;
+        Ok(routes)
+    }
+
+    /// Calls `f` on each route of the main table as the dump arrives, so
+    /// that a table of 100,000 routes is never held as netlink messages.
+    pub fn for_each_route(&self, family: Family, mut f: impl FnMut(Route)) -> Result<()> {
         let query = match family {
             Family::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
             Family::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
         };
-        let messages = self
-            .collect(self.handle.route().get(query).execute())
-            .map_err(|e| Error::netlink(format!("list {family:?} routes"), e))?;
-        Ok(messages
-            .iter()
-            .filter_map(Route::from_message)
-            .filter(|route| route.table == RT_TABLE_MAIN)
-            .collect())
+        let dump = self.handle.route().get(query).execute();
+        self.block_on(dump.try_for_each(|message| {
+            if let Some(route) = Route::from_message(&message) {
+                if route.table == RT_TABLE_MAIN {
+                    f(route);
+                }
+            }
+            futures::future::ready(Ok(()))
+        }))
+        .map_err(|e| Error::netlink(format!("list {family:?} routes"), e))
     }
 }
 

@@ -1,8 +1,7 @@
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
-use tabby_dataplane::{Route, RouteKind};
 use tabby_ipam::resources::{BgpConfiguration, BgpPeer};
 use tabby_ipam::{AffinityState, Block, BlockAffinity, Node};
 
@@ -128,43 +127,36 @@ fn a_node_originates_its_confirmed_blocks_and_its_borrowed_addresses() {
 }
 
 #[test]
-fn kernel_routes_are_blackholes_for_local_blocks_and_via_routes_for_learned_ones() {
-    let local: BTreeSet<IpNetwork> = [net("10.244.0.0/26")].into();
-    let mut learned = BTreeMap::new();
-    learned.insert(net("10.244.0.64/26"), ip("10.98.0.2"));
-    learned.insert(net("10.244.0.0/26"), ip("10.98.0.3"));
-    learned.insert(net("10.244.1.0/26"), ip("10.98.0.1"));
-    let routes = kernel_routes(&local, &learned, ip("10.98.0.1"), 7);
-    assert_eq!(routes.len(), 2, "{routes:?}");
-    assert_eq!(routes[0].kind, RouteKind::Blackhole);
-    assert_eq!(routes[0].protocol, RTPROT_TABBY);
-    assert_eq!(routes[1].gateway, Some(ip("10.98.0.2")));
-    assert_eq!(routes[1].oif, Some(7));
-}
-
-#[test]
-fn diff_replaces_what_changed_deletes_what_is_gone_and_never_touches_foreign_routes() {
-    let r = |dst: &str, gw: &str| {
-        Route::new(net(dst))
-            .via(ip(gw))
-            .dev(2)
-            .with_protocol(RTPROT_TABBY)
+fn the_proxy_learns_the_node_address_its_blocks_and_the_first_enabled_pool() {
+    let mut v = view();
+    let pool = |cidr: &str, disabled: bool| tabby_ipam::IpPool {
+        name: cidr.into(),
+        cidr: net(cidr),
+        block_size: 26,
+        ipip_mode: Default::default(),
+        vxlan_mode: Default::default(),
+        nat_outgoing: false,
+        disabled,
+        node_selector: "all()".into(),
     };
-    let current: BTreeMap<IpNetwork, Route> = [
-        r("10.244.1.0/26", "10.98.0.2"),
-        r("10.244.2.0/26", "10.98.0.3"),
-        r("10.244.3.0/26", "10.98.0.3"),
-    ]
-    .into_iter()
-    .map(|r| (r.dst, r))
-    .collect();
-    let desired = vec![
-        r("10.244.1.0/26", "10.98.0.2"),
-        r("10.244.2.0/26", "10.98.0.4"),
-        r("10.244.9.5/32", "10.98.0.4"),
-    ];
-    let foreign: BTreeSet<IpNetwork> = [net("10.244.9.5/32")].into();
-    let (replace, delete) = diff(&current, &desired, &foreign);
-    assert_eq!(replace, vec![r("10.244.2.0/26", "10.98.0.4")]);
-    assert_eq!(delete, vec![r("10.244.3.0/26", "10.98.0.3")]);
+    v.snapshot.pools = vec![pool("10.200.0.0/16", true), pool("10.244.0.0/16", false)];
+    let facts = node_facts(&v, "node-1", ip("10.98.0.1"), None);
+    assert_eq!(facts.name, "node-1");
+    assert_eq!(
+        facts.node_ips,
+        vec!["10.98.0.1".parse::<std::net::Ipv4Addr>().unwrap()]
+    );
+    assert_eq!(facts.cluster_cidr, Some("10.244.0.0/16".parse().unwrap()));
+    assert_eq!(facts.pod_cidrs, vec!["10.244.0.0/26".parse().unwrap()]);
+    let set = node_facts(
+        &v,
+        "node-1",
+        ip("10.98.0.1"),
+        Some("10.0.0.0/8".parse().unwrap()),
+    );
+    assert_eq!(
+        set.cluster_cidr,
+        Some("10.0.0.0/8".parse().unwrap()),
+        "configured wins"
+    );
 }

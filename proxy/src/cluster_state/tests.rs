@@ -226,10 +226,19 @@ async fn the_task_sends_everything_then_changes_and_stops_when_the_receiver_clos
         interval: Duration::from_millis(10),
     };
     let task = tokio::spawn(source.run(tx));
-    let first = vec![next(&mut rx).await, next(&mut rx).await];
+    let mut first = Vec::new();
+    for _ in 0..4 {
+        first.push(next(&mut rx).await);
+    }
     assert_eq!(
         describe(&first),
-        ["+svc default/web", "+slice default/web-abc"]
+        [
+            "+svc default/web",
+            "+slice default/web-abc",
+            "SourceSynced(Services)",
+            "SourceSynced(EndpointSlices)"
+        ],
+        "the first complete read, then the sync marks, once"
     );
     write(dir.path(), "dns.yaml", DNS);
     assert_eq!(describe(&[next(&mut rx).await]), ["+svc kube-system/dns"]);

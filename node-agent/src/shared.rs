@@ -1,0 +1,24 @@
+//! The snapshot the agent loop publishes for its readers: the status
+//! socket, the health and metrics endpoint, and the service proxy's metrics.
+
+use std::time::Instant;
+
+use crate::routes::RouteStats;
+use crate::status::NodeStatus;
+
+/// What the status socket and health endpoint read.
+#[derive(Debug, Clone, Default)]
+pub struct Shared {
+    /// The `node status` answer.
+    pub status: NodeStatus,
+    /// The first reconcile completed.
+    pub ready: bool,
+    /// When the loop last ran a reconcile.
+    pub last_pass: Option<Instant>,
+    /// Learned prefixes.
+    pub learned: usize,
+    /// Originated prefixes.
+    pub originated: usize,
+    /// Kernel route counters.
+    pub routes: RouteStats,
+}
