@@ -61,6 +61,9 @@ enum Command {
         /// Pods per node.
         #[arg(long, default_value_t = 2)]
         pods_per_node: usize,
+        /// Every agent's service proxy mode.
+        #[arg(long, default_value = "iptables", value_parser = ["iptables", "nftables"])]
+        proxy_mode: String,
     },
     /// Show each node's BGP sessions, routes and Tabby nat rules, the IPAM blocks and the pods.
     Status,
@@ -250,7 +253,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Up {
             nodes,
             pods_per_node,
-        } => up::up(&lab, nodes, pods_per_node)?,
+            proxy_mode,
+        } => up::up(&lab, nodes, pods_per_node, &proxy_mode)?,
         Command::Status => status::status(&lab, &lab.require(state)?)?,
         Command::Exec { target, command } => {
             let code = status::exec(&lab, state.as_ref(), &target, &command)?;
@@ -315,7 +319,7 @@ fn agent_cmd(lab: &Lab, cmd: AgentCommand) -> anyhow::Result<()> {
             if n.agent.as_ref().is_some_and(|p| p.alive()) {
                 anyhow::bail!("{node}'s agent is already running");
             }
-            let started = agent::start(&n, &lab.dir, &lab.bin_dir)?;
+            let started = agent::start(&n, &lab.dir, &lab.bin_dir, &state.proxy_mode)?;
             println!(
                 "{node}: {}",
                 started.describe(&lab.bin_dir.join("tabby-node"), &lab.dir.agent_log(&node))

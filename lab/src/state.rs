@@ -110,6 +110,13 @@ pub struct LabState {
     /// Whether `up` got to the end.
     #[serde(default)]
     pub complete: bool,
+    /// Every agent's `[proxy] mode`: `iptables` (the default) or `nftables`.
+    #[serde(default = "default_proxy_mode")]
+    pub proxy_mode: String,
+}
+
+fn default_proxy_mode() -> String {
+    "iptables".into()
 }
 
 /// One node.
