@@ -220,94 +220,128 @@ fn nodeport_dests(opts: &ProxyOptions) -> Vec<Vec<Match>> {
 /// (`filter-output-post-dnat`), as iptables' filter OUTPUT is, so that
 /// traffic short-circuited to the cluster chain is never dropped.
 pub fn fixed_chains(opts: &ProxyOptions) -> Vec<Chain> {
+    let mut chains = base_chains();
+    chains.extend(shared_chains(opts));
+    chains
+}
+
+/// A base chain: name, type, hook, priority, whether only new connections
+/// jump, and the chains it jumps to.
+type BaseSpec = (
+    &'static str,
+    &'static str,
+    &'static str,
+    i32,
+    bool,
+    &'static [&'static str],
+);
+
+/// The base chains: where each hook enters the table, at which priority.
+fn base_chains() -> Vec<Chain> {
+    const NEW: bool = true;
+    let table: [BaseSpec; 8] = [
+        (
+            "nat-prerouting",
+            "nat",
+            "prerouting",
+            -100,
+            !NEW,
+            &[SERVICES],
+        ),
+        ("nat-output", "nat", "output", -100, !NEW, &[SERVICES]),
+        (
+            "nat-postrouting",
+            "nat",
+            "postrouting",
+            100,
+            !NEW,
+            &[MASQUERADING],
+        ),
+        (
+            "filter-prerouting",
+            "filter",
+            "prerouting",
+            -110,
+            NEW,
+            &[FIREWALL_CHECK],
+        ),
+        (
+            "filter-input",
+            "filter",
+            "input",
+            -110,
+            NEW,
+            &[NODEPORT_ENDPOINTS_CHECK, SERVICE_ENDPOINTS_CHECK],
+        ),
+        (
+            "filter-forward",
+            "filter",
+            "forward",
+            -110,
+            NEW,
+            &[SERVICE_ENDPOINTS_CHECK, CLUSTER_IPS_CHECK],
+        ),
+        (
+            "filter-output",
+            "filter",
+            "output",
+            -110,
+            NEW,
+            &[FIREWALL_CHECK],
+        ),
+        (
+            "filter-output-post-dnat",
+            "filter",
+            "output",
+            -90,
+            NEW,
+            &[SERVICE_ENDPOINTS_CHECK, CLUSTER_IPS_CHECK],
+        ),
+    ];
+    table
+        .into_iter()
+        .map(|(name, kind, hook, priority, new, to)| {
+            let rules = to
+                .iter()
+                .map(|c| match new {
+                    true => new_jump(c),
+                    false => Rule::new(vec![], vec![jump(c)]),
+                })
+                .collect();
+            base(name, kind, hook, priority, rules)
+        })
+        .collect()
+}
+
+/// The regular chains every service shares.
+fn shared_chains(opts: &ProxyOptions) -> Vec<Chain> {
     let mark = opts.masquerade_mark;
-    let vmap = |m| vec![Stmt::Vmap(VmapKey::DaddrProtoPort, m)];
+    let vmap = |m| {
+        vec![Rule::new(
+            vec![],
+            vec![Stmt::Vmap(VmapKey::DaddrProtoPort, m)],
+        )]
+    };
     let nodeports = |map: &'static str| -> Vec<Rule> {
         nodeport_dests(opts)
             .into_iter()
             .map(|m| Rule::new(m, vec![Stmt::Vmap(VmapKey::ProtoPort, map)]))
             .collect()
     };
-    let mut services = vec![Rule::new(vec![], vmap(SERVICE_IPS))];
+    let mut services = vmap(SERVICE_IPS);
     services.extend(nodeports(SERVICE_NODEPORTS));
+    let masquerade = Stmt::Masquerade {
+        fully_random: opts.random_fully,
+    };
+    let cluster_ips = Match::DaddrIn(CLUSTER_IPS.into());
     vec![
-        base(
-            "nat-prerouting",
-            "nat",
-            "prerouting",
-            -100,
-            vec![Rule::new(vec![], vec![jump(SERVICES)])],
-        ),
-        base(
-            "nat-output",
-            "nat",
-            "output",
-            -100,
-            vec![Rule::new(vec![], vec![jump(SERVICES)])],
-        ),
-        base(
-            "nat-postrouting",
-            "nat",
-            "postrouting",
-            100,
-            vec![Rule::new(vec![], vec![jump(MASQUERADING)])],
-        ),
-        base(
-            "filter-prerouting",
-            "filter",
-            "prerouting",
-            -110,
-            vec![new_jump(FIREWALL_CHECK)],
-        ),
-        base(
-            "filter-input",
-            "filter",
-            "input",
-            -110,
-            vec![
-                new_jump(NODEPORT_ENDPOINTS_CHECK),
-                new_jump(SERVICE_ENDPOINTS_CHECK),
-            ],
-        ),
-        base(
-            "filter-forward",
-            "filter",
-            "forward",
-            -110,
-            vec![
-                new_jump(SERVICE_ENDPOINTS_CHECK),
-                new_jump(CLUSTER_IPS_CHECK),
-            ],
-        ),
-        base(
-            "filter-output",
-            "filter",
-            "output",
-            -110,
-            vec![new_jump(FIREWALL_CHECK)],
-        ),
-        base(
-            "filter-output-post-dnat",
-            "filter",
-            "output",
-            -90,
-            vec![
-                new_jump(SERVICE_ENDPOINTS_CHECK),
-                new_jump(CLUSTER_IPS_CHECK),
-            ],
-        ),
         regular(SERVICES, services),
         regular(
             MASQUERADING,
             vec![
                 Rule::verdict(vec![Match::MarkClear(mark)], Verdict::Return),
                 Rule::new(vec![], vec![Stmt::MarkXor(mark)]),
-                Rule::new(
-                    vec![],
-                    vec![Stmt::Masquerade {
-                        fully_random: opts.random_fully,
-                    }],
-                ),
+                Rule::new(vec![], vec![masquerade]),
             ],
         ),
         regular(MARK_MASQ, vec![Rule::new(vec![], vec![Stmt::MarkOr(mark)])]),
@@ -318,18 +352,12 @@ pub fn fixed_chains(opts: &ProxyOptions) -> Vec<Chain> {
                 Rule::verdict(vec![], Verdict::Reject),
             ],
         ),
-        regular(FIREWALL_CHECK, vec![Rule::new(vec![], vmap(FIREWALL_IPS))]),
-        regular(
-            SERVICE_ENDPOINTS_CHECK,
-            vec![Rule::new(vec![], vmap(NO_ENDPOINT_SERVICES))],
-        ),
+        regular(FIREWALL_CHECK, vmap(FIREWALL_IPS)),
+        regular(SERVICE_ENDPOINTS_CHECK, vmap(NO_ENDPOINT_SERVICES)),
         regular(NODEPORT_ENDPOINTS_CHECK, nodeports(NO_ENDPOINT_NODEPORTS)),
         regular(
             CLUSTER_IPS_CHECK,
-            vec![Rule::verdict(
-                vec![Match::DaddrIn(CLUSTER_IPS.into())],
-                Verdict::Reject,
-            )],
+            vec![Rule::verdict(vec![cluster_ips], Verdict::Reject)],
         ),
     ]
 }
