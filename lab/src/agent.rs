@@ -24,7 +24,7 @@ const START_WINDOW: Duration = Duration::from_millis(1500);
 ///
 /// This is the one place that knows the agent's config format: adjust it
 /// here when `tabby-node`'s format changes.
-pub fn node_agent_config(node: &NodeState, dir: &StateDir) -> String {
+pub fn node_agent_config(node: &NodeState, dir: &StateDir, proxy_mode: &str) -> String {
     format!(
         "# tabby-node config written by tabby-lab\n\
          node_name = {name:?}\n\
@@ -40,6 +40,7 @@ pub fn node_agent_config(node: &NodeState, dir: &StateDir) -> String {
          poll_interval_ms = 200\n\
          \n\
          [proxy]\n\
+         mode = {proxy_mode:?}\n\
          resources_dir = {resources:?}\n\
          resources_poll_ms = 100\n\
          min_sync_period_ms = 200\n",
@@ -92,13 +93,18 @@ impl AgentStart {
 
 /// Writes `node`'s config and starts `tabby-node --config FILE` in its
 /// namespace, with its output in the node's log.
-pub fn start(node: &NodeState, dir: &StateDir, bin_dir: &Path) -> anyhow::Result<AgentStart> {
+pub fn start(
+    node: &NodeState,
+    dir: &StateDir,
+    bin_dir: &Path,
+    proxy_mode: &str,
+) -> anyhow::Result<AgentStart> {
     let bin = bin_dir.join("tabby-node");
     if !bin.is_file() {
         return Ok(AgentStart::Missing);
     }
     let config = dir.agent_config(&node.name);
-    write_atomic(&config, node_agent_config(node, dir).as_bytes())?;
+    write_atomic(&config, node_agent_config(node, dir, proxy_mode).as_bytes())?;
     let log = dir.agent_log(&node.name);
     let args = vec!["--config".to_string(), config.display().to_string()];
     let Ok(proc) = spawn_in_netns(&node.netns, &bin, &args, &log) else {
@@ -160,7 +166,7 @@ mod tests {
             address: "10.98.0.2".parse().unwrap(),
             agent: None,
         };
-        let text = node_agent_config(&node, &StateDir::new("/run/tabby-lab"));
+        let text = node_agent_config(&node, &StateDir::new("/run/tabby-lab"), "nftables");
         for line in [
             "node_name = \"node-2\"",
             "bgp_address = \"10.98.0.2\"",
@@ -169,6 +175,7 @@ mod tests {
             "uplink = \"eth0\"",
             "status_socket = \"/run/tabby-lab/node-2.sock\"",
             "health_listen = \"127.0.0.1:9099\"",
+            "mode = \"nftables\"",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -70,6 +70,9 @@ enum Command {
         /// The cluster's pod network (with --kubernetes).
         #[arg(long, value_enum, default_value = "tabby", requires = "kubernetes")]
         cni: kube::CniMode,
+        /// Every agent's service proxy mode (namespace lab).
+        #[arg(long, default_value = "iptables", value_parser = ["iptables", "nftables"])]
+        proxy_mode: String,
     },
     /// Run the cluster's kubectl with the lab's admin kubeconfig (--kubernetes).
     Kubectl {
@@ -298,8 +301,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             nodes,
             pods_per_node,
             kubernetes: false,
+            proxy_mode,
             ..
-        } => up::up(&lab, nodes.unwrap_or(3), pods_per_node)?,
+        } => up::up(&lab, nodes.unwrap_or(3), pods_per_node, &proxy_mode)?,
         Command::Up {
             nodes,
             kubernetes: true,
@@ -404,7 +408,7 @@ fn agent_cmd(lab: &Lab, cmd: AgentCommand) -> anyhow::Result<()> {
             if n.agent.as_ref().is_some_and(|p| p.alive()) {
                 anyhow::bail!("{node}'s agent is already running");
             }
-            let started = agent::start(&n, &lab.dir, &lab.bin_dir)?;
+            let started = agent::start(&n, &lab.dir, &lab.bin_dir, &state.proxy_mode)?;
             println!(
                 "{node}: {}",
                 started.describe(&lab.bin_dir.join("tabby-node"), &lab.dir.agent_log(&node))

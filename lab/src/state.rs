@@ -114,6 +114,13 @@ pub struct LabState {
     /// The Kubernetes side of a `--kubernetes` lab.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubeState>,
+    /// Every agent's `[proxy] mode`: `iptables` (the default) or `nftables`.
+    #[serde(default = "default_proxy_mode")]
+    pub proxy_mode: String,
+}
+
+fn default_proxy_mode() -> String {
+    "iptables".into()
 }
 
 /// One node.

@@ -55,13 +55,21 @@ pub fn status(lab: &Lab, state: &LabState) -> anyhow::Result<()> {
         println!("--- ip route");
         print!("{}", capture(in_netns(&node.netns, "ip").arg("route")));
 
-        println!("--- iptables -t nat -S (TABBY chains)");
-        let rules = tabby_nat_rules(&node.netns);
-        if rules.is_empty() {
-            println!("(no TABBY rules)");
-        }
-        for rule in rules {
-            println!("{rule}");
+        if state.proxy_mode == "nftables" {
+            println!("--- nft list table ip tabby-proxy");
+            print!(
+                "{}",
+                capture(in_netns(&node.netns, "nft").args(["list", "table", "ip", "tabby-proxy"]))
+            );
+        } else {
+            println!("--- iptables -t nat -S (TABBY chains)");
+            let rules = tabby_nat_rules(&node.netns);
+            if rules.is_empty() {
+                println!("(no TABBY rules)");
+            }
+            for rule in rules {
+                println!("{rule}");
+            }
         }
         println!();
     }

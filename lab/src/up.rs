@@ -23,7 +23,7 @@ pub const POOL_CIDR: &str = "10.244.0.0/16";
 pub const BLOCK_SIZE: u8 = 26;
 
 /// Builds the lab: `nodes` nodes with `pods_per_node` pods each.
-pub fn up(lab: &Lab, nodes: usize, pods_per_node: usize) -> anyhow::Result<()> {
+pub fn up(lab: &Lab, nodes: usize, pods_per_node: usize, proxy_mode: &str) -> anyhow::Result<()> {
     anyhow::ensure!(
         (1..=MAX_NODES).contains(&nodes),
         "--nodes must be between 1 and {MAX_NODES}"
@@ -38,7 +38,7 @@ pub fn up(lab: &Lab, nodes: usize, pods_per_node: usize) -> anyhow::Result<()> {
     }
     let _lock = lab.dir.lock()?;
     refuse_existing(lab)?;
-    build(lab, nodes, pods_per_node).map_err(|e| {
+    build(lab, nodes, pods_per_node, proxy_mode).map_err(|e| {
         e.context(format!(
             "tabby-lab up stopped half-way; `{} down` removes what it made",
             invocation(lab)
@@ -57,15 +57,16 @@ pub fn invocation(lab: &Lab) -> String {
 }
 
 /// The steps of [`up`] once nothing stands in its way.
-fn build(lab: &Lab, nodes: usize, pods_per_node: usize) -> anyhow::Result<()> {
+fn build(lab: &Lab, nodes: usize, pods_per_node: usize, proxy_mode: &str) -> anyhow::Result<()> {
     let mut state = LabState {
         prefix: lab.names.prefix().to_string(),
         bin_dir: lab.bin_dir.clone(),
+        proxy_mode: proxy_mode.to_string(),
         ..LabState::default()
     };
     state.save(&lab.dir)?;
     println!(
-        "tabby-lab: building {nodes} nodes x {pods_per_node} pods in {}",
+        "tabby-lab: building {nodes} nodes x {pods_per_node} pods in {} (proxy mode {proxy_mode})",
         lab.dir.root().display()
     );
 
@@ -88,7 +89,7 @@ fn build(lab: &Lab, nodes: usize, pods_per_node: usize) -> anyhow::Result<()> {
         let node = names::node_name(index);
         topology::add_node(&lab.names, &mut state, &lab.dir, index)?;
         let node_state = state.node(&node).expect("just added").clone();
-        let started = agent::start(&node_state, &lab.dir, &lab.bin_dir)?;
+        let started = agent::start(&node_state, &lab.dir, &lab.bin_dir, proxy_mode)?;
         state.node_mut(&node).expect("just added").agent = started.process().cloned();
         state.save(&lab.dir)?;
         if started.process().is_none() {

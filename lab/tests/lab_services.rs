@@ -1,5 +1,7 @@
-//! The service proxy end to end in the lab: real pods, real iptables in
-//! every node namespace, real HTTP requests (root only; each test has its own lab).
+//! The service proxy end to end in the lab: real pods, real iptables or
+//! nftables in every node namespace, real HTTP requests (root only; each test
+//! has its own lab). Every test runs in both proxy modes
+//! (`tabby-lab up --proxy-mode iptables|nftables`).
 
 mod support;
 
@@ -8,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::*;
-use tabby_testkit::eventually_every;
+use tabby_testkit::{current_test, eventually_every};
 
 const CLUSTER_IP: &str = "10.96.0.10";
 
@@ -88,36 +90,104 @@ fn wait_for(lab: &TestLab, from: &str, url: &str) {
     );
 }
 
-fn nat_rules(lab: &TestLab, node: &str) -> String {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Iptables,
+    Nftables,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Iptables => "iptables",
+            Mode::Nftables => "nftables",
+        }
+    }
+
+    /// One letter for the lab's tag.
+    fn tag(self) -> &'static str {
+        match self {
+            Mode::Iptables => "i",
+            Mode::Nftables => "n",
+        }
+    }
+}
+
+/// The proxy's rules on `node`: `iptables-save -t nat` or `nft list table ip tabby-proxy`.
+fn proxy_rules(lab: &TestLab, mode: Mode, node: &str) -> String {
+    let ns = format!("{}-{node}", lab.prefix);
+    let args: &[&str] = match mode {
+        Mode::Iptables => &["iptables-save", "-t", "nat"],
+        Mode::Nftables => &["nft", "list", "table", "ip", "tabby-proxy"],
+    };
     let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &format!("{}-{node}", lab.prefix),
-            "iptables-save",
-            "-t",
-            "nat",
-        ])
+        .args(["netns", "exec", &ns])
+        .args(args)
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn up(tag: &str, pods_per_node: &str) -> TestLab {
-    let lab = TestLab::new(tag);
-    let out = lab.run(&["up", "--nodes", "3", "--pods-per-node", pods_per_node]);
+fn up(tag: &str, mode: Mode, pods_per_node: &str) -> TestLab {
+    let lab = TestLab::new(&format!("{tag}{}", mode.tag()));
+    let out = lab.run(&[
+        "up",
+        "--nodes",
+        "3",
+        "--pods-per-node",
+        pods_per_node,
+        "--proxy-mode",
+        mode.name(),
+    ]);
     assert!(!out.contains("agent NOT running"), "{out}");
     lab
 }
 
-#[test]
-fn a_cluster_ip_spreads_requests_from_every_node_over_all_endpoints_and_hairpins() {
-    if !require_root(
-        "a_cluster_ip_spreads_requests_from_every_node_over_all_endpoints_and_hairpins",
-    ) {
+/// Each scenario as one test per mode.
+macro_rules! both_modes {
+    ($scenario:ident, $iptables:ident, $nftables:ident) => {
+        #[test]
+        fn $iptables() {
+            $scenario(Mode::Iptables);
+        }
+        #[test]
+        fn $nftables() {
+            $scenario(Mode::Nftables);
+        }
+    };
+}
+
+both_modes!(
+    cluster_ip_spread,
+    a_cluster_ip_spreads_requests_from_every_node_over_all_endpoints_and_hairpins,
+    a_cluster_ip_spreads_requests_from_every_node_over_all_endpoints_and_hairpins_in_nftables_mode
+);
+both_modes!(
+    session_affinity,
+    session_affinity_keeps_a_client_on_one_endpoint_until_the_timeout,
+    session_affinity_keeps_a_client_on_one_endpoint_until_the_timeout_in_nftables_mode
+);
+both_modes!(
+    node_ports,
+    node_ports_answer_outside_clients_on_every_node_and_local_policy_keeps_their_address,
+    node_ports_answer_outside_clients_on_every_node_and_local_policy_keeps_their_address_in_nftables_mode
+);
+both_modes!(
+    no_endpoints,
+    a_service_without_endpoints_is_rejected_at_once,
+    a_service_without_endpoints_is_rejected_at_once_in_nftables_mode
+);
+both_modes!(
+    deleted_endpoint,
+    a_deleted_endpoint_pod_leaves_the_rotation_within_a_second,
+    a_deleted_endpoint_pod_leaves_the_rotation_within_a_second_in_nftables_mode
+);
+
+fn cluster_ip_spread(mode: Mode) {
+    if !require_root(&current_test()) {
         return;
     }
-    let lab = up("c", "1");
+    let lab = up("c", mode, "1");
     apply(&lab, &service("hello", CLUSTER_IP, "app: echo", ""));
     let url = format!("http://{CLUSTER_IP}/");
     for client in ["node-1-pod1", "node-2-pod1", "node-3-pod1"] {
@@ -137,29 +207,29 @@ fn a_cluster_ip_spreads_requests_from_every_node_over_all_endpoints_and_hairpins
             "{client} never reached itself: {hosts:?}"
         );
     }
-    let nat = nat_rules(&lab, "node-1");
-    assert!(
-        nat.contains(
-            "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j TABBY-SERVICES"
-        ),
-        "{nat}"
-    );
-    assert!(
-        nat.contains("-m statistic --mode random --probability 0.33333333349"),
-        "{nat}"
-    );
-    assert!(
-        nat.contains("--comment \"default/hello:http cluster IP\""),
-        "{nat}"
-    );
+    let rules = proxy_rules(&lab, mode, "node-1");
+    let want: &[&str] = match mode {
+        Mode::Iptables => &[
+            "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j TABBY-SERVICES",
+            "-m statistic --mode random --probability 0.33333333349",
+            "--comment \"default/hello:http cluster IP\"",
+        ],
+        Mode::Nftables => &[
+            "type nat hook prerouting priority dstnat; policy accept;",
+            "numgen random mod 3 0 goto endpoint-",
+            "10.96.0.10 . tcp . 80 : goto service-",
+        ],
+    };
+    for w in want {
+        assert!(rules.contains(w), "{w} in:\n{rules}");
+    }
 }
 
-#[test]
-fn session_affinity_keeps_a_client_on_one_endpoint_until_the_timeout() {
-    if !require_root("session_affinity_keeps_a_client_on_one_endpoint_until_the_timeout") {
+fn session_affinity(mode: Mode) {
+    if !require_root(&current_test()) {
         return;
     }
-    let lab = up("a", "1");
+    let lab = up("a", mode, "1");
     let affinity = "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 5\n";
     apply(
         &lab,
@@ -172,7 +242,12 @@ fn session_affinity_keeps_a_client_on_one_endpoint_until_the_timeout() {
     assert_eq!(hosts.len(), 1, "affinity broke: {hosts:?}");
     assert_eq!(hosts.values().sum::<u32>(), 100);
     let sticky = hosts.keys().next().unwrap().clone();
-    assert!(nat_rules(&lab, "node-1").contains("--rcheck --seconds 5 --reap"));
+    let rules = proxy_rules(&lab, mode, "node-1");
+    let want = match mode {
+        Mode::Iptables => "--rcheck --seconds 5 --reap",
+        Mode::Nftables => "timeout 5s",
+    };
+    assert!(rules.contains(want), "{want} in:\n{rules}");
     // Every request refreshes the client's entry, so only a 5 s silence lets
     // it move: probe with one request until it lands elsewhere, each probe
     // after the timeout has run out since the last one. Each new choice
@@ -190,14 +265,11 @@ fn session_affinity_keeps_a_client_on_one_endpoint_until_the_timeout() {
     );
 }
 
-#[test]
-fn node_ports_answer_outside_clients_on_every_node_and_local_policy_keeps_their_address() {
-    if !require_root(
-        "node_ports_answer_outside_clients_on_every_node_and_local_policy_keeps_their_address",
-    ) {
+fn node_ports(mode: Mode) {
+    if !require_root(&current_test()) {
         return;
     }
-    let lab = up("n", "1");
+    let lab = up("p", mode, "1");
     apply(
         &lab,
         &service("web", "10.96.0.12", "app: echo", "  type: NodePort\n").replace(
@@ -244,12 +316,11 @@ fn node_ports_answer_outside_clients_on_every_node_and_local_policy_keeps_their_
     assert!(none.contains("503"), "{none}");
 }
 
-#[test]
-fn a_service_without_endpoints_is_rejected_at_once() {
-    if !require_root("a_service_without_endpoints_is_rejected_at_once") {
+fn no_endpoints(mode: Mode) {
+    if !require_root(&current_test()) {
         return;
     }
-    let lab = up("r", "1");
+    let lab = up("r", mode, "1");
     apply(&lab, &service("empty", "10.96.0.14", "app: nothing", ""));
     apply(&lab, &service("hello", CLUSTER_IP, "app: echo", ""));
     wait_for(&lab, "node-1-pod1", &format!("http://{CLUSTER_IP}/"));
@@ -260,25 +331,27 @@ fn a_service_without_endpoints_is_rejected_at_once() {
     );
 }
 
-#[test]
-fn a_deleted_endpoint_pod_leaves_the_rotation_within_a_second() {
-    if !require_root("a_deleted_endpoint_pod_leaves_the_rotation_within_a_second") {
+fn deleted_endpoint(mode: Mode) {
+    if !require_root(&current_test()) {
         return;
     }
-    let lab = up("d", "1");
+    let lab = up("d", mode, "1");
     apply(&lab, &service("hello", CLUSTER_IP, "app: echo", ""));
     let url = format!("http://{CLUSTER_IP}/");
     wait_for(&lab, "node-1-pod1", &url);
     let gone_ip = lab.pod_ip("node-3-pod1");
-    let dnat = format!("--to-destination {gone_ip}:8080");
-    assert!(eventually(Duration::from_secs(10), || nat_rules(
-        &lab, "node-1"
+    let dnat = match mode {
+        Mode::Iptables => format!("--to-destination {gone_ip}:8080"),
+        Mode::Nftables => format!("dnat to {gone_ip}:8080"),
+    };
+    assert!(eventually(Duration::from_secs(10), || proxy_rules(
+        &lab, mode, "node-1"
     )
     .contains(&dnat)));
     let start = Instant::now();
     lab.run(&["pod", "del", "node-3-pod1"]);
     let gone = eventually(Duration::from_secs(1), || {
-        (1..=3).all(|i| !nat_rules(&lab, &format!("node-{i}")).contains(&dnat))
+        (1..=3).all(|i| !proxy_rules(&lab, mode, &format!("node-{i}")).contains(&dnat))
     });
     let took = start.elapsed();
     eprintln!("endpoint left every node's rules {took:?} after `pod del` started");

@@ -78,8 +78,9 @@ pub struct AgentConfig {
 /// ```toml
 /// [proxy]
 /// enabled = true
+/// mode = "iptables"                             # iptables or nftables (one `ip tabby-proxy` table)
 /// resources_dir = "/var/lib/tabby/resources"   # Services and EndpointSlices as YAML
-/// backend = "auto"                              # auto, legacy or nft
+/// backend = "auto"                              # iptables mode: auto, legacy or nft
 /// min_sync_period_ms = 1000                     # kube-proxy --iptables-min-sync-period
 /// max_sync_period_ms = 30000                    # kube-proxy --iptables-sync-period
 /// cluster_cidr = "10.244.0.0/16"                # else: the first enabled IPv4 pool
@@ -91,6 +92,9 @@ pub struct ProxyConfig {
     /// Run the proxy at all.
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// `iptables` (the default) or `nftables`.
+    #[serde(default = "default_mode")]
+    pub mode: String,
     /// The directory of Service and EndpointSlice YAML the file backend watches.
     #[serde(default = "default_resources")]
     pub resources_dir: PathBuf,
@@ -122,6 +126,9 @@ fn default_resources() -> PathBuf {
 }
 fn default_resources_poll_ms() -> u64 {
     200
+}
+fn default_mode() -> String {
+    "iptables".into()
 }
 fn default_backend() -> String {
     "auto".into()
@@ -214,6 +221,12 @@ impl AgentConfig {
 
     /// Checks the values a peer would reject later.
     pub fn validate(&self) -> Result<()> {
+        if tabby_proxy::Mode::from_name(&self.proxy.mode).is_none() {
+            return Err(AgentError::Config(format!(
+                "proxy.mode {:?} is not iptables or nftables",
+                self.proxy.mode
+            )));
+        }
         if !matches!(self.proxy.backend.as_str(), "auto" | "legacy" | "nft") {
             return Err(AgentError::Config(format!(
                 "proxy.backend {:?} is not auto, legacy or nft",
@@ -284,6 +297,16 @@ mod tests {
             ),
             ("auto", 0x4000, 1000)
         );
+        assert_eq!(c.proxy.mode, "iptables", "iptables mode stays the default");
+    }
+
+    #[test]
+    fn the_proxy_mode_is_iptables_or_nftables() {
+        let base = "node_name = \"n\"\nbgp_address = \"10.0.0.1\"\n[proxy]\n";
+        let c = AgentConfig::parse(&format!("{base}mode = \"nftables\"\n")).unwrap();
+        assert_eq!(c.proxy.mode, "nftables");
+        let e = AgentConfig::parse(&format!("{base}mode = \"ipvs\"\n")).unwrap_err();
+        assert!(e.to_string().contains("proxy.mode"), "{e}");
     }
 
     #[test]

@@ -1,12 +1,13 @@
 //! Starting the embedded service proxy: the file source of Services and
 //! EndpointSlices, the [`Proxier`] on its own thread (its syncs run
-//! `iptables-restore` and block), and the health-check node ports.
+//! `iptables-restore` or `nft -f` and block), and the health-check node
+//! ports. `[proxy] mode` picks the backend; nothing else here knows it.
 //!
 //! ```text
 //!  FileClusterState ──ProxyEvent (… SourceSynced)──┐
 //!  agent loop (node facts) ─────────────────────────┤ (mpsc)
 //!                                                   ▼
-//!   proxy thread: Proxier::run_observed (first sync once all synced) ──iptables-restore──▶ kernel
+//!   proxy thread: Proxier::run_observed (first sync once all synced) ──Backend::apply──▶ kernel
 //!                                 │ after each sync
 //!                                 ├──▶ HealthCheckServer (tasks on the main runtime)
 //!                                 └──▶ its ProxyMetrics, registered in the agent's Registry (/metrics)
@@ -25,20 +26,21 @@ use crate::error::{AgentError, Result};
 use tabby_proxy::cluster_state::{ClusterState, FileClusterState};
 use tabby_proxy::conntrack::ConntrackCli;
 use tabby_proxy::healthcheck::HealthCheckServer;
-use tabby_proxy::iptables::{detect_backend, Backend, Iptables};
+use tabby_proxy::iptables::{detect_backend, Backend as IptablesBackend, Iptables};
 use tabby_proxy::model::NodeFacts;
+use tabby_proxy::nftables::{NftCli, Nftables};
 use tabby_proxy::proxier::{Proxier, ProxyEvent, SourceId, SyncConfig};
 use tabby_proxy::rules::ProxyOptions;
+use tabby_proxy::{Backend, Mode};
+
+/// The first sync waits for the resource files and the node's facts: until
+/// then the previous run's rules keep serving.
+const FIRST_SYNC_WAITS_FOR: [SourceId; 3] =
+    [SourceId::Services, SourceId::EndpointSlices, SourceId::Node];
 
 /// Starts the proxy with its metrics in `registry`; returns where node facts changes go.
 pub fn start(cfg: &AgentConfig, registry: &mut Registry) -> Result<mpsc::Sender<ProxyEvent>> {
     let pc = &cfg.proxy;
-    let backend = match pc.backend.as_str() {
-        "legacy" => Backend::Legacy,
-        "nft" => Backend::Nft,
-        _ => detect_backend(None),
-    };
-    info!(backend = backend.name(), resources = %pc.resources_dir.display(), "service proxy starting");
     let opts = ProxyOptions {
         masquerade_mark: pc.masquerade_mark,
         ..ProxyOptions::default()
@@ -52,18 +54,55 @@ pub fn start(cfg: &AgentConfig, registry: &mut Registry) -> Result<mpsc::Sender<
         name: cfg.node_name.clone(),
         ..NodeFacts::default()
     };
-    // The first sync waits for the resource files and the node's facts:
-    // until then the previous run's rules keep serving.
-    let proxier = Proxier::new(
-        facts,
-        opts,
-        sync,
-        Iptables::new(backend),
-        ConntrackCli::default(),
-    )
-    .wait_for([SourceId::Services, SourceId::EndpointSlices, SourceId::Node]);
-    proxier.metrics().register(registry);
     let (tx, rx) = mpsc::channel(4096);
+    match Mode::from_name(&pc.mode).unwrap_or_default() {
+        Mode::Iptables => {
+            let backend = match pc.backend.as_str() {
+                "legacy" => IptablesBackend::Legacy,
+                "nft" => IptablesBackend::Nft,
+                _ => detect_backend(None),
+            };
+            info!(mode = "iptables", backend = backend.name(), resources = %pc.resources_dir.display(), "service proxy starting");
+            let proxier = Proxier::new(
+                facts,
+                opts,
+                sync,
+                Iptables::new(backend),
+                ConntrackCli::default(),
+            )
+            .wait_for(FIRST_SYNC_WAITS_FOR);
+            proxier.metrics().register(registry);
+            spawn(proxier, rx)?;
+        }
+        Mode::Nftables => {
+            info!(mode = "nftables", resources = %pc.resources_dir.display(), "service proxy starting");
+            let proxier = Proxier::new(
+                facts,
+                opts,
+                sync,
+                Nftables::new(NftCli::default()),
+                ConntrackCli::default(),
+            )
+            .wait_for(FIRST_SYNC_WAITS_FOR);
+            proxier.metrics().register(registry);
+            spawn(proxier, rx)?;
+        }
+    }
+    let source = FileClusterState {
+        dir: pc.resources_dir.clone(),
+        interval: Duration::from_millis(pc.resources_poll_ms.max(20)),
+    };
+    tokio::spawn(source.run(tx.clone()));
+    Ok(tx)
+}
+
+/// Runs `proxier` on a thread of its own; after each sync it publishes the
+/// health checks (its metrics are shared handles, already registered).
+fn spawn<B>(proxier: Proxier<B, ConntrackCli>, rx: mpsc::Receiver<ProxyEvent>) -> Result<()>
+where
+    B: Backend + Send + 'static,
+    B::Plan: Send,
+{
     let main = tokio::runtime::Handle::current();
     let mut health = {
         let _in_main = main.enter();
@@ -83,20 +122,15 @@ pub fn start(cfg: &AgentConfig, registry: &mut Registry) -> Result<mpsc::Sender<
                 }
             };
             rt.block_on(
-                proxier.run_observed(rx, move |p: &Proxier<Iptables, ConntrackCli>| {
+                proxier.run_observed(rx, move |p: &Proxier<B, ConntrackCli>| {
                     let _in_main = main.enter();
                     health.update(p.health_checks());
                 }),
             );
         })
+        .map(drop)
         .map_err(|source| AgentError::Io {
             context: "start the service proxy thread".into(),
             source,
-        })?;
-    let source = FileClusterState {
-        dir: pc.resources_dir.clone(),
-        interval: Duration::from_millis(pc.resources_poll_ms.max(20)),
-    };
-    tokio::spawn(source.run(tx.clone()));
-    Ok(tx)
+        })
 }

@@ -15,10 +15,10 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Command;
 
+use super::backend::{DesiredState, PortPlan};
 use super::error::{Error, Result};
 use super::iptables::run;
 use super::model::Protocol;
-use super::rules::{RuleSet, ServicePortRules};
 
 /// One `conntrack -D` invocation.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -67,35 +67,41 @@ impl ConntrackDelete {
     }
 }
 
-fn service_ips(r: &ServicePortRules) -> impl Iterator<Item = Ipv4Addr> + '_ {
-    std::iter::once(r.info.cluster_ip)
-        .chain(r.info.external_ips.iter().copied())
-        .chain(r.info.load_balancer_ips.iter().copied())
+fn service_ips<P: PortPlan>(r: &P) -> impl Iterator<Item = Ipv4Addr> + '_ {
+    let info = r.info();
+    std::iter::once(info.cluster_ip)
+        .chain(info.external_ips.iter().copied())
+        .chain(info.load_balancer_ips.iter().copied())
 }
 
-/// The deletions needed after moving from `previous` to `current`.
-pub fn stale_udp_flows(previous: &RuleSet, current: &RuleSet) -> Vec<ConntrackDelete> {
+/// The deletions needed after moving from `previous` to `current` (plans
+/// of either backend).
+pub fn stale_udp_flows<S: DesiredState>(previous: &S, current: &S) -> Vec<ConntrackDelete> {
     let mut out = BTreeSet::new();
-    for (key, prev) in previous.ports.iter().filter(|(k, _)| k.2 == Protocol::Udp) {
-        let cur = current.ports.get(key);
+    for (key, prev) in previous
+        .ports()
+        .iter()
+        .filter(|(k, _)| k.2 == Protocol::Udp)
+    {
+        let cur = current.ports().get(key);
         if cur.is_some_and(|c| std::sync::Arc::ptr_eq(c, prev)) {
             continue;
         }
         let still: HashSet<(Ipv4Addr, u16)> = cur
-            .map(|c| c.reachable.iter().map(|e| (e.ip, e.port)).collect())
+            .map(|c| c.reachable().iter().map(|e| (e.ip, e.port)).collect())
             .unwrap_or_default();
         for ep in prev
-            .reachable
+            .reachable()
             .iter()
             .filter(|e| !still.contains(&(e.ip, e.port)))
         {
             out.extend(
-                service_ips(prev).map(|ip| ConntrackDelete::ServiceEndpoint {
+                service_ips(prev.as_ref()).map(|ip| ConntrackDelete::ServiceEndpoint {
                     orig_dst: ip,
                     dst_nat: ep.ip,
                 }),
             );
-            if let Some(port) = prev.info.node_port {
+            if let Some(port) = prev.info().node_port {
                 out.insert(ConntrackDelete::NodePortEndpoint {
                     port,
                     dst_nat: ep.ip,
@@ -103,14 +109,14 @@ pub fn stale_udp_flows(previous: &RuleSet, current: &RuleSet) -> Vec<ConntrackDe
             }
         }
     }
-    for (key, cur) in current.ports.iter().filter(|(k, _)| k.2 == Protocol::Udp) {
+    for (key, cur) in current.ports().iter().filter(|(k, _)| k.2 == Protocol::Udp) {
         let had = previous
-            .ports
+            .ports()
             .get(key)
-            .is_some_and(|p| !p.reachable.is_empty());
-        if !had && !cur.reachable.is_empty() {
-            out.extend(service_ips(cur).map(ConntrackDelete::ServiceIp));
-            if let Some(port) = cur.info.node_port {
+            .is_some_and(|p| !p.reachable().is_empty());
+        if !had && !cur.reachable().is_empty() {
+            out.extend(service_ips(cur.as_ref()).map(ConntrackDelete::ServiceIp));
+            if let Some(port) = cur.info().node_port {
                 out.insert(ConntrackDelete::NodePort(port));
             }
         }

@@ -33,6 +33,27 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A helper program printed something that could not be parsed.
+    #[error("parse the output of {what}")]
+    Parse {
+        /// The command.
+        what: String,
+        /// Why it could not be parsed.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// An error and its sources, `: `-separated, for logs (`error = %chain(&e)`).
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
 }
 
 /// Result of the proxy's side effects.

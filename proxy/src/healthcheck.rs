@@ -44,7 +44,7 @@ pub struct HealthCheck {
     pub local_endpoints: usize,
 }
 
-impl<D, C> Proxier<D, C> {
+impl<B: crate::backend::Backend, C> Proxier<B, C> {
     /// The health checks this node should serve, from the proxier's current
     /// Services, EndpointSlices and node name, sorted by port.
     pub fn health_checks(&self) -> Vec<HealthCheck> {

@@ -4,8 +4,12 @@
 //! with its buckets) so dashboards carry over. The [`Proxier`] owns a
 //! [`ProxyMetrics`] and updates it on every sync; the agent registers it
 //! into its one [`Registry`] with [`ProxyMetrics::register`], under the
-//! `tabby_proxy_` prefix and the label `mode="iptables"` (so that an
-//! nftables backend fills the same families with `mode="nftables"`).
+//! `tabby_proxy_` prefix and the label `mode` of the backend (`iptables`
+//! or `nftables`, [`Mode`]). The common families (sync durations, syncs,
+//! conntrack, service ports, endpoints) are the same in both modes; the
+//! rule, chain and failure families are named after the mode
+//! (`iptables_total_rules{table="nat"}`, `nftables_total_rules`), and
+//! nftables mode adds `nftables_total_elements` (set and map elements).
 //! The handles are shared: the proxy thread updates what `/metrics` encodes.
 //!
 //! [`Proxier`]: crate::proxier::Proxier
@@ -21,10 +25,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::backend::Mode;
+
 /// The metrics' prefix (kube-proxy uses `kubeproxy`).
 pub const PREFIX: &str = "tabby_proxy";
-/// The `mode` label of this backend's metrics (kube-proxy's `--proxy-mode`).
-pub const MODE: &str = "iptables";
 
 /// kube-proxy's sync latency buckets: 1 ms doubling 15 times (to ~16 s).
 pub fn sync_buckets() -> impl Iterator<Item = f64> {
@@ -51,9 +55,19 @@ const FILTER: TableLabels = TableLabels { table: "filter" };
 /// A gauge of seconds.
 type Seconds = Gauge<f64, AtomicU64>;
 
+/// The gauges of the nftables table (one table: no `table` label).
+#[derive(Debug, Clone, Default)]
+struct NftGauges {
+    rules: Gauge,
+    chains: Gauge,
+    elements: Gauge,
+    rules_written: Gauge,
+}
+
 /// Everything the proxy counts. Cloning shares the metrics.
 #[derive(Debug, Clone)]
 pub struct ProxyMetrics {
+    mode: Mode,
     sync_duration: Histogram,
     full_sync_duration: Histogram,
     partial_sync_duration: Histogram,
@@ -65,6 +79,7 @@ pub struct ProxyMetrics {
     total_rules: Family<TableLabels, Gauge>,
     last_sync_rules: Family<TableLabels, Gauge>,
     total_chains: Family<TableLabels, Gauge>,
+    nft: NftGauges,
     service_ports: Gauge,
     endpoints: Gauge,
     last_sync: Seconds,
@@ -73,8 +88,17 @@ pub struct ProxyMetrics {
 }
 
 impl Default for ProxyMetrics {
+    /// iptables mode's metrics.
     fn default() -> Self {
+        Self::new(Mode::default())
+    }
+}
+
+impl ProxyMetrics {
+    /// The metrics of a backend in `mode` (the `mode` label), all at zero.
+    pub fn new(mode: Mode) -> Self {
         let m = Self {
+            mode,
             sync_duration: Histogram::new(sync_buckets()),
             full_sync_duration: Histogram::new(sync_buckets()),
             partial_sync_duration: Histogram::new(sync_buckets()),
@@ -86,6 +110,7 @@ impl Default for ProxyMetrics {
             total_rules: Family::default(),
             last_sync_rules: Family::default(),
             total_chains: Family::default(),
+            nft: NftGauges::default(),
             service_ports: Gauge::default(),
             endpoints: Gauge::default(),
             last_sync: Seconds::default(),
@@ -112,14 +137,16 @@ pub struct SyncRecord {
     pub full: bool,
     /// How long it took.
     pub elapsed: Duration,
-    /// nat rules Tabby holds after it.
+    /// nat rules Tabby holds after it (nftables: rules of its table).
     pub nat_rules: usize,
-    /// filter rules Tabby holds after it.
+    /// filter rules Tabby holds after it (iptables only).
     pub filter_rules: usize,
-    /// nat rules the payload wrote.
+    /// nat rules the payload wrote (nftables: rules written).
     pub nat_rules_written: usize,
-    /// nat chains Tabby holds after it.
+    /// nat chains Tabby holds after it (nftables: chains of its table).
     pub nat_chains: usize,
+    /// Set and map elements of the nftables table (nftables only).
+    pub elements: usize,
     /// Service ports programmed.
     pub service_ports: usize,
     /// Endpoints programmed.
@@ -134,11 +161,17 @@ fn gauge_value(n: usize) -> i64 {
 }
 
 impl ProxyMetrics {
-    /// Registers every metric into `registry` under [`PREFIX`], labelled `mode=MODE`.
+    /// The backend's mode (the `mode` label).
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Registers every metric into `registry` under [`PREFIX`], labelled
+    /// `mode` (`iptables` or `nftables`), with the families of that mode.
     pub fn register(&self, registry: &mut Registry) {
         let r = registry
             .sub_registry_with_prefix(PREFIX)
-            .sub_registry_with_label((Cow::Borrowed("mode"), Cow::Borrowed(MODE)));
+            .sub_registry_with_label((Cow::Borrowed("mode"), Cow::Borrowed(self.mode.as_str())));
         let m = self;
         r.register(
             "sync_proxy_rules_duration_seconds",
@@ -166,6 +199,14 @@ impl ProxyMetrics {
             m.last_sync_duration.clone(),
         );
         r.register("syncs", "Successful syncs by kind", m.syncs.clone());
+        match m.mode {
+            Mode::Iptables => Self::register_iptables(r, m),
+            Mode::Nftables => Self::register_nftables(r, m),
+        }
+        Self::register_common(r, m);
+    }
+
+    fn register_iptables(r: &mut Registry, m: &Self) {
         r.register(
             "iptables_total_rules",
             "Number of iptables rules owned by the proxy",
@@ -181,21 +222,6 @@ impl ProxyMetrics {
             "Number of iptables chains owned by the proxy",
             m.total_chains.clone(),
         );
-        Self::register_counters(r, m);
-        r.register(
-            "service_ports",
-            "Service ports programmed",
-            m.service_ports.clone(),
-        );
-        r.register("endpoints", "Endpoints programmed", m.endpoints.clone());
-        r.register(
-            "last_payload_bytes",
-            "Size of the last iptables-restore payload",
-            m.last_payload_bytes.clone(),
-        );
-    }
-
-    fn register_counters(r: &mut Registry, m: &Self) {
         r.register(
             "iptables_restore_failures",
             "Cumulative proxy iptables restore failures",
@@ -206,6 +232,42 @@ impl ProxyMetrics {
             "Cumulative proxy iptables partial restore failures",
             m.partial_restore_failures.clone(),
         );
+    }
+
+    fn register_nftables(r: &mut Registry, m: &Self) {
+        r.register(
+            "nftables_total_rules",
+            "Number of rules in the proxy's nftables table",
+            m.nft.rules.clone(),
+        );
+        r.register(
+            "nftables_last_sync_rules",
+            "Number of nftables rules written by the last sync",
+            m.nft.rules_written.clone(),
+        );
+        r.register(
+            "nftables_total_chains",
+            "Number of chains in the proxy's nftables table",
+            m.nft.chains.clone(),
+        );
+        r.register(
+            "nftables_total_elements",
+            "Number of set and map elements in the proxy's nftables table",
+            m.nft.elements.clone(),
+        );
+        r.register(
+            "nftables_transaction_failures",
+            "Cumulative failed nft transactions",
+            m.restore_failures.clone(),
+        );
+        r.register(
+            "nftables_partial_transaction_failures",
+            "Cumulative failed partial nft transactions",
+            m.partial_restore_failures.clone(),
+        );
+    }
+
+    fn register_common(r: &mut Registry, m: &Self) {
         r.register(
             "conntrack_deletes",
             "Conntrack deletions of stale UDP flows",
@@ -215,6 +277,17 @@ impl ProxyMetrics {
             "conntrack_delete_failures",
             "Failed conntrack deletions",
             m.conntrack_failures.clone(),
+        );
+        r.register(
+            "service_ports",
+            "Service ports programmed",
+            m.service_ports.clone(),
+        );
+        r.register("endpoints", "Endpoints programmed", m.endpoints.clone());
+        r.register(
+            "last_payload_bytes",
+            "Size of the last payload applied",
+            m.last_payload_bytes.clone(),
         );
     }
 
@@ -229,6 +302,21 @@ impl ProxyMetrics {
         };
         histogram.observe(secs);
         self.syncs.get_or_create(kind).inc();
+        match self.mode {
+            Mode::Iptables => self.record_iptables(s),
+            Mode::Nftables => self.record_nftables(s),
+        }
+        self.service_ports.set(gauge_value(s.service_ports));
+        self.endpoints.set(gauge_value(s.endpoints));
+        self.last_payload_bytes.set(gauge_value(s.payload_bytes));
+        self.last_sync_duration.set(secs);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        self.last_sync.set(now.as_secs_f64());
+    }
+
+    fn record_iptables(&self, s: &SyncRecord) {
         self.total_rules
             .get_or_create(&NAT)
             .set(gauge_value(s.nat_rules));
@@ -241,17 +329,16 @@ impl ProxyMetrics {
         self.total_chains
             .get_or_create(&NAT)
             .set(gauge_value(s.nat_chains));
-        self.service_ports.set(gauge_value(s.service_ports));
-        self.endpoints.set(gauge_value(s.endpoints));
-        self.last_payload_bytes.set(gauge_value(s.payload_bytes));
-        self.last_sync_duration.set(secs);
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        self.last_sync.set(now.as_secs_f64());
     }
 
-    /// Records a failed `iptables-restore`.
+    fn record_nftables(&self, s: &SyncRecord) {
+        self.nft.rules.set(gauge_value(s.nat_rules));
+        self.nft.rules_written.set(gauge_value(s.nat_rules_written));
+        self.nft.chains.set(gauge_value(s.nat_chains));
+        self.nft.elements.set(gauge_value(s.elements));
+    }
+
+    /// Records a failed apply (`iptables-restore`, nft transaction).
     pub fn record_restore_failure(&self, full: bool) {
         self.restore_failures.inc();
         if !full {
@@ -297,14 +384,25 @@ impl ProxyMetrics {
         self.conntrack_failures.get()
     }
 
-    /// nat rules Tabby holds.
+    /// nat rules Tabby holds (nftables: rules of its table).
     pub fn nat_rules(&self) -> i64 {
-        self.total_rules.get_or_create(&NAT).get()
+        match self.mode {
+            Mode::Iptables => self.total_rules.get_or_create(&NAT).get(),
+            Mode::Nftables => self.nft.rules.get(),
+        }
     }
 
-    /// nat chains Tabby holds.
+    /// nat chains Tabby holds (nftables: chains of its table).
     pub fn nat_chains(&self) -> i64 {
-        self.total_chains.get_or_create(&NAT).get()
+        match self.mode {
+            Mode::Iptables => self.total_chains.get_or_create(&NAT).get(),
+            Mode::Nftables => self.nft.chains.get(),
+        }
+    }
+
+    /// Set and map elements of the nftables table (0 in iptables mode).
+    pub fn elements(&self) -> i64 {
+        self.nft.elements.get()
     }
 
     /// Endpoints programmed.

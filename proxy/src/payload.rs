@@ -13,7 +13,8 @@ use std::sync::Arc;
 use super::names;
 use super::rules::{Chain, RuleSet, ServicePortRules};
 
-/// A rendered payload and its size, for metrics.
+/// A rendered payload and its size, for metrics. The nftables backend
+/// counts its rules in `nat_rules`, its chains in `nat_chains`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Payload {
     /// The `iptables-restore` input.
@@ -26,6 +27,8 @@ pub struct Payload {
     pub nat_chains: usize,
     /// Chains deleted from the nat table.
     pub deleted_chains: usize,
+    /// Set and map elements written (nftables).
+    pub elements: usize,
 }
 
 /// Extra lines a payload carries besides the rule set: jump rules missing

@@ -4,9 +4,9 @@
 //!  watcher ──ProxyEvent──▶ run() ──▶ Proxier::apply_event (marks services dirty)
 //!                           │
 //!                           └─ at next_deadline() ─▶ Proxier::sync
-//!                                 full:    iptables-save ─▶ render_full (stale chains, missing jumps)
-//!                                 partial: render_partial(applied, desired)
-//!                                 ─▶ one iptables-restore --noflush ─▶ conntrack -D for stale UDP flows
+//!                                 full:    Backend::read_kernel ─▶ Backend::full (stale chains, missing jumps)
+//!                                 partial: Backend::partial(applied, desired)
+//!                                 ─▶ Backend::apply (one transaction) ─▶ conntrack -D for stale UDP flows
 //! ```
 //!
 //! The first sync waits until every source the proxier was told to wait
@@ -25,19 +25,20 @@
 //! even without a change.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tokio::sync::mpsc;
 
+use super::backend::{Backend, DesiredState};
 use super::conntrack::{stale_udp_flows, Conntrack};
-use super::error::Result;
-use super::iptables::{missing_jumps, Dataplane, KernelState};
+use super::error::{chain, Result};
 use super::metrics::{ProxyMetrics, SyncRecord};
-use super::model::{NodeFacts, ServiceKey, SERVICE_NAME_LABEL};
-use super::payload::{nat_rule_count, render_full, render_partial, Extras, Payload};
-use super::rules::{service_rules, Ctx, ProxyOptions, RuleSet};
+use super::model::{service_ports, NodeFacts, ServiceKey, SERVICE_NAME_LABEL};
+use super::payload::Payload;
+use super::rules::{port_key, Ctx, ProxyOptions};
 
 /// Timing of syncs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,22 +100,22 @@ pub struct SyncReport {
     pub payload: Payload,
     /// Wall time of the sync (generation, restore and conntrack).
     pub elapsed: Duration,
-    /// Of which the `iptables-restore` run took this long.
+    /// Of which applying the payload (`iptables-restore`, `nft -f`) took this long.
     pub restore: Duration,
 }
 
-/// The proxy's state: cluster objects, the last applied rules, timers.
-pub struct Proxier<D, C> {
+/// The proxy's state: cluster objects, the last applied plan, timers.
+pub struct Proxier<B: Backend, C> {
     node: NodeFacts,
     opts: ProxyOptions,
     cfg: SyncConfig,
-    dataplane: D,
+    backend: B,
     conntrack: C,
     services: BTreeMap<ServiceKey, Service>,
     slices: BTreeMap<ServiceKey, BTreeMap<String, EndpointSlice>>,
     slice_owner: HashMap<(String, String), ServiceKey>,
     dirty: BTreeSet<ServiceKey>,
-    applied: Option<RuleSet>,
+    applied: Option<B::Plan>,
     needs_full: bool,
     last_sync: Option<Instant>,
     last_full: Option<Instant>,
@@ -132,7 +133,7 @@ fn slice_id(s: &EndpointSlice) -> (String, String) {
     )
 }
 
-impl<D, C> Proxier<D, C> {
+impl<B: Backend, C> Proxier<B, C> {
     /// The node's facts as last set.
     pub fn node(&self) -> &NodeFacts {
         &self.node
@@ -153,20 +154,21 @@ impl<D, C> Proxier<D, C> {
     }
 }
 
-impl<D: Dataplane, C: Conntrack> Proxier<D, C> {
+impl<B: Backend, C: Conntrack> Proxier<B, C> {
     /// A proxier that has synced nothing yet.
     pub fn new(
         node: NodeFacts,
         opts: ProxyOptions,
         cfg: SyncConfig,
-        dataplane: D,
+        backend: B,
         conntrack: C,
     ) -> Self {
+        let metrics = ProxyMetrics::new(backend.mode());
         Self {
             node,
             opts,
             cfg,
-            dataplane,
+            backend,
             conntrack,
             services: BTreeMap::new(),
             slices: BTreeMap::new(),
@@ -177,7 +179,7 @@ impl<D: Dataplane, C: Conntrack> Proxier<D, C> {
             last_sync: None,
             last_full: None,
             waiting: BTreeSet::new(),
-            metrics: ProxyMetrics::default(),
+            metrics,
         }
     }
 
@@ -203,14 +205,19 @@ impl<D: Dataplane, C: Conntrack> Proxier<D, C> {
         &self.metrics
     }
 
-    /// The rules last applied successfully.
-    pub fn applied(&self) -> Option<&RuleSet> {
+    /// The plan last applied successfully.
+    pub fn applied(&self) -> Option<&B::Plan> {
         self.applied.as_ref()
     }
 
-    /// The executor (tests inspect it).
-    pub fn dataplane_mut(&mut self) -> &mut D {
-        &mut self.dataplane
+    /// The backend (tests inspect it).
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The backend, mutably (tests inspect and steer it).
+    pub fn dataplane_mut(&mut self) -> &mut B {
+        &mut self.backend
     }
 
     /// Record a change; the next sync programs it.
@@ -305,12 +312,24 @@ impl<D: Dataplane, C: Conntrack> Proxier<D, C> {
         endpoints > self.opts.large_cluster_endpoints
     }
 
-    /// Every service's rules, from scratch.
-    fn generate_all(&self) -> RuleSet {
-        let empty = BTreeMap::new();
-        let slices_of = |k: &ServiceKey| -> Vec<&EndpointSlice> {
-            self.slices.get(k).unwrap_or(&empty).values().collect()
-        };
+    fn slices_of(&self, key: &ServiceKey) -> Vec<&EndpointSlice> {
+        self.slices
+            .get(key)
+            .map(|m| m.values().collect())
+            .unwrap_or_default()
+    }
+
+    /// Plan every port of `svc` into `plan`.
+    fn plan_service(&self, plan: &mut B::Plan, svc: &Service, ctx: &Ctx<'_>) {
+        let key = ServiceKey::of(&svc.metadata);
+        for info in service_ports(svc, &self.slices_of(&key), &self.node) {
+            let port = Arc::new(self.backend.plan_port(info.clone(), ctx));
+            plan.ports_mut().insert(port_key(&info), port);
+        }
+    }
+
+    /// Every service's plan, from scratch.
+    fn generate_all(&self) -> B::Plan {
         let total: usize = self
             .slices
             .values()
@@ -318,39 +337,36 @@ impl<D: Dataplane, C: Conntrack> Proxier<D, C> {
             .map(|s| s.endpoints.as_ref().map_or(0, Vec::len))
             .sum();
         let ctx = self.ctx(self.is_large(total));
-        let mut set = RuleSet::empty(&self.opts);
-        for (key, svc) in &self.services {
-            set.ports.extend(service_rules(svc, &slices_of(key), &ctx));
+        let mut plan = self.backend.empty_plan(&self.opts);
+        for svc in self.services.values() {
+            self.plan_service(&mut plan, svc, &ctx);
         }
-        set
+        plan
     }
 
-    /// The applied rules with the dirty services regenerated; `None` when
-    /// the change moves the cluster into or out of large cluster mode.
-    fn generate_dirty(&self, applied: &RuleSet) -> Option<RuleSet> {
+    /// The applied plan with the dirty services planned again; `None` when
+    /// the change moves an iptables plan into or out of large cluster mode.
+    fn generate_dirty(&self, applied: &B::Plan) -> Option<B::Plan> {
         let was_large = self.is_large(applied.endpoint_count());
         let ctx = self.ctx(was_large);
-        let mut set = applied.clone();
+        let mut plan = applied.clone();
         for key in &self.dirty {
-            let stale: Vec<_> = set
-                .ports
-                .range((key.clone(), String::new(), super::model::Protocol::Tcp)..)
+            let start = (key.clone(), String::new(), super::model::Protocol::Tcp);
+            let stale: Vec<_> = plan
+                .ports()
+                .range(start..)
                 .take_while(|(k, _)| &k.0 == key)
                 .map(|(k, _)| k.clone())
                 .collect();
             for k in stale {
-                set.ports.remove(&k);
+                plan.ports_mut().remove(&k);
             }
             if let Some(svc) = self.services.get(key) {
-                let slices: Vec<&EndpointSlice> = self
-                    .slices
-                    .get(key)
-                    .map(|m| m.values().collect())
-                    .unwrap_or_default();
-                set.ports.extend(service_rules(svc, &slices, &ctx));
+                self.plan_service(&mut plan, svc, &ctx);
             }
         }
-        (self.is_large(set.endpoint_count()) == was_large).then_some(set)
+        let switched = self.is_large(plan.endpoint_count()) != was_large;
+        (!switched || !self.backend.uses_large_cluster_mode()).then_some(plan)
     }
 
     /// Program the current state now (even before the sources synced):
@@ -363,7 +379,7 @@ impl<D: Dataplane, C: Conntrack> Proxier<D, C> {
         let partial = match (&self.applied, self.needs_full || full_due) {
             (Some(applied), false) => self
                 .generate_dirty(applied)
-                .map(|set| (render_partial(applied, &set, &Extras::default()), set)),
+                .map(|plan| (self.backend.partial(applied, &plan), plan)),
             _ => None,
         };
         let full = partial.is_none();
@@ -372,32 +388,35 @@ impl<D: Dataplane, C: Conntrack> Proxier<D, C> {
             None => self.prepare_full(),
         };
         let restore_started = Instant::now();
-        let result = result.and_then(|(payload, set)| {
-            self.dataplane
-                .restore(&payload.text)
-                .map(|()| (payload, set))
-        });
+        let result = result
+            .and_then(|(payload, plan)| self.backend.apply(&payload).map(|()| (payload, plan)));
         let restore = restore_started.elapsed();
         self.last_sync = Some(now);
-        let (payload, set) = match result {
+        let (payload, plan) = match result {
             Ok(ok) => ok,
             Err(e) => {
                 self.needs_full = true;
                 self.metrics.record_restore_failure(full);
-                tracing::warn!(error = %tabby_errors::chain(&e), full, "service proxy sync failed; next sync is full");
+                tracing::warn!(
+                    error = %chain(&e),
+                    mode = %self.backend.mode(),
+                    full,
+                    "service proxy sync failed; next sync is full"
+                );
                 return Err(e);
             }
         };
-        self.clean_conntrack(&set);
+        self.clean_conntrack(&plan);
         if full {
             self.last_full = Some(now);
         }
         self.needs_full = false;
         self.dirty.clear();
         let elapsed = started.elapsed();
-        self.record(&set, &payload, full, elapsed);
-        self.applied = Some(set);
+        self.record(&plan, &payload, full, elapsed);
+        self.applied = Some(plan);
         tracing::debug!(
+            mode = %self.backend.mode(),
             full,
             bytes = payload.text.len(),
             ?elapsed,
@@ -411,46 +430,43 @@ impl<D: Dataplane, C: Conntrack> Proxier<D, C> {
         })
     }
 
-    fn prepare_full(&mut self) -> Result<(Payload, RuleSet)> {
-        let state = KernelState::parse(&self.dataplane.save()?);
-        let set = self.generate_all();
-        let payload = render_full(
-            &set,
-            state.nat_chains.iter().map(String::as_str),
-            &missing_jumps(&state),
-        );
-        Ok((payload, set))
+    fn prepare_full(&mut self) -> Result<(Payload, B::Plan)> {
+        let kernel = self.backend.read_kernel()?;
+        let plan = self.generate_all();
+        let payload = self.backend.full(&plan, &kernel);
+        Ok((payload, plan))
     }
 
-    fn clean_conntrack(&mut self, set: &RuleSet) {
+    fn clean_conntrack(&mut self, plan: &B::Plan) {
         let empty;
         let previous = match &self.applied {
             Some(p) => p,
             None => {
-                empty = RuleSet::empty(&self.opts);
+                empty = self.backend.empty_plan(&self.opts);
                 &empty
             }
         };
-        for del in stale_udp_flows(previous, set) {
+        for del in stale_udp_flows(previous, plan) {
             let result = self.conntrack.delete(&del);
             self.metrics.record_conntrack_delete(result.is_ok());
             if let Err(e) = result {
-                tracing::warn!(error = %tabby_errors::chain(&e), ?del, "conntrack cleanup failed");
+                tracing::warn!(error = %chain(&e), ?del, "conntrack cleanup failed");
             }
         }
     }
 
-    fn record(&self, set: &RuleSet, payload: &Payload, full: bool, elapsed: Duration) {
+    fn record(&self, plan: &B::Plan, payload: &Payload, full: bool, elapsed: Duration) {
+        let counts = self.backend.counts(plan);
         self.metrics.record_sync(&SyncRecord {
             full,
             elapsed,
-            nat_rules: nat_rule_count(set),
+            nat_rules: counts.rules,
             filter_rules: payload.filter_rules,
             nat_rules_written: payload.nat_rules,
-            nat_chains: set.ports.values().map(|p| p.chains.len()).sum::<usize>()
-                + super::names::NAT_DISPATCH_CHAINS.len(),
-            service_ports: set.ports.len(),
-            endpoints: set.endpoint_count(),
+            nat_chains: counts.chains,
+            elements: counts.elements,
+            service_ports: plan.ports().len(),
+            endpoints: plan.endpoint_count(),
             payload_bytes: payload.text.len(),
         });
     }
@@ -499,6 +515,7 @@ async fn until(deadline: Option<Instant>) {
 mod tests {
     use super::*;
     use crate::conntrack::NoConntrack;
+    use crate::iptables::Dataplane;
 
     /// Counts payloads; `save` shows the rules a previous run left.
     #[derive(Default)]

@@ -1,16 +1,32 @@
-//! Golden files of the generated `iptables-restore` payloads for the seeds'
-//! scenarios. Regenerate with `TABBY_UPDATE_GOLDEN=1 cargo test -p tabby-node --test proxy_golden`.
+//! Golden files of the generated payloads for the seeds' scenarios, in both
+//! modes: `NAME.rules` (`iptables-restore`) and `NAME.nft` (`nft -f`, a full
+//! sync on a node without the table). Regenerate with
+//! `TABBY_UPDATE_GOLDEN=1 cargo test -p tabby-proxy --test proxy_golden`.
 
 mod proxy_support;
 
-use proxy_support::{golden_path, ruleset};
+use proxy_support::{golden_path, load, node_for, ruleset};
 use tabby_proxy::payload::{render_full, Extras};
+use tabby_proxy::ProxyOptions;
 
 fn check(name: &str) {
     let payload = render_full(&ruleset(name), [], &Extras::default());
-    let path = golden_path(&format!("{name}.rules"));
+    compare(name, "rules", &payload.text);
+    let (services, slices) = load(name);
+    let plan = tabby_proxy::nftables::generate(
+        &services,
+        &slices,
+        &node_for(name),
+        &ProxyOptions::default(),
+    );
+    let nft = tabby_proxy::nftables::render_full(&plan, &Default::default());
+    compare(name, "nft", &nft.text);
+}
+
+fn compare(name: &str, ext: &str, text: &str) {
+    let path = golden_path(&format!("{name}.{ext}"));
     if std::env::var_os("TABBY_UPDATE_GOLDEN").is_some() {
-        std::fs::write(&path, &payload.text).unwrap();
+        std::fs::write(&path, text).unwrap();
         return;
     }
     let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
@@ -19,10 +35,10 @@ fn check(name: &str) {
             path.display()
         )
     });
-    if want != payload.text {
+    if want != text {
         let diff: Vec<String> = want
             .lines()
-            .zip(payload.text.lines())
+            .zip(text.lines())
             .enumerate()
             .filter(|(_, (a, b))| a != b)
             .take(5)

@@ -1,5 +1,6 @@
 //! Traced flows per feature: packets walked through the generated rules
-//! (kube-proxy's tracePacket approach), no root needed.
+//! (kube-proxy's tracePacket approach), no root needed. Every flow runs in
+//! both modes: through the iptables payload and through the nftables plan.
 
 mod proxy_support;
 
@@ -10,7 +11,7 @@ use proxy_support::{load, node, node_for};
 use tabby_proxy::model::Protocol;
 use tabby_proxy::payload::{render_full, Extras};
 use tabby_proxy::{generate, NodeFacts, ProxyOptions};
-use tabby_testkit::trace::{Env, Origin, Outcome, Packet, Tables, Verdict};
+use tabby_testkit::trace::{Env, NftTables, Origin, Outcome, Packet, Tables, Tracer, Verdict};
 
 const NODE1: &str = "192.168.1.11";
 const NODE3: &str = "192.168.1.13";
@@ -33,6 +34,29 @@ fn tables(scenario: &str, node: &NodeFacts) -> (Tables, String) {
     )
     .text;
     (Tables::parse(&text).expect("own payload parses"), text)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Iptables,
+    Nftables,
+}
+
+/// The tracer of a scenario in `mode`, and the payload it was built from.
+fn tracer(mode: Mode, scenario: &str, node: &NodeFacts) -> (Box<dyn Tracer>, String) {
+    match mode {
+        Mode::Iptables => {
+            let (t, text) = tables(scenario, node);
+            (Box::new(t), text)
+        }
+        Mode::Nftables => {
+            let (services, slices) = load(scenario);
+            let plan =
+                tabby_proxy::nftables::generate(&services, &slices, node, &ProxyOptions::default());
+            let text = tabby_proxy::nftables::render_full(&plan, &Default::default()).text;
+            (Box::new(NftTables::from_plan(&plan)), text)
+        }
+    }
 }
 
 fn ip(s: &str) -> Ipv4Addr {
@@ -87,6 +111,15 @@ struct Flow {
     on_node3: bool,
     packet: Packet,
     want: Vec<(String, String, bool, Verdict)>,
+}
+
+/// Where nftables mode differs on purpose: like kube-proxy's nftables mode
+/// it rejects traffic to a port of a cluster IP that no service serves.
+fn nft_want(flow: &Flow) -> Vec<(String, String, bool, Verdict)> {
+    if flow.what == "another port of the cluster IP is not captured" {
+        return vec![row("-", "1.000", false, Reject)];
+    }
+    flow.want.clone()
 }
 
 fn flows() -> Vec<Flow> {
@@ -286,81 +319,111 @@ fn flows() -> Vec<Flow> {
     ]
 }
 
-/// Named `proxy` so that `cargo test -p tabby-node proxy` selects these tests.
+fn flow_node(flow: &Flow) -> NodeFacts {
+    if flow.on_node3 {
+        node3()
+    } else {
+        node_for(flow.scenario)
+    }
+}
+
+fn check_flows(mode: Mode) {
+    let mut failures = Vec::new();
+    for flow in flows() {
+        let node = flow_node(&flow);
+        let (t, _) = tracer(mode, flow.scenario, &node);
+        let got = summary(&t.trace(&flow.packet, &env(&node)));
+        let want = match mode {
+            Mode::Iptables => flow.want.clone(),
+            Mode::Nftables => nft_want(&flow),
+        };
+        if got != want {
+            failures.push(format!("{}:\n  want {want:?}\n  got  {got:?}", flow.what));
+        }
+    }
+    assert!(failures.is_empty(), "{mode:?}:\n{}", failures.join("\n"));
+}
+
+fn check_affinity(mode: Mode) {
+    let node = node_for("session-affinity");
+    let (t, _) = tracer(mode, "session-affinity", &node);
+    let p = pkt("10.10.0.6", "10.200.1.201", 9000, Tcp, Interface);
+    let first = t.trace(&p, &env(&node));
+    assert_eq!(first.len(), 3, "a new client is spread: {first:?}");
+    let chosen = first
+        .iter()
+        .find(|o| o.dnat == Some(SocketAddrV4::new(ip("10.10.2.2"), 80)))
+        .unwrap();
+    let list = chosen
+        .recent_set
+        .clone()
+        .expect("the endpoint chain records the client");
+    let again = t.trace(
+        &p,
+        &Env {
+            recent: [list].into(),
+            ..env(&node)
+        },
+    );
+    assert_eq!(
+        summary(&again),
+        vec![row("10.10.2.2:80", "1.000", false, Accept)]
+    );
+}
+
+fn check_probabilities(mode: Mode) {
+    for flow in flows() {
+        let node = flow_node(&flow);
+        let (t, _) = tracer(mode, flow.scenario, &node);
+        let total: f64 = t
+            .trace(&flow.packet, &env(&node))
+            .iter()
+            .map(|o| o.probability)
+            .sum();
+        assert!(
+            (total - 1.0).abs() < 1e-9,
+            "{mode:?} {}: {total}",
+            flow.what
+        );
+    }
+}
+
+/// Named `proxy` so that `cargo test -p tabby-proxy proxy` selects these tests.
 mod proxy {
     use super::*;
 
     #[test]
     fn every_feature_flow_reaches_the_expected_endpoints() {
-        let mut failures = Vec::new();
-        for flow in flows() {
-            let node = if flow.on_node3 {
-                node3()
-            } else {
-                node_for(flow.scenario)
-            };
-            let (t, _) = tables(flow.scenario, &node);
-            let got = summary(&t.trace(&flow.packet, &env(&node)));
-            if got != flow.want {
-                failures.push(format!(
-                    "{}:\n  want {:?}\n  got  {:?}",
-                    flow.what, flow.want, got
-                ));
-            }
-        }
-        assert!(failures.is_empty(), "{}", failures.join("\n"));
+        check_flows(Mode::Iptables);
+    }
+
+    #[test]
+    fn every_feature_flow_reaches_the_expected_endpoints_in_nftables_mode() {
+        check_flows(Mode::Nftables);
     }
 
     #[test]
     fn session_affinity_sticks_to_the_endpoint_that_served_the_client_first() {
-        let node = node_for("session-affinity");
-        let (t, _) = tables("session-affinity", &node);
-        let p = pkt("10.10.0.6", "10.200.1.201", 9000, Tcp, Interface);
-        let first = t.trace(&p, &env(&node));
-        assert_eq!(first.len(), 3, "a new client is spread: {first:?}");
-        let chosen = first
-            .iter()
-            .find(|o| o.dnat == Some(SocketAddrV4::new(ip("10.10.2.2"), 80)))
-            .unwrap();
-        let list = chosen
-            .recent_set
-            .clone()
-            .expect("the SEP chain records the client");
-        let again = t.trace(
-            &p,
-            &Env {
-                recent: [list].into(),
-                ..env(&node)
-            },
-        );
-        assert_eq!(
-            summary(&again),
-            vec![row("10.10.2.2:80", "1.000", false, Accept)]
-        );
+        check_affinity(Mode::Iptables);
     }
 
     #[test]
-    fn headless_and_externalname_services_produce_no_rules() {
-        let (_, text) = tables("features", &node());
-        assert!(!text.contains("hello-headless-service"), "{text}");
-        assert!(!text.contains("search-engine"), "{text}");
+    fn session_affinity_sticks_to_the_endpoint_that_served_the_client_first_in_nftables_mode() {
+        check_affinity(Mode::Nftables);
     }
 
     #[test]
-    fn probabilities_of_every_flow_add_up_to_one() {
-        for flow in flows() {
-            let node = if flow.on_node3 {
-                node3()
-            } else {
-                node_for(flow.scenario)
-            };
-            let (t, _) = tables(flow.scenario, &node);
-            let total: f64 = t
-                .trace(&flow.packet, &env(&node))
-                .iter()
-                .map(|o| o.probability)
-                .sum();
-            assert!((total - 1.0).abs() < 1e-9, "{}: {total}", flow.what);
+    fn headless_and_externalname_services_produce_no_rules_in_either_mode() {
+        for mode in [Mode::Iptables, Mode::Nftables] {
+            let (_, text) = tracer(mode, "features", &node());
+            assert!(!text.contains("hello-headless-service"), "{text}");
+            assert!(!text.contains("search-engine"), "{text}");
         }
+    }
+
+    #[test]
+    fn probabilities_of_every_flow_add_up_to_one_in_either_mode() {
+        check_probabilities(Mode::Iptables);
+        check_probabilities(Mode::Nftables);
     }
 }

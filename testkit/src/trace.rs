@@ -7,6 +7,9 @@
 //! decision picks, and nat TABBY-POSTROUTING. Statistic matches split the
 //! walk into branches with their probabilities; `recent --rcheck` matches
 //! when the list is in [`Env::recent`].
+//!
+//! [`NftTables`] traces the same packets through an nftables plan; both
+//! implement [`Tracer`], so one table of flows checks both modes.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -15,6 +18,30 @@ use ipnetwork::Ipv4Network;
 
 use tabby_proxy::model::Protocol;
 use tabby_proxy::names;
+
+mod nft;
+pub use nft::NftTables;
+
+/// Something that traces a packet to its possible fates.
+pub trait Tracer {
+    /// Every fate of `pkt`, with identical fates merged and probabilities summed.
+    fn trace(&self, pkt: &Packet, env: &Env) -> Vec<Outcome>;
+}
+
+/// Merge identical fates, summing their probabilities.
+fn merge(all: impl IntoIterator<Item = Outcome>) -> Vec<Outcome> {
+    let mut outcomes: Vec<Outcome> = Vec::new();
+    for o in all {
+        match outcomes.iter_mut().find(|x| {
+            (x.dnat, x.masquerade, x.verdict, &x.recent_set)
+                == (o.dnat, o.masquerade, o.verdict, &o.recent_set)
+        }) {
+            Some(x) => x.probability += o.probability,
+            None => outcomes.push(o),
+        }
+    }
+    outcomes
+}
 
 /// Where a traced packet comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,14 +307,7 @@ impl Tables {
 
     /// Every fate of `pkt`, with identical fates merged and probabilities summed.
     pub fn trace(&self, pkt: &Packet, env: &Env) -> Vec<Outcome> {
-        let start = State {
-            prob: 1.0,
-            mark: 0,
-            dnat: None,
-            verdict: None,
-            recent_set: None,
-            masquerade: false,
-        };
+        let start = State::start();
         let mut outcomes: Vec<Outcome> = Vec::new();
         for nat in self.walk(&self.nat, names::SERVICES, pkt, env, start) {
             for filt in self.filter_hooks(pkt, env, nat.0) {
@@ -442,6 +462,25 @@ struct State {
     verdict: Option<Verdict>,
     recent_set: Option<String>,
     masquerade: bool,
+}
+
+impl State {
+    fn start() -> Self {
+        State {
+            prob: 1.0,
+            mark: 0,
+            dnat: None,
+            verdict: None,
+            recent_set: None,
+            masquerade: false,
+        }
+    }
+}
+
+impl Tracer for Tables {
+    fn trace(&self, pkt: &Packet, env: &Env) -> Vec<Outcome> {
+        Tables::trace(self, pkt, env)
+    }
 }
 
 fn is_local(env: &Env, ip: Ipv4Addr) -> bool {

@@ -1,19 +1,28 @@
-//! proxy-sync: the service proxy's sync time against raw `iptables-restore`.
+//! proxy-sync: the service proxy's sync times and first-packet latency, per mode.
 //!
-//! For each backend (legacy, nft) and size (1k, 5k, 10k services × 10
-//! endpoints), in fresh network namespaces (needs root):
-//! - full sync: Tabby's first sync (generation, `iptables-save`, one restore)
-//!   against `iptables-restore --noflush` of the same payload into another
-//!   fresh namespace (the baseline), and their ratio (target ≤ 1.5);
-//! - single change: one endpoint of one service replaced, as a partial sync
-//!   (median of 5), against a raw restore of the same partial payload
-//!   (target ≤ 20 ms at 10k services on legacy);
-//! - rule and chain counts, payload size, and the process's peak RSS.
+//! Modes: iptables-legacy, iptables-nft (Tabby's iptables mode over each
+//! backend) and nftables (Tabby's nftables mode). For each mode and size
+//! (1k, 10k, 30k services × 10 endpoints), in fresh network namespaces
+//! (needs root), one child process measures:
+//! - full: the first sync (generation, reading the kernel, one transaction);
+//! - 1 ep: one endpoint of one service replaced, a partial sync (median of 5);
+//! - +svc: one service added, a partial sync;
+//! - CPU time of the helper programs (iptables-restore, nft) over those syncs,
+//!   the child's peak RSS and the largest helper's peak RSS;
+//! - connect: TCP connect time p50/p99 over 200 connections from the node to
+//!   the first and to the last service (iptables-legacy and nftables only),
+//!   with a listener on every endpoint address in a second namespace.
 //!
-//! Usage: `proxy-sync [SIZES...] [--backend legacy|nft]`, e.g. `proxy-sync 1000 10000`.
+//! A mode that has not finished a size within its time limit (2 minutes for
+//! iptables-nft, which is known not to finish at 5k+, 20 minutes otherwise)
+//! prints "did not finish" and the run moves on.
+//!
+//! Usage: `proxy-sync [SIZES...] [--mode iptables-legacy|iptables-nft|nftables]`.
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -21,13 +30,25 @@ use anyhow::{bail, Context, Result};
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use nix::sys::resource::{getrusage, UsageWho};
 use tabby_proxy::conntrack::NoConntrack;
-use tabby_proxy::iptables::{Backend, Iptables};
+use tabby_proxy::iptables::{Backend as IptBackend, Iptables};
+use tabby_proxy::nftables::{NftCli, Nftables};
 use tabby_proxy::proxier::{Proxier, ProxyEvent, SyncConfig};
-use tabby_proxy::{NodeFacts, ProxyOptions};
+use tabby_proxy::{Backend, NodeFacts, ProxyOptions};
 use tabby_testkit::Netns;
 
 const ENDPOINTS: usize = 10;
+const CONNECTS: usize = 200;
+const MODES: [&str; 3] = ["iptables-legacy", "iptables-nft", "nftables"];
+
+fn sh(cmd: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(cmd).args(args).output()?;
+    if !out.status.success() {
+        bail!("{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
 
 fn meta(name: &str, labels: Option<BTreeMap<String, String>>) -> ObjectMeta {
     ObjectMeta {
@@ -38,11 +59,15 @@ fn meta(name: &str, labels: Option<BTreeMap<String, String>>) -> ObjectMeta {
     }
 }
 
+fn cluster_ip(i: usize) -> String {
+    format!("10.96.{}.{}", i / 250, i % 250 + 1)
+}
+
 fn service(i: usize) -> Service {
     Service {
         metadata: meta(&format!("svc-{i}"), None),
         spec: Some(ServiceSpec {
-            cluster_ip: Some(format!("10.96.{}.{}", i / 250, i % 250 + 1)),
+            cluster_ip: Some(cluster_ip(i)),
             ports: Some(vec![ServicePort {
                 name: Some("http".into()),
                 port: 80,
@@ -55,11 +80,11 @@ fn service(i: usize) -> Service {
     }
 }
 
-fn slice(i: usize, generation: usize) -> EndpointSlice {
+fn slice(i: usize) -> EndpointSlice {
     let labels = BTreeMap::from([("kubernetes.io/service-name".to_string(), format!("svc-{i}"))]);
     let endpoints: Vec<_> = (0..ENDPOINTS)
         .map(|e| {
-            let n = i * ENDPOINTS + e + generation * 7;
+            let n = i * ENDPOINTS + e;
             Endpoint {
                 addresses: vec![format!(
                     "10.{}.{}.{}",
@@ -85,34 +110,6 @@ fn slice(i: usize, generation: usize) -> EndpointSlice {
     }
 }
 
-/// Time `iptables-restore --noflush` of `payload` in `ns`, exactly as the executor runs it.
-fn raw_restore(backend: Backend, ns: &Netns, payload: &str) -> Result<Duration> {
-    let start = Instant::now();
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net={}", ns.path().display()))
-        .arg("--")
-        .arg(backend.restore_program())
-        .args(["--noflush", "--wait=5"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(payload.as_bytes())?;
-    let out = child.wait_with_output()?;
-    let elapsed = start.elapsed();
-    if !out.status.success() {
-        bail!(
-            "raw restore failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(elapsed)
-}
-
 fn peak_rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let kb: f64 = status
@@ -124,6 +121,22 @@ fn peak_rss_mib() -> f64 {
     kb / 1024.0
 }
 
+/// CPU time (user + system) of the finished helper programs, and the largest one's peak RSS in MiB.
+fn children() -> (Duration, f64) {
+    match getrusage(UsageWho::RUSAGE_CHILDREN) {
+        Ok(u) => {
+            let t = |tv: nix::sys::time::TimeVal| {
+                Duration::from_micros(tv.tv_sec() as u64 * 1_000_000 + tv.tv_usec() as u64)
+            };
+            (
+                t(u.user_time()) + t(u.system_time()),
+                u.max_rss() as f64 / 1024.0,
+            )
+        }
+        Err(_) => (Duration::ZERO, 0.0),
+    }
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -133,88 +146,275 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-fn run(backend: Backend, n: usize) -> Result<()> {
-    let node = NodeFacts {
+/// The node namespace's uplink to a namespace that answers on every endpoint address.
+fn wire(node: &Netns, backends: &Netns) -> Result<()> {
+    let (a, b) = (
+        format!("bn{}", std::process::id() % 100_000),
+        format!("bb{}", std::process::id() % 100_000),
+    );
+    sh(
+        "ip",
+        &[
+            "link",
+            "add",
+            &a,
+            "netns",
+            node.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &b,
+            "netns",
+            backends.name(),
+        ],
+    )?;
+    node.ip(&["addr", "add", "192.168.77.1/30", "dev", &a]);
+    node.ip(&["link", "set", &a, "up"]);
+    node.ip(&["link", "set", "lo", "up"]);
+    node.ip(&["route", "add", "default", "via", "192.168.77.2"]);
+    backends.ip(&["addr", "add", "192.168.77.2/30", "dev", &b]);
+    backends.ip(&["link", "set", &b, "up"]);
+    backends.ip(&["link", "set", "lo", "up"]);
+    backends.ip(&["route", "add", "local", "10.128.0.0/10", "dev", "lo"]);
+    Ok(())
+}
+
+/// Runs `f` on a thread inside the namespace at `path`.
+fn in_netns<T: Send + 'static>(
+    path: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<std::thread::JoinHandle<T>> {
+    let file = std::fs::File::open(path).with_context(|| format!("open {path}"))?;
+    Ok(std::thread::spawn(move || {
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    }))
+}
+
+/// Connect-time p50 and p99 (ms) to `ip:80` from the node, 200 connections.
+fn connect_times(node: &Netns, ip: &str) -> Result<(f64, f64)> {
+    let addr: SocketAddr = format!("{ip}:80").parse()?;
+    let h = in_netns(&node.path().to_string_lossy(), move || {
+        let mut v = Vec::with_capacity(CONNECTS);
+        for _ in 0..CONNECTS {
+            let t = Instant::now();
+            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            v.push(t.elapsed());
+            drop(s);
+        }
+        Ok::<_, std::io::Error>(v)
+    })?;
+    let mut v = h.join().map_err(|_| anyhow::anyhow!("client thread"))??;
+    v.sort();
+    Ok((ms(v[v.len() / 2]), ms(v[v.len() * 99 / 100])))
+}
+
+fn node_facts() -> Result<NodeFacts> {
+    Ok(NodeFacts {
         name: "node-0".into(),
-        node_ips: vec!["192.168.1.10".parse()?],
+        node_ips: vec!["192.168.77.1".parse()?],
         cluster_cidr: Some("10.128.0.0/10".parse()?),
         pod_cidrs: vec![],
-    };
-    let tabby_ns = Netns::new("tbsy");
-    let raw_ns = Netns::new("tbsy");
-    let ipt = Iptables::new(backend).in_netns(tabby_ns.path());
-    let mut p = Proxier::new(
-        node,
-        ProxyOptions::default(),
-        SyncConfig::default(),
-        ipt,
-        NoConntrack::default(),
-    );
+    })
+}
+
+/// What one mode did at one size.
+struct Figures {
+    full: Duration,
+    endpoint: Duration,
+    added: Duration,
+    helper_cpu: Duration,
+    rules: i64,
+    chains: i64,
+    elements: i64,
+    bytes: usize,
+}
+
+fn syncs<B: Backend>(p: &mut Proxier<B, NoConntrack>, n: usize) -> Result<Figures> {
     for i in 0..n {
         p.apply_event(ProxyEvent::ServiceUpsert(Box::new(service(i))));
-        p.apply_event(ProxyEvent::SliceUpsert(Box::new(slice(i, 0))));
+        p.apply_event(ProxyEvent::SliceUpsert(Box::new(slice(i))));
     }
+    let (cpu0, _) = children();
     let t0 = Instant::now();
     let full = p.sync(t0)?;
-    let raw_full = raw_restore(backend, &raw_ns, &full.payload.text)?;
-
-    let (mut partial, mut raw_partial, mut gen) = (Vec::new(), Vec::new(), Vec::new());
-    for round in 1..=5 {
-        let mut changed = slice(n / 2, 0);
+    let bytes = full.payload.text.len();
+    let mut partial = Vec::new();
+    for round in 1..=5u64 {
+        let mut changed = slice(n / 2);
         changed.endpoints.as_mut().expect("endpoints")[3].addresses =
-            vec![format!("10.250.{}.{}", round, n % 250 + 1)];
+            vec![format!("10.191.{}.{}", round, n % 250 + 1)];
         p.apply_event(ProxyEvent::SliceUpsert(Box::new(changed)));
         let r = p.sync(t0 + Duration::from_secs(2 * round))?;
-        assert!(!r.full, "expected a partial sync");
-        let raw = raw_restore(backend, &raw_ns, &r.payload.text)?;
-        gen.push(r.elapsed.saturating_sub(r.restore));
+        anyhow::ensure!(!r.full, "expected a partial sync");
         partial.push(r.elapsed);
-        raw_partial.push(raw);
     }
+    p.apply_event(ProxyEvent::ServiceUpsert(Box::new(service(n))));
+    p.apply_event(ProxyEvent::SliceUpsert(Box::new(slice(n))));
+    let added = p.sync(t0 + Duration::from_secs(20))?;
+    anyhow::ensure!(!added.full, "expected a partial sync");
+    let (cpu1, _) = children();
     let m = p.metrics();
+    Ok(Figures {
+        full: full.elapsed,
+        endpoint: median(partial),
+        added: added.elapsed,
+        helper_cpu: cpu1.saturating_sub(cpu0),
+        rules: m.nat_rules(),
+        chains: m.nat_chains(),
+        elements: m.elements(),
+        bytes,
+    })
+}
+
+/// One mode at one size, in this process (the child).
+fn child(mode: &str, n: usize) -> Result<()> {
+    let node_ns = Netns::new("tabby-bench-node");
+    let backends = Netns::new("tabby-bench-eps");
+    wire(&node_ns, &backends)?;
+    let path = node_ns.path().to_string_lossy().into_owned();
+    let (opts, cfg) = (ProxyOptions::default(), SyncConfig::default());
+    let f = match mode {
+        "nftables" => {
+            let mut p = Proxier::new(
+                node_facts()?,
+                opts,
+                cfg,
+                Nftables::new(NftCli::in_netns(&path)),
+                NoConntrack::default(),
+            );
+            syncs(&mut p, n)?
+        }
+        _ => {
+            let b = IptBackend::from_name(mode).context("mode")?;
+            let mut p = Proxier::new(
+                node_facts()?,
+                opts,
+                cfg,
+                Iptables::new(b).in_netns(&path),
+                NoConntrack::default(),
+            );
+            syncs(&mut p, n)?
+        }
+    };
+    let (_, helper_rss) = children();
+    let latency = if mode == "iptables-nft" {
+        "-".to_string()
+    } else {
+        let _listener = in_netns(&backends.path().to_string_lossy(), || {
+            let l = TcpListener::bind("0.0.0.0:8080").expect("bind 8080");
+            for s in l.incoming() {
+                drop(s);
+            }
+        })?;
+        std::thread::sleep(Duration::from_millis(100)); // the listener binds (a bench, not a test)
+        let first = connect_times(&node_ns, &cluster_ip(0))?;
+        let last = connect_times(&node_ns, &cluster_ip(n - 1))?;
+        format!(
+            "{:.3}/{:.3} {:.3}/{:.3} {:.2}",
+            first.0,
+            first.1,
+            last.0,
+            last.1,
+            last.0 / first.0
+        )
+    };
     println!(
-        "{:<15} {:>6} {:>7} {:>8} {:>8} {:>8.1} | {:>9.1} {:>9.1} {:>6.2} {:>7.1} | {:>8.2} {:>8.2} {:>8.2} | {:>7.1}",
-        backend.name(),
-        n,
-        m.endpoints(),
-        m.nat_rules(),
-        m.nat_chains(),
-        full.payload.text.len() as f64 / 1e6,
-        ms(full.elapsed),
-        ms(raw_full),
-        full.elapsed.as_secs_f64() / raw_full.as_secs_f64(),
-        ms(full.elapsed.saturating_sub(full.restore)),
-        ms(median(partial)),
-        ms(median(raw_partial)),
-        ms(median(gen)),
+        "RESULT {mode:<15} {n:>6} {:>8} {:>7} {:>7} {:>6.1} | {:>9.1} {:>8.1} {:>8.1} {:>8.1} | {:>6.0} {:>6.0} | {latency}",
+        f.rules,
+        f.chains,
+        f.elements,
+        f.bytes as f64 / 1e6,
+        ms(f.full),
+        ms(f.endpoint),
+        ms(f.added),
+        ms(f.helper_cpu),
         peak_rss_mib(),
+        helper_rss,
     );
     Ok(())
 }
 
+/// Runs one (mode, size) as a child process; kills it after `limit`.
+fn parent(mode: &str, n: usize, limit: Duration) -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let mut c = Command::new(exe)
+        .args(["--child", mode, &n.to_string()])
+        .stdout(Stdio::piped())
+        .process_group(0)
+        .spawn()?;
+    let out = c.stdout.take().context("stdout")?;
+    let reader = std::thread::spawn(move || {
+        BufReader::new(out)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    let start = Instant::now();
+    loop {
+        if let Some(status) = c.try_wait()? {
+            let lines = reader.join().map_err(|_| anyhow::anyhow!("reader"))?;
+            match lines.iter().find_map(|l| l.strip_prefix("RESULT ")) {
+                Some(r) => println!("{r}"),
+                None => println!("{mode:<15} {n:>6} failed ({status})"),
+            }
+            return Ok(());
+        }
+        if start.elapsed() > limit {
+            let pid = nix::unistd::Pid::from_raw(-(c.id() as i32));
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = c.wait();
+            for tag in ["node", "eps"] {
+                let _ = Command::new("ip")
+                    .args(["netns", "del", &format!("tabby-bench-{}-{tag}", c.id())])
+                    .status();
+            }
+            println!(
+                "{mode:<15} {n:>6} did not finish within {} s",
+                limit.as_secs()
+            );
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--child") {
+        let n = args.get(2).context("size")?.parse()?;
+        return child(args.get(1).context("mode")?, n);
+    }
     let mut sizes: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
     if sizes.is_empty() {
-        sizes = vec![1000, 5000, 10_000];
+        sizes = vec![1000, 10_000, 30_000];
     }
-    let backends: Vec<Backend> = match args
+    let modes: Vec<&str> = match args
         .iter()
-        .position(|a| a == "--backend")
+        .position(|a| a == "--mode")
         .and_then(|i| args.get(i + 1))
     {
-        Some(b) => vec![Backend::from_name(b).context("backend is legacy or nft")?],
-        None => vec![Backend::Legacy, Backend::Nft],
+        Some(m) => vec![MODES
+            .iter()
+            .copied()
+            .find(|x| x == m)
+            .context("mode is iptables-legacy, iptables-nft or nftables")?],
+        None => MODES.to_vec(),
     };
-    println!("proxy-sync: {ENDPOINTS} endpoints per service; times in ms; ratio = Tabby full sync / raw iptables-restore of the same payload");
-    println!("partial = one endpoint of one service replaced (median of 5); tabby = the sync's own work (generation, render, iptables-save, conntrack), i.e. minus its restore");
+    println!("proxy-sync: {ENDPOINTS} endpoints per service; times in ms of wall clock (the machine is shared: see helperCPU)");
+    println!("1ep = one endpoint replaced (median of 5); +svc = one service added; helperCPU = user+sys of iptables-restore/nft over all syncs");
     println!(
-        "{:<15} {:>6} {:>7} {:>8} {:>8} {:>8} | {:>9} {:>9} {:>6} {:>7} | {:>8} {:>8} {:>8} | {:>7}",
-        "backend", "svcs", "eps", "natrules", "chains", "MB", "full", "raw", "ratio", "tabby", "partial", "rawpart", "tabby", "rssMiB"
+        "connect = TCP connect p50/p99 ms to the first and the last service, and last/first p50"
     );
-    for backend in backends {
-        for &n in &sizes {
-            run(backend, n)?;
+    println!(
+        "{:<15} {:>6} {:>8} {:>7} {:>7} {:>6} | {:>9} {:>8} {:>8} {:>8} | {:>6} {:>6} | connect first last ratio",
+        "mode", "svcs", "rules", "chains", "elems", "MB", "full", "1ep", "+svc", "helperCPU", "rssMiB", "helperMiB"
+    );
+    for &n in &sizes {
+        for mode in &modes {
+            let limit = if *mode == "iptables-nft" { 120 } else { 1200 };
+            parent(mode, n, Duration::from_secs(limit))?;
         }
     }
     Ok(())

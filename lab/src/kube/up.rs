@@ -431,7 +431,7 @@ impl Build<'_> {
             let n = self.names(index);
             tabby::install_cni(&n.node(&lab.dir), &lab.bin_dir)?;
             let node_state = self.state.node(&n.name).context("node recorded")?.clone();
-            let started = agent::start(&node_state, &lab.dir, &lab.bin_dir)?;
+            let started = agent::start(&node_state, &lab.dir, &lab.bin_dir, "iptables")?;
             self.state.node_mut(&n.name).context("node recorded")?.agent =
                 started.process().cloned();
             self.save()?;

@@ -132,3 +132,36 @@ fn the_last_sync_timestamp_is_the_wall_clock() {
         "{t}"
     );
 }
+
+#[test]
+fn nftables_mode_labels_every_sample_and_counts_elements() {
+    let m = ProxyMetrics::new(Mode::Nftables);
+    assert_eq!(m.mode(), Mode::Nftables);
+    m.record_sync(&SyncRecord {
+        full: true,
+        nat_rules: 40,
+        nat_rules_written: 40,
+        nat_chains: 9,
+        elements: 12,
+        ..SyncRecord::default()
+    });
+    m.record_restore_failure(false);
+    assert_eq!((m.nat_rules(), m.nat_chains(), m.elements()), (40, 9, 12));
+    let text = exposition(&m);
+    for line in [
+        "tabby_proxy_nftables_total_rules{mode=\"nftables\"} 40",
+        "tabby_proxy_nftables_last_sync_rules{mode=\"nftables\"} 40",
+        "tabby_proxy_nftables_total_chains{mode=\"nftables\"} 9",
+        "tabby_proxy_nftables_total_elements{mode=\"nftables\"} 12",
+        "tabby_proxy_nftables_transaction_failures_total{mode=\"nftables\"} 1",
+        "tabby_proxy_nftables_partial_transaction_failures_total{mode=\"nftables\"} 1",
+        "tabby_proxy_syncs_total{mode=\"nftables\",kind=\"full\"} 1",
+    ] {
+        assert!(has_line(&text, line), "{line} in {text}");
+    }
+    assert!(!text.contains("iptables"), "{text}");
+    assert!(text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .all(|l| l.contains("mode=\"nftables\"")));
+}

@@ -1,0 +1,351 @@
+//! Rendering a plan as `nft -f` input: one file, one transaction.
+//!
+//! A full payload creates what is missing and rewrites the rest without
+//! deleting the table (that would drop the affinity sets' clients): `add`
+//! for every chain, set and map, `flush chain` for every chain (planned or
+//! stale), `flush` for the fixed sets and maps, then rules and elements, and
+//! last `delete` for stale chains and affinity sets, which nothing
+//! references any more at that point of the transaction.
+//!
+//! A partial payload touches only the services that changed: new chains,
+//! `flush chain` + rules for changed ones, `flush chain` for removed ones
+//! (the next full sync deletes them; `delete chain` makes nft 1.0.6 list the
+//! whole table first), and element deletions and additions.
+//!
+//! Only commands that spare nft its full cache are used where the choice
+//! exists: rules go in as `add chain T C { r ; r ; }` (not `add rule`, which
+//! makes nft list every chain), elements as `add map T M { type … ;
+//! elements = { … } ; }` (not `add element`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use super::ir::{AffinitySet, Chain, Key, Verdict};
+use super::plan::{NftPlan, NftPort, FAMILY, SETS, TABLE};
+use crate::model::ServiceKey;
+use crate::payload::Payload;
+
+/// What a full sync found in the kernel's `ip tabby-proxy` table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NftKernel {
+    /// Every chain of the table.
+    pub chains: BTreeSet<String>,
+    /// Every set of the table that is not a fixed one, with its timeout.
+    pub affinity: BTreeMap<String, Option<u32>>,
+}
+
+struct Out {
+    text: String,
+    p: Payload,
+}
+
+impl Out {
+    fn new(capacity: usize) -> Self {
+        Self {
+            text: String::with_capacity(capacity),
+            p: Payload::default(),
+        }
+    }
+
+    fn line(&mut self, args: std::fmt::Arguments<'_>) {
+        let _ = self.text.write_fmt(args);
+        self.text.push('\n');
+    }
+
+    fn declare(&mut self, c: &Chain) {
+        match &c.hook {
+            Some(h) => self.line(format_args!(
+                "add chain {FAMILY} {TABLE} {} {{ {h} }}",
+                c.name
+            )),
+            None => self.line(format_args!("add chain {FAMILY} {TABLE} {}", c.name)),
+        }
+    }
+
+    fn flush(&mut self, chain: &str) {
+        self.line(format_args!("flush chain {FAMILY} {TABLE} {chain}"));
+    }
+
+    fn rules(&mut self, c: &Chain) {
+        if c.rules.is_empty() {
+            return;
+        }
+        let _ = write!(self.text, "add chain {FAMILY} {TABLE} {} {{ ", c.name);
+        for r in &c.rules {
+            let _ = write!(self.text, "{r} ; ");
+        }
+        self.text.push_str("}\n");
+        self.p.nat_rules += c.rules.len();
+    }
+
+    fn affinity(&mut self, s: &AffinitySet) {
+        self.line(format_args!(
+            "add set {FAMILY} {TABLE} {} {}",
+            s.name,
+            s.spec()
+        ));
+    }
+
+    /// `add map T M { type … ; elements = { … } ; }` for each set with elements.
+    fn add_elements<'a>(
+        &mut self,
+        elems: impl IntoIterator<Item = (&'static str, &'a Key, Option<&'a Verdict>)>,
+    ) {
+        let mut by_set: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for (set, key, verdict) in elems {
+            let e = match verdict {
+                Some(v) => format!("{key} : {v}"),
+                None => key.to_string(),
+            };
+            by_set.entry(set).or_default().push(e);
+        }
+        for (set, ty) in SETS {
+            let Some(elems) = by_set.get(set) else {
+                continue;
+            };
+            self.p.elements += elems.len();
+            self.line(format_args!(
+                "add {} {FAMILY} {TABLE} {set} {{ {ty} ; elements = {{ {} }} ; }}",
+                set_kind(ty),
+                elems.join(", ")
+            ));
+        }
+    }
+
+    fn delete_elements<'a>(&mut self, keys: impl IntoIterator<Item = (&'static str, &'a Key)>) {
+        let mut by_set: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for (set, key) in keys {
+            by_set.entry(set).or_default().push(key.to_string());
+        }
+        for (set, keys) in by_set {
+            self.p.elements += keys.len();
+            self.line(format_args!(
+                "delete element {FAMILY} {TABLE} {set} {{ {} }}",
+                keys.join(", ")
+            ));
+        }
+    }
+
+    fn finish(mut self) -> Payload {
+        self.p.text = self.text;
+        self.p
+    }
+}
+
+fn set_kind(ty: &str) -> &'static str {
+    if ty.contains(':') {
+        "map"
+    } else {
+        "set"
+    }
+}
+
+/// The payload of a full sync over what `kernel` holds.
+pub fn render_full(plan: &NftPlan, kernel: &NftKernel) -> Payload {
+    let mut out = Out::new(estimate(plan));
+    out.line(format_args!("add table {FAMILY} {TABLE}"));
+    let planned: BTreeSet<&str> = plan.chains().map(|c| c.name.as_str()).collect();
+    for c in plan.chains() {
+        out.declare(c);
+        out.p.nat_chains += 1;
+    }
+    let every: BTreeSet<&str> = planned
+        .iter()
+        .copied()
+        .chain(kernel.chains.iter().map(String::as_str))
+        .collect();
+    for name in every {
+        out.flush(name);
+    }
+    for (set, ty) in SETS {
+        let kind = set_kind(ty);
+        out.line(format_args!(
+            "add {kind} {FAMILY} {TABLE} {set} {{ {ty} ; }}"
+        ));
+        out.line(format_args!("flush {kind} {FAMILY} {TABLE} {set}"));
+    }
+    let mut wanted = BTreeSet::new();
+    for s in plan.affinity_sets() {
+        if !wanted.insert(s.name.as_str()) {
+            continue;
+        }
+        if kernel
+            .affinity
+            .get(&s.name)
+            .is_some_and(|t| *t != Some(s.timeout))
+        {
+            out.line(format_args!("delete set {FAMILY} {TABLE} {}", s.name));
+        }
+        out.affinity(s);
+    }
+    for c in plan.chains() {
+        out.rules(c);
+    }
+    out.add_elements(plan.elements().into_iter().map(|((s, k), v)| (s, k, v)));
+    for stale in kernel
+        .chains
+        .iter()
+        .filter(|c| !planned.contains(c.as_str()))
+    {
+        out.line(format_args!("delete chain {FAMILY} {TABLE} {stale}"));
+        out.p.deleted_chains += 1;
+    }
+    for stale in kernel
+        .affinity
+        .keys()
+        .filter(|s| !wanted.contains(s.as_str()))
+    {
+        out.line(format_args!("delete set {FAMILY} {TABLE} {stale}"));
+    }
+    out.finish()
+}
+
+fn estimate(plan: &NftPlan) -> usize {
+    4096 + plan
+        .ports
+        .values()
+        .map(|p| {
+            p.chains
+                .iter()
+                .map(|c| 120 + c.rules.len() * 100)
+                .sum::<usize>()
+                + 200
+        })
+        .sum::<usize>()
+}
+
+/// The ports of one service in a plan.
+fn service_ports<'a>(plan: &'a NftPlan, key: &ServiceKey) -> Vec<&'a NftPort> {
+    let start = (key.clone(), String::new(), crate::model::Protocol::Tcp);
+    plan.ports
+        .range(start..)
+        .take_while(|(k, _)| &k.0 == key)
+        .map(|(_, p)| p.as_ref())
+        .collect()
+}
+
+/// The services whose ports differ between the plans (unchanged ports share their `Arc`).
+fn changed_services(previous: &NftPlan, plan: &NftPlan) -> BTreeSet<ServiceKey> {
+    let mut out = BTreeSet::new();
+    for (key, cur) in &plan.ports {
+        match previous.ports.get(key) {
+            Some(prev) if Arc::ptr_eq(prev, cur) || prev == cur => {}
+            _ => {
+                out.insert(key.0.clone());
+            }
+        }
+    }
+    for key in previous.ports.keys() {
+        if !plan.ports.contains_key(key) {
+            out.insert(key.0.clone());
+        }
+    }
+    out
+}
+
+/// The payload moving the kernel from `previous` to `plan`.
+pub fn render_partial(previous: &NftPlan, plan: &NftPlan) -> Payload {
+    let mut out = Out::new(4096);
+    let fixed_changed = previous.fixed != plan.fixed;
+    let mut new_chains: Vec<&Chain> = Vec::new();
+    let mut rewrite: Vec<&Chain> = Vec::new();
+    let mut removed: Vec<&str> = Vec::new();
+    let mut new_sets: Vec<&AffinitySet> = Vec::new();
+    let mut respec: Vec<&AffinitySet> = Vec::new();
+    let mut del_elems: BTreeSet<(&'static str, &Key)> = BTreeSet::new();
+    let mut add_elems: BTreeMap<(&'static str, &Key), Option<&Verdict>> = BTreeMap::new();
+    if fixed_changed {
+        rewrite.extend(plan.fixed.iter());
+    }
+    for svc in changed_services(previous, plan) {
+        let (before, after) = (service_ports(previous, &svc), service_ports(plan, &svc));
+        let old_sets: BTreeMap<&str, u32> = before
+            .iter()
+            .flat_map(|p| &p.affinity)
+            .map(|s| (s.name.as_str(), s.timeout))
+            .collect();
+        let mut sets_changed = false;
+        for s in after.iter().flat_map(|p| &p.affinity) {
+            match old_sets.get(s.name.as_str()) {
+                None => new_sets.push(s),
+                Some(t) if *t != s.timeout => {
+                    respec.push(s);
+                    sets_changed = true;
+                }
+                Some(_) => {}
+            }
+        }
+        let old: BTreeMap<&str, &Chain> = before
+            .iter()
+            .flat_map(|p| &p.chains)
+            .map(|c| (c.name.as_str(), c))
+            .collect();
+        let cur: BTreeSet<&str> = after
+            .iter()
+            .flat_map(|p| &p.chains)
+            .map(|c| c.name.as_str())
+            .collect();
+        for c in after.iter().flat_map(|p| &p.chains) {
+            match old.get(c.name.as_str()) {
+                None => new_chains.push(c),
+                Some(o) if sets_changed || o.rules != c.rules => rewrite.push(c),
+                Some(_) => {}
+            }
+        }
+        removed.extend(old.keys().copied().filter(|c| !cur.contains(c)));
+        diff_elements(&before, &after, &mut del_elems, &mut add_elems);
+    }
+    for c in &new_chains {
+        out.declare(c);
+        out.p.nat_chains += 1;
+    }
+    for s in &new_sets {
+        out.affinity(s);
+    }
+    for c in rewrite
+        .iter()
+        .map(|c| c.name.as_str())
+        .chain(removed.iter().copied())
+    {
+        out.flush(c);
+    }
+    for s in &respec {
+        out.line(format_args!("delete set {FAMILY} {TABLE} {}", s.name));
+        out.affinity(s);
+    }
+    for c in new_chains.iter().chain(&rewrite) {
+        out.rules(c);
+    }
+    out.p.nat_chains += rewrite.len();
+    out.delete_elements(del_elems);
+    out.add_elements(add_elems.into_iter().map(|((s, k), v)| (s, k, v)));
+    out.finish()
+}
+
+/// Element changes of one service: deletions (gone or changed) and additions (new or changed).
+fn diff_elements<'a>(
+    before: &[&'a NftPort],
+    after: &[&'a NftPort],
+    del: &mut BTreeSet<(&'static str, &'a Key)>,
+    add: &mut BTreeMap<(&'static str, &'a Key), Option<&'a Verdict>>,
+) {
+    let collect = |ports: &[&'a NftPort]| {
+        let mut m: BTreeMap<(&'static str, &'a Key), Option<&'a Verdict>> = BTreeMap::new();
+        for e in ports.iter().flat_map(|p| &p.elements) {
+            m.entry((e.set, &e.key)).or_insert(e.verdict.as_ref());
+        }
+        m
+    };
+    let (old, new) = (collect(before), collect(after));
+    for (k, v) in &old {
+        if new.get(k) != Some(v) {
+            del.insert(*k);
+        }
+    }
+    for (k, v) in new {
+        if old.get(&k) != Some(&v) {
+            add.insert(k, v);
+        }
+    }
+}

@@ -1,0 +1,392 @@
+use std::sync::Arc;
+
+use super::*;
+use crate::model::{Endpoint, NodeFacts, Protocol, ServiceKey, ServicePortInfo};
+use crate::rules::{port_key, Ctx, ProxyOptions};
+
+fn node() -> NodeFacts {
+    NodeFacts {
+        name: "node1".into(),
+        node_ips: vec!["192.168.1.11".parse().unwrap()],
+        cluster_cidr: Some("10.244.0.0/16".parse().unwrap()),
+        pod_cidrs: vec![],
+    }
+}
+
+fn ep(ip: &str, local: bool) -> Endpoint {
+    Endpoint {
+        ip: ip.parse().unwrap(),
+        port: 8080,
+        is_local: local,
+        ready: true,
+        serving: true,
+        terminating: false,
+    }
+}
+
+fn info(name: &str, eps: Vec<Endpoint>) -> ServicePortInfo {
+    ServicePortInfo {
+        service: ServiceKey {
+            namespace: "default".into(),
+            name: name.into(),
+        },
+        port_name: "http".into(),
+        name: format!("default/{name}:http"),
+        protocol: Protocol::Tcp,
+        cluster_ip: "10.96.0.10".parse().unwrap(),
+        port: 80,
+        node_port: None,
+        external_ips: vec![],
+        load_balancer_ips: vec![],
+        load_balancer_source_ranges: vec![],
+        affinity_timeout: None,
+        external_policy_local: false,
+        internal_policy_local: false,
+        health_check_node_port: None,
+        endpoints: eps,
+    }
+}
+
+fn plan_of(info: ServicePortInfo) -> NftPort {
+    let (node, opts) = (node(), ProxyOptions::default());
+    let ctx = Ctx {
+        node: &node,
+        opts: &opts,
+        large_cluster: false,
+    };
+    plan_port(info, &ctx)
+}
+
+fn texts(c: &Chain) -> Vec<String> {
+    c.rules.iter().map(ToString::to_string).collect()
+}
+
+fn chain<'a>(p: &'a NftPort, prefix: &str) -> &'a Chain {
+    p.chains
+        .iter()
+        .find(|c| c.name.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix} chain in {:?}", p.chains))
+}
+
+fn element(p: &NftPort, set: &str) -> Option<String> {
+    p.elements
+        .iter()
+        .find(|e| e.set == set)
+        .map(ToString::to_string)
+}
+
+fn whole(ports: Vec<ServicePortInfo>) -> NftPlan {
+    let mut plan = NftPlan::empty(&ProxyOptions::default());
+    for i in ports {
+        plan.ports.insert(port_key(&i), Arc::new(plan_of(i)));
+    }
+    plan
+}
+
+#[test]
+fn a_service_with_endpoints_is_dispatched_from_service_ips_to_its_service_chain() {
+    let p = plan_of(info("web", vec![ep("10.244.1.3", false)]));
+    let svc = chain(&p, "service-");
+    assert!(svc.name.ends_with("-default/web/tcp/http"), "{}", svc.name);
+    assert_eq!(
+        element(&p, SERVICE_IPS).unwrap(),
+        format!("10.96.0.10 . tcp . 80 : goto {}", svc.name)
+    );
+    assert_eq!(element(&p, CLUSTER_IPS).unwrap(), "10.96.0.10");
+    assert_eq!(element(&p, NO_ENDPOINT_SERVICES), None);
+}
+
+#[test]
+fn endpoints_are_picked_by_numgen_with_one_chance_in_the_endpoints_left() {
+    let eps = vec![
+        ep("10.244.1.3", false),
+        ep("10.244.1.4", false),
+        ep("10.244.2.5", false),
+    ];
+    let p = plan_of(info("web", eps));
+    let rules = texts(chain(&p, "service-"));
+    assert_eq!(
+        rules[0],
+        "ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade"
+    );
+    assert!(
+        rules[1].starts_with("numgen random mod 3 0 goto endpoint-"),
+        "{rules:?}"
+    );
+    assert!(
+        rules[2].starts_with("numgen random mod 2 0 goto endpoint-"),
+        "{rules:?}"
+    );
+    assert!(rules[3].starts_with("goto endpoint-"), "{rules:?}");
+    assert!(rules[3].ends_with("__10.244.2.5/8080"), "{rules:?}");
+}
+
+#[test]
+fn an_endpoint_chain_masquerades_hairpin_traffic_then_dnats() {
+    let p = plan_of(info("web", vec![ep("10.244.1.3", false)]));
+    assert_eq!(
+        texts(chain(&p, "endpoint-")),
+        [
+            "ip saddr 10.244.1.3 jump mark-for-masquerade",
+            "meta l4proto tcp dnat to 10.244.1.3:8080"
+        ]
+    );
+}
+
+#[test]
+fn a_service_without_endpoints_is_rejected_at_once() {
+    let mut i = info("empty", vec![]);
+    i.node_port = Some(30080);
+    let p = plan_of(i);
+    assert!(p.chains.is_empty(), "{:?}", p.chains);
+    assert_eq!(
+        element(&p, NO_ENDPOINT_SERVICES).unwrap(),
+        "10.96.0.10 . tcp . 80 : goto reject-chain"
+    );
+    assert_eq!(
+        element(&p, NO_ENDPOINT_NODEPORTS).unwrap(),
+        "tcp . 30080 : goto reject-chain"
+    );
+    assert_eq!(element(&p, SERVICE_IPS), None);
+}
+
+#[test]
+fn internal_policy_local_without_a_local_endpoint_drops_instead_of_rejecting() {
+    let mut i = info("dns", vec![ep("10.244.2.53", false)]);
+    i.internal_policy_local = true;
+    let p = plan_of(i);
+    assert_eq!(
+        element(&p, NO_ENDPOINT_SERVICES).unwrap(),
+        "10.96.0.10 . tcp . 80 : drop"
+    );
+}
+
+#[test]
+fn external_policy_local_short_circuits_pods_and_the_node_then_goes_to_local_endpoints() {
+    let mut i = info(
+        "lb",
+        vec![ep("10.244.1.10", true), ep("10.244.2.10", false)],
+    );
+    i.node_port = Some(30800);
+    i.external_policy_local = true;
+    let p = plan_of(i);
+    let ext = texts(chain(&p, "external-"));
+    let svc = &chain(&p, "service-").name;
+    let local = &chain(&p, "local-").name;
+    assert_eq!(
+        ext,
+        [
+            format!("ip saddr 10.244.0.0/16 goto {svc}"),
+            "fib saddr type local jump mark-for-masquerade".to_string(),
+            format!("fib saddr type local goto {svc}"),
+            format!("goto {local}"),
+        ]
+    );
+    assert_eq!(texts(chain(&p, "local-")).len(), 1, "one local endpoint");
+}
+
+#[test]
+fn session_affinity_checks_each_endpoint_set_before_the_spread_and_updates_it_on_dnat() {
+    let mut i = info(
+        "sticky",
+        vec![ep("10.244.1.3", false), ep("10.244.1.4", false)],
+    );
+    i.affinity_timeout = Some(30);
+    let p = plan_of(i);
+    assert_eq!(p.affinity.len(), 2);
+    assert_eq!(p.affinity[0].timeout, 30);
+    let svc = texts(chain(&p, "service-"));
+    let set = &p.affinity[0].name;
+    assert!(
+        svc[1].starts_with(&format!("ip saddr @{set} goto endpoint-")),
+        "{svc:?}"
+    );
+    let epc = texts(chain(&p, "endpoint-"));
+    assert_eq!(epc[1], format!("update @{set} {{ ip saddr }}"));
+}
+
+#[test]
+fn load_balancer_source_ranges_return_allowed_sources_and_drop_the_rest() {
+    let mut i = info("lb", vec![ep("10.244.1.10", false)]);
+    i.load_balancer_ips = vec!["192.168.1.240".parse().unwrap()];
+    i.load_balancer_source_ranges = vec!["203.0.113.0/24".parse().unwrap()];
+    let p = plan_of(i);
+    let fw = chain(&p, "firewall-");
+    assert_eq!(texts(fw), ["ip saddr 203.0.113.0/24 return", "drop"]);
+    assert_eq!(
+        element(&p, FIREWALL_IPS).unwrap(),
+        format!("192.168.1.240 . tcp . 80 : goto {}", fw.name)
+    );
+}
+
+#[test]
+fn node_ports_are_captured_only_on_local_addresses_other_than_loopback() {
+    let fixed = fixed_chains(&ProxyOptions::default());
+    let services = fixed.iter().find(|c| c.name == SERVICES).unwrap();
+    assert_eq!(
+        texts(services),
+        [
+            "ip daddr . meta l4proto . th dport vmap @service-ips",
+            "fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports",
+        ]
+    );
+    let post = fixed.iter().find(|c| c.name == "nat-postrouting").unwrap();
+    assert_eq!(post.hook.unwrap().priority, 100);
+    let out = fixed.iter().find(|c| c.name == "nat-output").unwrap();
+    assert_eq!(
+        out.hook.unwrap().to_string(),
+        "type nat hook output priority -100 ; policy accept ;"
+    );
+}
+
+#[test]
+fn the_masquerade_mark_is_the_iptables_mode_bit() {
+    let fixed = fixed_chains(&ProxyOptions::default());
+    let m = fixed.iter().find(|c| c.name == MASQUERADING).unwrap();
+    assert_eq!(
+        texts(m),
+        [
+            "meta mark & 0x00004000 == 0x00000000 return",
+            "meta mark set meta mark ^ 0x00004000",
+            "masquerade fully-random",
+        ]
+    );
+}
+
+#[test]
+fn a_full_payload_rewrites_the_table_without_deleting_it_and_drops_stale_objects() {
+    let plan = whole(vec![info("web", vec![ep("10.244.1.3", false)])]);
+    let kernel = NftKernel {
+        chains: ["services".to_string(), "endpoint-OLD".to_string()].into(),
+        affinity: [("affinity-OLD".to_string(), Some(30))].into(),
+    };
+    let text = render_full(&plan, &kernel).text;
+    assert!(text.starts_with("add table ip tabby-proxy\n"), "{text}");
+    assert!(!text.contains("delete table"), "{text}");
+    assert!(
+        text.contains("flush chain ip tabby-proxy endpoint-OLD\n"),
+        "{text}"
+    );
+    assert!(
+        text.ends_with(
+            "delete chain ip tabby-proxy endpoint-OLD\ndelete set ip tabby-proxy affinity-OLD\n"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("flush map ip tabby-proxy service-ips\n"),
+        "{text}"
+    );
+    assert!(text.contains("add map ip tabby-proxy service-ips { type ipv4_addr . inet_proto . inet_service : verdict ; elements = { 10.96.0.10 . tcp . 80 : goto service-"), "{text}");
+}
+
+#[test]
+fn a_full_payload_keeps_affinity_sets_whose_timeout_did_not_change() {
+    let mut i = info("sticky", vec![ep("10.244.1.3", false)]);
+    i.affinity_timeout = Some(30);
+    let plan = whole(vec![i]);
+    let set = plan.affinity_sets().next().unwrap().name.clone();
+    let same = NftKernel {
+        chains: Default::default(),
+        affinity: [(set.clone(), Some(30))].into(),
+    };
+    let text = render_full(&plan, &same).text;
+    assert!(!text.contains("delete set"), "{text}");
+    assert!(
+        !text.contains(&format!("flush set ip tabby-proxy {set}")),
+        "{text}"
+    );
+    let changed = NftKernel {
+        affinity: [(set.clone(), Some(60))].into(),
+        ..same
+    };
+    assert!(render_full(&plan, &changed)
+        .text
+        .contains(&format!("delete set ip tabby-proxy {set}\n")));
+}
+
+#[test]
+fn a_partial_payload_without_changes_is_empty() {
+    let plan = whole(vec![info("web", vec![ep("10.244.1.3", false)])]);
+    assert_eq!(render_partial(&plan, &plan.clone()).text, "");
+}
+
+#[test]
+fn a_partial_payload_after_one_endpoint_change_touches_only_that_service() {
+    let before = whole(vec![
+        info(
+            "web",
+            vec![ep("10.244.1.3", false), ep("10.244.1.4", false)],
+        ),
+        info("other", vec![ep("10.244.9.9", false)]),
+    ]);
+    let mut after = before.clone();
+    let changed = info(
+        "web",
+        vec![ep("10.244.1.3", false), ep("10.244.1.5", false)],
+    );
+    after
+        .ports
+        .insert(port_key(&changed), Arc::new(plan_of(changed)));
+    let text = render_partial(&before, &after).text;
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.iter().all(|l| !l.contains("other")), "{text}");
+    assert!(
+        lines.iter().all(|l| !l.contains("element")),
+        "elements unchanged: {text}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("add chain ip tabby-proxy endpoint-")),
+        "{text}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("flush chain ip tabby-proxy service-")),
+        "{text}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("flush chain ip tabby-proxy endpoint-")
+                && l.ends_with("10.244.1.4/8080")),
+        "the removed endpoint's chain is flushed: {text}"
+    );
+    assert!(
+        !text.contains("delete chain"),
+        "deleted by the next full sync: {text}"
+    );
+}
+
+#[test]
+fn a_partial_payload_moves_a_service_from_reject_to_dispatch_when_endpoints_appear() {
+    let before = whole(vec![info("web", vec![])]);
+    let after = whole(vec![info("web", vec![ep("10.244.1.3", false)])]);
+    let text = render_partial(&before, &after).text;
+    assert!(
+        text.contains(
+            "delete element ip tabby-proxy no-endpoint-services { 10.96.0.10 . tcp . 80 }\n"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("add map ip tabby-proxy service-ips { type ipv4_addr . inet_proto . inet_service : verdict ; elements = { 10.96.0.10 . tcp . 80 : goto service-"), "{text}");
+    assert!(
+        !text.contains("cluster-ips"),
+        "the cluster IP stays: {text}"
+    );
+}
+
+#[test]
+fn the_kernel_state_lists_only_tabby_chains_and_affinity_sets() {
+    let chains = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+        {"chain": {"family": "ip", "table": "tabby-proxy", "name": "services", "handle": 1}},
+        {"chain": {"family": "ip", "table": "nat", "name": "PREROUTING", "handle": 2}}]}"#;
+    let sets = r#"{"nftables": [{"set": {"family": "ip", "name": "cluster-ips", "table": "tabby-proxy", "type": "ipv4_addr"}},
+        {"set": {"family": "ip", "name": "affinity-X", "table": "tabby-proxy", "type": "ipv4_addr", "timeout": 30}}]}"#;
+    let k = parse_kernel(chains, sets).unwrap();
+    assert_eq!(k.chains, ["services".to_string()].into());
+    assert_eq!(k.affinity, [("affinity-X".to_string(), Some(30))].into());
+    assert!(parse_kernel("not json", sets).is_err());
+}
