@@ -108,12 +108,25 @@ impl Kept {
     }
 }
 
+/// A datastore type this build does not know is CNI error 2 (an unsupported
+/// field, named with its value), not a generic invalid config.
+fn check_datastore_type(section: &serde_json::Value) -> Result<()> {
+    match section.pointer("/datastore/type").and_then(|t| t.as_str()) {
+        Some(t) if !["file", "kubernetes"].contains(&t) => Err(CniError::new(
+            Code::UnsupportedField,
+            format!("unsupported ipam.datastore.type {t:?} (file or kubernetes)"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl TabbyIpam {
     /// Validates the `ipam` section and opens the datastore (nothing is written yet).
     pub fn open(net: &NetConf) -> Result<Self> {
         let section = net.ipam.clone().ok_or_else(|| {
             CniError::new(Code::InvalidConfig, "network config has no ipam section")
         })?;
+        check_datastore_type(&section)?;
         let conf: IpamConf = serde_json::from_value(section).map_err(|e| {
             CniError::with_source(
                 Code::InvalidConfig,
