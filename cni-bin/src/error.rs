@@ -104,17 +104,7 @@ impl std::error::Error for CniError {}
 
 /// `err: cause: cause...`, each level once.
 pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        let s = e.to_string();
-        if !out.contains(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
-        cur = e.source();
-    }
-    out
+    tabby_errors::chain(err).to_string()
 }
 
 impl From<tabby_ipam::IpamError> for CniError {

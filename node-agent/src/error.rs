@@ -49,15 +49,5 @@ pub type Result<T, E = AgentError> = std::result::Result<T, E>;
 
 /// `err: cause: cause...` for logs, each level once.
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        let s = e.to_string();
-        if !out.contains(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
-        cur = e.source();
-    }
-    out
+    tabby_errors::chain(err).to_string()
 }

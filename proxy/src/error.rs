@@ -46,14 +46,7 @@ pub enum Error {
 
 /// An error and its sources, `: `-separated, for logs (`error = %chain(&e)`).
 pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
+    tabby_errors::chain(e).to_string()
 }
 
 /// Result of the proxy's side effects.
