@@ -79,7 +79,8 @@ pub struct AgentConfig {
 /// [proxy]
 /// enabled = true
 /// mode = "iptables"                             # iptables or nftables (one `ip tabby-proxy` table)
-/// resources_dir = "/var/lib/tabby/resources"   # Services and EndpointSlices as YAML
+/// source = "files"                             # or "kubernetes": watch the API
+/// resources_dir = "/var/lib/tabby/resources"   # files: Services and EndpointSlices as YAML
 /// backend = "auto"                              # iptables mode: auto, legacy or nft
 /// min_sync_period_ms = 1000                     # kube-proxy --iptables-min-sync-period
 /// max_sync_period_ms = 30000                    # kube-proxy --iptables-sync-period
@@ -95,6 +96,9 @@ pub struct ProxyConfig {
     /// `iptables` (the default) or `nftables`.
     #[serde(default = "default_mode")]
     pub mode: String,
+    /// Where Services and EndpointSlices come from.
+    #[serde(default)]
+    pub source: ProxySource,
     /// The directory of Service and EndpointSlice YAML the file backend watches.
     #[serde(default = "default_resources")]
     pub resources_dir: PathBuf,
@@ -116,6 +120,19 @@ pub struct ProxyConfig {
     /// The mark bit asking for masquerade.
     #[serde(default = "default_mark")]
     pub masquerade_mark: u32,
+}
+
+/// The proxy's source of Services and EndpointSlices.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxySource {
+    /// YAML files in `resources_dir` (what the lab writes).
+    #[default]
+    Files,
+    /// The Kubernetes API, with the `[datastore]` table's kubeconfig when
+    /// it is `type = "kubernetes"`, else `$KUBECONFIG`, `~/.kube/config` or
+    /// the in-cluster ServiceAccount.
+    Kubernetes,
 }
 
 fn yes() -> bool {
@@ -274,6 +291,15 @@ impl AgentConfig {
     pub fn poll_interval(&self) -> Duration {
         Duration::from_millis(self.poll_interval_ms.max(50))
     }
+
+    /// The kubeconfig of `[datastore]` when it is `type = "kubernetes"`
+    /// (what `[proxy] source = "kubernetes"` connects with); `None`: infer.
+    pub fn kubeconfig(&self) -> Option<&Path> {
+        match &self.datastore {
+            DatastoreConfig::Kubernetes(o) => o.kubeconfig.as_deref(),
+            DatastoreConfig::File { .. } => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -298,6 +324,25 @@ mod tests {
             ("auto", 0x4000, 1000)
         );
         assert_eq!(c.proxy.mode, "iptables", "iptables mode stays the default");
+    }
+
+    #[test]
+    fn the_proxy_source_is_files_or_kubernetes_with_the_datastore_kubeconfig() {
+        let base = "node_name = \"n\"\nbgp_address = \"10.0.0.1\"\n";
+        let c = AgentConfig::parse(base).unwrap();
+        assert_eq!(c.proxy.source, ProxySource::Files, "files stay the default");
+        assert_eq!(c.kubeconfig(), None);
+        let kube = format!("{base}[proxy]\nsource = \"kubernetes\"\n");
+        let c = AgentConfig::parse(&kube).unwrap();
+        assert_eq!(c.proxy.source, ProxySource::Kubernetes);
+        assert_eq!(c.kubeconfig(), None, "no kubeconfig: inferred (in-cluster)");
+        let c = AgentConfig::parse(&format!(
+            "{kube}[datastore]\ntype = \"kubernetes\"\nkubeconfig = \"/k\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.kubeconfig(), Some(Path::new("/k")));
+        let e = AgentConfig::parse(&format!("{base}[proxy]\nsource = \"etcd\"\n")).unwrap_err();
+        assert!(e.to_string().contains("etcd"), "{e}");
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub enum AgentError {
     /// Opening the route thread's netlink sockets failed.
     #[error("open the netlink sockets of the route thread")]
     RouteSockets(#[source] tabby_dataplane::Error),
+    /// The service proxy could not connect to the Kubernetes API.
+    #[error("connect the service proxy to the Kubernetes API")]
+    KubeSource(#[source] tabby_proxy::cluster_state::kubernetes::ConnectError),
     /// A socket or thread could not be set up.
     #[error("{context}")]
     Io {

@@ -158,8 +158,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut agent = tokio::task::spawn_blocking(move || Agent::new(c, ds, bgp, s)).await??;
     let mut registry = metrics::registry(Arc::clone(&shared));
     if cfg.proxy.enabled {
+        let source = service_proxy::Source::from_config(&cfg).await?;
         // Backend detection runs iptables-save: off the async workers.
-        let tx = tokio::task::block_in_place(|| service_proxy::start(&cfg, &mut registry))?;
+        let tx = tokio::task::block_in_place(|| service_proxy::start(&cfg, &mut registry, source))?;
         agent.set_proxy(tx);
     }
 

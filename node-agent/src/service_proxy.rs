@@ -1,10 +1,11 @@
-//! Starting the embedded service proxy: the file source of Services and
-//! EndpointSlices, the [`Proxier`] on its own thread (its syncs run
+//! Starting the embedded service proxy: the source of Services and
+//! EndpointSlices (files, or the Kubernetes API with `[proxy] source =
+//! "kubernetes"`), the [`Proxier`] on its own thread (its syncs run
 //! `iptables-restore` or `nft -f` and block), and the health-check node
 //! ports. `[proxy] mode` picks the backend; nothing else here knows it.
 //!
 //! ```text
-//!  FileClusterState ──ProxyEvent (… SourceSynced)──┐
+//!  File/KubeClusterState ──ProxyEvent (… SourceSynced)──┐
 //!  agent loop (node facts) ─────────────────────────┤ (mpsc)
 //!                                                   ▼
 //!   proxy thread: Proxier::run_observed (first sync once all synced) ──Backend::apply──▶ kernel
@@ -21,9 +22,9 @@ use tabby_errors::chain;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, ProxySource};
 use crate::error::{AgentError, Result};
-use tabby_proxy::cluster_state::{ClusterState, FileClusterState};
+use tabby_proxy::cluster_state::{ClusterState, FileClusterState, KubeClusterState};
 use tabby_proxy::conntrack::ConntrackCli;
 use tabby_proxy::healthcheck::HealthCheckServer;
 use tabby_proxy::iptables::{detect_backend, Backend as IptablesBackend, Iptables};
@@ -38,8 +39,54 @@ use tabby_proxy::{Backend, Mode};
 const FIRST_SYNC_WAITS_FOR: [SourceId; 3] =
     [SourceId::Services, SourceId::EndpointSlices, SourceId::Node];
 
-/// Starts the proxy with its metrics in `registry`; returns where node facts changes go.
-pub fn start(cfg: &AgentConfig, registry: &mut Registry) -> Result<mpsc::Sender<ProxyEvent>> {
+/// Where Services and EndpointSlices come from, ready to run.
+#[derive(Debug)]
+pub enum Source {
+    /// YAML files in `[proxy] resources_dir`.
+    Files(FileClusterState),
+    /// The Kubernetes API.
+    Kubernetes(KubeClusterState),
+}
+
+impl Source {
+    /// The configured source; connects the Kubernetes one (with the
+    /// `[datastore]` kubeconfig when it is `type = "kubernetes"`).
+    pub async fn from_config(cfg: &AgentConfig) -> Result<Self> {
+        let pc = &cfg.proxy;
+        Ok(match pc.source {
+            ProxySource::Files => Self::Files(FileClusterState {
+                dir: pc.resources_dir.clone(),
+                interval: Duration::from_millis(pc.resources_poll_ms.max(20)),
+            }),
+            ProxySource::Kubernetes => Self::Kubernetes(
+                KubeClusterState::connect(cfg.kubeconfig())
+                    .await
+                    .map_err(AgentError::KubeSource)?,
+            ),
+        })
+    }
+
+    fn spawn(self, tx: mpsc::Sender<ProxyEvent>) {
+        match self {
+            Self::Files(s) => {
+                info!(resources = %s.dir.display(), "service proxy source: files");
+                tokio::spawn(s.run(tx));
+            }
+            Self::Kubernetes(s) => {
+                info!("service proxy source: the Kubernetes API");
+                tokio::spawn(s.run(tx));
+            }
+        }
+    }
+}
+
+/// Starts the proxy with its metrics in `registry` on `source`; returns
+/// where node facts changes go.
+pub fn start(
+    cfg: &AgentConfig,
+    registry: &mut Registry,
+    source: Source,
+) -> Result<mpsc::Sender<ProxyEvent>> {
     let pc = &cfg.proxy;
     let opts = ProxyOptions {
         masquerade_mark: pc.masquerade_mark,
@@ -62,7 +109,11 @@ pub fn start(cfg: &AgentConfig, registry: &mut Registry) -> Result<mpsc::Sender<
                 "nft" => IptablesBackend::Nft,
                 _ => detect_backend(None),
             };
-            info!(mode = "iptables", backend = backend.name(), resources = %pc.resources_dir.display(), "service proxy starting");
+            info!(
+                mode = "iptables",
+                backend = backend.name(),
+                "service proxy starting"
+            );
             let proxier = Proxier::new(
                 facts,
                 opts,
@@ -75,7 +126,7 @@ pub fn start(cfg: &AgentConfig, registry: &mut Registry) -> Result<mpsc::Sender<
             spawn(proxier, rx)?;
         }
         Mode::Nftables => {
-            info!(mode = "nftables", resources = %pc.resources_dir.display(), "service proxy starting");
+            info!(mode = "nftables", "service proxy starting");
             let proxier = Proxier::new(
                 facts,
                 opts,
@@ -88,11 +139,7 @@ pub fn start(cfg: &AgentConfig, registry: &mut Registry) -> Result<mpsc::Sender<
             spawn(proxier, rx)?;
         }
     }
-    let source = FileClusterState {
-        dir: pc.resources_dir.clone(),
-        interval: Duration::from_millis(pc.resources_poll_ms.max(20)),
-    };
-    tokio::spawn(source.run(tx.clone()));
+    source.spawn(tx.clone());
     Ok(tx)
 }
 

@@ -422,3 +422,51 @@ fn the_plugin_with_the_minted_token_honours_pod_annotations_and_releases_after_t
     }
     let _ = cp.kubectl(&["delete", "namespace", &ns, "--wait=false"]);
 }
+
+/// `[proxy] source = "kubernetes"` connects with the `[datastore]`
+/// kubeconfig and delivers the API's Services, then both kinds synced.
+#[test]
+fn the_kubernetes_proxy_source_uses_the_datastore_kubeconfig() {
+    use tabby_node::service_proxy::Source;
+    use tabby_proxy::cluster_state::ClusterState;
+    use tabby_proxy::proxier::{ProxyEvent, SourceId};
+
+    let cp = tabby_testkit::kube::shared();
+    let ns = namespace_with_pods(cp, &[]);
+    let text = format!(
+        "node_name = \"n\"\nbgp_address = \"10.0.0.1\"\n[datastore]\ntype = \"kubernetes\"\nkubeconfig = {:?}\n[proxy]\nsource = \"kubernetes\"\n",
+        cp.kubeconfig_path().display().to_string()
+    );
+    let cfg = AgentConfig::parse(&text).unwrap();
+    runtime().block_on(async {
+        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(
+            json!({"metadata": {"name": "web"}, "spec": {"ports": [{"port": 80}]}}),
+        )
+        .unwrap();
+        Api::namespaced(cp.client(), &ns)
+            .create(&PostParams::default(), &svc)
+            .await
+            .unwrap();
+        let Source::Kubernetes(source) = Source::from_config(&cfg).await.unwrap() else {
+            panic!("source = \"kubernetes\" gives the Kubernetes source");
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(source.run(tx));
+        let (mut web, mut synced) = (false, Vec::new());
+        let end = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !(web && synced.len() == 2) {
+            match tokio::time::timeout_at(end, rx.recv()).await {
+                Ok(Some(ProxyEvent::ServiceUpsert(s))) => {
+                    web |= s.metadata.namespace.as_deref() == Some(ns.as_str())
+                        && s.metadata.name.as_deref() == Some("web");
+                }
+                Ok(Some(ProxyEvent::SourceSynced(id))) => {
+                    assert!(web || id != SourceId::Services, "web comes in the initial list");
+                    synced.push(id);
+                }
+                Ok(Some(_)) => {}
+                other => panic!("waiting for web and both kinds synced: {other:?} (web {web}, synced {synced:?})"),
+            }
+        }
+    });
+}

@@ -1,7 +1,7 @@
 //! Sources of cluster state for the service proxy: Services and
 //! EndpointSlices as [`ProxyEvent`]s. The file backend watches a directory of
-//! Kubernetes YAML (what the lab writes); a Kubernetes backend will watch the
-//! API server behind the same trait.
+//! Kubernetes YAML (what the lab writes); the Kubernetes backend
+//! ([`kubernetes`]) watches the API server behind the same trait.
 //!
 //! ```text
 //!  every interval: list DIR ──changed files (mtime, size, inode)──▶ parse
@@ -26,7 +26,11 @@ use crate::yaml;
 use crate::ProxyEvent;
 use tabby_errors::chain;
 
-/// A source of cluster state for the proxy (file backend now, Kubernetes later).
+pub mod kubernetes;
+
+pub use kubernetes::KubeClusterState;
+
+/// A source of cluster state for the proxy (files or the Kubernetes API).
 pub trait ClusterState: Send + 'static {
     /// Sends every object once, then [`ProxyEvent::SourceSynced`] for each
     /// kind it serves (the proxy's first sync waits for it), then every
