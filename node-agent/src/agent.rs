@@ -2,7 +2,8 @@
 //! the BGP speaker and the route thread talk to it.
 //!
 //! ```text
-//!   datastore D ──(poll every 500 ms, blocking pool)──┐
+//!   datastore D ──(poll every 500 ms, blocking pool)──┐  or, with cluster = "kubernetes":
+//!   crate::cluster::kubernetes watches ──views (watch)─┤  each change at once, the tick re-plans
 //!                                                     ▼
 //!   BGP speaker ──BgpEvent (mpsc)──▶ agent loop ──route changes (bounded)──▶ route thread ──▶ kernel
 //!        ▲                             │  │  │ writes                         │ reads (resync)
@@ -28,6 +29,7 @@ use tabby_ipam::datastore::Datastore;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use crate::cluster::{self, ViewRx, Watched};
 use crate::config::AgentConfig;
 use crate::desired::{
     desired_peers, local_blocks, local_prefixes, node_facts, ClusterView, PeerSpec,
@@ -142,6 +144,8 @@ pub struct Agent<D: Datastore, B: BgpControl> {
     shared: Arc<Mutex<Shared>>,
     proxy: Option<mpsc::Sender<ProxyEvent>>,
     facts: Option<NodeFacts>,
+    /// Views from a watch (`cluster = "kubernetes"`); `None`: poll `ds`.
+    views: Option<ViewRx>,
 }
 
 /// The index of the uplink: the configured interface, else the one holding `bgp_address`.
@@ -192,12 +196,19 @@ impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
             shared,
             proxy: None,
             facts: None,
+            views: None,
         })
     }
 
     /// Feeds node facts to the service proxy from now on.
     pub fn set_proxy(&mut self, tx: mpsc::Sender<ProxyEvent>) {
         self.proxy = Some(tx);
+    }
+
+    /// Takes the cluster view from a watch from now on instead of polling
+    /// the datastore: each new view is acted on at once.
+    pub fn set_views(&mut self, views: ViewRx) {
+        self.views = Some(views);
     }
 
     /// Runs until `shutdown` resolves; gives the speaker back for a clean close.
@@ -209,9 +220,17 @@ impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
         let mut tick = tokio::time::interval(self.cfg.poll_interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         tokio::pin!(shutdown);
+        let mut changes = self.views.clone();
         loop {
             tokio::select! {
                 _ = tick.tick() => self.reconcile(&mut events).await,
+                ok = cluster::changed(&mut changes) => match ok {
+                    true => self.reconcile(&mut events).await,
+                    false => {
+                        warn!("the cluster watch ended; keeping its last view");
+                        changes = None;
+                    }
+                },
                 Some(ev) = events.recv() => {
                     let mut batch = vec![ev];
                     // Take what else is queued before touching the kernel once.
@@ -271,16 +290,43 @@ impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
         self.learn(&drained)
     }
 
-    async fn reconcile(&mut self, events: &mut mpsc::Receiver<BgpEvent>) {
+    /// The view to act on: the watch's latest, else read from the datastore.
+    async fn read_view(&mut self) -> Option<Arc<ClusterView>> {
+        if let Some(views) = &self.views {
+            let watched = views.borrow().clone();
+            return match watched {
+                Watched::Synced(view) => Some(view),
+                Watched::Pending(kinds) => {
+                    if let Ok(mut s) = self.shared.lock() {
+                        s.waiting_for = kinds.iter().map(|k| k.to_string()).collect();
+                        s.last_pass = Some(Instant::now());
+                    }
+                    None
+                }
+            };
+        }
         let ds = Arc::clone(&self.ds);
-        let view = match tokio::task::spawn_blocking(move || load_view(&ds)).await {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => return warn!(error = %chain(&e), "reading the datastore failed"),
-            Err(e) => return warn!(error = %chain(&e), "datastore reader panicked"),
+        match tokio::task::spawn_blocking(move || load_view(&ds)).await {
+            Ok(Ok(v)) => Some(Arc::new(v)),
+            Ok(Err(e)) => {
+                warn!(error = %chain(&e), "reading the datastore failed");
+                None
+            }
+            Err(e) => {
+                warn!(error = %chain(&e), "datastore reader panicked");
+                None
+            }
+        }
+    }
+
+    async fn reconcile(&mut self, events: &mut mpsc::Receiver<BgpEvent>) {
+        let Some(view) = self.read_view().await else {
+            return;
         };
+        let view = view.as_ref();
         let me = self.cfg.node_name.clone();
         // Originate first: a session that comes up in this pass sends them at once.
-        let prefixes = local_prefixes(&view, &me);
+        let prefixes = local_prefixes(view, &me);
         let (announce, withdraw) = plan_prefixes(&self.originated, &prefixes);
         for p in withdraw {
             info!(prefix = %p, "withdrawing");
@@ -291,7 +337,7 @@ impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
             self.bgp.announce(p);
         }
         self.originated = prefixes;
-        let want: BTreeMap<IpAddr, PeerSpec> = desired_peers(&view, &me, self.cfg.bgp_address)
+        let want: BTreeMap<IpAddr, PeerSpec> = desired_peers(view, &me, self.cfg.bgp_address)
             .into_iter()
             .map(|p| (p.addr, p))
             .collect();
@@ -299,7 +345,7 @@ impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
             .change_peers(plan_peers(&self.peers, &want), events)
             .await;
         let peer_types = self.peers.iter().map(|(a, s)| (*a, s.peer_type)).collect();
-        let import = ImportPolicy::new(&view, &me, &peer_types, &self.uplink_nets);
+        let import = ImportPolicy::new(view, &me, &peer_types, &self.uplink_nets);
         if import != self.import {
             self.import = import;
             if let Ok(mut source) = self.source.lock() {
@@ -307,7 +353,7 @@ impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
                 changed.extend(source.rib.refilter(|p, peer| import.accepts(peer, p)));
             }
         }
-        let blocks = local_blocks(&view, &me);
+        let blocks = local_blocks(view, &me);
         if let Ok(mut source) = self.source.lock() {
             changed.extend(source.blocks.symmetric_difference(&blocks).copied());
             source.blocks = blocks;
@@ -317,8 +363,8 @@ impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
             self.routes.ready().await;
             self.routes_ready = true;
         }
-        self.send_facts(&view);
-        self.publish(&view, me);
+        self.send_facts(view);
+        self.publish(view, me);
     }
 
     /// Carries out a peer plan; returns the prefixes whose paths it changed.
@@ -375,6 +421,7 @@ impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
                 peers: rows,
             };
             s.ready = true;
+            s.waiting_for.clear();
             s.last_pass = Some(Instant::now());
             s.learned = self.source.lock().map(|r| r.rib.len()).unwrap_or(0);
             s.originated = self.originated.len();

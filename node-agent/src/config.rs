@@ -7,6 +7,7 @@
 //! # [datastore]
 //! # type = "kubernetes"
 //! # kubeconfig = "/etc/tabby/kubeconfig"    # else $KUBECONFIG, ~/.kube/config or in-cluster
+//! cluster = "files"                    # where the cluster view comes from (below)
 //! uplink = "eth0"                      # else: the interface holding bgp_address
 //! as_number = 64512                    # else: the cluster's BGPConfiguration
 //! bgp_port = 179
@@ -15,6 +16,16 @@
 //! status_socket = "/run/tabby/node.sock"
 //! health_listen = "127.0.0.1:9099"
 //! ```
+//!
+//! `cluster` picks the source of the agent's cluster view (nodes, pools,
+//! blocks, affinities, BGP configuration, peers and filters):
+//! - `"files"`: read the datastore every `poll_interval_ms` (any backend);
+//! - `"kubernetes"`: watch Nodes and the Tabby CRDs on the API
+//!   ([`crate::cluster::kubernetes`]) with the `[datastore]` kubeconfig;
+//!   every change reaches the agent at once, and it is ready only once
+//!   every kind was listed. Needs `[datastore] type = "kubernetes"`.
+//!
+//! The default is `"kubernetes"` with a Kubernetes datastore, else `"files"`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -37,6 +48,9 @@ pub struct AgentConfig {
     /// `{type = "file" | "kubernetes", ...}` as in the conflist.
     #[serde(default, deserialize_with = "datastore_or_path")]
     pub datastore: DatastoreConfig,
+    /// Where the cluster view comes from; `None`: [`AgentConfig::cluster`] decides.
+    #[serde(default)]
+    pub cluster: Option<ClusterSource>,
     /// The underlay interface learned routes go out of.
     #[serde(default)]
     pub uplink: Option<String>,
@@ -71,6 +85,16 @@ pub struct AgentConfig {
     /// The service proxy (`[proxy]` table).
     #[serde(default)]
     pub proxy: ProxyConfig,
+}
+
+/// The source of the agent's cluster view.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterSource {
+    /// Read the datastore every `poll_interval_ms`.
+    Files,
+    /// Watch Nodes and the Tabby CRDs on the Kubernetes API.
+    Kubernetes,
 }
 
 /// The embedded service proxy's settings.
@@ -256,6 +280,15 @@ impl AgentConfig {
                 self.proxy.masquerade_mark
             )));
         }
+        if self.cluster == Some(ClusterSource::Kubernetes)
+            && !matches!(self.datastore, DatastoreConfig::Kubernetes(_))
+        {
+            return Err(AgentError::Config(
+                "cluster = \"kubernetes\" needs [datastore] type = \"kubernetes\" \
+                 (the cluster view holds the datastore's blocks)"
+                    .into(),
+            ));
+        }
         if self.node_name.is_empty() {
             return Err(AgentError::Config("node_name is empty".into()));
         }
@@ -290,6 +323,24 @@ impl AgentConfig {
     /// The datastore poll interval.
     pub fn poll_interval(&self) -> Duration {
         Duration::from_millis(self.poll_interval_ms.max(50))
+    }
+
+    /// Where the cluster view comes from: `cluster`, else `kubernetes`
+    /// with a Kubernetes datastore and `files` with a file one.
+    pub fn cluster(&self) -> ClusterSource {
+        match (self.cluster, &self.datastore) {
+            (Some(source), _) => source,
+            (None, DatastoreConfig::Kubernetes(_)) => ClusterSource::Kubernetes,
+            (None, DatastoreConfig::File { .. }) => ClusterSource::Files,
+        }
+    }
+
+    /// The test scope of a Kubernetes datastore (the watches see only it).
+    pub fn kube_scope(&self) -> Option<&str> {
+        match &self.datastore {
+            DatastoreConfig::Kubernetes(o) => o.scope.as_deref(),
+            DatastoreConfig::File { .. } => None,
+        }
     }
 
     /// The kubeconfig of `[datastore]` when it is `type = "kubernetes"`
@@ -342,6 +393,27 @@ mod tests {
         .unwrap();
         assert_eq!(c.kubeconfig(), Some(Path::new("/k")));
         let e = AgentConfig::parse(&format!("{base}[proxy]\nsource = \"etcd\"\n")).unwrap_err();
+        assert!(e.to_string().contains("etcd"), "{e}");
+    }
+
+    #[test]
+    fn the_cluster_view_is_watched_by_default_only_with_a_kubernetes_datastore() {
+        let base = "node_name = \"n\"\nbgp_address = \"10.0.0.1\"\n";
+        let kube = "[datastore]\ntype = \"kubernetes\"\nscope = \"t1\"\n";
+        let c = AgentConfig::parse(base).unwrap();
+        assert_eq!(c.cluster(), ClusterSource::Files);
+        let c = AgentConfig::parse(&format!("{base}{kube}")).unwrap();
+        assert_eq!(c.cluster(), ClusterSource::Kubernetes);
+        assert_eq!(c.kube_scope(), Some("t1"));
+        let c = AgentConfig::parse(&format!("{base}cluster = \"files\"\n{kube}")).unwrap();
+        assert_eq!(
+            c.cluster(),
+            ClusterSource::Files,
+            "polling the API stays possible"
+        );
+        let e = AgentConfig::parse(&format!("{base}cluster = \"kubernetes\"\n")).unwrap_err();
+        assert!(e.to_string().contains("needs [datastore]"), "{e}");
+        let e = AgentConfig::parse(&format!("{base}cluster = \"etcd\"\n")).unwrap_err();
         assert!(e.to_string().contains("etcd"), "{e}");
     }
 

@@ -27,6 +27,12 @@ pub enum AgentError {
     /// Reading what the agent acts on (pools, blocks, nodes, BGP settings) failed.
     #[error("read the cluster view from the datastore")]
     ReadView(#[source] tabby_ipam::DatastoreError),
+    /// The cluster watch could not connect to the Kubernetes API.
+    #[error("connect the cluster watch to the Kubernetes API")]
+    KubeWatch(#[source] tabby_proxy::cluster_state::kubernetes::ConnectError),
+    /// The watched Nodes and CRDs do not make a cluster view.
+    #[error("build the cluster view from the watched objects")]
+    WatchedView(#[source] tabby_ipam::DatastoreError),
     /// Finding the uplink interface over netlink failed.
     #[error("find the uplink interface")]
     Uplink(#[source] tabby_dataplane::Error),

@@ -75,6 +75,10 @@ async fn readyz(State(e): State<Endpoints>) -> Response {
     };
     if s.ready {
         (StatusCode::OK, "ready\n").into_response()
+    } else if !s.waiting_for.is_empty() {
+        let kinds = s.waiting_for.join(", ");
+        let body = format!("not ready: waiting for the first list of {kinds}\n");
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,

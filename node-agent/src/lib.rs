@@ -3,6 +3,7 @@
 //! - [`agent`]: the main loop that owns the node's state (diagram there).
 //! - [`config`]: the agent's configuration file.
 //! - [`register`]: registering the node, reading the cluster view.
+//! - [`cluster`]: where the cluster view comes from: the datastore polled, or Kubernetes watches.
 //! - [`desired`]: pure computation of peers, originated prefixes and node facts.
 //! - [`policy`]: pure import policy (BGPFilter rules, then Tabby's defaults).
 //! - [`plan`]: pure plans from what the agent has to what it wants (peers, prefixes, routes).
@@ -15,6 +16,7 @@
 //! - [`metrics`]: the one Prometheus registry: the agent's gauges and the proxy's metrics.
 
 pub mod agent;
+pub mod cluster;
 pub mod config;
 pub mod desired;
 pub mod error;

@@ -12,7 +12,8 @@ use tabby_bgp::{Speaker, SpeakerConfig};
 use tabby_errors::chain;
 use tabby_ipam::Datastore;
 use tabby_node::agent::Agent;
-use tabby_node::config::AgentConfig;
+use tabby_node::cluster::kubernetes::ClusterWatch;
+use tabby_node::config::{AgentConfig, ClusterSource};
 use tabby_node::install_cni::cli::{InstallCniArgs, TokenArgs};
 use tabby_node::shared::Shared;
 use tabby_node::speaker_control::{forward_events, SpeakerControl};
@@ -156,6 +157,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Registration and the first netlink calls block: keep them off the async workers.
     let (c, s) = (cfg.clone(), Arc::clone(&shared));
     let mut agent = tokio::task::spawn_blocking(move || Agent::new(c, ds, bgp, s)).await??;
+    if cfg.cluster() == ClusterSource::Kubernetes {
+        let scope = cfg.kube_scope().map(str::to_string);
+        let watch = ClusterWatch::connect(cfg.kubeconfig(), scope).await?;
+        agent.set_views(watch.start());
+    }
     let mut registry = metrics::registry(Arc::clone(&shared));
     if cfg.proxy.enabled {
         let source = service_proxy::Source::from_config(&cfg).await?;

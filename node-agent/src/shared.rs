@@ -13,6 +13,8 @@ pub struct Shared {
     pub status: NodeStatus,
     /// The first reconcile completed.
     pub ready: bool,
+    /// Kinds a cluster watch has not listed yet (why it is not ready).
+    pub waiting_for: Vec<String>,
     /// When the loop last ran a reconcile.
     pub last_pass: Option<Instant>,
     /// Learned prefixes.

@@ -28,6 +28,7 @@ mod bridge;
 pub mod crd;
 pub mod names;
 pub mod nodes;
+pub mod objects;
 mod pods;
 
 use std::collections::BTreeMap;
@@ -332,10 +333,7 @@ impl Inner {
 
     /// The label selector of every list: this scope, or no scope.
     fn scope_selector(&self) -> String {
-        match &self.scope {
-            Some(scope) => format!("{SCOPE_LABEL}={scope}"),
-            None => format!("!{SCOPE_LABEL}"),
-        }
+        objects::selector(self.scope.as_deref())
     }
 
     fn kind_of<'k>(&self, key: &'k str) -> Result<(&'static Kind, &'k str)> {
@@ -377,41 +375,9 @@ impl Inner {
         object
     }
 
-    /// The key an object stores: its annotation, else (objects written by
-    /// hand) derived from its name where the kind allows.
+    /// The key an object stores ([`objects::key_of`]).
     fn key_of(&self, kind: &Kind, object: &DynamicObject) -> Option<String> {
-        if let Some(key) = object
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(KEY_ANNOTATION))
-        {
-            return Some(key.clone());
-        }
-        let name = object.metadata.name.as_deref()?;
-        let name = match &self.scope {
-            Some(scope) => name.strip_prefix(scope.as_str())?.strip_prefix('.')?,
-            None => name,
-        };
-        match kind.naming {
-            names::Naming::Fixed(fixed) => (name == fixed).then(|| kind.key.to_string()),
-            names::Naming::Generic => Some(format!("{}{name}", kind.key)),
-            names::Naming::Cidr | names::Naming::Affinity => None,
-        }
-    }
-
-    fn entry(&self, key: String, object: DynamicObject) -> Result<Entry> {
-        let spec = object
-            .data
-            .get("spec")
-            .ok_or_else(|| corrupt(&key, "the object has no spec"))?;
-        let value = serde_json::to_vec(spec).map_err(|e| corrupt(&key, e.to_string()))?;
-        let revision = revision_of(&key, &object.metadata)?;
-        Ok(Entry {
-            key,
-            value,
-            revision,
-        })
+        objects::key_of(kind, object, self.scope.as_deref())
     }
 
     async fn get(&self, key: &str) -> Result<Option<Entry>> {
@@ -433,7 +399,7 @@ impl Inner {
                 key,
                 format!("object {name} holds {stored}: two keys map to one name"),
             )),
-            _ => self.entry(key.to_string(), object).map(Some),
+            _ => objects::entry(key.to_string(), &object).map(Some),
         }
     }
 
@@ -465,7 +431,7 @@ impl Inner {
                     continue;
                 };
                 if key.starts_with(prefix) {
-                    entries.push(self.entry(key, object)?);
+                    entries.push(objects::entry(key, &object)?);
                 }
             }
         }
@@ -550,20 +516,14 @@ impl Inner {
         Ok(scoped)
     }
 
-    fn node_entry(&self, key: String, name: &str, node: &Node) -> Result<Option<Entry>> {
-        let empty = BTreeMap::new();
-        let annotations = node.metadata.annotations.as_ref().unwrap_or(&empty);
-        let labels = node.metadata.labels.as_ref().unwrap_or(&empty);
-        let Some(doc) = nodes::doc_of(name, annotations, labels, SCOPE_LABEL) else {
-            return Ok(None);
-        };
-        let revision = revision_of(&key, &node.metadata)?;
-        let value = serde_json::to_vec(&doc).map_err(|e| corrupt(&key, e.to_string()))?;
-        Ok(Some(Entry {
-            key,
-            value,
-            revision,
-        }))
+    /// The document `nodes/<name>` of `node`, if registered.
+    fn node_entry(&self, name: &str, node: &Node) -> Result<Option<Entry>> {
+        match objects::node_doc(node, self.scope.as_deref()) {
+            Some((doc_name, doc)) if doc_name == name => {
+                objects::node_entry(name, &doc, node).map(Some)
+            }
+            _ => Ok(None),
+        }
     }
 
     async fn get_node(&self, key: &str, name: &str) -> Result<Option<Entry>> {
@@ -574,7 +534,7 @@ impl Inner {
             .await
             .map_err(|e| self.error(key, e, Missing::NotFound))?;
         match found {
-            Some(node) => self.node_entry(key.to_string(), name, &node),
+            Some(node) => self.node_entry(name, &node),
             None => Ok(None),
         }
     }
@@ -591,19 +551,12 @@ impl Inner {
             let Some(object_name) = node.metadata.name.as_deref() else {
                 continue;
             };
-            let name = match &self.scope {
-                Some(scope) => match object_name
-                    .strip_prefix(scope.as_str())
-                    .and_then(|n| n.strip_prefix('.'))
-                {
-                    Some(name) => name,
-                    None => continue,
-                },
-                None => object_name,
+            let Some(name) = objects::unscoped(object_name, self.scope.as_deref()) else {
+                continue;
             };
             let key = format!("{NODES}{name}");
             if key.starts_with(prefix) {
-                entries.extend(self.node_entry(key, name, node)?);
+                entries.extend(self.node_entry(name, node)?);
             }
         }
         Ok(entries)
@@ -618,7 +571,7 @@ impl Inner {
             .await
             .map_err(|e| self.error(key, e, Missing::NotFound))?;
         let written = match existing {
-            Some(node) if self.node_entry(key.to_string(), name, &node)?.is_some() => {
+            Some(node) if self.node_entry(name, &node)?.is_some() => {
                 return Err(DatastoreError::Conflict {
                     key: key.to_string(),
                 })

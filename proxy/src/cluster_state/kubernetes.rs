@@ -85,24 +85,9 @@ impl KubeClusterState {
     }
 
     /// Connects with `kubeconfig`, or without one with the inferred
-    /// configuration (`$KUBECONFIG`, `~/.kube/config`, then the in-cluster
-    /// ServiceAccount). Call it inside a tokio runtime.
+    /// configuration ([`client`]). Call it inside a tokio runtime.
     pub async fn connect(kubeconfig: Option<&Path>) -> Result<Self, ConnectError> {
-        let config = match kubeconfig {
-            Some(path) => {
-                let err = |source| ConnectError::Kubeconfig {
-                    path: path.to_path_buf(),
-                    source,
-                };
-                let file = Kubeconfig::read_from(path).map_err(err)?;
-                Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
-                    .await
-                    .map_err(err)?
-            }
-            None => Config::infer().await.map_err(ConnectError::Infer)?,
-        };
-        let client = Client::try_from(config).map_err(ConnectError::Client)?;
-        Ok(Self::new(client))
+        Ok(Self::new(client(kubeconfig).await?))
     }
 
     /// Watches only `namespace` (tests sharing one apiserver).
@@ -117,6 +102,27 @@ impl KubeClusterState {
             None => Api::all(self.client.clone()),
         }
     }
+}
+
+/// A client for `kubeconfig`, or without one for the inferred
+/// configuration (`$KUBECONFIG`, `~/.kube/config`, then the in-cluster
+/// ServiceAccount): what every watch of `tabby-node` connects with. Call it
+/// inside a tokio runtime.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, ConnectError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let err = |source| ConnectError::Kubeconfig {
+                path: path.to_path_buf(),
+                source,
+            };
+            let file = Kubeconfig::read_from(path).map_err(err)?;
+            Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+                .await
+                .map_err(err)?
+        }
+        None => Config::infer().await.map_err(ConnectError::Infer)?,
+    };
+    Client::try_from(config).map_err(ConnectError::Client)
 }
 
 impl ClusterState for KubeClusterState {
