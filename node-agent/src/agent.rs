@@ -298,7 +298,7 @@ impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
                 Watched::Synced(view) => Some(view),
                 Watched::Pending(kinds) => {
                     if let Ok(mut s) = self.shared.lock() {
-                        s.waiting_for = kinds.iter().map(|k| k.to_string()).collect();
+                        s.waiting_for = kinds;
                         s.last_pass = Some(Instant::now());
                     }
                     None
@@ -412,7 +412,7 @@ impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
     }
 
     fn publish(&self, view: &ClusterView, me: String) {
-        let rows = self.bgp.status();
+        let rows = crate::status::with_configured(self.bgp.status(), self.peers.values());
         if let Ok(mut s) = self.shared.lock() {
             s.status = NodeStatus {
                 node: me,

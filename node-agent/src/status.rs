@@ -43,6 +43,32 @@ pub struct NodeStatus {
     pub peers: Vec<PeerRow>,
 }
 
+/// `rows` from the speaker, plus a `start`/`Idle` row for each configured
+/// peer the speaker does not show yet (its session task starts
+/// asynchronously): the status lists the agent's peer set as soon as it changes.
+pub fn with_configured<'a>(
+    mut rows: Vec<PeerRow>,
+    configured: impl IntoIterator<Item = &'a crate::desired::PeerSpec>,
+) -> Vec<PeerRow> {
+    let known: std::collections::BTreeSet<String> =
+        rows.iter().map(|r| r.peer_address.clone()).collect();
+    let now = std::time::SystemTime::now();
+    for spec in configured {
+        let addr = spec.addr.to_string();
+        if !known.contains(&addr) {
+            rows.push(PeerRow {
+                peer_address: addr,
+                peer_type: spec.peer_type.to_string(),
+                state: "start".into(),
+                since: crate::speaker_control::since(now, now),
+                info: "Idle".into(),
+            });
+        }
+    }
+    rows.sort_by(|a, b| a.peer_address.cmp(&b.peer_address));
+    rows
+}
+
 /// Serves `status()` on a unix socket at `path` (replacing a stale socket file).
 pub async fn serve(path: PathBuf, status: Arc<dyn Fn() -> NodeStatus + Send + Sync>) -> Result<()> {
     let listener = bind(&path)?;
@@ -74,4 +100,40 @@ fn bind(path: &Path) -> Result<UnixListener> {
         Err(e) => return Err(io(format!("remove stale socket {}", path.display()))(e)),
     }
     UnixListener::bind(path).map_err(io(format!("listen on {}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::{PeerSpec, PeerType};
+
+    #[test]
+    fn configured_peers_the_speaker_does_not_show_yet_are_listed_as_starting() {
+        let spec = |addr: &str| PeerSpec {
+            addr: addr.parse().unwrap(),
+            asn: 64512,
+            peer_type: PeerType::NodeMesh,
+            password: None,
+            export: Vec::new(),
+            max_prefix: None,
+        };
+        let up = PeerRow {
+            peer_address: "10.0.0.2".into(),
+            peer_type: "node-to-node mesh".into(),
+            state: "up".into(),
+            since: "18:00:00".into(),
+            info: "Established".into(),
+        };
+        let rows = with_configured(vec![up.clone()], &[spec("10.0.0.3"), spec("10.0.0.2")]);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0], up, "the speaker's row wins");
+        assert_eq!(
+            (
+                rows[1].peer_address.as_str(),
+                rows[1].state.as_str(),
+                rows[1].info.as_str()
+            ),
+            ("10.0.0.3", "start", "Idle")
+        );
+    }
 }

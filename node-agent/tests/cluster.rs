@@ -156,6 +156,30 @@ fn neither_service_account_can_read_secrets_or_write_pods() {
     assert!(!can_i(cp, PLUGIN_SA, &["list", "services"]));
 }
 
+#[test]
+fn the_agent_may_watch_every_kind_its_cluster_view_reads_and_write_none_of_them() {
+    let cp = installed();
+    let mut resources = vec!["nodes".to_string()];
+    for kind in tabby_node::cluster::objects::watched_kinds() {
+        let resource = (kind.resource)();
+        resources.push(format!("{}.{}", resource.plural, resource.group));
+    }
+    for resource in &resources {
+        for verb in ["get", "list", "watch"] {
+            assert!(
+                can_i(cp, AGENT_SA, &[verb, resource]),
+                "{AGENT_SA} may not {verb} {resource}"
+            );
+        }
+        for verb in ["create", "delete", "deletecollection"] {
+            assert!(
+                !can_i(cp, AGENT_SA, &[verb, resource]),
+                "{AGENT_SA} may {verb} {resource}"
+            );
+        }
+    }
+}
+
 /// A scoped datastore as the admin, with two pools; purged on drop.
 struct Scope {
     name: String,

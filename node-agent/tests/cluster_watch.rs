@@ -207,7 +207,7 @@ async fn nodes_joining_changing_and_leaving_through_the_api_move_the_mesh() {
         panic!("a new watch is pending until its first lists");
     };
     assert!(
-        kinds.contains(&"Node") && kinds.contains(&"IPPool"),
+        kinds.iter().any(|k| k == "Node") && kinds.iter().any(|k| k == "IPPool"),
         "{kinds:?}"
     );
     let took = until(&mut rx, "the initial list", |v| {

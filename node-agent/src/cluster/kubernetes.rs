@@ -90,7 +90,7 @@ impl ClusterWatch {
     /// Starts every reflector and the assembler on the current runtime.
     pub fn start(self) -> ViewRx {
         let kinds = watched_kinds();
-        let mut names: Vec<&'static str> = vec!["Node"];
+        let mut names: Vec<String> = vec!["Node".into()];
         let (notes_tx, notes) = mpsc::channel(64);
         let config = watcher::Config::default().labels(&selector(self.scope.as_deref()));
         let writer = reflector::store::Writer::<Node>::default();
@@ -100,14 +100,13 @@ impl ClusterWatch {
             api,
             config.clone(),
             writer,
-            (0, "Node"),
+            (0, "Node".to_string()),
             notes_tx.clone(),
         ));
         let mut crds = Vec::new();
         for (i, kind) in kinds.into_iter().enumerate() {
             let resource: ApiResource = (kind.resource)();
-            let name = kind_name(&resource);
-            names.push(name);
+            names.push(resource.kind.clone());
             let writer = reflector::store::Writer::<DynamicObject>::new(resource.clone());
             crds.push((kind, writer.as_reader()));
             let api = Api::<DynamicObject>::all_with(self.client.clone(), &resource);
@@ -115,7 +114,7 @@ impl ClusterWatch {
                 api,
                 config.clone(),
                 writer,
-                (i + 1, name),
+                (i + 1, resource.kind.clone()),
                 notes_tx.clone(),
             ));
         }
@@ -135,17 +134,12 @@ impl ClusterWatch {
     }
 }
 
-/// A kind's name for logs and readiness, leaked once per kind and start.
-fn kind_name(resource: &ApiResource) -> &'static str {
-    Box::leak(resource.kind.clone().into_boxed_str())
-}
-
 /// Runs one reflector until the assembler is gone.
 async fn reflect<K>(
     api: Api<K>,
     config: watcher::Config,
     writer: reflector::store::Writer<K>,
-    (index, kind): (usize, &'static str),
+    (index, kind): (usize, String),
     notes: mpsc::Sender<Note>,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
@@ -179,7 +173,7 @@ async fn reflect<K>(
 /// Builds a view after every batch of notes, once every kind was listed.
 async fn assemble(
     stores: Stores,
-    names: Vec<&'static str>,
+    names: Vec<String>,
     mut notes: mpsc::Receiver<Note>,
     out: watch::Sender<Watched>,
 ) {
@@ -196,9 +190,9 @@ async fn assemble(
             }
         }
         if !synced {
-            let pending: Vec<&'static str> = (names.iter().zip(&listed))
+            let pending: Vec<String> = (names.iter().zip(&listed))
                 .filter(|(_, done)| !**done)
-                .map(|(name, _)| *name)
+                .map(|(name, _)| name.clone())
                 .collect();
             if !pending.is_empty() {
                 debug!(?pending, "waiting for the first list");

@@ -24,7 +24,7 @@ use crate::desired::ClusterView;
 #[derive(Debug, Clone)]
 pub enum Watched {
     /// Not every kind was listed yet: these are still pending.
-    Pending(Vec<&'static str>),
+    Pending(Vec<String>),
     /// The view of the stores after the latest change.
     Synced(Arc<ClusterView>),
 }

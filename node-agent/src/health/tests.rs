@@ -56,6 +56,24 @@ async fn health_and_readiness_follow_the_agent_loop() {
     {
         let mut s = shared.lock().unwrap();
         s.last_pass = Some(Instant::now());
+        s.waiting_for = vec!["Node".into(), "IPAMBlock".into()];
+    }
+    assert_eq!(
+        request(addr, "GET", "/healthz").await.0,
+        200,
+        "alive while listing"
+    );
+    let (status, _, body) = request(addr, "GET", "/readyz").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (
+            503,
+            "not ready: waiting for the first list of Node, IPAMBlock\n"
+        )
+    );
+    {
+        let mut s = shared.lock().unwrap();
+        s.waiting_for.clear();
         s.ready = true;
     }
     for path in ["/healthz", "/livez"] {

@@ -1,0 +1,293 @@
+//! Two `tabby-node` processes with `cluster = "kubernetes"`, each in its
+//! own network namespace, on a real kube-apiserver of their own: they
+//! register, find each other through their Node watches and bring their
+//! BGP session up; Nodes created, changed and unregistered through the API
+//! (also right after an apiserver restart) move their configured peers,
+//! seen on their status sockets (root only).
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+use tabby_node::status::NodeStatus;
+use tabby_testkit::kube::ControlPlane;
+use tabby_testkit::{unique, Netns};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+/// Long, to show that changes do not wait for a poll (the tick only
+/// refreshes session states in the status).
+const POLL_MS: u64 = 3000;
+
+/// The agent process, killed on drop.
+struct AgentProc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- {} (last lines)", self.log.display());
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// Relays connections to `addr` inside `ns` (its loopback) to `addr` on
+/// the host's loopback, where the apiserver listens: the kubeconfig (and
+/// its certificate's 127.0.0.1) work unchanged inside the namespace.
+fn forward_apiserver(ns: &Netns, addr: SocketAddr) {
+    let listener = ns
+        .open()
+        .run(|| TcpListener::bind(addr))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("listen on {addr} in {}: {e}", ns.name()));
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            let Ok(upstream) = TcpStream::connect(addr) else {
+                continue; // the apiserver is restarting: the client retries
+            };
+            for (from, to) in [
+                (client.try_clone(), upstream.try_clone()),
+                (upstream.try_clone(), client.try_clone()),
+            ] {
+                if let (Ok(from), Ok(to)) = (from, to) {
+                    std::thread::spawn(move || copy(from, to));
+                }
+            }
+        }
+    });
+}
+
+fn copy(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n @ 1..) = from.read(&mut buf) {
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+fn start_agent(
+    ns: &Netns,
+    name: &str,
+    addr: &str,
+    scope: &str,
+    cp: &ControlPlane,
+    dir: &Path,
+) -> AgentProc {
+    let conf = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &conf,
+        format!(
+            "node_name = \"{name}\"\nbgp_address = \"{addr}\"\nhold_time = 9\nconnect_retry = 1\n\
+             poll_interval_ms = {POLL_MS}\n\
+             status_socket = {:?}\n[datastore]\ntype = \"kubernetes\"\nkubeconfig = {:?}\nscope = \"{scope}\"\n\
+             [proxy]\nenabled = false\n",
+            dir.join(format!("{name}.sock")).display().to_string(),
+            cp.kubeconfig_path().display().to_string(),
+        ),
+    )
+    .unwrap();
+    let log = dir.join(format!("{name}.log"));
+    let out = std::fs::File::create(&log).unwrap();
+    let child = ns
+        .command(env!("CARGO_BIN_EXE_tabby-node"))
+        .arg("--config")
+        .arg(&conf)
+        .env("TABBY_LOG", "info,tabby_node=debug")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    AgentProc { child, log }
+}
+
+fn status(dir: &Path, name: &str) -> Option<NodeStatus> {
+    let mut s = UnixStream::connect(dir.join(format!("{name}.sock"))).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    serde_json::from_str(&out).ok()
+}
+
+/// The peers in `name`'s status, with their state.
+fn peers(dir: &Path, name: &str) -> Vec<(String, String)> {
+    let mut rows: Vec<(String, String)> = status(dir, name)
+        .map(|s| {
+            s.peers
+                .into_iter()
+                .map(|p| (p.peer_address, p.state))
+                .collect()
+        })
+        .unwrap_or_default();
+    rows.sort();
+    rows
+}
+
+fn addresses(rows: &[(String, String)]) -> Vec<&str> {
+    rows.iter().map(|(a, _)| a.as_str()).collect()
+}
+
+/// Waits until `name`'s peers satisfy `done`; the time it took.
+fn until(
+    dir: &Path,
+    name: &str,
+    what: &str,
+    done: impl Fn(&[(String, String)]) -> bool,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let rows = peers(dir, name);
+        if done(&rows) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < TIMEOUT,
+            "{name}: timed out waiting for {what}; peers {rows:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A Node as a kubelet would create it, registered with Tabby but without
+/// a BGP address: its InternalIP is used.
+fn kubelet_node(
+    rt: &tokio::runtime::Runtime,
+    nodes: &Api<Node>,
+    scope: &str,
+    name: &str,
+    ip: &str,
+) {
+    let node: Node = serde_json::from_value(json!({
+        "metadata": {"name": format!("{scope}.{name}"), "labels": {"tabby.dev/scope": scope},
+                     "annotations": {"tabby.dev/registered": "true"}},
+    }))
+    .unwrap();
+    rt.block_on(nodes.create(&PostParams::default(), &node))
+        .unwrap();
+    let status = json!({"status": {"addresses": [{"type": "InternalIP", "address": ip}]}});
+    rt.block_on(nodes.patch_status(
+        &format!("{scope}.{name}"),
+        &PatchParams::default(),
+        &Patch::Merge(&status),
+    ))
+    .unwrap();
+}
+
+fn annotate(
+    rt: &tokio::runtime::Runtime,
+    nodes: &Api<Node>,
+    object: &str,
+    annotations: serde_json::Value,
+) {
+    let patch = json!({"metadata": {"annotations": annotations}});
+    rt.block_on(nodes.patch(object, &PatchParams::default(), &Patch::Merge(&patch)))
+        .unwrap();
+}
+
+#[test]
+fn two_agents_find_each_other_through_their_node_watches_and_follow_the_api_across_a_restart() {
+    if !tabby_testkit::require_root("two_agents_find_each_other") {
+        return;
+    }
+    let cp = ControlPlane::builder()
+        .start()
+        .unwrap_or_else(|e| panic!("{}", tabby_testkit::error_chain(&e)));
+    let apiserver: SocketAddr = cp.url().trim_start_matches("https://").parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let scope = unique("ag");
+    let admin = tabby_ipam::KubeDatastore::open(&tabby_ipam::KubeOptions {
+        kubeconfig: Some(cp.kubeconfig_path().to_path_buf()),
+        scope: Some(scope.clone()),
+    })
+    .unwrap();
+    admin.install_crds().unwrap();
+    let (na, nb) = (Netns::new("cwa"), Netns::new("cwb"));
+    tabby_testkit::netns::veth_pair(&na, "eth0", "10.77.0.1/24", &nb, "eth0", "10.77.0.2/24");
+    forward_apiserver(&na, apiserver);
+    forward_apiserver(&nb, apiserver);
+    let _a = start_agent(&na, "a", "10.77.0.1", &scope, &cp, dir.path());
+    let _b = start_agent(&nb, "b", "10.77.0.2", &scope, &cp, dir.path());
+    let up =
+        |rows: &[(String, String)], addr: &str| rows.iter().any(|(a, s)| a == addr && s == "up");
+    let took = until(dir.path(), "a", "the session with b", |r| {
+        up(r, "10.77.0.2")
+    });
+    until(dir.path(), "b", "the session with a", |r| {
+        up(r, "10.77.0.1")
+    });
+    eprintln!("both agents started -> mesh session up in {took:?}");
+
+    let rt = runtime();
+    let nodes: Api<Node> = rt.block_on(async { Api::all(cp.client()) });
+    kubelet_node(&rt, &nodes, &scope, "c", "10.77.0.3");
+    let took = until(dir.path(), "a", "c at its InternalIP", |r| {
+        addresses(r) == ["10.77.0.2", "10.77.0.3"]
+    });
+    eprintln!("Node created -> a's peer added in {took:?}");
+    annotate(
+        &rt,
+        &nodes,
+        &format!("{scope}.c"),
+        json!({"tabby.dev/bgp-address": "10.77.0.13"}),
+    );
+    let took = until(dir.path(), "a", "c's new address", |r| {
+        addresses(r) == ["10.77.0.13", "10.77.0.2"]
+    });
+    eprintln!("Node annotation changed -> a's peer replaced in {took:?}");
+
+    let restart = cp
+        .restart_apiserver()
+        .unwrap_or_else(|e| panic!("{}", tabby_testkit::error_chain(&e)));
+    eprintln!("apiserver restarted in {restart:?}");
+    let started = Instant::now();
+    annotate(
+        &rt,
+        &nodes,
+        &format!("{scope}.c"),
+        json!({"tabby.dev/registered": null}),
+    );
+    kubelet_node(&rt, &nodes, &scope, "d", "10.77.0.4");
+    for name in ["a", "b"] {
+        let me = if name == "a" {
+            "10.77.0.2"
+        } else {
+            "10.77.0.1"
+        };
+        until(
+            dir.path(),
+            name,
+            "the changes made after the restart",
+            |r| addresses(r) == [me, "10.77.0.4"] && up(r, me),
+        );
+    }
+    eprintln!(
+        "changes after the restart reached both agents {:?} after the first",
+        started.elapsed()
+    );
+    if let Err(e) = admin.purge_scope() {
+        eprintln!("purge scope {scope}: {}", tabby_testkit::error_chain(&e));
+    }
+}
