@@ -323,10 +323,9 @@ impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
         let Some(view) = self.read_view().await else {
             return;
         };
-        let view = view.as_ref();
         let me = self.cfg.node_name.clone();
         // Originate first: a session that comes up in this pass sends them at once.
-        let prefixes = local_prefixes(view, &me);
+        let prefixes = local_prefixes(&view, &me);
         let (announce, withdraw) = plan_prefixes(&self.originated, &prefixes);
         for p in withdraw {
             info!(prefix = %p, "withdrawing");
@@ -337,7 +336,7 @@ impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
             self.bgp.announce(p);
         }
         self.originated = prefixes;
-        let want: BTreeMap<IpAddr, PeerSpec> = desired_peers(view, &me, self.cfg.bgp_address)
+        let want: BTreeMap<IpAddr, PeerSpec> = desired_peers(&view, &me, self.cfg.bgp_address)
             .into_iter()
             .map(|p| (p.addr, p))
             .collect();
@@ -345,7 +344,7 @@ impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
             .change_peers(plan_peers(&self.peers, &want), events)
             .await;
         let peer_types = self.peers.iter().map(|(a, s)| (*a, s.peer_type)).collect();
-        let import = ImportPolicy::new(view, &me, &peer_types, &self.uplink_nets);
+        let import = ImportPolicy::new(&view, &me, &peer_types, &self.uplink_nets);
         if import != self.import {
             self.import = import;
             if let Ok(mut source) = self.source.lock() {
@@ -353,7 +352,7 @@ impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
                 changed.extend(source.rib.refilter(|p, peer| import.accepts(peer, p)));
             }
         }
-        let blocks = local_blocks(view, &me);
+        let blocks = local_blocks(&view, &me);
         if let Ok(mut source) = self.source.lock() {
             changed.extend(source.blocks.symmetric_difference(&blocks).copied());
             source.blocks = blocks;
@@ -363,8 +362,8 @@ impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
             self.routes.ready().await;
             self.routes_ready = true;
         }
-        self.send_facts(view);
-        self.publish(view, me);
+        self.send_facts(&view);
+        self.publish(&view, me);
     }
 
     /// Carries out a peer plan; returns the prefixes whose paths it changed.
