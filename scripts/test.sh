@@ -19,6 +19,9 @@ find_cargo
 step "upstream components (scripts/upstream.sh: Kubernetes, etcd, containerd, CNI tools and plugins)"
 bash scripts/upstream.sh
 
+step "guest kernel (scripts/guest.sh: Debian's kernel for the qemu guest tests)"
+bash scripts/guest.sh
+
 step "cargo fmt --all --check"
 cargo fmt --all --check
 
