@@ -31,6 +31,11 @@ cargo clippy --release --workspace --all-targets -- -D warnings
 step "cargo build --release --workspace"
 cargo build --release --workspace
 
+step "static (musl) binaries for the qemu guests and the lab's images"
+CC_x86_64_unknown_linux_musl=${CC_x86_64_unknown_linux_musl:-gcc} \
+    cargo build --release --target x86_64-unknown-linux-musl \
+    -p tabby-cni -p tabby-node -p tabby-ctl -p tabby-lab-pods
+
 step "building the libcni driver (conformance/go/bin/cnidriver)"
 bash scripts/build-cnidriver.sh
 
