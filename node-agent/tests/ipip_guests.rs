@@ -193,7 +193,6 @@ fn grew(run: &GuestRun, name: &str) -> u64 {
 }
 
 #[test]
-#[ignore = "work in progress: both guests boot, peer over BGP and make their pods, but the first pod-to-pod ping does not cross yet"]
 fn pods_on_two_guests_reach_each_other_natively_over_bgp_not_through_tunl0() {
     let test = "pods_on_two_guests_reach_each_other_natively_over_bgp_not_through_tunl0";
     let Some(kernel) = guest::require_guests(test) else {
@@ -220,6 +219,56 @@ fn pods_on_two_guests_reach_each_other_natively_over_bgp_not_through_tunl0() {
                 0,
                 "{}: tunl0 {c}",
                 run.name
+            );
+        }
+    }
+}
+
+#[test]
+fn pods_on_two_guests_reach_each_other_through_tunl0_with_ipip_always() {
+    let test = "pods_on_two_guests_reach_each_other_through_tunl0_with_ipip_always";
+    let Some(kernel) = guest::require_guests(test) else {
+        return;
+    };
+    let runs = run_guests(&kernel, EncapMode::Always, "tunl0");
+    assert_pods_reached_each_other(&runs);
+    let pool: Ipv4Network = POOL.parse().unwrap();
+    for (i, run) in runs.iter().enumerate() {
+        let peer = NODES[1 - i].1;
+        let route = run.get("route_get");
+        assert!(
+            route.contains(&format!("via {peer} dev tunl0")),
+            "{}: {route}",
+            run.name
+        );
+        let uplink = run.number("uplink_mtu");
+        assert_eq!(
+            run.number("tunl0_mtu"),
+            uplink - 20,
+            "{}: tunl0 MTU",
+            run.name
+        );
+        assert_eq!(run.number("pod_mtu"), uplink - 20, "{}: pod MTU", run.name);
+        let addr = run.get("tunl0_addr");
+        let (ip, len) = addr.split_once('/').expect("tunl0 has an address");
+        assert_eq!(len, "32", "{}: tunl0 {addr}", run.name);
+        assert!(
+            pool.contains(ip.parse().unwrap()),
+            "{}: tunl0 {addr} outside {pool}",
+            run.name
+        );
+        assert!(
+            run.get("tunl0_flags").contains(",UP"),
+            "{}: {}",
+            run.name,
+            run.get("tunl0_flags")
+        );
+        for c in ["tx_packets", "rx_packets"] {
+            assert!(
+                grew(run, &format!("tunl0_{c}")) >= PINGS,
+                "{}: tunl0 {c} grew by {} only",
+                run.name,
+                grew(run, &format!("tunl0_{c}"))
             );
         }
     }

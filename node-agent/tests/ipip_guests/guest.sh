@@ -5,13 +5,16 @@
 # shellcheck shell=sh disable=SC2034
 set -e
 . /etc/tabby-guest/env
-trap 'status=$?; [ "$status" -eq 0 ] || { echo "---- tabby-node log"; tail -n 40 /var/log/tabby-node.log; echo "---- tabby CNI log"; tail -n 20 /var/log/tabby-cni.log; ip route; }' EXIT
+trap 'status=$?; [ "$status" -eq 0 ] || { echo "---- tabby-node log"; tail -n 40 /var/log/tabby-node.log; echo "---- tabby CNI log"; tail -n 20 /var/log/tabby-cni.log; ip route; echo ==== pod; ip -n pod addr; ip -n pod route; ip -n pod neigh; echo ==== host; ip addr; ip neigh; for f in /proc/sys/net/ipv4/conf/*/proxy_arp /proc/sys/net/ipv4/conf/*/rp_filter /proc/sys/net/ipv4/conf/*/forwarding /proc/sys/net/ipv4/ip_forward; do echo "$f=$(cat $f)"; done; cat /proc/net/snmp; }' EXIT
 N=1200 # wait_for's attempts: 60 s at 50 ms
 
 # The node, as the lab's topology makes one: forwarding on, the uplink up.
 sysctl -qw net.ipv4.ip_forward=1
 ip link set eth0 up
 ip addr add "$ADDR/24" dev eth0
+# A default route, as every node has: proxy ARP answers the pods for
+# 169.254.1.1 only when the node has a route to it.
+ip route add default via "$PEER" dev eth0
 result uplink_mtu "$(cat /sys/class/net/eth0/mtu)"
 
 mkdir -p /etc/tabby /run/tabby /var/log /srv/cgi-bin
