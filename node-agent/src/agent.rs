@@ -170,11 +170,15 @@ impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
     /// Registers the node in `ds` and prepares the route thread; `bgp` is a
     /// started speaker. Blocks: call it off the async workers.
     pub fn new(cfg: AgentConfig, ds: Arc<D>, bgp: B, shared: Arc<Mutex<Shared>>) -> Result<Self> {
-        let node = register_node(ds.as_ref(), &cfg)?;
-        info!(node = %node.name, address = ?node.address, datastore = %ds.describe(), "registered");
         let uplink = resolve_uplink(&cfg)?;
         let uplink_nets =
             (Netlink::host().and_then(|nl| nl.addresses(uplink))).map_err(AgentError::Uplink)?;
+        let underlay = uplink_nets
+            .iter()
+            .find(|n| n.ip() == cfg.bgp_address && n.is_ipv4())
+            .copied();
+        let node = register_node(ds.as_ref(), &cfg, underlay)?;
+        info!(node = %node.name, address = ?node.address, subnet = ?node.ipv4_address, datastore = %ds.describe(), "registered");
         let source = Arc::new(Mutex::new(RouteSource::new(cfg.bgp_address, uplink)));
         let grace = std::time::Duration::from_secs(u64::from(cfg.hold_time.max(3)));
         let routes = RouteProgrammer::start(grace, Arc::clone(&source))?;
