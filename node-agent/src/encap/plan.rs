@@ -84,35 +84,32 @@ pub struct EncapPlan {
 }
 
 /// Turns a learned (prefix, next hop) into a hop, by the prefix's pool and
-/// the node that has that next hop.
+/// the next hop: IPIP goes to the next hop itself (as BIRD's routes do in
+/// Calico, so a node the local datastore does not know works too), VXLAN
+/// to the tunnel address of the node with that address.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Resolver {
     /// Encapsulated pools: CIDR, IPIP mode, VXLAN mode.
     pools: Vec<(IpNetwork, EncapMode, EncapMode)>,
-    /// Remote nodes by underlay address: whether they are in our subnet
-    /// and their VXLAN tunnel address.
-    nodes: BTreeMap<IpAddr, (bool, Option<Ipv4Addr>)>,
+    /// The local node's underlay subnet (CrossSubnet's reference).
+    subnet: Option<IpNetwork>,
+    /// VXLAN tunnel addresses of remote nodes, by underlay address.
+    tunnels: BTreeMap<IpAddr, Ipv4Addr>,
 }
 
 impl Resolver {
     /// The hop of a prefix learned with next hop `nh`.
     pub fn resolve(&self, prefix: IpNetwork, nh: IpAddr) -> Hop {
-        let Some(&(same_subnet, tunnel)) = self.nodes.get(&nh) else {
-            return Hop::Native(nh);
-        };
         let pool = self.pools.iter().find(|p| p.0.contains(prefix.ip()));
-        let Some(&(_, ipip, vxlan)) = pool else {
+        let (Some(&(_, ipip, vxlan)), IpAddr::V4(v4)) = (pool, nh) else {
             return Hop::Native(nh);
         };
-        match (
-            encapsulates(ipip, same_subnet),
-            encapsulates(vxlan, same_subnet),
-        ) {
-            (true, _) => match nh {
-                IpAddr::V4(v4) => Hop::Ipip(v4),
-                IpAddr::V6(_) => Hop::Native(nh),
-            },
-            (_, true) => tunnel.map_or(Hop::Native(nh), Hop::Vxlan),
+        let same = self.subnet.is_some_and(|s| s.contains(nh));
+        if encapsulates(ipip, same) {
+            return Hop::Ipip(v4);
+        }
+        match (encapsulates(vxlan, same), self.tunnels.get(&nh)) {
+            (true, Some(t)) => Hop::Vxlan(*t),
             _ => Hop::Native(nh),
         }
     }
@@ -197,13 +194,14 @@ fn resolver(view: &ClusterView, local: Option<&Node>, remote: &BTreeMap<&str, &N
         .filter(|p| p.ipip_mode != EncapMode::Never || p.vxlan_mode != EncapMode::Never)
         .map(|p| (p.cidr, p.ipip_mode, p.vxlan_mode))
         .collect();
-    let nodes = (remote.values())
-        .filter_map(|n| {
-            let addr = n.address?;
-            Some((addr, (same_subnet(local, n), n.ipv4_vxlan_tunnel_addr)))
-        })
+    let tunnels = (remote.values())
+        .filter_map(|n| Some((n.address?, n.ipv4_vxlan_tunnel_addr?)))
         .collect();
-    Resolver { pools, nodes }
+    Resolver {
+        pools,
+        subnet: local.and_then(|n| n.ipv4_address),
+        tunnels,
+    }
 }
 
 /// The tunnel hop of `prefix` on `node`, `None` when it is routed natively

@@ -154,6 +154,24 @@ fn ipip_routes_via_the_remote_node_address_always_or_across_subnets() {
 }
 
 #[test]
+fn a_learned_ipip_prefix_goes_through_tunl0_even_from_a_node_the_datastore_lacks() {
+    let plan = plan(&view(IPIP_CROSS, NEVER), "node-1");
+    let r = &plan.resolver;
+    let far: IpAddr = "10.97.0.9".parse().unwrap();
+    let near: IpAddr = "10.98.0.9".parse().unwrap();
+    assert_eq!(
+        r.resolve(net("10.244.9.0/26"), far),
+        Hop::Ipip(v4("10.97.0.9"))
+    );
+    assert_eq!(r.resolve(net("10.244.9.0/26"), near), Hop::Native(near));
+    assert_eq!(
+        r.resolve(net("10.250.0.0/26"), far),
+        Hop::Native(far),
+        "outside every pool: native"
+    );
+}
+
+#[test]
 fn never_needs_no_device_and_leaves_every_route_to_bgp() {
     let plan = plan(&view(NEVER, NEVER), "node-1");
     assert!(plan.routes.is_empty());
