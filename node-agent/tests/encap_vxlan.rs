@@ -5,7 +5,7 @@
 //! and switching the pool VXLAN → Never → VXLAN moves the routes (root only).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use tabby_ipam::store::{self, node_key};
