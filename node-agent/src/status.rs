@@ -41,6 +41,9 @@ pub struct NodeStatus {
     pub address: String,
     /// Its peers.
     pub peers: Vec<PeerRow>,
+    /// Encapsulation per pool and the tunnel devices (absent from older agents).
+    #[serde(default)]
+    pub encap: crate::encap::EncapStatus,
 }
 
 /// Serves `status()` on a unix socket at `path` (replacing a stale socket file).
