@@ -60,7 +60,7 @@ PEER_POD=$(cat /tmp/peer-pod-ip)
 result peer_pod "$PEER_POD"
 
 # The route to the peer's block, learned over BGP, and the first packet.
-wait_for $N "a route to $PEER_POD via $PEER dev $DEV" sh -c "/usr/local/sbin/ip route get $PEER_POD | grep -q 'via $PEER dev $DEV'"
+wait_for 200 "a route to $PEER_POD via $PEER dev $DEV" sh -c "/usr/local/sbin/ip route get $PEER_POD | grep -q 'via $PEER dev $DEV'"
 result route_get "$(ip route get "$PEER_POD" | head -n1)"
 ip -4 route show proto 201 | while read -r line; do result route "$line"; done
 wait_for 60 "a first ping of $PEER_POD" ip netns exec pod ping -c 1 -W 1 "$PEER_POD"
