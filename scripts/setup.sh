@@ -15,8 +15,9 @@ packages=(
     bird2 gobgpd etcd-server etcd-client containernetworking-plugins
     # podman with its CNI backend (podman conformance test)
     podman conmon
-    # guests and the C toolchain Rust links with
-    busybox-static build-essential pkg-config ca-certificates
+    # qemu guests (a stock Debian kernel with ipip: scripts/guest.sh) and
+    # the C toolchain Rust links with
+    qemu-system-x86 busybox-static build-essential pkg-config ca-certificates
     # the OCI runtime of the Kubernetes lab and of the ctr conformance test
     # (containerd comes from scripts/upstream.sh)
     runc

@@ -19,6 +19,9 @@ find_cargo
 step "upstream components (scripts/upstream.sh: Kubernetes, etcd, containerd, CNI tools and plugins)"
 bash scripts/upstream.sh
 
+step "guest kernel (scripts/guest.sh: Debian's kernel for the qemu guest tests)"
+bash scripts/guest.sh
+
 step "cargo fmt --all --check"
 cargo fmt --all --check
 
@@ -27,6 +30,11 @@ cargo clippy --release --workspace --all-targets -- -D warnings
 
 step "cargo build --release --workspace"
 cargo build --release --workspace
+
+step "static (musl) binaries for the qemu guests and the lab's images"
+CC_x86_64_unknown_linux_musl=${CC_x86_64_unknown_linux_musl:-gcc} \
+    cargo build --release --target x86_64-unknown-linux-musl \
+    -p tabby-cni -p tabby-node -p tabby-ctl -p tabby-lab-pods
 
 step "building the libcni driver (conformance/go/bin/cnidriver)"
 bash scripts/build-cnidriver.sh

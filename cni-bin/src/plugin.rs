@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::path::Path;
 
 use ipnetwork::IpNetwork;
 use tabby_dataplane::{sysctl, Family, NetNs, Netlink, Route, Scope};
@@ -13,7 +14,9 @@ use crate::error::{CniError, Code, Result};
 use crate::ipam_backend::IpamBackend;
 use crate::naming::{format_mac, host_veth_name, GATEWAY_V4, GATEWAY_V6, HOST_VETH_MAC};
 use crate::rollback::{why, Rollback};
-use crate::types::{CniResult, Interface, IpConfig, NetConf, RouteEntry};
+use crate::types::{
+    mtu_from_file, CniResult, Interface, IpConfig, NetConf, RouteEntry, DEFAULT_MTU_FILE,
+};
 use crate::version::CniVersion;
 
 /// The MTU when neither the config nor the uplink says.
@@ -97,10 +100,11 @@ fn plan_add<'a>(
             ),
         ));
     }
-    let mtu = match conf.mtu {
-        Some(m) => m,
-        None => uplink_mtu(host).unwrap_or(FALLBACK_MTU),
-    };
+    let mtu_file = (conf.mtu_file.as_deref()).unwrap_or(Path::new(DEFAULT_MTU_FILE));
+    let mtu = (conf.mtu)
+        .or_else(|| mtu_from_file(mtu_file))
+        .or_else(|| uplink_mtu(host))
+        .unwrap_or(FALLBACK_MTU);
     Ok(AddPlan {
         pod_ns,
         pod,

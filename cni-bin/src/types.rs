@@ -25,9 +25,13 @@ pub struct NetConf {
     /// This node's name; falls back to the host name.
     #[serde(default)]
     pub nodename: Option<String>,
-    /// Pod interface MTU; detected from the uplink when absent.
+    /// Pod interface MTU; else the agent's MTU file, else the uplink's.
     #[serde(default)]
     pub mtu: Option<u32>,
+    /// The file `tabby-node` writes the pods' MTU to (uplink minus the
+    /// encapsulation's overhead); [`DEFAULT_MTU_FILE`] when absent.
+    #[serde(default, rename = "mtuFile")]
+    pub mtu_file: Option<PathBuf>,
     /// Where the plugin logs (never stdout).
     #[serde(default)]
     pub log_file: Option<PathBuf>,
@@ -46,6 +50,17 @@ pub struct NetConf {
     /// GC: the attachments that must be kept.
     #[serde(default, rename = "cni.dev/valid-attachments")]
     pub valid_attachments: Option<Vec<Attachment>>,
+}
+
+/// Where `tabby-node` writes the pods' MTU by default (its `mtu_file`).
+pub const DEFAULT_MTU_FILE: &str = "/var/lib/tabby/mtu";
+
+/// The MTU in an MTU file: `None` when the file is missing or holds no
+/// valid MTU (68 to 65535).
+pub fn mtu_from_file(path: &std::path::Path) -> Option<u32> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mtu = text.trim().parse::<u32>().ok()?;
+    (68..=65535).contains(&mtu).then_some(mtu)
 }
 
 /// `container_settings`, as Calico names it.
@@ -371,6 +386,21 @@ mod tests {
         let e = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"tabby","mtu":10}"#)
             .unwrap_err();
         assert_eq!(e.code, Code::InvalidConfig);
+    }
+
+    #[test]
+    fn an_mtu_file_gives_its_mtu_and_a_missing_or_bad_one_none() {
+        let dir = std::env::temp_dir().join(format!("tabby-mtu-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("mtu");
+        assert_eq!(mtu_from_file(&file), None);
+        std::fs::write(&file, "1450\n").unwrap();
+        assert_eq!(mtu_from_file(&file), Some(1450));
+        std::fs::write(&file, "12").unwrap();
+        assert_eq!(mtu_from_file(&file), None, "below 68");
+        std::fs::write(&file, "x").unwrap();
+        assert_eq!(mtu_from_file(&file), None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -19,6 +19,63 @@ pub const DEFAULT_SOCKET: &str = "/run/tabby/node.sock";
 struct NodeStatus {
     node: String,
     peers: Vec<PeerRow>,
+    #[serde(default)]
+    encap: Encap,
+}
+
+/// The encapsulation part (absent from older agents).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Encap {
+    pools: Vec<PoolEncap>,
+    tunnels: Vec<Tunnel>,
+    pod_mtu: u32,
+    errors: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PoolEncap {
+    name: String,
+    cidr: String,
+    encapsulation: String,
+    nat_outgoing: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct Tunnel {
+    device: String,
+    address: Option<String>,
+    mac: Option<String>,
+    mtu: u32,
+    state: String,
+}
+
+fn render_encap(e: &Encap) -> String {
+    let mut out = format!("\nEncapsulation (pod MTU {})\n", e.pod_mtu);
+    for p in &e.pools {
+        let nat = if p.nat_outgoing { ", natOutgoing" } else { "" };
+        out.push_str(&format!(
+            "pool {} {}: {}{nat}\n",
+            p.name, p.cidr, p.encapsulation
+        ));
+    }
+    for t in &e.tunnels {
+        let addr = t.address.as_deref().unwrap_or("no address yet");
+        let mac = t
+            .mac
+            .as_deref()
+            .map(|m| format!(" mac {m}"))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "{} {addr}{mac} mtu {} {}\n",
+            t.device, t.mtu, t.state
+        ));
+    }
+    for err in &e.errors {
+        out.push_str(&format!("error: {err}\n"));
+    }
+    out
 }
 
 #[derive(Debug, Deserialize)]
@@ -76,6 +133,9 @@ fn render(st: &NodeStatus) -> String {
         }
         out.push_str(&t.boxed());
     }
+    if !st.encap.pools.is_empty() {
+        out.push_str(&render_encap(&st.encap));
+    }
     out
 }
 
@@ -97,5 +157,28 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("No IPv6 peers found."));
+        assert!(
+            !out.contains("Encapsulation"),
+            "an older agent's answer has none"
+        );
+    }
+
+    #[test]
+    fn renders_the_encapsulation_per_pool_and_the_tunnels() {
+        let st: NodeStatus = serde_json::from_str(
+            r#"{"node":"node-1","peers":[],"encap":{"pools":[{"name":"p","cidr":"10.244.0.0/16",
+            "encapsulation":"vxlan Always","natOutgoing":true}],"tunnels":[{"device":"vxlan.tabby",
+            "address":"10.244.0.1","mac":"66:00:00:00:00:01","mtu":1450,"state":"up"}],"podMtu":1450,"errors":[]}}"#,
+        )
+        .unwrap();
+        let out = render(&st);
+        assert!(
+            out.contains("pool p 10.244.0.0/16: vxlan Always, natOutgoing"),
+            "{out}"
+        );
+        assert!(
+            out.contains("vxlan.tabby 10.244.0.1 mac 66:00:00:00:00:01 mtu 1450 up"),
+            "{out}"
+        );
     }
 }

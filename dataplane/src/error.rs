@@ -156,6 +156,12 @@ impl Error {
         )
     }
 
+    /// True when the kernel lacks the feature (EOPNOTSUPP: "Unknown device
+    /// type" for a link kind whose module it has not, or cannot load).
+    pub fn is_unsupported(&self) -> bool {
+        matches!(self.errno(), Some(libc::EOPNOTSUPP))
+    }
+
     /// True when the object to create already exists (EEXIST).
     pub fn is_exists(&self) -> bool {
         matches!(self, Error::Exists { .. })

@@ -16,6 +16,7 @@ pub mod sysctl;
 
 pub use error::{Error, Result};
 pub use netlink::{
-    Family, Link, Netlink, Route, RouteBatch, RouteKind, Scope, RTPROT_BOOT, RT_TABLE_MAIN,
+    Family, FdbEntry, Link, Neighbour, Netlink, Route, RouteBatch, RouteKind, Scope, VxlanSpec,
+    RTPROT_BOOT, RT_TABLE_MAIN,
 };
 pub use netns::NetNs;

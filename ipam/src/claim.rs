@@ -149,6 +149,7 @@ impl<D: Datastore> Ipam<D> {
             address: None,
             asn: None,
             labels: Default::default(),
+            ..Default::default()
         };
         match store::create(&self.ds, &key, &doc) {
             Ok(_) | Err(DatastoreError::Conflict { .. }) => Ok(()),

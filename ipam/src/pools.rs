@@ -82,6 +82,22 @@ pub fn reserved_addresses(pool: &IpPool) -> Vec<IpAddr> {
     reserved
 }
 
+/// Why the pool's encapsulation cannot work, if it cannot: IPIP and VXLAN
+/// on one pool (Calico refuses it too), or either on an IPv6 pool.
+pub fn encapsulation_problem(pool: &IpPool) -> Option<String> {
+    let never = crate::types::EncapMode::Never;
+    if pool.ipip_mode != never && pool.vxlan_mode != never {
+        return Some(format!(
+            "ipipMode {:?} and vxlanMode {:?}: a pool uses IPIP or VXLAN, not both; set one of them to Never",
+            pool.ipip_mode, pool.vxlan_mode
+        ));
+    }
+    if pool.cidr.is_ipv6() && pool.ipip_mode != never {
+        return Some("ipipMode must be Never on an IPv6 pool (IPIP carries IPv4)".to_string());
+    }
+    None
+}
+
 /// Checks a pool definition; returns it with its CIDR's host bits cleared.
 pub fn validate_pool(pool: &IpPool) -> Result<IpPool> {
     let invalid = |reason: String| IpamError::InvalidPool {
@@ -89,6 +105,9 @@ pub fn validate_pool(pool: &IpPool) -> Result<IpPool> {
         reason,
     };
     if let Some(reason) = unusable_range(&pool.cidr) {
+        return Err(invalid(reason));
+    }
+    if let Some(reason) = encapsulation_problem(pool) {
         return Err(invalid(reason));
     }
     let name_ok = !pool.name.is_empty()
@@ -275,5 +294,42 @@ impl<D: Datastore> Ipam<D> {
         })?;
         tracing::info!(%name, %cidr, "deleted IP pool");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::EncapMode;
+
+    fn pool(ipip: EncapMode, vxlan: EncapMode) -> IpPool {
+        IpPool {
+            name: "p".into(),
+            cidr: "10.244.0.0/16".parse().unwrap(),
+            block_size: 26,
+            ipip_mode: ipip,
+            vxlan_mode: vxlan,
+            nat_outgoing: false,
+            disabled: false,
+            node_selector: "all()".into(),
+        }
+    }
+
+    #[test]
+    fn a_pool_with_both_ipip_and_vxlan_is_refused_with_a_clear_message() {
+        let err = validate_pool(&pool(EncapMode::Always, EncapMode::CrossSubnet)).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("IPIP or VXLAN, not both"), "{msg}");
+        for (ipip, vxlan) in [
+            (EncapMode::Always, EncapMode::Never),
+            (EncapMode::Never, EncapMode::CrossSubnet),
+            (EncapMode::Never, EncapMode::Never),
+        ] {
+            validate_pool(&pool(ipip, vxlan)).unwrap();
+        }
+        let mut v6 = pool(EncapMode::Always, EncapMode::Never);
+        v6.cidr = "fd00::/64".parse().unwrap();
+        v6.block_size = 122;
+        assert!(encapsulation_problem(&v6).unwrap().contains("IPv6"));
     }
 }

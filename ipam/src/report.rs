@@ -443,6 +443,7 @@ mod tests {
                 address: None,
                 asn: None,
                 labels: BTreeMap::new(),
+                ..Default::default()
             }],
         }
     }

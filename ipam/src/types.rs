@@ -133,7 +133,7 @@ pub struct Handle {
 }
 
 /// A node known to the datastore.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct Node {
     /// The node name.
@@ -147,6 +147,32 @@ pub struct Node {
     /// Labels, for pool node selectors.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The node's underlay address with its prefix (`10.98.0.1/24`), taken
+    /// from the uplink by the agent: CrossSubnet compares these subnets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub ipv4_address: Option<IpNetwork>,
+    /// The address of this node's `vxlan.tabby`, from a VXLAN pool.
+    #[serde(
+        default,
+        rename = "ipv4VXLANTunnelAddr",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ipv4_vxlan_tunnel_addr: Option<std::net::Ipv4Addr>,
+    /// The MAC of this node's `vxlan.tabby` (`66:xx:...`).
+    #[serde(
+        default,
+        rename = "vxlanTunnelMACAddr",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub vxlan_tunnel_mac_addr: Option<String>,
+    /// The address of this node's `tunl0`, from an IPIP pool.
+    #[serde(
+        default,
+        rename = "ipv4IPIPTunnelAddr",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ipv4_ipip_tunnel_addr: Option<std::net::Ipv4Addr>,
 }
 
 /// Cluster-wide IPAM settings (`config/ipam`).

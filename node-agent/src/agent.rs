@@ -34,6 +34,7 @@ use crate::config::AgentConfig;
 use crate::desired::{
     desired_peers, local_blocks, local_prefixes, node_facts, ClusterView, PeerSpec,
 };
+use crate::encap::{EncapRoutes, EncapStatus, Encapsulation};
 use crate::error::{AgentError, Result};
 use crate::plan::{plan_peers, plan_prefixes, PeerPlan};
 use crate::policy::ImportPolicy;
@@ -146,6 +147,9 @@ pub struct Agent<D: Datastore, B: BgpControl> {
     facts: Option<NodeFacts>,
     /// Views from a watch (`cluster = "kubernetes"`); `None`: poll `ds`.
     views: Option<ViewRx>,
+    /// Tunnel devices, addresses and the MTU file (blocking: used off the workers).
+    encap: Arc<Mutex<Encapsulation>>,
+    encap_status: EncapStatus,
 }
 
 /// The index of the uplink: the configured interface, else the one holding `bgp_address`.
@@ -174,15 +178,27 @@ impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
     /// Registers the node in `ds` and prepares the route thread; `bgp` is a
     /// started speaker. Blocks: call it off the async workers.
     pub fn new(cfg: AgentConfig, ds: Arc<D>, bgp: B, shared: Arc<Mutex<Shared>>) -> Result<Self> {
-        let node = register_node(ds.as_ref(), &cfg)?;
-        info!(node = %node.name, address = ?node.address, datastore = %ds.describe(), "registered");
         let uplink = resolve_uplink(&cfg)?;
         let uplink_nets =
             (Netlink::host().and_then(|nl| nl.addresses(uplink))).map_err(AgentError::Uplink)?;
+        let underlay = uplink_nets
+            .iter()
+            .find(|n| n.ip() == cfg.bgp_address && n.is_ipv4())
+            .copied();
+        let node = register_node(ds.as_ref(), &cfg, underlay)?;
+        info!(node = %node.name, address = ?node.address, subnet = ?node.ipv4_address, datastore = %ds.describe(), "registered");
         let source = Arc::new(Mutex::new(RouteSource::new(cfg.bgp_address, uplink)));
         let grace = std::time::Duration::from_secs(u64::from(cfg.hold_time.max(3)));
         let routes = RouteProgrammer::start(grace, Arc::clone(&source))?;
+        let encap = Encapsulation::new(
+            &cfg.node_name,
+            cfg.bgp_address,
+            uplink,
+            cfg.mtu_file.clone(),
+        );
         Ok(Self {
+            encap: Arc::new(Mutex::new(encap)),
+            encap_status: EncapStatus::default(),
             cfg,
             ds,
             bgp,
@@ -323,6 +339,7 @@ impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
         let Some(view) = self.read_view().await else {
             return;
         };
+        let encap_routes = self.sync_encap(&view).await;
         let me = self.cfg.node_name.clone();
         // Originate first: a session that comes up in this pass sends them at once.
         let prefixes = local_prefixes(&view, &me);
@@ -356,6 +373,9 @@ impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
         if let Ok(mut source) = self.source.lock() {
             changed.extend(source.blocks.symmetric_difference(&blocks).copied());
             source.blocks = blocks;
+            if let Some(encap) = encap_routes {
+                changed.extend(source.set_encap(encap));
+            }
         }
         self.program(changed).await;
         if !self.routes_ready {
@@ -364,6 +384,27 @@ impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
         }
         self.send_facts(&view);
         self.publish(&view, me);
+    }
+
+    /// One encapsulation pass off the workers; `None` when it could not run.
+    async fn sync_encap(&mut self, view: &Arc<ClusterView>) -> Option<EncapRoutes> {
+        let (encap, ds, view) = (
+            Arc::clone(&self.encap),
+            Arc::clone(&self.ds),
+            Arc::clone(view),
+        );
+        let pass = move || encap.lock().ok().map(|mut e| e.sync(&ds, &view));
+        match tokio::task::spawn_blocking(pass).await {
+            Ok(Some((routes, status))) => {
+                self.encap_status = status;
+                Some(routes)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                warn!(error = %chain(&e), "encapsulation pass panicked");
+                None
+            }
+        }
     }
 
     /// Carries out a peer plan; returns the prefixes whose paths it changed.
@@ -418,7 +459,9 @@ impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
                 asn: self.cfg.as_number.unwrap_or(view.bgp.as_number),
                 address: self.cfg.bgp_address.to_string(),
                 peers: rows,
+                encap: self.encap_status.clone(),
             };
+            s.encap_errors = self.encap_status.errors.clone();
             s.ready = true;
             s.waiting_for.clear();
             s.last_pass = Some(Instant::now());

@@ -15,6 +15,7 @@
 //! graceful_restart_time = 120          # seconds peers keep our routes while we restart (0: off)
 //! status_socket = "/run/tabby/node.sock"
 //! health_listen = "127.0.0.1:9099"
+//! mtu_file = "/var/lib/tabby/mtu"      # the pods' MTU, for the CNI plugin
 //! ```
 //!
 //! `cluster` picks the source of the agent's cluster view (nodes, pools,
@@ -82,6 +83,10 @@ pub struct AgentConfig {
     /// How often the datastore is read, in milliseconds.
     #[serde(default = "default_poll_ms")]
     pub poll_interval_ms: u64,
+    /// Where the pods' MTU is written (uplink MTU minus the largest
+    /// enabled encapsulation's overhead), for the CNI plugin's `mtuFile`.
+    #[serde(default = "default_mtu_file")]
+    pub mtu_file: PathBuf,
     /// The service proxy (`[proxy]` table).
     #[serde(default)]
     pub proxy: ProxyConfig,
@@ -217,6 +222,9 @@ fn default_restart_time() -> u16 {
 }
 fn default_status_socket() -> PathBuf {
     "/run/tabby/node.sock".into()
+}
+fn default_mtu_file() -> PathBuf {
+    "/var/lib/tabby/mtu".into()
 }
 fn default_health() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9099))

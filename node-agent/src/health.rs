@@ -73,7 +73,10 @@ async fn readyz(State(e): State<Endpoints>) -> Response {
     let Ok(s) = e.shared.lock() else {
         return POISONED.into_response();
     };
-    if s.ready {
+    if s.ready && !s.encap_errors.is_empty() {
+        let body = format!("not ready: {}\n", s.encap_errors.join("; "));
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+    } else if s.ready {
         (StatusCode::OK, "ready\n").into_response()
     } else if !s.waiting_for.is_empty() {
         let kinds = s.waiting_for.join(", ");

@@ -6,6 +6,7 @@
 //! - [`cluster`]: where the cluster view comes from: the datastore polled, or Kubernetes watches.
 //! - [`desired`]: pure computation of peers, originated prefixes and node facts.
 //! - [`policy`]: pure import policy (BGPFilter rules, then Tabby's defaults).
+//! - [`encap`]: IPIP and VXLAN per pool: the pure plan, tunnel addresses, devices.
 //! - [`plan`]: pure plans from what the agent has to what it wants (peers, prefixes, routes).
 //! - [`routes`]: the kernel side: applies route changes through rtnetlink.
 //! - [`shared`]: the snapshot the loop publishes for status, health and metrics.
@@ -19,6 +20,7 @@ pub mod agent;
 pub mod cluster;
 pub mod config;
 pub mod desired;
+pub mod encap;
 pub mod error;
 pub mod health;
 pub mod install_cni;

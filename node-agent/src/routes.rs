@@ -24,13 +24,14 @@ use std::time::{Duration, Instant};
 
 use ipnetwork::IpNetwork;
 use tabby_dataplane::route_sync::{Desired, KernelOps, KernelRoutes, OwnedRoutes, RouteChange};
-use tabby_dataplane::{Family, Netlink, Route, RouteBatch};
+use tabby_dataplane::{Family, Netlink, Route, RouteBatch, RouteKind};
 use tabby_errors::chain;
 use tracing::{debug, info, warn};
 
 use crate::desired::RTPROT_TABBY;
+use crate::encap::EncapRoutes;
 use crate::error::AgentError;
-use crate::plan::{desired_route, route_changes};
+use crate::plan::desired_route;
 use tabby_bgp::rib::Rib;
 
 /// How often the kernel is re-read in full.
@@ -69,6 +70,8 @@ pub struct RouteSource {
     pub my_addr: IpAddr,
     /// Where learned routes go out.
     pub uplink: u32,
+    /// Tunnel routes and how learned routes are encapsulated.
+    pub encap: EncapRoutes,
 }
 
 impl RouteSource {
@@ -79,36 +82,82 @@ impl RouteSource {
             blocks: BTreeSet::new(),
             my_addr,
             uplink,
+            encap: EncapRoutes::default(),
         }
     }
 
-    /// The route wanted for `prefix`.
+    /// The route wanted for `prefix`: a local block's blackhole, else the
+    /// tunnel route the datastore asks for, else what BGP learned
+    /// (encapsulated when its pool says so).
     pub fn route(&self, prefix: IpNetwork) -> Option<Route> {
         let best = self.rib.best(&prefix);
-        desired_route(prefix, &self.blocks, best, self.my_addr, self.uplink)
+        let native = desired_route(prefix, &self.blocks, best, self.my_addr, self.uplink)?;
+        if native.kind != RouteKind::Unicast {
+            return Some(native);
+        }
+        let nh = native.gateway?;
+        Some(
+            self.encap
+                .learned(prefix, nh, self.uplink)
+                .unwrap_or(native),
+        )
+    }
+
+    fn wanted(&self, prefix: IpNetwork) -> Option<Route> {
+        if self.blocks.contains(&prefix) {
+            return self.route(prefix);
+        }
+        (self.encap.planned(prefix, self.uplink)).or_else(|| self.route(prefix))
     }
 
     /// Every wanted route.
     pub fn routes(&self) -> impl Iterator<Item = Route> + '_ {
-        let holes = self.blocks.iter().filter_map(|b| self.route(*b));
+        let holes = self.blocks.iter().filter_map(|b| self.wanted(*b));
+        let tunnels = (self.encap.routes.keys())
+            .filter(|p| !self.blocks.contains(p))
+            .filter_map(|p| self.wanted(*p));
         let learned = (self.rib.best_paths())
-            .filter(|(p, _)| !self.blocks.contains(p))
-            .filter_map(|(p, _)| self.route(p));
-        holes.chain(learned)
+            .filter(|(p, _)| !self.blocks.contains(p) && !self.encap.routes.contains_key(p))
+            .filter_map(|(p, _)| self.wanted(p));
+        holes.chain(tunnels).chain(learned)
     }
 
     /// The changes of `prefixes` (any order, repeats allowed).
     pub fn changes(&self, mut prefixes: Vec<IpNetwork>) -> Vec<RouteChange> {
         prefixes.sort_unstable();
         prefixes.dedup();
-        let best = |p: &IpNetwork| self.rib.best(p);
-        route_changes(&prefixes, &self.blocks, best, self.my_addr, self.uplink)
+        (prefixes.into_iter())
+            .map(|p| match self.wanted(p) {
+                Some(r) => RouteChange::Upsert(r),
+                None => RouteChange::Delete(p),
+            })
+            .collect()
+    }
+
+    /// Replaces the encapsulation; returns the prefixes whose route may
+    /// have moved (all tunnel routes before and after, and every learned
+    /// prefix when the resolution or a device changed).
+    pub fn set_encap(&mut self, encap: EncapRoutes) -> Vec<IpNetwork> {
+        if encap == self.encap {
+            return Vec::new();
+        }
+        let mut changed: Vec<IpNetwork> = (self.encap.routes.keys())
+            .chain(encap.routes.keys())
+            .copied()
+            .collect();
+        let same_resolution = (encap.resolver == self.encap.resolver)
+            && (encap.vxlan, encap.ipip) == (self.encap.vxlan, self.encap.ipip);
+        if !same_resolution {
+            changed.extend(self.rib.best_paths().map(|(p, _)| p));
+        }
+        self.encap = encap;
+        changed
     }
 }
 
 impl Desired for RouteSource {
     fn route(&self, dst: IpNetwork) -> Option<Route> {
-        RouteSource::route(self, dst)
+        RouteSource::wanted(self, dst)
     }
     fn routes(&self) -> Box<dyn Iterator<Item = Route> + '_> {
         Box::new(RouteSource::routes(self))
@@ -291,7 +340,8 @@ impl Thread {
         } else if ok_r + ok_d > 0 {
             debug!(replaced = ok_r, deleted = ok_d, "routes synced");
         }
-        let wanted = self.source.lock().map(|s| s.rib.len() + s.blocks.len());
+        let wanted =
+            (self.source.lock()).map(|s| s.rib.len() + s.blocks.len() + s.encap.routes.len());
         if let Ok(mut s) = self.stats.lock() {
             s.replaced += ok_r;
             s.deleted += ok_d;

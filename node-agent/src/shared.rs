@@ -23,4 +23,7 @@ pub struct Shared {
     pub originated: usize,
     /// Kernel route counters.
     pub routes: RouteStats,
+    /// Why the encapsulation is not (fully) set up, if it is not: the
+    /// agent is not ready then, though every other route is programmed.
+    pub encap_errors: Vec<String>,
 }

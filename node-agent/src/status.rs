@@ -41,6 +41,9 @@ pub struct NodeStatus {
     pub address: String,
     /// Its peers.
     pub peers: Vec<PeerRow>,
+    /// Encapsulation per pool and the tunnel devices (absent from older agents).
+    #[serde(default)]
+    pub encap: crate::encap::EncapStatus,
 }
 
 /// `rows` from the speaker, plus a `start`/`Idle` row for each configured

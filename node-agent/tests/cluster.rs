@@ -260,7 +260,9 @@ fn the_agent_with_its_own_token_registers_its_node_reads_the_cluster_and_mints_o
     let kubeconfig = token_kubeconfig(cp, dir.path(), "agent", &token(cp, AGENT_SA));
     let ds = KubeDatastore::open(&scope.options(&kubeconfig)).unwrap();
     let cfg = agent_config("node-1", &kubeconfig);
-    let node = tabby_node::register::register_node(&ds, &cfg).unwrap();
+    let underlay = Some("10.98.7.1/24".parse().unwrap());
+    let node = tabby_node::register::register_node(&ds, &cfg, underlay).unwrap();
+    assert_eq!(node.ipv4_address, underlay);
     assert_eq!(node.address, Some("10.98.7.1".parse().unwrap()));
     let view = tabby_node::register::load_view(&ds).unwrap();
     assert_eq!(view.snapshot.nodes.len(), 1);

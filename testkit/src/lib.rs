@@ -16,10 +16,13 @@
 //! - [`trace`]: a packet tracer over a generated iptables payload.
 //! - [`bins`]: where the workspace's and the upstream binaries are.
 //! - [`kube`]: a real control plane (etcd + kube-apiserver) per test binary.
+//! - [`guest`]: qemu guests booted from Debian's kernel (for ipip), with an
+//!   initramfs per test and their console read with a deadline.
 
 pub mod bgp;
 pub mod bins;
 pub mod cni;
+pub mod guest;
 pub mod kube;
 pub mod netns;
 pub mod poll;

@@ -317,3 +317,24 @@ fn gc_on_one_node_never_releases_another_nodes_pods_in_a_shared_datastore() {
         run.stdout
     );
 }
+
+#[test]
+fn without_mtu_in_the_config_the_pod_takes_the_agents_mtu_file() {
+    if !require_root("without_mtu_in_the_config_the_pod_takes_the_agents_mtu_file") {
+        return;
+    }
+    let node = Node::new();
+    let file = node.dir.path().join("mtu");
+    std::fs::write(&file, "1410\n").unwrap();
+    let mut conf = node.conf("1.1.0", "10.244.0.0/16", 26);
+    conf.as_object_mut().unwrap().remove("mtu");
+    conf["mtuFile"] = serde_json::json!(file);
+    let pod = node.add_pod(&conf);
+    let veth = pod.result["interfaces"][0]["name"].as_str().unwrap();
+    assert!(node.ns.ip(&["link", "show", veth]).contains("mtu 1410"));
+    // The config's mtu wins over the file.
+    conf["mtu"] = serde_json::json!(1300);
+    let pod = node.add_pod(&conf);
+    let veth = pod.result["interfaces"][0]["name"].as_str().unwrap();
+    assert!(node.ns.ip(&["link", "show", veth]).contains("mtu 1300"));
+}

@@ -15,7 +15,9 @@
 mod addr;
 mod batch;
 mod link;
+mod neigh;
 mod route;
+mod tunnel;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -28,7 +30,9 @@ use crate::netns::NetNs;
 
 pub use batch::RouteBatch;
 pub use link::Link;
+pub use neigh::{FdbEntry, Neighbour};
 pub use route::{Family, Route, RouteKind, Scope, RTPROT_BOOT, RT_TABLE_MAIN};
+pub use tunnel::VxlanSpec;
 
 /// How the namespace of a socket opened by [`Netlink::host`] is named in
 /// error messages.

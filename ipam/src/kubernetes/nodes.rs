@@ -54,6 +54,26 @@ pub static NODE_FIELDS: &[NodeField] = &[
         annotation: "tabby.dev/as-number",
         number: true,
     },
+    NodeField {
+        field: "ipv4Address",
+        annotation: "tabby.dev/ipv4-address",
+        number: false,
+    },
+    NodeField {
+        field: "ipv4VXLANTunnelAddr",
+        annotation: "tabby.dev/ipv4-vxlan-tunnel-addr",
+        number: false,
+    },
+    NodeField {
+        field: "vxlanTunnelMACAddr",
+        annotation: "tabby.dev/vxlan-tunnel-mac-addr",
+        number: false,
+    },
+    NodeField {
+        field: "ipv4IPIPTunnelAddr",
+        annotation: "tabby.dev/ipv4-ipip-tunnel-addr",
+        number: false,
+    },
 ];
 
 /// The document of a Node, `None` when it is not registered. `hidden` is a
@@ -225,6 +245,35 @@ mod tests {
         labels.insert("tabby.dev/scope".into(), "t1".into());
         let back = doc_of("n1", &annotations, &labels, "tabby.dev/scope").unwrap();
         assert_eq!(back, serde_json::from_slice::<Value>(doc).unwrap());
+    }
+
+    #[test]
+    fn the_encapsulation_fields_of_a_node_round_trip_through_annotations() {
+        let node = crate::Node {
+            name: "n1".into(),
+            address: Some("10.98.0.1".parse().unwrap()),
+            ipv4_address: Some("10.98.0.1/24".parse().unwrap()),
+            ipv4_vxlan_tunnel_addr: Some("10.244.0.0".parse().unwrap()),
+            vxlan_tunnel_mac_addr: Some("66:01:02:03:04:05".into()),
+            ipv4_ipip_tunnel_addr: Some("10.245.0.1".parse().unwrap()),
+            ..Default::default()
+        };
+        let write = write_of("n1", &serde_json::to_vec(&node).unwrap()).unwrap();
+        assert_eq!(
+            write.annotations["tabby.dev/ipv4-address"].as_deref(),
+            Some("10.98.0.1/24")
+        );
+        assert_eq!(
+            write.annotations["tabby.dev/vxlan-tunnel-mac-addr"].as_deref(),
+            Some("66:01:02:03:04:05")
+        );
+        let annotations: BTreeMap<String, String> = write
+            .annotations
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.clone()?)))
+            .collect();
+        let back = doc_of("n1", &annotations, &BTreeMap::new(), "").unwrap();
+        assert_eq!(serde_json::from_value::<crate::Node>(back).unwrap(), node);
     }
 
     #[test]

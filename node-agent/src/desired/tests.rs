@@ -21,6 +21,7 @@ fn node(name: &str, addr: &str) -> Node {
         address: Some(ip(addr)),
         asn: None,
         labels: Default::default(),
+        ..Default::default()
     }
 }
 
@@ -67,6 +68,7 @@ fn the_mesh_peers_with_every_other_node_that_has_an_address() {
         address: None,
         asn: None,
         labels: Default::default(),
+        ..Default::default()
     });
     let peers = desired_peers(&v, "node-1", ip("10.98.0.1"));
     let addrs: Vec<IpAddr> = peers.iter().map(|p| p.addr).collect();

@@ -48,6 +48,7 @@ fn view(filters: &[&str]) -> ClusterView {
             address: Some(ip(a)),
             asn: None,
             labels: Default::default(),
+            ..Default::default()
         })
         .collect();
     v.peers = vec![
