@@ -104,7 +104,6 @@ fn update(ipam: &Ipam<crate::Store>, args: &UpdateArgs) -> anyhow::Result<(IpPoo
         if new == doc.value {
             return Ok((new, false));
         }
-        check_modes(new.ipip_mode, new.vxlan_mode)?;
         let new = validate_pool(&new)?;
         match store::update(ds, &key, &new, &doc.revision) {
             Ok(_) => return Ok((new, true)),
@@ -116,15 +115,6 @@ fn update(ipam: &Ipam<crate::Store>, args: &UpdateArgs) -> anyhow::Result<(IpPoo
         "pool {} kept changing under us ({UPDATE_ATTEMPTS} conflicts): try again",
         args.name
     )
-}
-
-/// A pool uses IPIP or VXLAN, not both.
-fn check_modes(ipip: EncapMode, vxlan: EncapMode) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        ipip == EncapMode::Never || vxlan == EncapMode::Never,
-        "a pool uses IPIP or VXLAN, not both (ipipMode {ipip:?}, vxlanMode {vxlan:?}): set one of --ipip-mode / --vxlan-mode to Never"
-    );
-    Ok(())
 }
 
 /// An encapsulation mode as typed on the command line.
@@ -149,7 +139,6 @@ impl From<Mode> for EncapMode {
 pub fn run(ipam: &Ipam<crate::Store>, cmd: PoolCommand) -> anyhow::Result<()> {
     match cmd {
         PoolCommand::Create(args) => {
-            check_modes(args.ipip_mode.into(), args.vxlan_mode.into())?;
             let pool = IpPool {
                 name: args.name.clone(),
                 cidr: args.cidr,

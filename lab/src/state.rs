@@ -66,6 +66,13 @@ impl StateDir {
         self.root.join(format!("{node}.sock"))
     }
 
+    /// The pods' MTU a node's agent writes (its uplink's less the
+    /// encapsulation's overhead); one per node, as every node shares the
+    /// host's file system.
+    pub fn agent_mtu_file(&self, node: &str) -> PathBuf {
+        self.root.join(format!("{node}.mtu"))
+    }
+
     /// The CNI plugin's log on a node.
     pub fn cni_log(&self, node: &str) -> PathBuf {
         self.root.join(format!("cni-{node}.log"))
