@@ -234,7 +234,7 @@ fn vxlan_tx(node_ns: &str) -> u64 {
 /// iperf3 from `client` to `server` for `seconds`: received Gbit/s.
 fn iperf(client: &Pod, server: &Pod, seconds: u64) -> Result<f64> {
     let mut srv: Child = Command::new("ip")
-        .args(["netns", "exec", &server.netns, "iperf3", "-s", "-1"])
+        .args(["netns", "exec", &server.netns, "iperf3", "-s"])
         .args(["-p", &IPERF_PORT.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -255,6 +255,8 @@ fn iperf(client: &Pod, server: &Pod, seconds: u64) -> Result<f64> {
         .arg(server.ip.to_string())
         .args(["-p", &IPERF_PORT.to_string(), "-t", &seconds.to_string()])
         .output()?;
+    // Not `-s -1`: the readiness probe above would be its one client.
+    let _ = srv.kill();
     let _ = srv.wait();
     let v: Value = serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
     let bps = v["end"]["sum_received"]["bits_per_second"]
