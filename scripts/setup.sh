@@ -21,6 +21,8 @@ packages=(
     # the OCI runtime of the Kubernetes lab and of the ctr conformance test
     # (containerd comes from scripts/upstream.sh)
     runc
+    # pod-to-pod throughput in the encapsulation bench (bench encap-throughput)
+    iperf3
 )
 
 missing=()

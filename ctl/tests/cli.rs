@@ -277,3 +277,58 @@ fn operators_create_list_and_delete_bgp_filters_that_peers_name() {
     ));
     assert!(err.contains("does not exist"), "{err}");
 }
+
+#[test]
+fn pool_update_changes_the_modes_in_place_and_refuses_both_encapsulations() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ds = dir.path().join("ds");
+    let pool = "default-ipv4-ippool";
+    stdout(&tabbyctl(
+        &ds,
+        &["pool", "create", "--name", pool, "--cidr", "10.244.0.0/16"],
+    ));
+    let updated = stdout(&tabbyctl(
+        &ds,
+        &[
+            "pool",
+            "update",
+            pool,
+            "--vxlan-mode",
+            "crosssubnet",
+            "--nat-outgoing",
+            "true",
+        ],
+    ));
+    assert!(
+        updated.contains("Successfully updated IP pool"),
+        "{updated}"
+    );
+    let list = stdout(&tabbyctl(&ds, &["pool", "list"]));
+    let row = list
+        .lines()
+        .find(|l| l.starts_with(pool))
+        .expect("the pool");
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        cells[..6],
+        [pool, "10.244.0.0/16", "26", "true", "Never", "CrossSubnet"],
+        "{list}"
+    );
+
+    let refused = fails(&tabbyctl(
+        &ds,
+        &["pool", "update", pool, "--ipip-mode", "Always"],
+    ));
+    assert!(refused.contains("not both"), "{refused}");
+    assert_eq!(stdout(&tabbyctl(&ds, &["pool", "list"])), list, "unchanged");
+    let again = stdout(&tabbyctl(
+        &ds,
+        &["pool", "update", pool, "--vxlan-mode", "CrossSubnet"],
+    ));
+    assert!(again.starts_with("Unchanged:"), "{again}");
+    let missing = fails(&tabbyctl(
+        &ds,
+        &["pool", "update", "nope", "--disabled", "true"],
+    ));
+    assert!(missing.contains("no IP pool nope"), "{missing}");
+}

@@ -34,6 +34,7 @@ pub fn node_agent_config(node: &NodeState, dir: &StateDir, proxy_mode: &str) -> 
          uplink = \"{UPLINK}\"\n\
          status_socket = {socket:?}\n\
          health_listen = \"{HEALTH_LISTEN}\"\n\
+         mtu_file = {mtu_file:?}\n\
          # short timers: a lab converges in seconds, not minutes\n\
          hold_time = {HOLD_TIME}\n\
          connect_retry = 1\n\
@@ -48,6 +49,7 @@ pub fn node_agent_config(node: &NodeState, dir: &StateDir, proxy_mode: &str) -> 
         address = node.address,
         datastore = dir.datastore().display().to_string(),
         socket = dir.agent_socket(&node.name).display().to_string(),
+        mtu_file = dir.agent_mtu_file(&node.name).display().to_string(),
         resources = dir.resources().display().to_string(),
     )
 }
@@ -175,6 +177,7 @@ mod tests {
             "uplink = \"eth0\"",
             "status_socket = \"/run/tabby-lab/node-2.sock\"",
             "health_listen = \"127.0.0.1:9099\"",
+            "mtu_file = \"/run/tabby-lab/node-2.mtu\"",
             "mode = \"nftables\"",
         ] {
             assert!(

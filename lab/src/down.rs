@@ -158,7 +158,7 @@ fn remove_files(root: &Path) -> anyhow::Result<bool> {
 /// Whether a file name is one the lab writes in its state directory.
 fn is_lab_file(name: &str) -> bool {
     let node_file = name.starts_with("node-")
-        && [".toml", ".log", ".sock"]
+        && [".toml", ".log", ".sock", ".mtu"]
             .iter()
             .any(|ext| name.ends_with(ext));
     let log = (name.starts_with("cni-") || name.starts_with("echo-")) && name.ends_with(".log");
@@ -178,6 +178,7 @@ mod tests {
             "lab.lock",
             "node-1.toml",
             "node-12.sock",
+            "node-2.mtu",
             "cni-node-1.log",
             "echo-node-1-pod1.log",
             ".lab.json.42.tmp",

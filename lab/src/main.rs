@@ -10,6 +10,7 @@
 mod agent;
 mod cni;
 mod down;
+mod encap;
 mod endpoints;
 mod kube;
 mod names;
@@ -31,6 +32,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use crate::encap::Encap;
 use crate::names::Names;
 use crate::state::{LabState, StateDir};
 
@@ -73,6 +75,25 @@ enum Command {
         /// Every agent's service proxy mode (namespace lab).
         #[arg(long, default_value = "iptables", value_parser = ["iptables", "nftables"])]
         proxy_mode: String,
+        /// Underlay subnets (namespace lab): with 2, nodes alternate between
+        /// 10.98.0.0/24 and 10.98.1.0/24, routed by the underlay namespace.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+        subnets: u8,
+        /// The default pool's encapsulation (namespace lab); ipip needs a
+        /// kernel with ipip.
+        #[arg(long, value_enum, default_value_t = Encap::None)]
+        encap: Encap,
+        /// The default pool's natOutgoing (namespace lab): masquerade pod
+        /// traffic that leaves the pools and the nodes, as Calico's default pool.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        nat_outgoing: bool,
+    },
+    /// Run the lab's tabbyctl against its datastore, e.g. `tabbyctl pool update
+    /// default-ipv4-ippool --vxlan-mode Always`.
+    Tabbyctl {
+        /// tabbyctl's arguments (without --datastore).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
     },
     /// Run the cluster's kubectl with the lab's admin kubeconfig (--kubernetes).
     Kubectl {
@@ -84,7 +105,7 @@ enum Command {
     Status,
     /// Run a command in a pod, a node (node-1) or the external client (external).
     Exec {
-        /// Pod name, node name, `external` or `underlay`.
+        /// Pod name, node name, `external`, `internet` or `underlay`.
         target: String,
         /// The command and its arguments (after `--`).
         #[arg(last = true, required = true)]
@@ -302,8 +323,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             pods_per_node,
             kubernetes: false,
             proxy_mode,
+            subnets,
+            encap,
+            nat_outgoing,
             ..
-        } => up::up(&lab, nodes.unwrap_or(3), pods_per_node, &proxy_mode)?,
+        } => {
+            let opts = up::Options {
+                nodes: nodes.unwrap_or(3),
+                pods_per_node,
+                proxy_mode,
+                subnets,
+                encap,
+                nat_outgoing,
+            };
+            up::up(&lab, &opts)?
+        }
         Command::Up {
             nodes,
             kubernetes: true,
@@ -320,6 +354,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let state = lab.require(state)?;
             let status = kube::status::kubectl(&lab, &state, &args)?;
             return Ok(exit_code(status));
+        }
+        Command::Tabbyctl { args } => {
+            lab.require(state)?;
+            return Ok(exit_code(status::tabbyctl(&lab, &args)?));
         }
         Command::Status => {
             let state = lab.require(state)?;

@@ -5,18 +5,32 @@
 //!
 //! | thing                 | name / address                          |
 //! |-----------------------|-----------------------------------------|
-//! | underlay namespace    | `tabby-underlay`, bridge `br0`, 10.98.0.254/24 |
-//! | node *i* namespace    | `tabby-node-<i>`, `eth0` 10.98.0.*i*/24  |
+//! | underlay namespace    | `tabby-underlay`, bridge `br0`, 10.98.0.254/24 (the router) |
+//! | second subnet (`--subnets 2`) | bridge `br1` in the underlay, 10.98.1.254/24 |
+//! | node *i* namespace    | `tabby-node-<i>`, `eth0` 10.98.*s*.*i*/24 (*s* = 0, or (*i*−1) mod 2 with `--subnets 2`) |
 //! | pod namespace         | `tabby-pod-<pod name>`                  |
 //! | external client       | `tabby-external`, `eth0` 10.98.0.200/24 |
+//! | the "internet"        | `tabby-internet`, `eth0` 203.0.113.10/24 behind the underlay's 203.0.113.1 |
 //! | control plane (`--kubernetes`) | `tabby-control-plane`, `eth0` 10.98.0.250/24 |
 //! | a node's cgroup (`--kubernetes`) | `/tabby-node-<i>` in every cgroup v1 hierarchy |
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
-/// The underlay subnet's first three octets (10.98.0.0/24).
-const UNDERLAY_NET: [u8; 3] = [10, 98, 0];
+/// The first two octets of the underlay subnets (10.98.*s*.0/24).
+const UNDERLAY_NET: [u8; 2] = [10, 98];
+/// The most underlay subnets a lab has (`--subnets`).
+pub const MAX_SUBNETS: u8 = 2;
+/// The "internet" beyond the underlay router (TEST-NET-3, RFC 5737).
+pub const INTERNET_NET: [u8; 3] = [203, 0, 113];
+/// The router's host number on the internet side (in the underlay namespace).
+pub const INTERNET_ROUTER_HOST: u8 = 1;
+/// The internet server's host number.
+pub const INTERNET_SERVER_HOST: u8 = 10;
+/// The port the internet server answers on (an echo server like the pods').
+pub const INTERNET_SERVER_PORT: u16 = 80;
+/// The underlay's port towards the internet namespace.
+pub const INTERNET_PORT: &str = "internet";
 /// Prefix length of the underlay subnet.
 pub const UNDERLAY_PREFIX_LEN: u8 = 24;
 /// The underlay's router / gateway address, owned by the underlay namespace.
@@ -27,8 +41,6 @@ pub const EXTERNAL_HOST: u8 = 200;
 pub const CONTROL_PLANE_HOST: u8 = 250;
 /// The largest node count: node addresses must stay below the external client's.
 pub const MAX_NODES: usize = EXTERNAL_HOST as usize - 1;
-/// The bridge in the underlay namespace.
-pub const BRIDGE: &str = "br0";
 /// The interface name of every node's and the external client's underlay link.
 pub const UPLINK: &str = "eth0";
 
@@ -69,6 +81,11 @@ impl Names {
     /// The external client namespace, e.g. `tabby-external`.
     pub fn external_ns(&self) -> String {
         format!("{}-external", self.prefix)
+    }
+
+    /// The "internet" namespace beyond the underlay router, e.g. `tabby-internet`.
+    pub fn internet_ns(&self) -> String {
+        format!("{}-internet", self.prefix)
     }
 
     /// Node *i*'s namespace (1-based), e.g. `tabby-node-1`.
@@ -119,6 +136,7 @@ impl Names {
         };
         rest == "underlay"
             || rest == "external"
+            || rest == "internet"
             || rest == "control-plane"
             || is_node_name(rest)
             || rest.strip_prefix("pod-").is_some_and(|p| !p.is_empty())
@@ -141,18 +159,50 @@ pub fn pod_name(node: &str, k: usize) -> String {
     format!("{node}-pod{k}")
 }
 
-/// Node *i*'s underlay address, 10.98.0.*i*.
+/// Node *i*'s underlay address in a one-subnet lab, 10.98.0.*i*.
 pub fn node_address(index: usize) -> Ipv4Addr {
+    node_address_in(index, 1)
+}
+
+/// Node *i*'s underlay address when the lab has `subnets` subnets: nodes
+/// alternate between them (node-1 on 10.98.0.0/24, node-2 on 10.98.1.0/24,
+/// node-3 on 10.98.0.0/24...), the host number is always *i*.
+pub fn node_address_in(index: usize, subnets: u8) -> Ipv4Addr {
     assert!(
         (1..=MAX_NODES).contains(&index),
         "node index {index} out of range"
     );
-    host(index as u8)
+    subnet_host(node_subnet(index, subnets), index as u8)
 }
 
-/// An address on the underlay, 10.98.0.`host`.
+/// The subnet (0-based) node *i* sits on.
+pub fn node_subnet(index: usize, subnets: u8) -> u8 {
+    ((index - 1) % usize::from(subnets.max(1))) as u8
+}
+
+/// The subnet (0-based) an underlay address is on: its third octet.
+pub fn subnet_of(address: Ipv4Addr) -> u8 {
+    address.octets()[2]
+}
+
+/// The bridge of underlay subnet `subnet`: `br0`, `br1`.
+pub fn bridge(subnet: u8) -> String {
+    format!("br{subnet}")
+}
+
+/// An address on the first underlay subnet, 10.98.0.`host`.
 pub fn host(host: u8) -> Ipv4Addr {
-    Ipv4Addr::new(UNDERLAY_NET[0], UNDERLAY_NET[1], UNDERLAY_NET[2], host)
+    subnet_host(0, host)
+}
+
+/// An address on underlay subnet `subnet`, 10.98.`subnet`.`host`.
+pub fn subnet_host(subnet: u8, host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(UNDERLAY_NET[0], UNDERLAY_NET[1], subnet, host)
+}
+
+/// An address on the internet side, 203.0.113.`host`.
+pub fn internet_host(host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(INTERNET_NET[0], INTERNET_NET[1], INTERNET_NET[2], host)
 }
 
 /// Where a named network namespace is mounted, e.g. `/run/netns/tabby-node-1`.
@@ -191,6 +241,7 @@ mod tests {
         for ns in [
             "tabby-underlay",
             "tabby-external",
+            "tabby-internet",
             "tabby-control-plane",
             "tabby-node-3",
             "tabby-pod-node-1-pod1",
@@ -219,6 +270,20 @@ mod tests {
     fn addresses_sit_on_the_underlay() {
         assert_eq!(node_address(1), Ipv4Addr::new(10, 98, 0, 1));
         assert_eq!(host(GATEWAY_HOST), Ipv4Addr::new(10, 98, 0, 254));
+    }
+
+    #[test]
+    fn with_two_subnets_nodes_alternate_between_them() {
+        let addresses: Vec<Ipv4Addr> = (1..=4).map(|i| node_address_in(i, 2)).collect();
+        let expected = ["10.98.0.1", "10.98.1.2", "10.98.0.3", "10.98.1.4"];
+        assert_eq!(addresses, expected.map(|a| a.parse::<Ipv4Addr>().unwrap()));
+        assert_eq!(node_address_in(2, 1), node_address(2));
+        assert_eq!(subnet_of(node_address_in(4, 2)), 1);
+        assert_eq!(bridge(1), "br1");
+        assert_eq!(
+            internet_host(INTERNET_SERVER_HOST).to_string(),
+            "203.0.113.10"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ use anyhow::Context;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
+use crate::encap::Encap;
 use crate::kube::KubeState;
 use crate::process::ProcRef;
 
@@ -65,6 +66,13 @@ impl StateDir {
         self.root.join(format!("{node}.sock"))
     }
 
+    /// The pods' MTU a node's agent writes (its uplink's less the
+    /// encapsulation's overhead); one per node, as every node shares the
+    /// host's file system.
+    pub fn agent_mtu_file(&self, node: &str) -> PathBuf {
+        self.root.join(format!("{node}.mtu"))
+    }
+
     /// The CNI plugin's log on a node.
     pub fn cni_log(&self, node: &str) -> PathBuf {
         self.root.join(format!("cni-{node}.log"))
@@ -117,10 +125,24 @@ pub struct LabState {
     /// Every agent's `[proxy] mode`: `iptables` (the default) or `nftables`.
     #[serde(default = "default_proxy_mode")]
     pub proxy_mode: String,
+    /// How many underlay subnets the nodes alternate between (1 or 2).
+    #[serde(default = "one")]
+    pub subnets: u8,
+    /// The default pool's encapsulation at `up` (`--encap`); `tabbyctl pool
+    /// update` may have changed it since: the datastore has the truth.
+    #[serde(default)]
+    pub encap: Encap,
+    /// The internet namespace's echo server, once started.
+    #[serde(default)]
+    pub internet_server: Option<ProcRef>,
 }
 
 fn default_proxy_mode() -> String {
     "iptables".into()
+}
+
+fn one() -> u8 {
+    1
 }
 
 /// One node.

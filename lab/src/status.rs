@@ -8,6 +8,7 @@ use tabby_errors::chain;
 
 use crate::sh::{in_netns, netns_exists};
 use crate::state::LabState;
+use crate::topology;
 use crate::up::print_pods;
 use crate::Lab;
 
@@ -54,6 +55,7 @@ pub fn status(lab: &Lab, state: &LabState) -> anyhow::Result<()> {
 
         println!("--- ip route");
         print!("{}", capture(in_netns(&node.netns, "ip").arg("route")));
+        println!("--- tunnels: {}", tunnels(&node.netns));
 
         if state.proxy_mode == "nftables" {
             println!("--- nft list table ip tabby-proxy");
@@ -74,6 +76,7 @@ pub fn status(lab: &Lab, state: &LabState) -> anyhow::Result<()> {
         println!();
     }
 
+    encapsulation(lab, state);
     println!("=== IPAM");
     let mut cmd = Command::new(&tabbyctl);
     cmd.arg("--datastore")
@@ -83,6 +86,82 @@ pub fn status(lab: &Lab, state: &LabState) -> anyhow::Result<()> {
     println!("\n=== pods");
     print_pods(state);
     Ok(())
+}
+
+/// The pools' modes (the datastore's, which `tabbyctl pool update` may
+/// have changed since `up`), the underlay's VXLAN counts and who reached
+/// the internet.
+fn encapsulation(lab: &Lab, state: &LabState) {
+    println!(
+        "=== encapsulation (up: --subnets {} --encap {})",
+        state.subnets,
+        state.encap.as_str()
+    );
+    let mut cmd = Command::new(lab.bin_dir.join("tabbyctl"));
+    cmd.arg("--datastore")
+        .arg(lab.dir.datastore())
+        .args(["pool", "list"]);
+    print!("{}", capture(&mut cmd));
+    match topology::vxlan_counts(&lab.names) {
+        Ok((bridged, routed)) => println!(
+            "underlay UDP 4789 packets: {bridged} within a subnet, {routed} between subnets"
+        ),
+        Err(e) => println!("underlay UDP 4789 packets: unknown ({e:#})"),
+    }
+    if netns_exists(&lab.names.internet_ns()) {
+        match topology::internet_syn_sources(&lab.names) {
+            Ok(sources) => println!(
+                "internet {}: TCP SYNs seen from [{}]",
+                lab.names.internet_ns(),
+                sources
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Err(e) => println!("internet: SYN sources unknown ({e:#})"),
+        }
+    }
+    println!();
+}
+
+/// The tunnel devices of a node: state, MTU and packet counts, one phrase each.
+fn tunnels(ns: &str) -> String {
+    let phrases: Vec<String> = ["vxlan.tabby", "tunl0"]
+        .iter()
+        .map(|dev| {
+            let out = in_netns(ns, "ip")
+                .args(["-j", "-s", "link", "show", "dev", dev])
+                .output();
+            let link = out
+                .ok()
+                .filter(|o| o.status.success())
+                .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+                .and_then(|v| v.get(0).cloned());
+            match link {
+                None => format!("{dev} absent"),
+                Some(l) => format!(
+                    "{dev} {} mtu {} rx {} tx {} packets",
+                    l["operstate"].as_str().unwrap_or("?"),
+                    l["mtu"],
+                    l["stats64"]["rx"]["packets"],
+                    l["stats64"]["tx"]["packets"]
+                ),
+            }
+        })
+        .collect();
+    phrases.join("; ")
+}
+
+/// Runs the lab's `tabbyctl --datastore <the lab's> ARGS...`.
+pub fn tabbyctl(lab: &Lab, args: &[OsString]) -> anyhow::Result<ExitStatus> {
+    let bin = lab.bin_dir.join("tabbyctl");
+    Command::new(&bin)
+        .arg("--datastore")
+        .arg(lab.dir.datastore())
+        .args(args)
+        .status()
+        .with_context(|| format!("running {}", bin.display()))
 }
 
 /// The nat table's rules that mention TABBY, from whichever iptables
@@ -119,7 +198,7 @@ fn capture(cmd: &mut Command) -> String {
     }
 }
 
-/// The namespace of `target`: a pod, a node, `external` or `underlay`.
+/// The namespace of `target`: a pod, a node, `external`, `internet` or `underlay`.
 pub fn target_netns(lab: &Lab, state: Option<&LabState>, target: &str) -> anyhow::Result<String> {
     let from_state = state.and_then(|s| {
         s.pod(target)
@@ -129,6 +208,7 @@ pub fn target_netns(lab: &Lab, state: Option<&LabState>, target: &str) -> anyhow
     let ns = match (from_state, target) {
         (Some(ns), _) => ns,
         (None, "external") => lab.names.external_ns(),
+        (None, "internet") => lab.names.internet_ns(),
         (None, "underlay") => lab.names.underlay_ns(),
         (None, t) if t.starts_with("node-") => lab.names.node_ns(t),
         (None, t) => lab.names.pod_ns(t),

@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::agent;
-use crate::names::{self, MAX_NODES};
+use crate::encap::Encap;
+use crate::names::{self, MAX_NODES, MAX_SUBNETS};
 use crate::pods;
-use crate::process::poll_until;
+use crate::process::{poll_until, spawn_in_netns};
 use crate::resources::sync_endpoint_slices;
 use crate::sh::{self, list_netns};
 use crate::state::LabState;
@@ -22,12 +23,43 @@ pub const POOL_CIDR: &str = "10.244.0.0/16";
 /// The pool's per-node block prefix length.
 pub const BLOCK_SIZE: u8 = 26;
 
+/// What `tabby-lab up` builds (the namespace lab).
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Node count.
+    pub nodes: usize,
+    /// Pods per node.
+    pub pods_per_node: usize,
+    /// Every agent's `[proxy] mode`.
+    pub proxy_mode: String,
+    /// Underlay subnets the nodes alternate between (1 or 2).
+    pub subnets: u8,
+    /// The default pool's encapsulation.
+    pub encap: Encap,
+    /// The default pool's natOutgoing.
+    pub nat_outgoing: bool,
+}
+
+/// The default pool as `up` creates it.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolOptions {
+    /// Its encapsulation.
+    pub encap: Encap,
+    /// Whether traffic from it to the outside is masqueraded.
+    pub nat_outgoing: bool,
+}
+
 /// Builds the lab: `nodes` nodes with `pods_per_node` pods each.
-pub fn up(lab: &Lab, nodes: usize, pods_per_node: usize, proxy_mode: &str) -> anyhow::Result<()> {
+pub fn up(lab: &Lab, opts: &Options) -> anyhow::Result<()> {
     anyhow::ensure!(
-        (1..=MAX_NODES).contains(&nodes),
+        (1..=MAX_NODES).contains(&opts.nodes),
         "--nodes must be between 1 and {MAX_NODES}"
     );
+    anyhow::ensure!(
+        (1..=MAX_SUBNETS).contains(&opts.subnets),
+        "--subnets must be between 1 and {MAX_SUBNETS}"
+    );
+    opts.encap.check_kernel()?;
     for bin in ["tabby", "tabbyctl"] {
         let path = lab.bin_dir.join(bin);
         anyhow::ensure!(
@@ -38,7 +70,7 @@ pub fn up(lab: &Lab, nodes: usize, pods_per_node: usize, proxy_mode: &str) -> an
     }
     let _lock = lab.dir.lock()?;
     refuse_existing(lab)?;
-    build(lab, nodes, pods_per_node, proxy_mode).map_err(|e| {
+    build(lab, opts).map_err(|e| {
         e.context(format!(
             "tabby-lab up stopped half-way; `{} down` removes what it made",
             invocation(lab)
@@ -57,11 +89,14 @@ pub fn invocation(lab: &Lab) -> String {
 }
 
 /// The steps of [`up`] once nothing stands in its way.
-fn build(lab: &Lab, nodes: usize, pods_per_node: usize, proxy_mode: &str) -> anyhow::Result<()> {
+fn build(lab: &Lab, opts: &Options) -> anyhow::Result<()> {
+    let (nodes, pods_per_node, proxy_mode) = (opts.nodes, opts.pods_per_node, &opts.proxy_mode);
     let mut state = LabState {
         prefix: lab.names.prefix().to_string(),
         bin_dir: lab.bin_dir.clone(),
         proxy_mode: proxy_mode.to_string(),
+        subnets: opts.subnets,
+        encap: opts.encap,
         ..LabState::default()
     };
     state.save(&lab.dir)?;
@@ -70,19 +105,14 @@ fn build(lab: &Lab, nodes: usize, pods_per_node: usize, proxy_mode: &str) -> any
         lab.dir.root().display()
     );
 
-    create_datastore(lab)?;
+    let pool = PoolOptions {
+        encap: opts.encap,
+        nat_outgoing: opts.nat_outgoing,
+    };
+    create_datastore(lab, pool)?;
     std::fs::create_dir_all(lab.dir.resources())
         .with_context(|| format!("creating {}", lab.dir.resources().display()))?;
-    topology::add_underlay(&lab.names, &mut state, &lab.dir)?;
-    topology::add_external(&lab.names, &mut state, &lab.dir)?;
-    println!(
-        "underlay: {} bridge {} {}/24, external client {} {}",
-        lab.names.underlay_ns(),
-        names::BRIDGE,
-        names::host(names::GATEWAY_HOST),
-        lab.names.external_ns(),
-        names::host(names::EXTERNAL_HOST)
-    );
+    network(lab, &mut state)?;
 
     let mut agents_down = Vec::new();
     for index in 1..=nodes {
@@ -110,9 +140,12 @@ fn build(lab: &Lab, nodes: usize, pods_per_node: usize, proxy_mode: &str) -> any
     sync_endpoint_slices(&lab.dir.resources(), &state)?;
     state.complete = true;
     state.save(&lab.dir)?;
+    let unroutable = state.subnets > 1 && opts.encap == Encap::None;
     if agents_down.is_empty() {
         wait_for_sessions(lab, &state);
-        wait_for_routes(&state);
+        if !unroutable {
+            wait_for_routes(&state);
+        }
     }
 
     println!();
@@ -123,8 +156,54 @@ fn build(lab: &Lab, nodes: usize, pods_per_node: usize, proxy_mode: &str) -> any
             agents_down.join(", ")
         );
     }
+    if unroutable {
+        println!(
+            "\nNOTE: --subnets 2 with --encap none: a node cannot route natively to a node on the other subnet and the router knows no blocks, so pods reach pods on their own subnet only; use --encap vxlan-crosssubnet (or `tabbyctl pool update`)."
+        );
+    }
     let me = invocation(lab);
     println!("\nnext: {me} status | {me} exec node-1-pod1 -- ip addr | {me} down");
+    Ok(())
+}
+
+/// The underlay with its subnets, the external client and the internet
+/// with its server.
+fn network(lab: &Lab, state: &mut LabState) -> anyhow::Result<()> {
+    topology::add_underlay(&lab.names, state, &lab.dir, state.subnets)?;
+    topology::add_external(&lab.names, state, &lab.dir)?;
+    let bridges: Vec<String> = (0..state.subnets)
+        .map(|s| {
+            let gateway = names::subnet_host(s, names::GATEWAY_HOST);
+            format!("{} {gateway}/24", names::bridge(s))
+        })
+        .collect();
+    println!(
+        "underlay: {} (the router) bridge {}, external client {} {}",
+        lab.names.underlay_ns(),
+        bridges.join(", bridge "),
+        lab.names.external_ns(),
+        names::host(names::EXTERNAL_HOST)
+    );
+    topology::add_internet(&lab.names, state, &lab.dir)?;
+    let server = names::internet_host(names::INTERNET_SERVER_HOST);
+    let args = [
+        "echo-server",
+        "--name",
+        "internet",
+        "--port",
+        &names::INTERNET_SERVER_PORT.to_string(),
+        "--lab",
+        lab.names.prefix(),
+    ]
+    .map(String::from);
+    let ns = lab.names.internet_ns();
+    let log = lab.dir.echo_log("internet");
+    state.internet_server = Some(spawn_in_netns(&ns, &lab.self_exe, &args, &log)?);
+    state.save(&lab.dir)?;
+    println!(
+        "internet: {ns} server http://{server}:{} (no route to the pods)",
+        names::INTERNET_SERVER_PORT
+    );
     Ok(())
 }
 
@@ -240,7 +319,8 @@ pub fn refuse_existing(lab: &Lab) -> anyhow::Result<()> {
 }
 
 /// Creates the datastore with the pod pool, through `tabbyctl` like an operator.
-pub fn create_datastore(lab: &Lab) -> anyhow::Result<()> {
+pub fn create_datastore(lab: &Lab, pool: PoolOptions) -> anyhow::Result<()> {
+    let (ipip, vxlan) = pool.encap.pool_modes();
     let mut cmd = Command::new(lab.bin_dir.join("tabbyctl"));
     cmd.arg("--datastore")
         .arg(lab.dir.datastore())
@@ -253,11 +333,16 @@ pub fn create_datastore(lab: &Lab) -> anyhow::Result<()> {
             POOL_CIDR,
             "--block-size",
         ])
-        .arg(BLOCK_SIZE.to_string());
+        .arg(BLOCK_SIZE.to_string())
+        .args(["--ipip-mode", ipip, "--vxlan-mode", vxlan]);
+    if pool.nat_outgoing {
+        cmd.arg("--nat-outgoing");
+    }
     sh::run(cmd).context("creating the IP pool")?;
     println!(
-        "datastore: {} (pool {POOL_NAME} {POOL_CIDR}, blocks /{BLOCK_SIZE})",
-        lab.dir.datastore().display()
+        "datastore: {} (pool {POOL_NAME} {POOL_CIDR}, blocks /{BLOCK_SIZE}, ipipMode {ipip}, vxlanMode {vxlan}, natOutgoing {})",
+        lab.dir.datastore().display(),
+        pool.nat_outgoing
     );
     Ok(())
 }

@@ -152,7 +152,13 @@ fn build(lab: &Lab, opts: &Options) -> anyhow::Result<()> {
         progress,
     };
     if opts.cni == CniMode::Tabby {
-        crate::up::create_datastore(lab)?;
+        crate::up::create_datastore(
+            lab,
+            crate::up::PoolOptions {
+                encap: crate::encap::Encap::None,
+                nat_outgoing: false,
+            },
+        )?;
         let resources = lab.dir.resources();
         std::fs::create_dir_all(&resources)
             .with_context(|| format!("creating {}", resources.display()))?;
@@ -187,7 +193,7 @@ impl Build<'_> {
     /// Underlay, external client, control-plane namespace.
     fn network(&mut self) -> anyhow::Result<()> {
         let (names, dir) = (&self.lab.names, &self.lab.dir);
-        topology::add_underlay(names, &mut self.state, dir)?;
+        topology::add_underlay(names, &mut self.state, dir, 1)?;
         topology::add_external(names, &mut self.state, dir)?;
         topology::add_control_plane(names, &mut self.state, dir)?;
         self.progress.step(format!(
