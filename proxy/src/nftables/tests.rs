@@ -407,8 +407,13 @@ fn a_partial_payload_after_the_endpoint_count_changes_rewrites_only_that_chain()
         lines[0].starts_with("flush chain ip tabby-proxy service-"),
         "{text}"
     );
+    assert_eq!(
+        lines[3],
+        "add map ip tabby-proxy endpoints-tcp-000 { typeof numgen random mod 1 : ip daddr . tcp dport ; }",
+        "the map the rule names is declared first: {text}"
+    );
     assert!(
-        lines[1].ends_with(
+        lines[4].ends_with(
             "meta l4proto tcp dnat ip to numgen random mod 2 map @endpoints-tcp-000 ; }"
         ),
         "{text}"
