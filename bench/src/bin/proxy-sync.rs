@@ -402,7 +402,12 @@ fn main() -> Result<()> {
         let n = args.get(2).context("size")?.parse()?;
         return child(args.get(1).context("mode")?, n);
     }
-    let mut sizes: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
+    let mut sizes: Vec<usize> = args
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i == 0 || !args[i - 1].starts_with("--"))
+        .filter_map(|(_, a)| a.parse().ok())
+        .collect();
     if sizes.is_empty() {
         sizes = vec![1000, 10_000, 30_000];
     }
