@@ -216,7 +216,7 @@ fn cluster_ip_spread(mode: Mode) {
         ],
         Mode::Nftables => &[
             "type nat hook prerouting priority dstnat; policy accept;",
-            "numgen random mod 3 0 goto endpoint-",
+            "dnat ip to numgen random mod 3 ",
             "10.96.0.10 . tcp . 80 : goto service-",
         ],
     };

@@ -13,11 +13,14 @@
 //!   the first and to the last service (iptables-legacy and nftables only),
 //!   with a listener on every endpoint address in a second namespace.
 //!
-//! A mode that has not finished a size within its time limit (2 minutes for
-//! iptables-nft, which is known not to finish at 5k+, 20 minutes otherwise)
-//! prints "did not finish" and the run moves on.
+//! A mode that has not finished a size within the time limit (2 minutes by
+//! default: iptables-nft is known not to finish at 5k+) prints "did not
+//! finish" and the run moves on.
 //!
-//! Usage: `proxy-sync [SIZES...] [--mode iptables-legacy|iptables-nft|nftables]`.
+//! Usage: `proxy-sync [SIZES...] [--mode MODE[,MODE...]] [--limit SECS]`
+//! (modes: iptables-legacy, iptables-nft, nftables; default all three, and
+//! 1000 10000 30000 services). `PROXY_SYNC_DUMP=DIR` writes every payload
+//! to DIR (to replay one with `nft -f` and profile it).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -231,6 +234,16 @@ struct Figures {
     bytes: usize,
 }
 
+/// With `PROXY_SYNC_DUMP=DIR`, writes each payload to `DIR/NAME` (to replay and profile).
+fn dump(name: &str, text: &str) {
+    if let Some(dir) = std::env::var_os("PROXY_SYNC_DUMP") {
+        let path = std::path::Path::new(&dir).join(name);
+        if let Err(e) = std::fs::write(&path, text) {
+            eprintln!("write {}: {e}", path.display());
+        }
+    }
+}
+
 fn syncs<B: Backend>(p: &mut Proxier<B, NoConntrack>, n: usize) -> Result<Figures> {
     for i in 0..n {
         p.apply_event(ProxyEvent::ServiceUpsert(Box::new(service(i))));
@@ -240,6 +253,7 @@ fn syncs<B: Backend>(p: &mut Proxier<B, NoConntrack>, n: usize) -> Result<Figure
     let t0 = Instant::now();
     let full = p.sync(t0)?;
     let bytes = full.payload.text.len();
+    dump("full", &full.payload.text);
     let mut partial = Vec::new();
     for round in 1..=5u64 {
         let mut changed = slice(n / 2);
@@ -248,12 +262,14 @@ fn syncs<B: Backend>(p: &mut Proxier<B, NoConntrack>, n: usize) -> Result<Figure
         p.apply_event(ProxyEvent::SliceUpsert(Box::new(changed)));
         let r = p.sync(t0 + Duration::from_secs(2 * round))?;
         anyhow::ensure!(!r.full, "expected a partial sync");
+        dump(&format!("endpoint-{round}"), &r.payload.text);
         partial.push(r.elapsed);
     }
     p.apply_event(ProxyEvent::ServiceUpsert(Box::new(service(n))));
     p.apply_event(ProxyEvent::SliceUpsert(Box::new(slice(n))));
     let added = p.sync(t0 + Duration::from_secs(20))?;
     anyhow::ensure!(!added.full, "expected a partial sync");
+    dump("added", &added.payload.text);
     let (cpu1, _) = children();
     let m = p.metrics();
     Ok(Figures {
@@ -386,22 +402,45 @@ fn main() -> Result<()> {
         let n = args.get(2).context("size")?.parse()?;
         return child(args.get(1).context("mode")?, n);
     }
-    let mut sizes: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
+    let mut sizes: Vec<usize> = args
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i == 0 || !args[i - 1].starts_with("--"))
+        .filter_map(|(_, a)| a.parse().ok())
+        .collect();
     if sizes.is_empty() {
         sizes = vec![1000, 10_000, 30_000];
     }
-    let modes: Vec<&str> = match args
-        .iter()
-        .position(|a| a == "--mode")
-        .and_then(|i| args.get(i + 1))
-    {
-        Some(m) => vec![MODES
-            .iter()
-            .copied()
-            .find(|x| x == m)
-            .context("mode is iptables-legacy, iptables-nft or nftables")?],
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+    };
+    let modes: Vec<&str> = match flag("--mode") {
+        Some(list) => list
+            .split(',')
+            .map(|m| {
+                MODES
+                    .iter()
+                    .copied()
+                    .find(|x| x == &m)
+                    .context("modes are iptables-legacy, iptables-nft and nftables")
+            })
+            .collect::<Result<_>>()?,
         None => MODES.to_vec(),
     };
+    let limit: u64 = match flag("--limit") {
+        Some(l) => l.parse().context("--limit SECS")?,
+        None => 120,
+    };
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "load average at the start: {}",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     println!("proxy-sync: {ENDPOINTS} endpoints per service; times in ms of wall clock (the machine is shared: see helperCPU)");
     println!("1ep = one endpoint replaced (median of 5); +svc = one service added; helperCPU = user+sys of iptables-restore/nft over all syncs");
     println!(
@@ -413,7 +452,6 @@ fn main() -> Result<()> {
     );
     for &n in &sizes {
         for mode in &modes {
-            let limit = if *mode == "iptables-nft" { 120 } else { 1200 };
             parent(mode, n, Duration::from_secs(limit))?;
         }
     }

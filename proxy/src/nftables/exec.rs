@@ -15,11 +15,13 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::{Mutex, PoisonError};
 
 use serde_json::Value;
 
-use super::plan::{plan_port, NftPlan, NftPort, FAMILY, SETS, TABLE};
-use super::render::{render_full, render_partial, NftKernel};
+use super::plan::{plan_port, NftPlan, NftPort, FAMILY, TABLE};
+use super::render::{fixed_sets, render_full, render_partial, NftKernel};
+use super::slots::Slots;
 use crate::backend::{Backend, Counts, Mode};
 use crate::error::{Error, Result};
 use crate::iptables::run;
@@ -77,16 +79,25 @@ impl NftExec for NftCli {
 }
 
 /// nftables mode over an executor.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Nftables<E = NftCli> {
     /// The executor.
     pub exec: E,
+    /// The endpoint map ranges of the planned dispatch chains.
+    slots: Mutex<Slots>,
 }
 
 impl<E> Nftables<E> {
     /// nftables mode over `exec`.
     pub fn new(exec: E) -> Self {
-        Self { exec }
+        Self {
+            exec,
+            slots: Mutex::default(),
+        }
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -115,7 +126,7 @@ pub fn parse_kernel(chains: &str, sets: &str) -> Result<NftKernel> {
     let chains = parse("nft -j list chains", chains)?;
     let sets = parse("nft -j list sets", sets)?;
     let name = |o: &Value| o.get("name").and_then(Value::as_str).map(String::from);
-    let fixed = |n: &str| SETS.iter().any(|(s, _)| *s == n);
+    let fixed = |n: &str| fixed_sets().any(|(s, _)| s == n);
     Ok(NftKernel {
         chains: objects(&chains, "chain").filter_map(name).collect(),
         affinity: objects(&sets, "set")
@@ -144,7 +155,7 @@ impl<E: NftExec> Backend for Nftables<E> {
     }
 
     fn plan_port(&self, info: ServicePortInfo, ctx: &Ctx<'_>) -> NftPort {
-        plan_port(info, ctx)
+        plan_port(info, ctx, &mut self.slots())
     }
 
     fn read_kernel(&mut self) -> Result<NftKernel> {
@@ -154,10 +165,22 @@ impl<E: NftExec> Backend for Nftables<E> {
     }
 
     fn full(&self, plan: &NftPlan, kernel: &NftKernel) -> Payload {
+        self.slots().retain(|k| plan.ports.contains_key(k));
         render_full(plan, kernel)
     }
 
+    /// Frees the ranges of removed service ports: a range reused in a later
+    /// sync is rewritten after the old elements are deleted, and a failed
+    /// transaction is followed by a full sync, which rewrites every map.
     fn partial(&self, previous: &NftPlan, plan: &NftPlan) -> Payload {
+        let gone: Vec<_> = previous
+            .ports
+            .keys()
+            .filter(|k| !plan.ports.contains_key(*k))
+            .collect();
+        if !gone.is_empty() {
+            self.slots().retain(|k| !gone.contains(&k));
+        }
         render_partial(previous, plan)
     }
 

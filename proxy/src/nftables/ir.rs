@@ -45,6 +45,10 @@ pub enum Match {
     SaddrIn(String),
     /// `ip daddr @SET`.
     DaddrIn(String),
+    /// `ct status dnat`: the connection's destination was translated.
+    CtStatusDnat,
+    /// `ip saddr . ip daddr @SET`: the (source, destination) pair is in the set.
+    SaddrDaddrIn(String),
 }
 
 /// Where a verdict map's key comes from.
@@ -86,6 +90,16 @@ pub enum Stmt {
     Update(String),
     /// `dnat to IP:PORT` (after a `meta l4proto` match).
     Dnat(SocketAddrV4),
+    /// `dnat ip to numgen random mod N offset K map @MAP`: endpoint choice
+    /// as a lookup of a random slot in `K..K+N` of an endpoint map.
+    DnatMap {
+        /// The number of endpoints (N).
+        n: u32,
+        /// The first slot (K).
+        offset: u32,
+        /// The map: slot to `address . port`.
+        map: &'static str,
+    },
     /// `masquerade [fully-random]`.
     Masquerade {
         /// `fully-random`.
@@ -150,6 +164,19 @@ pub enum Key {
     AddrProtoPort(Ipv4Addr, Protocol, u16),
     /// `tcp . 30080` (`service-nodeports`, `no-endpoint-nodeports`).
     ProtoPort(Protocol, u16),
+    /// `10.244.1.5 . 10.244.1.5` (`hairpin`: an endpoint talking to itself).
+    AddrAddr(Ipv4Addr, Ipv4Addr),
+    /// `16` (`endpoints-…`: a slot of the random endpoint choice).
+    Slot(u32),
+}
+
+/// What a map element maps its key to.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Value {
+    /// A verdict (`service-ips` and the other verdict maps).
+    Verdict(Verdict),
+    /// `10.244.1.5 . 8080`: the DNAT target (`endpoints-…`).
+    Target(SocketAddrV4),
 }
 
 /// One element of one of the fixed sets or maps.
@@ -159,8 +186,8 @@ pub struct Element {
     pub set: &'static str,
     /// The key.
     pub key: Key,
-    /// The verdict (maps only).
-    pub verdict: Option<Verdict>,
+    /// The value (maps only).
+    pub value: Option<Value>,
 }
 
 /// A per-endpoint session affinity set: clients seen in the last `timeout` seconds.
@@ -216,6 +243,8 @@ impl fmt::Display for Match {
             Self::Random(n) => write!(f, "numgen random mod {n} 0"),
             Self::SaddrIn(s) => write!(f, "ip saddr @{s}"),
             Self::DaddrIn(s) => write!(f, "ip daddr @{s}"),
+            Self::CtStatusDnat => f.write_str("ct status dnat"),
+            Self::SaddrDaddrIn(s) => write!(f, "ip saddr . ip daddr @{s}"),
         }
     }
 }
@@ -241,6 +270,16 @@ impl fmt::Display for Stmt {
             Self::MarkXor(m) => write!(f, "meta mark set meta mark ^ {m:#010x}"),
             Self::Update(s) => write!(f, "update @{s} {{ ip saddr }}"),
             Self::Dnat(to) => write!(f, "dnat to {to}"),
+            // As nft lists it: `offset 0` is left out.
+            Self::DnatMap { n, offset: 0, map } => {
+                write!(f, "dnat ip to numgen random mod {n} map @{map}")
+            }
+            Self::DnatMap { n, offset, map } => {
+                write!(
+                    f,
+                    "dnat ip to numgen random mod {n} offset {offset} map @{map}"
+                )
+            }
             Self::Masquerade { fully_random } => f.write_str(if *fully_random {
                 "masquerade fully-random"
             } else {
@@ -291,13 +330,24 @@ impl fmt::Display for Key {
             Self::Addr(a) => write!(f, "{a}"),
             Self::AddrProtoPort(a, p, port) => write!(f, "{a} . {} . {port}", p.as_str()),
             Self::ProtoPort(p, port) => write!(f, "{} . {port}", p.as_str()),
+            Self::AddrAddr(a, b) => write!(f, "{a} . {b}"),
+            Self::Slot(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Verdict(v) => v.fmt(f),
+            Self::Target(t) => write!(f, "{} . {}", t.ip(), t.port()),
         }
     }
 }
 
 impl fmt::Display for Element {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.verdict {
+        match &self.value {
             Some(v) => write!(f, "{} : {v}", self.key),
             None => self.key.fmt(f),
         }

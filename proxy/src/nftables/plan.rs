@@ -11,12 +11,15 @@ use std::sync::Arc;
 
 use ipnetwork::Ipv4Network;
 
-use super::ir::{AffinitySet, Chain, Element, Hook, Key, Match, Rule, Stmt, Verdict, VmapKey};
+use super::ir::{
+    AffinitySet, Chain, Element, Hook, Key, Match, Rule, Stmt, Value, Verdict, VmapKey,
+};
+use super::slots::{shard_of, Slots};
 use crate::backend::{DesiredState, PortPlan};
 use crate::chains::{Plan, PortChains};
 use crate::model::{Endpoint, Protocol, ServicePortInfo};
 use crate::names;
-use crate::rules::{Ctx, PortKey, ProxyOptions};
+use crate::rules::{port_key, Ctx, PortKey, ProxyOptions};
 
 /// The table's family.
 pub const FAMILY: &str = "ip";
@@ -35,9 +38,12 @@ pub const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
 pub const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
 /// Map: load balancer IPs with source ranges to their firewall chain.
 pub const FIREWALL_IPS: &str = "firewall-ips";
+/// Set: `endpoint . endpoint` of every endpoint picked from an endpoint map:
+/// a connection DNATed back to its own source is masqueraded (hairpin).
+pub const HAIRPIN: &str = "hairpin";
 
 /// The fixed sets and maps and their types, in the order they are declared.
-pub const SETS: [(&str, &str); 6] = [
+pub const SETS: [(&str, &str); 7] = [
     (CLUSTER_IPS, "type ipv4_addr"),
     (
         SERVICE_IPS,
@@ -59,6 +65,7 @@ pub const SETS: [(&str, &str); 6] = [
         FIREWALL_IPS,
         "type ipv4_addr . inet_proto . inet_service : verdict",
     ),
+    (HAIRPIN, "type ipv4_addr . ipv4_addr"),
 ];
 
 /// Dispatch from the nat hooks.
@@ -134,10 +141,10 @@ impl NftPlan {
     }
 
     /// Every element, the first claim of a key winning.
-    pub fn elements(&self) -> BTreeMap<(&'static str, &Key), Option<&Verdict>> {
+    pub fn elements(&self) -> BTreeMap<(&'static str, &Key), Option<&Value>> {
         let mut out = BTreeMap::new();
         for e in self.ports.values().flat_map(|p| p.elements.iter()) {
-            out.entry((e.set, &e.key)).or_insert(e.verdict.as_ref());
+            out.entry((e.set, &e.key)).or_insert(e.value.as_ref());
         }
         out
     }
@@ -339,6 +346,10 @@ fn shared_chains(opts: &ProxyOptions) -> Vec<Chain> {
         regular(
             MASQUERADING,
             vec![
+                Rule::new(
+                    vec![Match::CtStatusDnat, Match::SaddrDaddrIn(HAIRPIN.into())],
+                    vec![Stmt::MarkOr(mark)],
+                ),
                 Rule::verdict(vec![Match::MarkClear(mark)], Verdict::Return),
                 Rule::new(vec![], vec![Stmt::MarkXor(mark)]),
                 Rule::new(vec![], vec![masquerade]),
@@ -404,45 +415,56 @@ impl Names {
     }
 }
 
-/// Plan one service port.
-pub fn plan_port(info: ServicePortInfo, ctx: &Ctx<'_>) -> NftPort {
+/// Plan one service port, its dispatch chains taking their endpoint map
+/// ranges from `slots`.
+pub fn plan_port(info: ServicePortInfo, ctx: &Ctx<'_>, slots: &mut Slots) -> NftPort {
     let ch = PortChains::of(&info);
     let p = Plan::new(&info, &ch);
     let n = Names::of(&info);
     let internal_local = p.internal_chain == ch.svl;
     let mut chains = Vec::new();
+    let mut elements = elements(&info, &p, &n, internal_local);
     if p.uses_ext {
         chains.push(external_chain(&info, &p, &n, ctx));
     }
     if p.uses_fw {
         chains.push(firewall_chain(&info, &n, ctx));
     }
-    if p.uses_svc {
-        let masq = p.has_internal && !internal_local;
-        chains.push(dispatch_chain(
-            &info,
-            &n,
-            &n.service,
+    let key = port_key(&info);
+    for (uses, local, name, eps) in [
+        (p.uses_svc, false, &n.service, &p.cat.cluster),
+        (p.uses_svl, true, &n.local, &p.cat.local),
+    ] {
+        if !uses {
+            continue;
+        }
+        let masq = p.has_internal && internal_local == local;
+        let d = Dispatch {
+            info: &info,
+            names: &n,
+            name,
             masq,
-            &p.cat.cluster,
-            ctx,
-        ));
-    }
-    if p.uses_svl {
-        let masq = p.has_internal && internal_local;
-        chains.push(dispatch_chain(&info, &n, &n.local, masq, &p.cat.local, ctx));
+            eps,
+        };
+        let base = slots.range(&(key.clone(), local), eps.len());
+        chains.push(d.chain(base, ctx, &mut elements));
     }
     let mut affinity = Vec::new();
-    for ep in &p.cat.reachable {
-        let (chain, set) = n.endpoint(&info, ep);
-        let set_ref = info.affinity_timeout.map(|_| set.as_str());
-        chains.push(endpoint_chain(ep, info.protocol, &chain, set_ref));
-        if let Some(timeout) = info.affinity_timeout {
+    if let Some(timeout) = info.affinity_timeout {
+        for ep in &p.cat.reachable {
+            let (chain, set) = n.endpoint(&info, ep);
+            chains.push(endpoint_chain(ep, info.protocol, &chain, &set));
             affinity.push(AffinitySet { name: set, timeout });
         }
+    } else {
+        elements.extend(p.cat.reachable.iter().map(|ep| Element {
+            set: HAIRPIN,
+            key: Key::AddrAddr(ep.ip, ep.ip),
+            value: None,
+        }));
     }
     NftPort {
-        elements: elements(&info, &p, &n, internal_local),
+        elements,
         reachable: p.cat.reachable.iter().map(|e| (*e).clone()).collect(),
         chains,
         affinity,
@@ -453,7 +475,11 @@ pub fn plan_port(info: ServicePortInfo, ctx: &Ctx<'_>) -> NftPort {
 /// The port's elements: dispatch where it has endpoints, reject or drop
 /// where it has none (drop when only the local policy lacks them).
 fn elements(info: &ServicePortInfo, p: &Plan<'_>, n: &Names, internal_local: bool) -> Vec<Element> {
-    let el = |set, key, verdict| Element { set, key, verdict };
+    let el = |set, key, verdict: Option<Verdict>| Element {
+        set,
+        key,
+        value: verdict.map(Value::Verdict),
+    };
     let (proto, port) = (info.protocol, info.port);
     let no_ep = if p.cat.has_any {
         Verdict::Drop
@@ -538,60 +564,88 @@ fn firewall_chain(info: &ServicePortInfo, n: &Names, ctx: &Ctx<'_>) -> Chain {
     regular(&n.firewall, rules)
 }
 
-/// service-… / local-…: mark off-cluster sources, affinity checks, then the
-/// random spread (`numgen random mod (n-i) 0` for endpoint i, the last plain).
-fn dispatch_chain(
-    info: &ServicePortInfo,
-    n: &Names,
-    name: &str,
+/// One dispatch chain (service-… or local-…) to plan.
+struct Dispatch<'a> {
+    info: &'a ServicePortInfo,
+    names: &'a Names,
+    name: &'a str,
+    /// Whether off-cluster sources are marked for masquerade here.
     masq: bool,
-    eps: &[&Endpoint],
-    ctx: &Ctx<'_>,
-) -> Chain {
-    let mut rules = Vec::new();
-    let src = match (ctx.opts.masquerade_all, ctx.node.cluster_cidr) {
-        (true, _) => Some(None),
-        (false, Some(cidr)) => Some(Some(Match::Saddr {
-            negate: true,
-            net: cidr,
-        })),
-        (false, None) => None,
-    };
-    if let (true, Some(src)) = (masq, src) {
-        let mut m = vec![
-            Match::Daddr {
-                negate: false,
-                net: net(info.cluster_ip),
-            },
-            Match::Dport(info.protocol, info.port),
-        ];
-        m.extend(src);
-        rules.push(Rule::new(m, vec![jump(MARK_MASQ)]));
-    }
-    let targets: Vec<(String, String)> = eps.iter().map(|ep| n.endpoint(info, ep)).collect();
-    if info.affinity_timeout.is_some() {
+    eps: &'a [&'a Endpoint],
+}
+
+impl Dispatch<'_> {
+    /// service-… / local-…: mark off-cluster sources, then pick an endpoint:
+    /// `dnat ip to numgen random mod N offset K map @endpoints-S` over the
+    /// slots `K..K+N` (its elements go to `elements`), or with ClientIP
+    /// affinity the affinity checks and the random spread over endpoint
+    /// chains (`numgen random mod (n-i) 0` for endpoint i, the last plain).
+    fn chain(&self, base: u32, ctx: &Ctx<'_>, elements: &mut Vec<Element>) -> Chain {
+        let (info, n) = (self.info, self.names);
+        let mut rules = Vec::new();
+        let src = match (ctx.opts.masquerade_all, ctx.node.cluster_cidr) {
+            (true, _) => Some(None),
+            (false, Some(cidr)) => Some(Some(Match::Saddr {
+                negate: true,
+                net: cidr,
+            })),
+            (false, None) => None,
+        };
+        if let (true, Some(src)) = (self.masq, src) {
+            let mut m = vec![
+                Match::Daddr {
+                    negate: false,
+                    net: net(info.cluster_ip),
+                },
+                Match::Dport(info.protocol, info.port),
+            ];
+            m.extend(src);
+            rules.push(Rule::new(m, vec![jump(MARK_MASQ)]));
+        }
+        if info.affinity_timeout.is_none() {
+            if !self.eps.is_empty() {
+                let map = shard_of(info.protocol, base);
+                for (slot, ep) in (base..).zip(self.eps) {
+                    elements.push(Element {
+                        set: map,
+                        key: Key::Slot(slot),
+                        value: Some(Value::Target(SocketAddrV4::new(ep.ip, ep.port))),
+                    });
+                }
+                let n = u32::try_from(self.eps.len()).unwrap_or(u32::MAX);
+                let dnat = Stmt::DnatMap {
+                    n,
+                    offset: base,
+                    map,
+                };
+                rules.push(Rule::new(vec![Match::L4proto(info.protocol)], vec![dnat]));
+            }
+            return regular(self.name, rules);
+        }
+        let targets: Vec<(String, String)> =
+            self.eps.iter().map(|ep| n.endpoint(info, ep)).collect();
         for (chain, set) in &targets {
             rules.push(Rule::verdict(
                 vec![Match::SaddrIn(set.clone())],
                 goto(chain),
             ));
         }
+        let count = targets.len();
+        for (i, (chain, _)) in targets.iter().enumerate() {
+            let m = if i + 1 < count {
+                let left = u32::try_from(count - i).unwrap_or(u32::MAX);
+                vec![Match::Random(left)]
+            } else {
+                Vec::new()
+            };
+            rules.push(Rule::verdict(m, goto(chain)));
+        }
+        regular(self.name, rules)
     }
-    let count = targets.len();
-    for (i, (chain, _)) in targets.iter().enumerate() {
-        let m = if i + 1 < count {
-            let left = u32::try_from(count - i).unwrap_or(u32::MAX);
-            vec![Match::Random(left)]
-        } else {
-            Vec::new()
-        };
-        rules.push(Rule::verdict(m, goto(chain)));
-    }
-    regular(name, rules)
 }
 
-/// endpoint-…: hairpin masquerade, remember the client (affinity), DNAT.
-fn endpoint_chain(ep: &Endpoint, proto: Protocol, name: &str, affinity: Option<&str>) -> Chain {
+/// endpoint-… (ClientIP affinity only): hairpin masquerade, remember the client, DNAT.
+fn endpoint_chain(ep: &Endpoint, proto: Protocol, name: &str, affinity: &str) -> Chain {
     let mut rules = vec![Rule::new(
         vec![Match::Saddr {
             negate: false,
@@ -599,9 +653,7 @@ fn endpoint_chain(ep: &Endpoint, proto: Protocol, name: &str, affinity: Option<&
         }],
         vec![jump(MARK_MASQ)],
     )];
-    if let Some(set) = affinity {
-        rules.push(Rule::new(vec![], vec![Stmt::Update(set.to_string())]));
-    }
+    rules.push(Rule::new(vec![], vec![Stmt::Update(affinity.to_string())]));
     rules.push(Rule::new(
         vec![Match::L4proto(proto)],
         vec![Stmt::Dnat(SocketAddrV4::new(ep.ip, ep.port))],

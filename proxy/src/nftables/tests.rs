@@ -54,7 +54,7 @@ fn plan_of(info: ServicePortInfo) -> NftPort {
         opts: &opts,
         large_cluster: false,
     };
-    plan_port(info, &ctx)
+    plan_port(info, &ctx, &mut Slots::default())
 }
 
 fn texts(c: &Chain) -> Vec<String> {
@@ -75,10 +75,21 @@ fn element(p: &NftPort, set: &str) -> Option<String> {
         .map(ToString::to_string)
 }
 
+/// A plan of `ports`, their ranges handed out by one allocator in key order (as a full sync does).
 fn whole(ports: Vec<ServicePortInfo>) -> NftPlan {
-    let mut plan = NftPlan::empty(&ProxyOptions::default());
-    for i in ports {
-        plan.ports.insert(port_key(&i), Arc::new(plan_of(i)));
+    let (node, opts) = (node(), ProxyOptions::default());
+    let ctx = Ctx {
+        node: &node,
+        opts: &opts,
+        large_cluster: false,
+    };
+    let sorted: std::collections::BTreeMap<_, _> =
+        ports.into_iter().map(|i| (port_key(&i), i)).collect();
+    let mut plan = NftPlan::empty(&opts);
+    let mut slots = Slots::default();
+    for (k, i) in sorted {
+        plan.ports
+            .insert(k, Arc::new(plan_port(i, &ctx, &mut slots)));
     }
     plan
 }
@@ -97,7 +108,7 @@ fn a_service_with_endpoints_is_dispatched_from_service_ips_to_its_service_chain(
 }
 
 #[test]
-fn endpoints_are_picked_by_numgen_with_one_chance_in_the_endpoints_left() {
+fn endpoints_are_picked_by_numgen_from_the_service_slots_of_an_endpoint_map() {
     let eps = vec![
         ep("10.244.1.3", false),
         ep("10.244.1.4", false),
@@ -106,30 +117,66 @@ fn endpoints_are_picked_by_numgen_with_one_chance_in_the_endpoints_left() {
     let p = plan_of(info("web", eps));
     let rules = texts(chain(&p, "service-"));
     assert_eq!(
-        rules[0],
-        "ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade"
+        rules,
+        [
+            "ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade",
+            "meta l4proto tcp dnat ip to numgen random mod 3 map @endpoints-tcp-000",
+        ]
+    );
+    let slots: Vec<String> = p
+        .elements
+        .iter()
+        .filter(|e| e.set == "endpoints-tcp-000")
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        slots,
+        [
+            "0 : 10.244.1.3 . 8080",
+            "1 : 10.244.1.4 . 8080",
+            "2 : 10.244.2.5 . 8080"
+        ]
     );
     assert!(
-        rules[1].starts_with("numgen random mod 3 0 goto endpoint-"),
-        "{rules:?}"
+        p.chains.iter().all(|c| !c.name.starts_with("endpoint-")),
+        "no chain per endpoint without affinity"
     );
-    assert!(
-        rules[2].starts_with("numgen random mod 2 0 goto endpoint-"),
-        "{rules:?}"
-    );
-    assert!(rules[3].starts_with("goto endpoint-"), "{rules:?}");
-    assert!(rules[3].ends_with("__10.244.2.5/8080"), "{rules:?}");
 }
 
 #[test]
-fn an_endpoint_chain_masquerades_hairpin_traffic_then_dnats() {
-    let p = plan_of(info("web", vec![ep("10.244.1.3", false)]));
+fn each_dispatch_chain_keeps_its_own_range_while_its_endpoints_change() {
+    let key = |name: &str| (port_key(&info(name, vec![])), false);
+    let mut slots = Slots::default();
+    assert_eq!(slots.range(&key("a"), 3), 0);
+    assert_eq!(slots.range(&key("b"), 20), 16);
+    assert_eq!(slots.range(&key("a"), 16), 0, "still fits");
+    assert_eq!(slots.range(&key("a"), 17), 48, "grows: a new range");
+    assert_eq!(slots.range(&key("c"), 1), 0, "the old one is reused");
+    slots.retain(|k| k.0.name != "b");
+    assert_eq!(slots.range(&key("d"), 32), 16, "b's range is free again");
+    assert_eq!(shard_name(Protocol::Tcp, 0), "endpoints-tcp-000");
     assert_eq!(
-        texts(chain(&p, "endpoint-")),
-        [
-            "ip saddr 10.244.1.3 jump mark-for-masquerade",
-            "meta l4proto tcp dnat to 10.244.1.3:8080"
-        ]
+        shard_name(Protocol::Tcp, SHARDS[0] + 1),
+        "endpoints-tcp-001"
+    );
+    assert_eq!(shard_name(Protocol::Sctp, 17), "endpoints-sctp-001");
+}
+
+#[test]
+fn endpoints_are_in_the_hairpin_set_and_masquerading_marks_hairpin_connections() {
+    let p = plan_of(info("web", vec![ep("10.244.1.3", false)]));
+    let hairpin: Vec<String> = p
+        .elements
+        .iter()
+        .filter(|e| e.set == HAIRPIN)
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(hairpin, ["10.244.1.3 . 10.244.1.3"]);
+    let fixed = fixed_chains(&ProxyOptions::default());
+    let masq = fixed.iter().find(|c| c.name == MASQUERADING).unwrap();
+    assert_eq!(
+        masq.rules[0].to_string(),
+        "ct status dnat ip saddr . ip daddr @hairpin meta mark set meta mark | 0x00004000"
     );
 }
 
@@ -246,6 +293,7 @@ fn the_masquerade_mark_is_the_iptables_mode_bit() {
     assert_eq!(
         texts(m),
         [
+            "ct status dnat ip saddr . ip daddr @hairpin meta mark set meta mark | 0x00004000",
             "meta mark & 0x00004000 == 0x00000000 return",
             "meta mark set meta mark ^ 0x00004000",
             "masquerade fully-random",
@@ -312,52 +360,65 @@ fn a_partial_payload_without_changes_is_empty() {
 }
 
 #[test]
-fn a_partial_payload_after_one_endpoint_change_touches_only_that_service() {
-    let before = whole(vec![
-        info(
-            "web",
-            vec![ep("10.244.1.3", false), ep("10.244.1.4", false)],
-        ),
-        info("other", vec![ep("10.244.9.9", false)]),
-    ]);
-    let mut after = before.clone();
-    let changed = info(
-        "web",
-        vec![ep("10.244.1.3", false), ep("10.244.1.5", false)],
+fn a_partial_payload_after_one_endpoint_change_is_element_operations_only() {
+    let other = info("other", vec![ep("10.244.9.9", false)]);
+    let two = |second| info("web", vec![ep("10.244.1.3", false), ep(second, false)]);
+    let before = whole(vec![two("10.244.1.4"), other.clone()]);
+    let after = whole(vec![two("10.244.1.5"), other]);
+    let text = render_partial(&before, &after).text;
+    assert_eq!(
+        text,
+        "delete element ip tabby-proxy endpoints-tcp-001 { 17 }\n\
+         delete element ip tabby-proxy hairpin { 10.244.1.4 . 10.244.1.4 }\n\
+         add set ip tabby-proxy hairpin { type ipv4_addr . ipv4_addr ; elements = { 10.244.1.5 . 10.244.1.5 } ; }\n\
+         add map ip tabby-proxy endpoints-tcp-001 { typeof numgen random mod 1 : ip daddr . tcp dport ; elements = { 17 : 10.244.1.5 . 8080 } ; }\n"
     );
-    after
-        .ports
-        .insert(port_key(&changed), Arc::new(plan_of(changed)));
+}
+
+#[test]
+fn a_partial_payload_keeps_a_hairpin_pair_another_service_still_uses() {
+    let shared = || ep("10.244.1.3", false);
+    let before = whole(vec![
+        info("web", vec![shared()]),
+        info("other", vec![shared()]),
+    ]);
+    let after = whole(vec![
+        info("web", vec![ep("10.244.1.4", false)]),
+        info("other", vec![shared()]),
+    ]);
+    let text = render_partial(&before, &after).text;
+    assert!(
+        !text.contains("delete element ip tabby-proxy hairpin"),
+        "{text}"
+    );
+    assert!(text.contains("10.244.1.4 . 10.244.1.4"), "{text}");
+}
+
+#[test]
+fn a_partial_payload_after_the_endpoint_count_changes_rewrites_only_that_chain() {
+    let before = whole(vec![info("web", vec![ep("10.244.1.3", false)])]);
+    let after = whole(vec![info(
+        "web",
+        vec![ep("10.244.1.3", false), ep("10.244.1.4", false)],
+    )]);
     let text = render_partial(&before, &after).text;
     let lines: Vec<&str> = text.lines().collect();
-    assert!(lines.iter().all(|l| !l.contains("other")), "{text}");
     assert!(
-        lines.iter().all(|l| !l.contains("element")),
-        "elements unchanged: {text}"
-    );
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.starts_with("add chain ip tabby-proxy endpoint-")),
+        lines[0].starts_with("flush chain ip tabby-proxy service-"),
         "{text}"
     );
+    assert_eq!(
+        lines[3],
+        "add map ip tabby-proxy endpoints-tcp-000 { typeof numgen random mod 1 : ip daddr . tcp dport ; }",
+        "the map the rule names is declared first: {text}"
+    );
     assert!(
-        lines
-            .iter()
-            .any(|l| l.starts_with("flush chain ip tabby-proxy service-")),
+        lines[4].ends_with(
+            "meta l4proto tcp dnat ip to numgen random mod 2 map @endpoints-tcp-000 ; }"
+        ),
         "{text}"
     );
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.starts_with("flush chain ip tabby-proxy endpoint-")
-                && l.ends_with("10.244.1.4/8080")),
-        "the removed endpoint's chain is flushed: {text}"
-    );
-    assert!(
-        !text.contains("delete chain"),
-        "deleted by the next full sync: {text}"
-    );
+    assert!(!text.contains("delete"), "{text}");
 }
 
 #[test]

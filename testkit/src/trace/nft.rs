@@ -14,7 +14,9 @@
 use std::collections::HashMap;
 
 use tabby_proxy::model::Protocol;
-use tabby_proxy::nftables::{Key, Match, NftPlan, Rule, Stmt, Verdict as NftVerdict, VmapKey};
+use tabby_proxy::nftables::{
+    Key, Match, NftPlan, Rule, Stmt, Value, Verdict as NftVerdict, VmapKey,
+};
 
 use super::{is_local, Env, Origin, Outcome, Packet, State, Tracer, Verdict};
 
@@ -22,7 +24,7 @@ use super::{is_local, Env, Origin, Outcome, Packet, State, Tracer, Verdict};
 #[derive(Debug, Clone, Default)]
 pub struct NftTables {
     chains: HashMap<String, Vec<Rule>>,
-    maps: HashMap<&'static str, HashMap<Key, Option<NftVerdict>>>,
+    maps: HashMap<&'static str, HashMap<Key, Option<Value>>>,
 }
 
 /// How a walk through a chain ended.
@@ -45,11 +47,11 @@ impl NftTables {
         for c in plan.chains() {
             t.chains.insert(c.name.clone(), c.rules.clone());
         }
-        for ((set, key), verdict) in plan.elements() {
+        for ((set, key), value) in plan.elements() {
             t.maps
                 .entry(set)
                 .or_default()
-                .insert(key.clone(), verdict.cloned());
+                .insert(key.clone(), value.cloned());
         }
         t
     }
@@ -111,6 +113,7 @@ impl NftTables {
                     s.dnat = Some(*to);
                     return vec![(s, End::Stop)];
                 }
+                Stmt::DnatMap { n, offset, map } => return self.dnat_map(*n, *offset, map, s),
                 Stmt::Masquerade { .. } => {
                     s.masquerade = true;
                     return vec![(s, End::Stop)];
@@ -125,6 +128,29 @@ impl NftTables {
             }
         }
         vec![(s, End::Next)]
+    }
+
+    /// `dnat ip to numgen random mod N offset K map @MAP`: each slot with
+    /// chance 1/N; a slot the map lacks matches nothing (the rule is skipped).
+    fn dnat_map(&self, n: u32, offset: u32, map: &str, s: State) -> Vec<(State, End)> {
+        let slots = self.maps.get(map);
+        let share = 1.0 / f64::from(n.max(1));
+        (offset..offset.saturating_add(n))
+            .map(|slot| {
+                let target = slots.and_then(|m| m.get(&Key::Slot(slot)));
+                let mut s = State {
+                    prob: s.prob * share,
+                    ..s.clone()
+                };
+                match target {
+                    Some(Some(Value::Target(to))) => {
+                        s.dnat = Some(*to);
+                        (s, End::Stop)
+                    }
+                    _ => (s, End::Next),
+                }
+            })
+            .collect()
     }
 
     fn verdict(&self, v: &NftVerdict, pkt: &Packet, env: &Env, mut s: State) -> Vec<(State, End)> {
@@ -157,7 +183,10 @@ impl NftTables {
             VmapKey::DaddrProtoPort => Key::AddrProtoPort(dst, pkt.proto, dport),
             VmapKey::ProtoPort => Key::ProtoPort(pkt.proto, dport),
         };
-        self.maps.get(map)?.get(&k)?.clone()
+        match self.maps.get(map)?.get(&k)? {
+            Some(Value::Verdict(v)) => Some(v.clone()),
+            _ => None,
+        }
     }
 
     /// 0 when a match fails, else the product of the random matches' chances.
@@ -183,6 +212,11 @@ impl NftTables {
                     .maps
                     .get(set.as_str())
                     .is_some_and(|m| m.contains_key(&Key::Addr(dst))),
+                Match::CtStatusDnat => s.dnat.is_some(),
+                Match::SaddrDaddrIn(set) => self
+                    .maps
+                    .get(set.as_str())
+                    .is_some_and(|m| m.contains_key(&Key::AddrAddr(pkt.src, dst))),
             };
             if !ok {
                 return 0.0;
