@@ -103,7 +103,10 @@ struct Pod {
     ip: Ipv4Addr,
 }
 
-fn read_lab(path: &std::path::Path) -> Result<(Vec<Pod>, Vec<(String, String)>)> {
+/// The lab's pods, and its nodes as (name, namespace).
+type LabView = (Vec<Pod>, Vec<(String, String)>);
+
+fn read_lab(path: &std::path::Path) -> Result<LabView> {
     let v: Value = serde_json::from_slice(&std::fs::read(path)?)?;
     let pods = v["pods"]
         .as_array()
@@ -197,11 +200,11 @@ fn switch(lab: &LabGuard, pods: &[Pod], nodes: &[(String, String)], mode: &str) 
                 }
             }
         }
-        if all && routes_at.is_some() {
+        if let (true, Some(routes_at)) = (all, routes_at) {
             println!(
                 "switch to vxlanMode {mode}: pool written in {:.0} ms, routes in {:.0} ms, every pair reached in {:.0} ms ({failed} probes failed meanwhile)",
                 written.as_secs_f64() * 1e3,
-                routes_at.unwrap().as_secs_f64() * 1e3,
+                routes_at.as_secs_f64() * 1e3,
                 start.elapsed().as_secs_f64() * 1e3
             );
             return Ok(());
