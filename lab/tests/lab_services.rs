@@ -342,7 +342,8 @@ fn deleted_endpoint(mode: Mode) {
     let gone_ip = lab.pod_ip("node-3-pod1");
     let dnat = match mode {
         Mode::Iptables => format!("--to-destination {gone_ip}:8080"),
-        Mode::Nftables => format!("dnat to {gone_ip}:8080"),
+        // An element of the endpoint maps the service chains dnat through.
+        Mode::Nftables => format!("{gone_ip} . 8080"),
     };
     assert!(eventually(Duration::from_secs(10), || proxy_rules(
         &lab, mode, "node-1"

@@ -261,7 +261,13 @@ fn cross_node_pod_traffic_goes_through_vxlan_and_follows_the_pool_mode() {
         let r = route_to(&n1.ns, &block2);
         r.contains("via 10.98.0.2 dev up0") && !n1.ns.links().iter().any(|l| l == "vxlan.tabby")
     });
-    assert!(n1.pod.ping(&n2.pod_ip));
+    let block1 = block_of(&n1.pod_ip);
+    wait("node 2's native route back", dir.path(), || {
+        route_to(&n2.ns, &block1).contains("via 10.98.0.1 dev up0")
+    });
+    wait("pod 1 reaching pod 2 natively", dir.path(), || {
+        n1.pod.ping(&n2.pod_ip)
+    });
     assert_eq!(
         node_doc(&store, "n1").ipv4_vxlan_tunnel_addr,
         None,
