@@ -102,9 +102,10 @@ fn start_agent(
         format!(
             "node_name = \"{name}\"\nbgp_address = \"{addr}\"\nhold_time = 9\nconnect_retry = 1\n\
              poll_interval_ms = {POLL_MS}\n\
-             status_socket = {:?}\n[datastore]\ntype = \"kubernetes\"\nkubeconfig = {:?}\nscope = \"{scope}\"\n\
+             status_socket = {:?}\nmtu_file = {:?}\n[datastore]\ntype = \"kubernetes\"\nkubeconfig = {:?}\nscope = \"{scope}\"\n\
              {proxy}",
             dir.join(format!("{name}.sock")).display().to_string(),
+            dir.join(format!("{name}.mtu")).display().to_string(),
             cp.kubeconfig_path().display().to_string(),
         ),
     )
