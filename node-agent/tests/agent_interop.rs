@@ -81,9 +81,10 @@ fn start_agent(lab: &Lab, store: &std::path::Path) -> AgentProc {
         &conf,
         format!(
             "node_name = \"tnode\"\nbgp_address = \"{TABBY_ADDR}\"\ndatastore = {:?}\nuplink = \"veth-t\"\n\
-             hold_time = 9\nconnect_retry = 1\npoll_interval_ms = 200\nstatus_socket = {:?}\n",
+             hold_time = 9\nconnect_retry = 1\npoll_interval_ms = 200\nstatus_socket = {:?}\nmtu_file = {:?}\n",
             store.display().to_string(),
-            lab.dir.join("node.sock").display().to_string()
+            lab.dir.join("node.sock").display().to_string(),
+            lab.dir.join("node.mtu").display().to_string()
         ),
     )
     .unwrap();

@@ -3,7 +3,10 @@
 //! register, find each other through their Node watches and bring their
 //! BGP session up; Nodes created, changed and unregistered through the API
 //! (also right after an apiserver restart) move their configured peers,
-//! seen on their status sockets (root only).
+//! seen on their status sockets. One agent with `[proxy] source =
+//! "kubernetes"`: Services and EndpointSlices created, changed and deleted
+//! through the API show up in (and leave) its real nat rules, in iptables
+//! and nftables mode (root only).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -12,8 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tabby_node::status::NodeStatus;
 use tabby_testkit::kube::ControlPlane;
@@ -23,6 +27,7 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 /// Long, to show that changes do not wait for a poll (the tick only
 /// refreshes session states in the status).
 const POLL_MS: u64 = 3000;
+const NO_PROXY: &str = "[proxy]\nenabled = false\n";
 
 /// The agent process, killed on drop.
 struct AgentProc {
@@ -89,6 +94,7 @@ fn start_agent(
     scope: &str,
     cp: &ControlPlane,
     dir: &Path,
+    proxy: &str,
 ) -> AgentProc {
     let conf = dir.join(format!("{name}.toml"));
     std::fs::write(
@@ -96,9 +102,10 @@ fn start_agent(
         format!(
             "node_name = \"{name}\"\nbgp_address = \"{addr}\"\nhold_time = 9\nconnect_retry = 1\n\
              poll_interval_ms = {POLL_MS}\n\
-             status_socket = {:?}\n[datastore]\ntype = \"kubernetes\"\nkubeconfig = {:?}\nscope = \"{scope}\"\n\
-             [proxy]\nenabled = false\n",
+             status_socket = {:?}\nmtu_file = {:?}\n[datastore]\ntype = \"kubernetes\"\nkubeconfig = {:?}\nscope = \"{scope}\"\n\
+             {proxy}",
             dir.join(format!("{name}.sock")).display().to_string(),
+            dir.join(format!("{name}.mtu")).display().to_string(),
             cp.kubeconfig_path().display().to_string(),
         ),
     )
@@ -228,8 +235,8 @@ fn two_agents_find_each_other_through_their_node_watches_and_follow_the_api_acro
     tabby_testkit::netns::veth_pair(&na, "eth0", "10.77.0.1/24", &nb, "eth0", "10.77.0.2/24");
     forward_apiserver(&na, apiserver);
     forward_apiserver(&nb, apiserver);
-    let _a = start_agent(&na, "a", "10.77.0.1", &scope, &cp, dir.path());
-    let _b = start_agent(&nb, "b", "10.77.0.2", &scope, &cp, dir.path());
+    let _a = start_agent(&na, "a", "10.77.0.1", &scope, &cp, dir.path(), NO_PROXY);
+    let _b = start_agent(&nb, "b", "10.77.0.2", &scope, &cp, dir.path(), NO_PROXY);
     let up =
         |rows: &[(String, String)], addr: &str| rows.iter().any(|(a, s)| a == addr && s == "up");
     let took = until(dir.path(), "a", "the session with b", |r| {
@@ -289,5 +296,138 @@ fn two_agents_find_each_other_through_their_node_watches_and_follow_the_api_acro
     );
     if let Err(e) = admin.purge_scope() {
         eprintln!("purge scope {scope}: {}", tabby_testkit::error_chain(&e));
+    }
+}
+
+/// The nat rules the proxy wrote in `ns` in `mode`.
+fn nat_rules(ns: &Netns, mode: &str) -> String {
+    if mode == "nftables" {
+        let out = ns.exec("nft", &["list", "table", "ip", "tabby-proxy"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    } else {
+        ns.exec_ok("iptables-nft-save", &["-t", "nat"])
+    }
+}
+
+/// How `mode`'s rules write a DNAT to `ip`, port 8080 (nftables: an
+/// element of an endpoints map).
+fn endpoint(mode: &str, ip: &str) -> String {
+    if mode == "nftables" {
+        format!("{ip} . 8080")
+    } else {
+        format!("{ip}:8080")
+    }
+}
+
+/// Waits until `ns`'s nat rules satisfy `done`; the time it took.
+fn until_rules(ns: &Netns, mode: &str, what: &str, done: impl Fn(&str) -> bool) -> Duration {
+    let started = Instant::now();
+    loop {
+        let rules = nat_rules(ns, mode);
+        if done(&rules) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < TIMEOUT,
+            "{mode}: timed out waiting for {what}; nat rules:\n{rules}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An EndpointSlice of Service `web` with one ready endpoint per address.
+fn web_slice(addresses: &[&str]) -> EndpointSlice {
+    let endpoints: Vec<_> = addresses
+        .iter()
+        .map(|a| json!({"addresses": [a], "conditions": {"ready": true}}))
+        .collect();
+    serde_json::from_value(json!({
+        "metadata": {"name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "ports": [{"port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    }))
+    .unwrap()
+}
+
+fn proxy_follows_the_api(mode: &str) {
+    let cp = ControlPlane::builder()
+        .start()
+        .unwrap_or_else(|e| panic!("{}", tabby_testkit::error_chain(&e)));
+    let apiserver: SocketAddr = cp.url().trim_start_matches("https://").parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let scope = unique("px");
+    let admin = tabby_ipam::KubeDatastore::open(&tabby_ipam::KubeOptions {
+        kubeconfig: Some(cp.kubeconfig_path().to_path_buf()),
+        scope: Some(scope.clone()),
+    })
+    .unwrap();
+    admin.install_crds().unwrap();
+    let (ns, peer) = (Netns::new("cwp"), Netns::new("cwq"));
+    tabby_testkit::netns::veth_pair(&ns, "eth0", "10.78.0.1/24", &peer, "eth0", "10.78.0.2/24");
+    forward_apiserver(&ns, apiserver);
+    let proxy = format!(
+        "[proxy]\nenabled = true\nsource = \"kubernetes\"\nmode = \"{mode}\"\nbackend = \"nft\"\n\
+         min_sync_period_ms = 50\ncluster_cidr = \"10.244.0.0/16\"\n"
+    );
+    let _agent = start_agent(&ns, "p", "10.78.0.1", &scope, &cp, dir.path(), &proxy);
+
+    let rt = runtime();
+    let (services, slices): (Api<Service>, Api<EndpointSlice>) = rt.block_on(async {
+        (
+            Api::default_namespaced(cp.client()),
+            Api::default_namespaced(cp.client()),
+        )
+    });
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"type": "ClusterIP", "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}]},
+    }))
+    .unwrap();
+    let svc = rt
+        .block_on(services.create(&PostParams::default(), &svc))
+        .unwrap();
+    let ip = svc.spec.and_then(|s| s.cluster_ip).expect("a cluster IP");
+    assert!(
+        ip.parse::<std::net::Ipv4Addr>().is_ok(),
+        "cluster IP {ip:?}"
+    );
+    rt.block_on(slices.create(&PostParams::default(), &web_slice(&["10.244.1.5"])))
+        .unwrap();
+    let (first, second) = (endpoint(mode, "10.244.1.5"), endpoint(mode, "10.244.2.6"));
+    let took = until_rules(&ns, mode, "the Service and its endpoint", |r| {
+        r.contains(&ip) && r.contains(&first)
+    });
+    eprintln!("{mode}: Service {ip} and slice created -> in the rules in {took:?}");
+
+    let mut changed = rt.block_on(slices.get("web-1")).unwrap();
+    changed.endpoints = web_slice(&["10.244.2.6"]).endpoints;
+    rt.block_on(slices.replace("web-1", &PostParams::default(), &changed))
+        .unwrap();
+    let took = until_rules(&ns, mode, "the replaced endpoint", |r| {
+        r.contains(&ip) && r.contains(&second) && !r.contains(&first)
+    });
+    eprintln!("{mode}: endpoint replaced -> in the rules in {took:?}");
+
+    rt.block_on(services.delete("web", &DeleteParams::default()))
+        .unwrap();
+    let took = until_rules(&ns, mode, "the Service to leave", |r| !r.contains(&ip));
+    eprintln!("{mode}: Service deleted -> its cluster IP left the rules in {took:?}");
+    if let Err(e) = admin.purge_scope() {
+        eprintln!("purge scope {scope}: {}", tabby_testkit::error_chain(&e));
+    }
+}
+
+#[test]
+fn services_and_endpoint_slices_changed_through_the_api_move_the_agents_iptables_rules() {
+    if tabby_testkit::require_root("proxy_follows_the_api_iptables") {
+        proxy_follows_the_api("iptables");
+    }
+}
+
+#[test]
+fn services_and_endpoint_slices_changed_through_the_api_move_the_agents_nftables_rules() {
+    if tabby_testkit::require_root("proxy_follows_the_api_nftables") {
+        proxy_follows_the_api("nftables");
     }
 }

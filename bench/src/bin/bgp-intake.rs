@@ -309,9 +309,10 @@ fn start_receivers(
     std::fs::write(
         &node_conf,
         format!(
-            "node_name = \"intake\"\nbgp_address = \"{TABBY}\"\ndatastore = {:?}\nuplink = \"eth0\"\nas_number = {ASN}\nhold_time = 90\nconnect_retry = 1\nstatus_socket = {:?}\nhealth_listen = \"127.0.0.1:9099\"\n",
+            "node_name = \"intake\"\nbgp_address = \"{TABBY}\"\ndatastore = {:?}\nuplink = \"eth0\"\nas_number = {ASN}\nhold_time = 90\nconnect_retry = 1\nstatus_socket = {:?}\nhealth_listen = \"127.0.0.1:9099\"\nmtu_file = {:?}\n",
             ds.display().to_string(),
-            dir.join("node.sock").display().to_string()
+            dir.join("node.sock").display().to_string(),
+            dir.join("node.mtu").display().to_string()
         ),
     )?;
     let bird_conf = dir.join("bird.conf");
