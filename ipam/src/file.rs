@@ -526,40 +526,6 @@ mod tests {
     }
 
     #[test]
-    fn list_filters_by_prefix_and_sorts() {
-        let (_dir, ds) = store();
-        for key in [
-            "affinities/node-a/b",
-            "affinities/node-a/a",
-            "affinities/node-ab/c",
-            "blocks/x",
-        ] {
-            ds.create(key, b"1").expect("create");
-        }
-        let keys = |prefix: &str| -> Vec<String> {
-            ds.list(prefix)
-                .expect("list")
-                .into_iter()
-                .map(|e| e.key)
-                .collect()
-        };
-        assert_eq!(
-            keys("affinities/node-a/"),
-            ["affinities/node-a/a", "affinities/node-a/b"]
-        );
-        assert_eq!(
-            keys("affinities/node-a"),
-            [
-                "affinities/node-a/a",
-                "affinities/node-a/b",
-                "affinities/node-ab/c"
-            ]
-        );
-        assert_eq!(keys("").len(), 4);
-        assert!(keys("nothing/").is_empty());
-    }
-
-    #[test]
     fn rejects_values_that_are_not_json_and_bad_keys() {
         let (_dir, ds) = store();
         assert!(matches!(

@@ -107,7 +107,15 @@ fn list_filters_by_prefix_and_sorts(backend: Backend) {
             "affinities/node-a/10.0.0.64-26"
         ]
     );
-    assert_eq!(keys("affinities/node-a").len(), 3, "a prefix, not a node");
+    assert_eq!(
+        keys("affinities/node-a"),
+        [
+            "affinities/node-a/10.0.0.0-26",
+            "affinities/node-a/10.0.0.64-26",
+            "affinities/node-ab/10.0.1.0-26"
+        ],
+        "a prefix, not a node, sorted by key"
+    );
     assert_eq!(keys("affinities/").len(), 3);
     assert_eq!(keys("blocks/"), [BLOCK]);
     assert_eq!(keys("").len(), 4);
