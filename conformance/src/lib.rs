@@ -26,7 +26,10 @@ use tabby_testkit::{run_ok, Netns};
 
 pub mod containerd;
 mod pod;
-pub use pod::{assert_gone, assert_tabby_pod, k8s_args, tcp_echo};
+pub use pod::{
+    assert_containers_reach_each_other_and_the_host, assert_gone, assert_released,
+    assert_tabby_pod, k8s_args, runtime_host, tcp_echo,
+};
 
 /// The upstream reference plugins (v1.10) the conformance tests chain with
 /// Tabby or measure it against.

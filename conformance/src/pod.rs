@@ -83,6 +83,56 @@ pub fn assert_gone(host: &Netns, pod: &Netns, ip: Ipv4Addr, store: &Path, id: &s
     );
 }
 
+/// A "host" namespace for a container runtime, set up like a node: the
+/// address `10.<octet>.255.1`/32 on lo (the returned address, for the
+/// containers to reach) and an uplink with a default route.
+pub fn runtime_host(prefix: &str, octet: u8) -> (Netns, Ipv4Addr) {
+    let host = Netns::new(prefix);
+    let host_ip = Ipv4Addr::new(10, octet, 255, 1);
+    host.ip(&["addr", "add", &format!("{host_ip}/32"), "dev", "lo"]);
+    host.add_uplink();
+    (host, host_ip)
+}
+
+/// Asserts that containers `a` and `b` (name, address) on a Tabby network
+/// have distinct addresses and reach each other, that `a` reaches the host
+/// at `host_ip` and that the host reaches `a`. `pings(container, to)` runs
+/// one ping inside a container through its runtime.
+pub fn assert_containers_reach_each_other_and_the_host(
+    host: &Netns,
+    host_ip: Ipv4Addr,
+    a: (&str, Ipv4Addr),
+    b: (&str, Ipv4Addr),
+    pings: impl Fn(&str, Ipv4Addr) -> bool,
+) {
+    assert_ne!(a.1, b.1, "containers {} and {} share an address", a.0, b.0);
+    for ((from, _), (to, ip)) in [(a, b), (b, a), (a, ("the host", host_ip))] {
+        assert!(pings(from, ip), "container {from} cannot ping {to} at {ip}");
+    }
+    assert!(
+        host.ping(&a.1.to_string()),
+        "the host cannot ping container {} at {}",
+        a.0,
+        a.1
+    );
+}
+
+/// Asserts that a runtime released container `id`'s attachment: no file of
+/// `store` mentions `id` and the host has no route to its address `ip` any
+/// more; `after` names what released it, for the message.
+pub fn assert_released(host: &Netns, store: &Path, id: &str, ip: Ipv4Addr, after: &str) {
+    let left = files_mentioning(store, id);
+    assert!(
+        left.is_empty(),
+        "after {after}, {id}'s allocation is still in {left:?}"
+    );
+    let routes = host.ip(&["-4", "route", "show"]);
+    assert!(
+        !routes.lines().any(|l| l.starts_with(&format!("{ip} "))),
+        "after {after}, the host still routes {ip} ({id}): {routes}"
+    );
+}
+
 /// The pod identity passed as CNI_ARGS, as kubelet does.
 pub fn k8s_args(pod: &str) -> String {
     format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=conformance;K8S_POD_NAME={pod}")

@@ -18,10 +18,11 @@ use std::time::Duration;
 
 use tabby_conformance::containerd::{busybox_rootfs, Containerd, CONTAINERD_PROGRAMS};
 use tabby_conformance::{
-    conflist, files_mentioning, plugins_dir, ready, release_dir, require_upstream, tabby_plugin,
-    unique_octet, Driver,
+    assert_containers_reach_each_other_and_the_host, assert_released, conflist, files_mentioning,
+    plugins_dir, ready, release_dir, require_upstream, runtime_host, tabby_plugin, unique_octet,
+    Driver,
 };
-use tabby_testkit::{eventually, run_ok, unique, Netns};
+use tabby_testkit::{eventually, run_ok, unique};
 
 /// A container that exits on SIGTERM (busybox as PID 1 has no default
 /// handler for it).
@@ -91,26 +92,8 @@ fn ctr_run_cni_containers_reach_each_other_and_the_host_and_release_on_stop_and_
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let host = Netns::new("tcf-ctr-host");
     let octet = unique_octet();
-    let host_ip = format!("10.{octet}.255.1");
-    host.ip(&["addr", "add", &format!("{host_ip}/32"), "dev", "lo"]);
-    // Like a real node, an uplink with a default route: proxy ARP answers
-    // for the pods' 169.254.1.1 only when the node has a route to it.
-    host.ip(&["link", "add", "up0", "type", "veth", "peer", "name", "up1"]);
-    for link in ["up0", "up1"] {
-        host.ip(&["link", "set", link, "up"]);
-    }
-    host.ip(&["addr", "add", "192.0.2.1/24", "dev", "up0"]);
-    host.ip(&[
-        "route",
-        "add",
-        "default",
-        "via",
-        "192.0.2.254",
-        "dev",
-        "up0",
-    ]);
+    let (host, host_ip) = runtime_host("tcf-ctr-host", octet);
     let list = conflist(
         "1.1.0",
         vec![tabby_plugin(dir.path(), &format!("10.{octet}.0.0/16"))],
@@ -119,25 +102,14 @@ fn ctr_run_cni_containers_reach_each_other_and_the_host_and_release_on_stop_and_
     let store = dir.path().join("datastore");
 
     let (a, b) = (unique("ctra"), unique("ctrb"));
-    let (ip_a, pid_a) = run_container(&ctrd, dir.path(), &a);
+    let (ip_a, _) = run_container(&ctrd, dir.path(), &a);
     let (ip_b, pid_b) = run_container(&ctrd, dir.path(), &b);
-    assert_ne!(ip_a, ip_b);
-    let pod_a = format!("/proc/{pid_a}/ns/net");
-    assert!(
-        container_pings(&ctrd, &a, &ip_b.to_string()),
-        "container {a} cannot ping {b} at {ip_b}"
-    );
-    assert!(
-        container_pings(&ctrd, &b, &ip_a.to_string()),
-        "container {b} cannot ping {a} at {ip_a}"
-    );
-    assert!(
-        container_pings(&ctrd, &a, &host_ip),
-        "container {a} cannot ping the host at {host_ip}"
-    );
-    assert!(
-        host.ping(&ip_a.to_string()),
-        "the host cannot ping container {a} ({pod_a})"
+    assert_containers_reach_each_other_and_the_host(
+        &host,
+        host_ip,
+        (&a, ip_a),
+        (&b, ip_b),
+        |id, to| container_pings(&ctrd, id, &to.to_string()),
     );
 
     // Stop a: ctr DELs its network (with an empty netns path), then signals.
@@ -163,18 +135,4 @@ fn ctr_run_cni_containers_reach_each_other_and_the_host_and_release_on_stop_and_
         .with_cache_dir(&ctrd.cni_cache());
     gc.gc(&[]);
     assert_released(&host, &store, &b, ip_b, "CNI GC after SIGKILL");
-}
-
-/// Asserts no allocation, host route or host veth of container `id` is left.
-fn assert_released(host: &Netns, store: &Path, id: &str, ip: Ipv4Addr, after: &str) {
-    let left = files_mentioning(store, id);
-    assert!(
-        left.is_empty(),
-        "after {after}, {id}'s allocation is still in {left:?}"
-    );
-    let routes = host.ip(&["-4", "route", "show"]);
-    assert!(
-        !routes.lines().any(|l| l.starts_with(&format!("{ip} "))),
-        "after {after}, the host still routes {ip} ({id}): {routes}"
-    );
 }

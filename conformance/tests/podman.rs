@@ -11,13 +11,15 @@
 //! libcni cache is the machine's `/var/lib/cni` (entries named by random
 //! container IDs, removed with the container).
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use tabby_conformance::containerd::busybox_rootfs;
 use tabby_conformance::{
-    conflist, files_mentioning, plugins_dir, ready, release_dir, tabby_plugin, unique_octet,
+    assert_containers_reach_each_other_and_the_host, assert_released, conflist, files_mentioning,
+    plugins_dir, ready, release_dir, runtime_host, tabby_plugin, unique_octet,
 };
 use tabby_testkit::{eventually, run_ok, unique, Netns};
 
@@ -122,25 +124,8 @@ fn podman_cni_containers_reach_each_other_and_the_host_and_release_on_stop_and_k
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let host = Netns::new("tcf-pd-host");
     let octet = unique_octet();
-    let host_ip = format!("10.{octet}.255.1");
-    host.ip(&["addr", "add", &format!("{host_ip}/32"), "dev", "lo"]);
-    // An uplink with a default route, for proxy ARP of 169.254.1.1.
-    host.ip(&["link", "add", "up0", "type", "veth", "peer", "name", "up1"]);
-    for link in ["up0", "up1"] {
-        host.ip(&["link", "set", link, "up"]);
-    }
-    host.ip(&["addr", "add", "192.0.2.1/24", "dev", "up0"]);
-    host.ip(&[
-        "route",
-        "add",
-        "default",
-        "via",
-        "192.0.2.254",
-        "dev",
-        "up0",
-    ]);
+    let (host, host_ip) = runtime_host("tcf-pd-host", octet);
     // podman 4.3 vendors libcni 1.1.2: CNI up to 1.0.0.
     let cidr = format!("10.{octet}.0.0/16");
     let list = conflist("1.0.0", vec![tabby_plugin(dir.path(), &cidr)]);
@@ -165,26 +150,32 @@ fn podman_cni_containers_reach_each_other_and_the_host_and_release_on_stop_and_k
         ]);
         ids.push(id);
     }
-    let ip_of = |name: &str| {
-        podman.inspect(
+    let ip_of = |name: &str| -> Ipv4Addr {
+        let ip = podman.inspect(
             name,
             &format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}"),
-        )
+        );
+        ip.parse()
+            .unwrap_or_else(|e| panic!("container {name}'s address {ip:?}: {e}"))
     };
     let (ip_a, ip_b) = (ip_of(&a), ip_of(&b));
-    assert_ne!(ip_a, ip_b);
-    for (from, to) in [(&a, &ip_b), (&b, &ip_a), (&a, &host_ip)] {
-        let out = podman.run(&["exec", from, "/bin/ping", "-c1", "-W2", to]);
-        assert!(out.status.success(), "container {from} cannot ping {to}");
-    }
+    assert_containers_reach_each_other_and_the_host(
+        &host,
+        host_ip,
+        (&a, ip_a),
+        (&b, ip_b),
+        |from, to| {
+            let to = to.to_string();
+            podman
+                .run(&["exec", from, "/bin/ping", "-c1", "-W2", &to])
+                .status
+                .success()
+        },
+    );
 
     podman.run_ok(&["stop", "--time", "5", &a]);
     podman.run_ok(&["rm", &a]);
-    let left = files_mentioning(&store, &ids[0]);
-    assert!(
-        left.is_empty(),
-        "podman stop + rm left {a}'s allocation in {left:?}"
-    );
+    assert_released(&host, &store, &ids[0], ip_a, "podman stop + rm");
 
     let pid: i32 = podman.inspect(&b, "{{.State.Pid}}").parse().unwrap();
     nix::sys::signal::kill(
@@ -197,16 +188,11 @@ fn podman_cni_containers_reach_each_other_and_the_host_and_release_on_stop_and_k
     });
     assert!(exited, "container {b} did not exit after SIGKILL");
     podman.run_ok(&["rm", &b]);
-    let left = files_mentioning(&store, &ids[1]);
-    assert!(
-        left.is_empty(),
-        "SIGKILL + podman's cleanup left {b}'s allocation in {left:?}"
+    assert_released(
+        &host,
+        &store,
+        &ids[1],
+        ip_b,
+        "SIGKILL + podman's cleanup + rm",
     );
-    let routes = host.ip(&["-4", "route", "show"]);
-    for ip in [&ip_a, &ip_b] {
-        assert!(
-            !routes.lines().any(|l| l.starts_with(&format!("{ip} "))),
-            "the host still routes {ip}: {routes}"
-        );
-    }
 }

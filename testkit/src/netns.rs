@@ -126,6 +126,26 @@ impl Netns {
         self.exec("ping", &["-c1", "-W2", ip]).status.success()
     }
 
+    /// Gives the namespace the uplink of a node: `up0` (a veth to `up1`,
+    /// both here and up) with 192.0.2.1/24 and a default route via
+    /// 192.0.2.254. Proxy ARP answers for the pods' 169.254.1.1 only when
+    /// the node has a route to it.
+    pub fn add_uplink(&self) {
+        self.ip(&["link", "add", "up0", "type", "veth", "peer", "name", "up1"]);
+        self.ip(&["link", "set", "up1", "up"]);
+        self.ip(&["link", "set", "up0", "up"]);
+        self.ip(&["addr", "add", "192.0.2.1/24", "dev", "up0"]);
+        self.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "192.0.2.254",
+            "dev",
+            "up0",
+        ]);
+    }
+
     /// Names of the links in the namespace.
     pub fn links(&self) -> Vec<String> {
         self.ip(&["-o", "link", "show"])

@@ -48,21 +48,7 @@ impl Node {
     /// A fresh node sharing an existing datastore directory (several "nodes" of one cluster).
     pub fn with_datastore(dir: tempfile::TempDir) -> Self {
         let ns = Netns::new("tbn");
-        // Like a real node, it has an uplink with a default route: proxy ARP
-        // answers for 169.254.1.1 only when the node has a route to it.
-        ns.ip(&["link", "add", "up0", "type", "veth", "peer", "name", "up1"]);
-        ns.ip(&["link", "set", "up1", "up"]);
-        ns.ip(&["link", "set", "up0", "up"]);
-        ns.ip(&["addr", "add", "192.0.2.1/24", "dev", "up0"]);
-        ns.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            "192.0.2.254",
-            "dev",
-            "up0",
-        ]);
+        ns.add_uplink();
         let name = ns.name().to_string();
         let (base_links, base_routes) = (ns.links(), ns.routes());
         Self {
