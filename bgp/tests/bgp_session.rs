@@ -45,13 +45,9 @@ impl FakePeer {
         }
     }
 
-    /// Answers the speaker's OPEN and KEEPALIVE.
-    async fn establish(&mut self, hold_time: u16) {
-        self.establish_with(hold_time, vec![]).await;
-    }
-
-    /// [`FakePeer::establish`] with more capabilities in our OPEN; returns the speaker's OPEN.
-    async fn establish_with(&mut self, hold_time: u16, extra: Vec<Capability>) -> Open {
+    /// Answers the speaker's OPEN (ours with `hold_time` and the `extra`
+    /// capabilities) and KEEPALIVE; returns the speaker's OPEN.
+    async fn establish(&mut self, hold_time: u16, extra: Vec<Capability>) -> Open {
         let Some(Message::Open(theirs)) = self.recv().await else {
             panic!("no OPEN")
         };
@@ -108,15 +104,27 @@ async fn accept(listener: &TcpListener) -> FakePeer {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn keepalives_go_out_every_third_of_hold_and_hold_expiry_sends_4_0() {
-    let (speaker, mut events, listener) = setup(9).await;
-    let mut peer = accept(&listener).await;
-    peer.establish(9).await;
+/// Accepts the speaker's connection, establishes the session (our OPEN
+/// with `hold_time` and the `extra` capabilities) and waits for PeerUp.
+async fn peer_up(
+    listener: &TcpListener,
+    events: &mut mpsc::Receiver<SpeakerEvent>,
+    hold_time: u16,
+    extra: Vec<Capability>,
+) -> FakePeer {
+    let mut peer = accept(listener).await;
+    peer.establish(hold_time, extra).await;
     assert_eq!(
         events.recv().await,
         Some(SpeakerEvent::PeerUp { peer: PEER })
     );
+    peer
+}
+
+#[tokio::test(start_paused = true)]
+async fn keepalives_go_out_every_third_of_hold_and_hold_expiry_sends_4_0() {
+    let (speaker, mut events, listener) = setup(9).await;
+    let mut peer = peer_up(&listener, &mut events, 9, vec![]).await;
     assert_eq!(speaker.status()[0].state, State::Established);
     let up = Instant::now();
     assert_eq!(peer.recv().await, Some(Message::Keepalive));
@@ -153,12 +161,7 @@ async fn connect_retry_back_off_doubles_between_attempts() {
 #[tokio::test(start_paused = true)]
 async fn malformed_update_resets_the_session_and_it_comes_back() {
     let (_speaker, mut events, listener) = setup(9).await;
-    let mut peer = accept(&listener).await;
-    peer.establish(9).await;
-    assert_eq!(
-        events.recv().await,
-        Some(SpeakerEvent::PeerUp { peer: PEER })
-    );
+    let mut peer = peer_up(&listener, &mut events, 9, vec![]).await;
     // An UPDATE whose withdrawn-routes length runs past the message.
     let mut bad = vec![0xff; 16];
     bad.extend_from_slice(&[0, 23, 2, 0, 200, 0, 0]);
@@ -182,24 +185,14 @@ async fn malformed_update_resets_the_session_and_it_comes_back() {
         events.recv().await,
         Some(SpeakerEvent::PeerDown { peer: PEER })
     );
-    let mut peer = accept(&listener).await;
-    peer.establish(9).await;
-    assert_eq!(
-        events.recv().await,
-        Some(SpeakerEvent::PeerUp { peer: PEER })
-    );
+    let _peer = peer_up(&listener, &mut events, 9, vec![]).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn routes_flow_both_ways_and_route_refresh_re_advertises() {
     let (speaker, mut events, listener) = setup(90).await;
     speaker.announce("10.244.1.0/26".parse().unwrap(), None);
-    let mut peer = accept(&listener).await;
-    peer.establish(90).await;
-    assert_eq!(
-        events.recv().await,
-        Some(SpeakerEvent::PeerUp { peer: PEER })
-    );
+    let mut peer = peer_up(&listener, &mut events, 90, vec![]).await;
     let Some(Message::Update(u)) = peer.recv().await else {
         panic!()
     };
@@ -276,12 +269,7 @@ async fn routes_flow_both_ways_and_route_refresh_re_advertises() {
 #[tokio::test(start_paused = true)]
 async fn removing_a_peer_sends_cease() {
     let (speaker, mut events, listener) = setup(90).await;
-    let mut peer = accept(&listener).await;
-    peer.establish(90).await;
-    assert_eq!(
-        events.recv().await,
-        Some(SpeakerEvent::PeerUp { peer: PEER })
-    );
+    let mut peer = peer_up(&listener, &mut events, 90, vec![]).await;
     assert!(speaker.remove_peer(PEER).await);
     assert_eq!(
         events.recv().await,
@@ -330,12 +318,7 @@ fn update(nlri: &[&str]) -> Message {
 #[tokio::test(start_paused = true)]
 async fn updates_with_a_bad_next_hop_or_origin_withdraw_their_routes_and_keep_the_session() {
     let (speaker, mut events, listener) = setup(9).await;
-    let mut peer = accept(&listener).await;
-    peer.establish(9).await;
-    assert_eq!(
-        events.recv().await,
-        Some(SpeakerEvent::PeerUp { peer: PEER })
-    );
+    let mut peer = peer_up(&listener, &mut events, 9, vec![]).await;
     peer.send(update(&["10.1.0.0/24"])).await;
     assert!(matches!(
         events.recv().await,
@@ -381,12 +364,7 @@ async fn updates_with_a_bad_next_hop_or_origin_withdraw_their_routes_and_keep_th
 #[tokio::test(start_paused = true)]
 async fn more_prefixes_than_max_prefix_reset_the_session_with_cease_6_1() {
     let (speaker, mut events, listener) = setup_with(9, |p| p.max_prefix = Some(2)).await;
-    let mut peer = accept(&listener).await;
-    peer.establish(9).await;
-    assert_eq!(
-        events.recv().await,
-        Some(SpeakerEvent::PeerUp { peer: PEER })
-    );
+    let mut peer = peer_up(&listener, &mut events, 9, vec![]).await;
     peer.send(update(&["10.1.0.0/24", "10.1.1.0/24"])).await;
     assert!(matches!(
         events.recv().await,
@@ -430,12 +408,7 @@ async fn export_rules_keep_local_routes_from_a_peer() {
     let (speaker, mut events, listener) = setup_with(90, |p| p.export = vec![reject]).await;
     speaker.announce("10.244.1.0/26".parse().unwrap(), None);
     speaker.announce("10.244.2.0/26".parse().unwrap(), None);
-    let mut peer = accept(&listener).await;
-    peer.establish(90).await;
-    assert_eq!(
-        events.recv().await,
-        Some(SpeakerEvent::PeerUp { peer: PEER })
-    );
+    let mut peer = peer_up(&listener, &mut events, 90, vec![]).await;
     let Some(Message::Update(u)) = peer.recv().await else {
         panic!()
     };
@@ -489,26 +462,12 @@ fn graceful(forwarding: bool) -> Capability {
     })
 }
 
-fn announce(prefix: &str) -> Message {
-    Message::Update(Update {
-        withdrawn: vec![],
-        attributes: Some(PathAttributes {
-            origin: Origin::Igp,
-            as_path: vec![],
-            next_hop: PEER_NH,
-            local_pref: Some(100),
-            med: None,
-        }),
-        nlri: vec![prefix.parse().unwrap()],
-    })
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_peer_that_restarts_gracefully_keeps_its_routes_until_its_end_of_rib() {
     let (speaker, mut events, listener) = setup(90).await;
     speaker.announce("10.244.1.0/26".parse().unwrap(), None);
     let mut peer = accept(&listener).await;
-    let open = peer.establish_with(90, vec![graceful(true)]).await;
+    let open = peer.establish(90, vec![graceful(true)]).await;
     let gr = open
         .graceful_restart()
         .expect("the speaker restarts gracefully too");
@@ -524,8 +483,8 @@ async fn a_peer_that_restarts_gracefully_keeps_its_routes_until_its_end_of_rib()
         events.recv().await,
         Some(SpeakerEvent::PeerUp { peer: PEER })
     );
-    peer.send(announce("10.250.1.0/24")).await;
-    peer.send(announce("10.250.2.0/24")).await;
+    peer.send(update(&["10.250.1.0/24"])).await;
+    peer.send(update(&["10.250.2.0/24"])).await;
     for _ in 0..2 {
         assert!(matches!(
             events.recv().await,
@@ -545,13 +504,8 @@ async fn a_peer_that_restarts_gracefully_keeps_its_routes_until_its_end_of_rib()
         speaker.status()
     );
     // It is back, re-sends one of its two routes, then End-of-RIB.
-    let mut peer = accept(&listener).await;
-    peer.establish_with(90, vec![graceful(true)]).await;
-    assert_eq!(
-        events.recv().await,
-        Some(SpeakerEvent::PeerUp { peer: PEER })
-    );
-    peer.send(announce("10.250.1.0/24")).await;
+    let mut peer = peer_up(&listener, &mut events, 90, vec![graceful(true)]).await;
+    peer.send(update(&["10.250.1.0/24"])).await;
     assert!(matches!(
         events.recv().await,
         Some(SpeakerEvent::RoutesLearned { .. })
