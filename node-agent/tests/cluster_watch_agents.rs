@@ -171,6 +171,51 @@ fn until(
     }
 }
 
+/// A kube-apiserver of the test's own with Tabby's CRDs, a scope for the
+/// test's agents and a temp dir for their files; purges the scope on drop.
+struct Cluster {
+    cp: ControlPlane,
+    /// Where the apiserver listens (on the host's loopback).
+    apiserver: SocketAddr,
+    dir: tempfile::TempDir,
+    scope: String,
+    admin: tabby_ipam::KubeDatastore,
+}
+
+impl Cluster {
+    /// Starts the apiserver and installs the CRDs; the scope is
+    /// `prefix` made unique.
+    fn start(prefix: &str) -> Cluster {
+        let cp = ControlPlane::builder()
+            .start()
+            .unwrap_or_else(|e| panic!("{}", tabby_testkit::error_chain(&e)));
+        let apiserver = cp.url().trim_start_matches("https://").parse().unwrap();
+        let scope = unique(prefix);
+        let admin = tabby_ipam::KubeDatastore::open(&tabby_ipam::KubeOptions {
+            kubeconfig: Some(cp.kubeconfig_path().to_path_buf()),
+            scope: Some(scope.clone()),
+        })
+        .unwrap();
+        admin.install_crds().unwrap();
+        Cluster {
+            cp,
+            apiserver,
+            dir: tempfile::tempdir().unwrap(),
+            scope,
+            admin,
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Err(e) = self.admin.purge_scope() {
+            let scope = &self.scope;
+            eprintln!("purge scope {scope}: {}", tabby_testkit::error_chain(&e));
+        }
+    }
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -219,22 +264,17 @@ fn two_agents_find_each_other_through_their_node_watches_and_follow_the_api_acro
     if !tabby_testkit::require_root("two_agents_find_each_other") {
         return;
     }
-    let cp = ControlPlane::builder()
-        .start()
-        .unwrap_or_else(|e| panic!("{}", tabby_testkit::error_chain(&e)));
-    let apiserver: SocketAddr = cp.url().trim_start_matches("https://").parse().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let scope = unique("ag");
-    let admin = tabby_ipam::KubeDatastore::open(&tabby_ipam::KubeOptions {
-        kubeconfig: Some(cp.kubeconfig_path().to_path_buf()),
-        scope: Some(scope.clone()),
-    })
-    .unwrap();
-    admin.install_crds().unwrap();
+    let Cluster {
+        cp,
+        apiserver,
+        dir,
+        scope,
+        ..
+    } = &Cluster::start("ag");
     let (na, nb) = (Netns::new("cwa"), Netns::new("cwb"));
     tabby_testkit::netns::veth_pair(&na, "eth0", "10.77.0.1/24", &nb, "eth0", "10.77.0.2/24");
-    forward_apiserver(&na, apiserver);
-    forward_apiserver(&nb, apiserver);
+    forward_apiserver(&na, *apiserver);
+    forward_apiserver(&nb, *apiserver);
     let _a = start_agent(&na, "a", "10.77.0.1", &scope, &cp, dir.path(), NO_PROXY);
     let _b = start_agent(&nb, "b", "10.77.0.2", &scope, &cp, dir.path(), NO_PROXY);
     let up =
@@ -294,9 +334,6 @@ fn two_agents_find_each_other_through_their_node_watches_and_follow_the_api_acro
         "changes after the restart reached both agents {:?} after the first",
         started.elapsed()
     );
-    if let Err(e) = admin.purge_scope() {
-        eprintln!("purge scope {scope}: {}", tabby_testkit::error_chain(&e));
-    }
 }
 
 /// The nat rules the proxy wrote in `ns` in `mode`.
@@ -351,21 +388,16 @@ fn web_slice(addresses: &[&str]) -> EndpointSlice {
 }
 
 fn proxy_follows_the_api(mode: &str) {
-    let cp = ControlPlane::builder()
-        .start()
-        .unwrap_or_else(|e| panic!("{}", tabby_testkit::error_chain(&e)));
-    let apiserver: SocketAddr = cp.url().trim_start_matches("https://").parse().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let scope = unique("px");
-    let admin = tabby_ipam::KubeDatastore::open(&tabby_ipam::KubeOptions {
-        kubeconfig: Some(cp.kubeconfig_path().to_path_buf()),
-        scope: Some(scope.clone()),
-    })
-    .unwrap();
-    admin.install_crds().unwrap();
+    let Cluster {
+        cp,
+        apiserver,
+        dir,
+        scope,
+        ..
+    } = &Cluster::start("px");
     let (ns, peer) = (Netns::new("cwp"), Netns::new("cwq"));
     tabby_testkit::netns::veth_pair(&ns, "eth0", "10.78.0.1/24", &peer, "eth0", "10.78.0.2/24");
-    forward_apiserver(&ns, apiserver);
+    forward_apiserver(&ns, *apiserver);
     let proxy = format!(
         "[proxy]\nenabled = true\nsource = \"kubernetes\"\nmode = \"{mode}\"\nbackend = \"nft\"\n\
          min_sync_period_ms = 50\ncluster_cidr = \"10.244.0.0/16\"\n"
@@ -413,9 +445,6 @@ fn proxy_follows_the_api(mode: &str) {
         .unwrap();
     let took = until_rules(&ns, mode, "the Service to leave", |r| !r.contains(&ip));
     eprintln!("{mode}: Service deleted -> its cluster IP left the rules in {took:?}");
-    if let Err(e) = admin.purge_scope() {
-        eprintln!("purge scope {scope}: {}", tabby_testkit::error_chain(&e));
-    }
 }
 
 #[test]
