@@ -146,13 +146,7 @@ cargo build --release -p tabby-bench -p tabby-node -p tabby-ctl";
 
 fn main() -> std::process::ExitCode {
     rtnl::catch_signals();
-    match real_main() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bgp-intake: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    tabby_bench::exit_code("bgp-intake", real_main())
 }
 
 /// The command line: how many prefixes, whether both sessions start together.
@@ -174,14 +168,7 @@ fn options() -> Result<Option<Options>> {
     {
         bail!("unknown option {a} (see --help)");
     }
-    let prefixes: u32 = match args.iter().position(|a| a == "--prefixes") {
-        Some(i) => args
-            .get(i + 1)
-            .context("--prefixes needs a value")?
-            .parse()
-            .context("bad --prefixes")?,
-        None => 100_000,
-    };
+    let prefixes: u32 = tabby_bench::flag(&args, "--prefixes", 100_000)?;
     anyhow::ensure!(
         (1..=1 << 20).contains(&prefixes),
         "--prefixes must be 1..=1048576"
@@ -192,18 +179,9 @@ fn options() -> Result<Option<Options>> {
 
 /// Root, the release binaries (tabby-node, tabbyctl) and the peers' tools.
 fn check_prerequisites() -> Result<(PathBuf, PathBuf)> {
-    if !tabby_testkit::is_root() {
-        bail!("needs root (network namespaces)");
-    }
-    let release = tabby_testkit::bins::target_dir().join("release");
+    let release =
+        tabby_bench::release_dir(&["tabby-node", "tabbyctl"], "-p tabby-node -p tabby-ctl")?;
     let (node_bin, ctl_bin) = (release.join("tabby-node"), release.join("tabbyctl"));
-    for b in [&node_bin, &ctl_bin] {
-        anyhow::ensure!(
-            b.is_file(),
-            "{} is missing: cargo build --release -p tabby-node -p tabby-ctl",
-            b.display()
-        );
-    }
     for tool in ["bird", "gobgpd", "gobgp"] {
         Command::new(tool)
             .arg("--version")

@@ -33,13 +33,14 @@ mod rtnl;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use rtnl::{check_interrupted, nap, Rtnl, PROTO_TABBY, RTN_BLACKHOLE};
 use serde_json::Value;
+use tabby_bench::lab::Lab;
+use tabby_bench::{flag, LAB_BINS, LAB_BUILD};
 use tabby_dataplane::NetNs;
 
 const POOL: &str = "default-ipv4-ippool";
@@ -49,51 +50,6 @@ const RESPONDER_PORT: u16 = 7777;
 const IPERF_PORT: u16 = 5201;
 const SWITCH_DEADLINE: Duration = Duration::from_secs(30);
 const MESSAGE: usize = 64;
-
-/// The lab; `down` on drop.
-struct LabGuard {
-    lab_bin: PathBuf,
-    prefix: String,
-    state: tempfile::TempDir,
-}
-
-impl LabGuard {
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(&self.lab_bin);
-        cmd.arg("--prefix")
-            .arg(&self.prefix)
-            .arg("--state-dir")
-            .arg(self.state.path())
-            .args(args);
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> Result<String> {
-        let out = self.cmd(args).stdin(Stdio::null()).output()?;
-        if !out.status.success() {
-            bail!(
-                "tabby-lab {args:?} failed: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-}
-
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        match self.cmd(&["down"]).output() {
-            Ok(o) if o.status.success() => println!("down: {} removed", self.prefix),
-            Ok(o) => eprintln!(
-                "WARNING: `tabby-lab --prefix {} down` failed: {}",
-                self.prefix,
-                String::from_utf8_lossy(&o.stderr)
-            ),
-            Err(e) => eprintln!("WARNING: could not run tabby-lab down: {e}"),
-        }
-    }
-}
 
 /// A pod or node from `lab.json`.
 #[derive(Debug, Clone)]
@@ -169,7 +125,7 @@ fn probe(from: &NetNs, to: Ipv4Addr) -> bool {
 }
 
 /// Switches the pool and measures the time until routes and every pair follow.
-fn switch(lab: &LabGuard, pods: &[Pod], nodes: &[(String, String)], mode: &str) -> Result<()> {
+fn switch(lab: &Lab, pods: &[Pod], nodes: &[(String, String)], mode: &str) -> Result<()> {
     let vxlan = mode != "Never";
     let mut socks = nodes
         .iter()
@@ -331,47 +287,21 @@ fn measure(pods: &[Pod], node1_ns: &str, seconds: u64, requests: usize) -> Resul
 
 fn main() -> std::process::ExitCode {
     rtnl::catch_signals();
-    match real_main() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("encap-throughput: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-fn flag(args: &[String], name: &str, default: u64) -> Result<u64> {
-    match args.iter().position(|a| a == name) {
-        Some(i) => args
-            .get(i + 1)
-            .with_context(|| format!("{name} needs a value"))?
-            .parse()
-            .with_context(|| format!("bad {name}")),
-        None => Ok(default),
-    }
+    tabby_bench::exit_code("encap-throughput", real_main())
 }
 
 fn real_main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let seconds = flag(&args, "--seconds", 5)?;
-    let requests = flag(&args, "--requests", 5000)? as usize;
-    let rounds = flag(&args, "--rounds", 1)?.max(1);
-    if !tabby_testkit::is_root() {
-        bail!("needs root (network namespaces)");
-    }
-    let release = tabby_testkit::bins::target_dir().join("release");
-    for bin in ["tabby-lab", "tabby-node", "tabby", "tabbyctl"] {
-        if !release.join(bin).is_file() {
-            bail!("{} is missing: cargo build --release -p tabby-node -p tabby-lab -p tabby-cni -p tabby-ctl", release.join(bin).display());
-        }
-    }
-    let lab = LabGuard {
-        lab_bin: release.join("tabby-lab"),
-        prefix: format!("tbe{}", std::process::id()),
-        state: tempfile::tempdir()?,
-    };
+    let seconds = flag(&args, "--seconds", 5u64)?;
+    let requests = flag(&args, "--requests", 5000usize)?;
+    let rounds = flag(&args, "--rounds", 1u64)?.max(1);
+    let release = tabby_bench::release_dir(&LAB_BINS, LAB_BUILD)?;
+    let lab = Lab::new(
+        &release.join("tabby-lab"),
+        format!("tbe{}", std::process::id()),
+    )?;
     lab.run(&["up", "--nodes", "3", "--pods-per-node", "1"])?;
-    let (pods, nodes) = read_lab(&lab.state.path().join("lab.json"))?;
+    let (pods, nodes) = read_lab(&lab.state_file())?;
     if pods.len() < 3 {
         bail!("expected 3 pods, found {}", pods.len());
     }

@@ -29,13 +29,15 @@ mod rtnl;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use rtnl::{nap, Rtnl, V4Route, PROTO_TABBY, RTN_BLACKHOLE};
 use serde_json::Value;
+use tabby_bench::lab::Lab;
+use tabby_bench::{flag, LAB_BINS, LAB_BUILD};
 
 /// The lab's block size (lab/src/up.rs `BLOCK_SIZE`).
 const BLOCK_LEN: u8 = 26;
@@ -43,54 +45,6 @@ const BLOCK_LEN: u8 = 26;
 const POLL: Duration = Duration::from_millis(10);
 /// How long to wait for convergence after `up` returned.
 const DEADLINE: Duration = Duration::from_secs(90);
-
-/// A lab being built or up; `down` on drop (after stopping `up` if it still runs).
-struct LabGuard {
-    lab_bin: PathBuf,
-    prefix: String,
-    state: tempfile::TempDir,
-    up: Option<Child>,
-}
-
-impl LabGuard {
-    fn lab_cmd(&self) -> Command {
-        let mut cmd = Command::new(&self.lab_bin);
-        cmd.arg("--prefix")
-            .arg(&self.prefix)
-            .arg("--state-dir")
-            .arg(self.state.path());
-        cmd
-    }
-}
-
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        if let Some(mut up) = self.up.take() {
-            if up.try_wait().ok().flatten().is_none() {
-                let _ = up.kill();
-            }
-            let _ = up.wait();
-        }
-        let t = Instant::now();
-        match self.lab_cmd().arg("down").output() {
-            Ok(o) if o.status.success() => println!(
-                "  down: {} removed in {:.1} s",
-                self.prefix,
-                t.elapsed().as_secs_f64()
-            ),
-            Ok(o) => eprintln!(
-                "  WARNING: `tabby-lab --prefix {} down` failed: {}{}",
-                self.prefix,
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-            Err(e) => eprintln!(
-                "  WARNING: could not run tabby-lab down for {}: {e}",
-                self.prefix
-            ),
-        }
-    }
-}
 
 /// One node as `lab.json` describes it.
 struct Node {
@@ -196,24 +150,14 @@ fn ms(from: Instant, to: Instant) -> f64 {
 
 /// Runs `tabby-lab up` for a fresh lab, dumping every node's table while
 /// it runs; returns the lab's guard, the watch, and when `up` returned.
-fn build_lab(lab_bin: &Path, run: usize, node_count: usize) -> Result<(LabGuard, Watch, Instant)> {
+fn build_lab(lab_bin: &Path, run: usize, node_count: usize) -> Result<(Lab, Watch, Instant)> {
     let prefix = format!("lc{}-{run}", std::process::id());
-    let state = tempfile::Builder::new()
-        .prefix("tabby-lab-conv-")
-        .tempdir()
-        .context("temp state dir")?;
-    let mut guard = LabGuard {
-        lab_bin: lab_bin.to_path_buf(),
-        prefix: prefix.clone(),
-        state,
-        up: None,
-    };
-    let state_file = guard.state.path().join("lab.json");
+    let mut guard = Lab::new(lab_bin, prefix.clone())?;
+    let state_file = guard.state_file();
     println!("run {run}: tabby-lab --prefix {prefix} --state-dir {} up --nodes {node_count} --pods-per-node 1", guard.state.path().display());
     let t_spawn = Instant::now();
     let mut child = guard
-        .lab_cmd()
-        .args([
+        .command(&[
             "up",
             "--nodes",
             &node_count.to_string(),
@@ -343,7 +287,7 @@ fn breakdown(
 /// One run: returns (ms from last agent start, ms from `up` returning).
 fn run_once(lab_bin: &Path, run: usize, node_count: usize) -> Result<(f64, f64)> {
     let (guard, mut watch, t_up) = build_lab(lab_bin, run, node_count)?;
-    let state_file = guard.state.path().join("lab.json");
+    let state_file = guard.state_file();
     let (nodes, blocks) = read_state(&state_file).context("reading lab.json")?;
     if nodes.len() != node_count || blocks.len() != node_count {
         bail!(
@@ -389,38 +333,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> std::process::ExitCode {
     rtnl::catch_signals();
-    match real_main() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("lab-convergence: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    tabby_bench::exit_code("lab-convergence", real_main())
 }
 
 fn real_main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let flag = |name: &str, default: usize| -> Result<usize> {
-        match args.iter().position(|a| a == name) {
-            Some(i) => args
-                .get(i + 1)
-                .with_context(|| format!("{name} needs a value"))?
-                .parse()
-                .with_context(|| format!("bad {name}")),
-            None => Ok(default),
-        }
-    };
-    let (nodes, runs) = (flag("--nodes", 10)?, flag("--runs", 3)?.max(1));
-    if !tabby_testkit::is_root() {
-        bail!("needs root (network namespaces)");
-    }
-    let release = tabby_testkit::bins::target_dir().join("release");
-    for bin in ["tabby-lab", "tabby-node", "tabby", "tabbyctl"] {
-        if !release.join(bin).is_file() {
-            bail!("{} is missing: cargo build --release -p tabby-node -p tabby-lab -p tabby-cni -p tabby-ctl", release.join(bin).display());
-        }
-    }
-    let lab_bin = release.join("tabby-lab");
+    let nodes = flag(&args, "--nodes", 10usize)?;
+    let runs = flag(&args, "--runs", 3usize)?.max(1);
+    let lab_bin = tabby_bench::release_dir(&LAB_BINS, LAB_BUILD)?.join("tabby-lab");
     println!("lab-convergence: {runs} runs of a {nodes}-node lab, 1 pod per node; routes dumped every {} ms", POLL.as_millis());
     println!("reference: the last agent's start from lab.json (clock ticks, 10 ms resolution)\n");
     let mut results = Vec::new();
