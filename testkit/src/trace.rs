@@ -308,31 +308,23 @@ impl Tables {
     /// Every fate of `pkt`, with identical fates merged and probabilities summed.
     pub fn trace(&self, pkt: &Packet, env: &Env) -> Vec<Outcome> {
         let start = State::start();
-        let mut outcomes: Vec<Outcome> = Vec::new();
+        let mut all = Vec::new();
         for nat in self.walk(&self.nat, names::SERVICES, pkt, env, start) {
-            for filt in self.filter_hooks(pkt, env, nat.0) {
-                let st = filt;
+            for st in self.filter_hooks(pkt, env, nat.0) {
                 let masq = self
                     .walk(&self.nat, names::POSTROUTING, pkt, env, st.clone())
                     .into_iter()
                     .any(|(s, _)| s.masquerade);
-                let o = Outcome {
+                all.push(Outcome {
                     probability: st.prob,
                     dnat: st.dnat,
                     masquerade: masq,
                     verdict: st.verdict.unwrap_or(Verdict::Accept),
-                    recent_set: st.recent_set.clone(),
-                };
-                match outcomes.iter_mut().find(|x| {
-                    (x.dnat, x.masquerade, x.verdict, &x.recent_set)
-                        == (o.dnat, o.masquerade, o.verdict, &o.recent_set)
-                }) {
-                    Some(x) => x.probability += o.probability,
-                    None => outcomes.push(o),
-                }
+                    recent_set: st.recent_set,
+                });
             }
         }
-        outcomes
+        merge(all)
     }
 
     /// The filter chains Tabby hooks, in the order they are reached.
@@ -389,23 +381,14 @@ impl Tables {
             let mut next = Vec::new();
             for s in active {
                 let p = rule.match_probability(pkt, env, &s);
-                if p < 1.0 {
-                    next.push(State {
-                        prob: s.prob * (1.0 - p),
-                        ..s.clone()
-                    });
-                }
-                if p > 0.0 {
-                    let s = State {
-                        prob: s.prob * p,
-                        ..s
-                    };
-                    for (s, flow) in self.apply(table, rule, pkt, env, s) {
-                        match flow {
-                            Flow::Next => next.push(s),
-                            Flow::Return => done.push((s, false)),
-                            Flow::Stop => done.push((s, true)),
-                        }
+                let (missed, matched) = s.split(p);
+                next.extend(missed);
+                let Some(s) = matched else { continue };
+                for (s, flow) in self.apply(table, rule, pkt, env, s) {
+                    match flow {
+                        Flow::Next => next.push(s),
+                        Flow::Return => done.push((s, false)),
+                        Flow::Stop => done.push((s, true)),
                     }
                 }
             }
@@ -474,6 +457,20 @@ impl State {
             recent_set: None,
             masquerade: false,
         }
+    }
+
+    /// The share of this state that a rule matching with probability `p`
+    /// passes by, and the share it matches (`None` where a share is 0).
+    fn split(self, p: f64) -> (Option<State>, Option<State>) {
+        let missed = (p < 1.0).then(|| State {
+            prob: self.prob * (1.0 - p),
+            ..self.clone()
+        });
+        let matched = (p > 0.0).then(|| State {
+            prob: self.prob * p,
+            ..self
+        });
+        (missed, matched)
     }
 }
 

@@ -78,22 +78,13 @@ impl NftTables {
             let mut next = Vec::new();
             for s in active {
                 let p = self.match_probability(rule, pkt, env, &s);
-                if p < 1.0 {
-                    next.push(State {
-                        prob: s.prob * (1.0 - p),
-                        ..s.clone()
-                    });
-                }
-                if p > 0.0 {
-                    let s = State {
-                        prob: s.prob * p,
-                        ..s
-                    };
-                    for (s, end) in self.run(&rule.stmts, pkt, env, s) {
-                        match end {
-                            End::Next => next.push(s),
-                            other => done.push((s, other)),
-                        }
+                let (missed, matched) = s.split(p);
+                next.extend(missed);
+                let Some(s) = matched else { continue };
+                for (s, end) in self.run(&rule.stmts, pkt, env, s) {
+                    match end {
+                        End::Next => next.push(s),
+                        other => done.push((s, other)),
                     }
                 }
             }
