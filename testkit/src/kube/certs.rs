@@ -280,7 +280,7 @@ fn create(dir: &Path, ips: &[IpAddr]) -> Result<()> {
 }
 
 /// Writes a file readable by its owner only.
-fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+pub(crate) fn write_private(path: &Path, data: &[u8]) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = fs::OpenOptions::new()

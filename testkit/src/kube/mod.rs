@@ -561,17 +561,7 @@ fn write_kubeconfig(path: &Path, url: &str, ca_pem: &str, user: &str) -> Result<
         "apiVersion: v1\nkind: Config\nclusters:\n- name: tabby\n  cluster:\n    server: {url}\n    certificate-authority-data: {ca}\nusers:\n- name: tabby\n  user:\n{user}contexts:\n- name: tabby\n  context:\n    cluster: tabby\n    user: tabby\ncurrent-context: tabby\n",
         ca = b64(ca_pem),
     );
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| Error::io(path, e))?;
-    file.write_all(text.as_bytes())
-        .map_err(|e| Error::io(path, e))
+    certs::write_private(path, text.as_bytes())
 }
 
 fn b64(text: &str) -> String {
