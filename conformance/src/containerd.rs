@@ -11,7 +11,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -105,28 +105,17 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
     /// `ctr --address SOCK ARGS` in the host namespace with the test's CNI
     /// directories bind-mounted at the fixed paths; its output.
     pub fn ctr(&self, args: &[&str]) -> Output {
-        for fixed in ["/etc/cni/net.d", "/opt/cni/bin", "/var/lib/cni"] {
-            fs::create_dir_all(fixed).unwrap();
-        }
-        let script = r#"mount --bind "$1" /etc/cni/net.d && mount --bind "$2" /opt/cni/bin &&
-            mount --bind "$3" /var/lib/cni && exec nsenter --net="$4" "${@:5}""#;
-        Command::new("unshare")
-            .args([
-                "--mount",
-                "--propagation",
-                "private",
-                "bash",
-                "-c",
-                script,
-                "ctr",
-            ])
-            .args([
-                self.dir.join("net.d"),
-                self.dir.join("cni-bin"),
-                self.cni_cache(),
-            ])
-            .arg(&self.host)
-            .arg(upstream_dir().join("ctr"))
+        let (net_d, cni_bin, cache) = (
+            self.dir.join("net.d"),
+            self.dir.join("cni-bin"),
+            self.cni_cache(),
+        );
+        let binds = [
+            (net_d.as_path(), "/etc/cni/net.d"),
+            (cni_bin.as_path(), "/opt/cni/bin"),
+            (cache.as_path(), "/var/lib/cni"),
+        ];
+        crate::with_bind_mounts(&binds, &self.host, &upstream_dir().join("ctr"))
             .arg("--address")
             .arg(&self.socket)
             .args(args)

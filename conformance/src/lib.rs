@@ -254,6 +254,29 @@ impl Driver {
     }
 }
 
+/// A command that runs `program` inside the network namespace at `netns`,
+/// in a mount namespace of its own where each `(dir, fixed)` of `binds` is
+/// bind-mounted on the fixed path (created when missing): a runtime's fixed
+/// CNI paths (`/etc/cni/net.d`, `/var/lib/cni`...) pointed at a test's own
+/// dirs. The program's arguments are the caller's to add.
+pub fn with_bind_mounts(binds: &[(&Path, &str)], netns: &Path, program: &Path) -> Command {
+    let mut script = String::new();
+    for (i, (_, fixed)) in binds.iter().enumerate() {
+        fs::create_dir_all(fixed).unwrap_or_else(|e| panic!("create {fixed}: {e}"));
+        script += &format!("mount --bind \"${}\" {fixed} && ", i + 1);
+    }
+    let n = binds.len();
+    script += &format!("exec nsenter --net=\"${}\" \"${{@:{}}}\"", n + 1, n + 2);
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "bash", "-c"])
+        .arg(script)
+        .arg("bash")
+        .args(binds.iter().map(|(dir, _)| dir))
+        .arg(netns)
+        .arg(program);
+    cmd
+}
+
 /// The IPv4 address of the first entry of a CNI result's `ips`.
 pub fn result_ipv4(result: &Value) -> Option<Ipv4Addr> {
     let addr = result["ips"][0]["address"].as_str()?;
@@ -326,6 +349,34 @@ mod tests {
             serde_json::json!({"ips": [{"address": "10.244.0.7/32"}, {"address": "10.1.1.1/24"}]});
         assert_eq!(result_ipv4(&result), Some(Ipv4Addr::new(10, 244, 0, 7)));
         assert_eq!(result_ipv4(&serde_json::json!({"ips": []})), None);
+    }
+
+    #[test]
+    fn with_bind_mounts_mounts_each_dir_then_enters_the_netns_and_runs_the_program() {
+        let (net_d, cache) = (Path::new("/tmp/t/net.d"), Path::new("/tmp/t/cache"));
+        let cmd = with_bind_mounts(
+            &[(net_d, "/tmp"), (cache, "/tmp")],
+            Path::new("/run/netns/h"),
+            Path::new("/bin/ctr"),
+        );
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy()).collect();
+        assert_eq!(cmd.get_program(), "unshare");
+        assert_eq!(
+            args,
+            [
+                "--mount",
+                "--propagation",
+                "private",
+                "bash",
+                "-c",
+                r#"mount --bind "$1" /tmp && mount --bind "$2" /tmp && exec nsenter --net="$3" "${@:4}""#,
+                "bash",
+                "/tmp/t/net.d",
+                "/tmp/t/cache",
+                "/run/netns/h",
+                "/bin/ctr",
+            ]
+        );
     }
 
     #[test]

@@ -9,12 +9,12 @@
 //! machine. The network name is unique per test.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
 use tabby_conformance::{
     assert_gone, assert_tabby_pod, conflist, files_mentioning, k8s_args, plugins_dir, ready,
-    release_dir, require_upstream, result_ipv4, tabby_plugin, unique_octet,
+    release_dir, require_upstream, result_ipv4, tabby_plugin, unique_octet, with_bind_mounts,
 };
 use tabby_testkit::{unique, Netns};
 
@@ -51,25 +51,9 @@ impl Cnitool {
 
     /// `cnitool VERB NETWORK POD` in the host namespace; its output.
     fn run(&self, verb: &str, pod: &Netns, cni_args: &str) -> Output {
-        std::fs::create_dir_all("/var/lib/cni").unwrap();
-        let cnitool = plugins_dir().join("cnitool");
-        let script =
-            r#"mount --bind "$1" /var/lib/cni && shift && exec nsenter --net="$1" "${@:2}""#;
-        let mut cmd = Command::new("unshare");
-        cmd.args([
-            "--mount",
-            "--propagation",
-            "private",
-            "bash",
-            "-c",
-            script,
-            "cnitool",
-        ])
-        .arg(&self.cache)
-        .arg(&self.host)
-        .arg(&cnitool)
-        .args([verb, &self.network])
-        .arg(pod.path());
+        let binds = [(self.cache.as_path(), "/var/lib/cni")];
+        let mut cmd = with_bind_mounts(&binds, &self.host, &plugins_dir().join("cnitool"));
+        cmd.args([verb, &self.network]).arg(pod.path());
         let cni_path = format!("{}:{}", release_dir().display(), plugins_dir().display());
         cmd.env("NETCONFPATH", &self.netconfpath)
             .env("CNI_PATH", cni_path);
