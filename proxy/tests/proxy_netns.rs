@@ -6,7 +6,7 @@ mod proxy_support;
 
 use std::time::{Duration, Instant};
 
-use proxy_support::{load, node, parse_objects};
+use proxy_support::{load, node, parse_objects, upserts};
 use tabby_proxy::conntrack::ConntrackCli;
 use tabby_proxy::iptables::{Backend, Iptables};
 use tabby_proxy::model::ServiceKey;
@@ -63,13 +63,7 @@ fn full_then_partial(backend: Backend) {
         "features",
         "no-endpoints",
     ] {
-        let (services, slices) = load(scenario);
-        services
-            .into_iter()
-            .for_each(|s| p.apply_event(ProxyEvent::ServiceUpsert(Box::new(s))));
-        slices
-            .into_iter()
-            .for_each(|s| p.apply_event(ProxyEvent::SliceUpsert(Box::new(s))));
+        upserts(load(scenario)).for_each(|e| p.apply_event(e));
     }
     let t0 = Instant::now();
     assert!(p.sync(t0).expect("full sync").full);

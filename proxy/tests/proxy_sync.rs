@@ -5,7 +5,7 @@ mod proxy_support;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use proxy_support::{load, node, parse_objects};
+use proxy_support::{load, node, parse_objects, upserts};
 use tabby_proxy::conntrack::NoConntrack;
 use tabby_proxy::error::{Error, Result};
 use tabby_proxy::iptables::Dataplane;
@@ -69,23 +69,11 @@ fn proxier() -> P {
 }
 
 fn feed(p: &mut P, yaml: &str) {
-    let (services, slices) = parse_objects(yaml);
-    services
-        .into_iter()
-        .for_each(|s| p.apply_event(ProxyEvent::ServiceUpsert(Box::new(s))));
-    slices
-        .into_iter()
-        .for_each(|s| p.apply_event(ProxyEvent::SliceUpsert(Box::new(s))));
+    upserts(parse_objects(yaml)).for_each(|e| p.apply_event(e));
 }
 
 fn feed_scenario(p: &mut P, name: &str) {
-    let (services, slices) = load(name);
-    services
-        .into_iter()
-        .for_each(|s| p.apply_event(ProxyEvent::ServiceUpsert(Box::new(s))));
-    slices
-        .into_iter()
-        .for_each(|s| p.apply_event(ProxyEvent::SliceUpsert(Box::new(s))));
+    upserts(load(name)).for_each(|e| p.apply_event(e));
 }
 
 const DNS: &str = r#"

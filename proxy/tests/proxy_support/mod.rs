@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use tabby_proxy::proxier::ProxyEvent;
 use tabby_proxy::{NodeFacts, ProxyOptions, RuleSet};
 
 /// `tests/golden/NAME`.
@@ -30,6 +31,20 @@ pub fn load(name: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
     let path = golden_path(&format!("{name}.yaml"));
     parse_objects(
         &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display())),
+    )
+}
+
+/// The upsert events of `objects` ([`load`], [`parse_objects`]) as a
+/// source sends them: the Services, then the EndpointSlices.
+pub fn upserts(objects: (Vec<Service>, Vec<EndpointSlice>)) -> impl Iterator<Item = ProxyEvent> {
+    let (services, slices) = objects;
+    let services = services
+        .into_iter()
+        .map(|s| ProxyEvent::ServiceUpsert(Box::new(s)));
+    services.chain(
+        slices
+            .into_iter()
+            .map(|s| ProxyEvent::SliceUpsert(Box::new(s))),
     )
 }
 
