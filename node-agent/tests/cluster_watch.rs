@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams};
 use serde_json::json;
 use tabby_ipam::resources::{
     create_bgp_peer, delete_bgp_peer, set_bgp_config, BgpConfiguration, BgpPeer,
@@ -64,40 +64,12 @@ impl Scope {
 
     /// Creates a Node as a kubelet would, with `annotations` and an InternalIP.
     async fn node(&self, node: &str, annotations: serde_json::Value, internal_ip: &str) {
-        let object: Node = serde_json::from_value(json!({
-            "metadata": {
-                "name": self.object_name(node),
-                "labels": {"tabby.dev/scope": self.name},
-                "annotations": annotations,
-            }
-        }))
-        .unwrap();
-        self.nodes
-            .create(&PostParams::default(), &object)
-            .await
-            .unwrap();
-        let status =
-            json!({"status": {"addresses": [{"type": "InternalIP", "address": internal_ip}]}});
-        self.nodes
-            .patch_status(
-                &self.object_name(node),
-                &PatchParams::default(),
-                &Patch::Merge(&status),
-            )
-            .await
-            .unwrap();
+        let name = self.object_name(node);
+        create_node(&self.nodes, &self.name, &name, annotations, internal_ip).await;
     }
 
     async fn annotate(&self, node: &str, annotations: serde_json::Value) {
-        let patch = json!({"metadata": {"annotations": annotations}});
-        self.nodes
-            .patch(
-                &self.object_name(node),
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await
-            .unwrap();
+        annotate_node(&self.nodes, &self.object_name(node), annotations).await;
     }
 
     async fn delete_node(&self, node: &str) {

@@ -8,6 +8,8 @@
 //! through the API show up in (and leave) its real nat rules, in iptables
 //! and nftables mode (root only).
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
@@ -15,9 +17,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{annotate_node, create_node, runtime};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 use tabby_node::status::NodeStatus;
 use tabby_testkit::kube::ControlPlane;
@@ -150,6 +153,26 @@ fn addresses(rows: &[(String, String)]) -> Vec<&str> {
     rows.iter().map(|(a, _)| a.as_str()).collect()
 }
 
+/// Reads with `read` every `every` until what it read satisfies `done`:
+/// the time it took, or after [`TIMEOUT`] the last reading.
+fn poll_for<T>(
+    every: Duration,
+    read: impl Fn() -> T,
+    done: impl Fn(&T) -> bool,
+) -> Result<Duration, T> {
+    let started = Instant::now();
+    loop {
+        let now = read();
+        if done(&now) {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() >= TIMEOUT {
+            return Err(now);
+        }
+        std::thread::sleep(every);
+    }
+}
+
 /// Waits until `name`'s peers satisfy `done`; the time it took.
 fn until(
     dir: &Path,
@@ -157,18 +180,8 @@ fn until(
     what: &str,
     done: impl Fn(&[(String, String)]) -> bool,
 ) -> Duration {
-    let started = Instant::now();
-    loop {
-        let rows = peers(dir, name);
-        if done(&rows) {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < TIMEOUT,
-            "{name}: timed out waiting for {what}; peers {rows:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    poll_for(Duration::from_millis(20), || peers(dir, name), |r| done(r))
+        .unwrap_or_else(|rows| panic!("{name}: timed out waiting for {what}; peers {rows:?}"))
 }
 
 /// A kube-apiserver of the test's own with Tabby's CRDs, a scope for the
@@ -216,13 +229,6 @@ impl Drop for Cluster {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// A Node as a kubelet would create it, registered with Tabby but without
 /// a BGP address: its InternalIP is used.
 fn kubelet_node(
@@ -232,31 +238,9 @@ fn kubelet_node(
     name: &str,
     ip: &str,
 ) {
-    let node: Node = serde_json::from_value(json!({
-        "metadata": {"name": format!("{scope}.{name}"), "labels": {"tabby.dev/scope": scope},
-                     "annotations": {"tabby.dev/registered": "true"}},
-    }))
-    .unwrap();
-    rt.block_on(nodes.create(&PostParams::default(), &node))
-        .unwrap();
-    let status = json!({"status": {"addresses": [{"type": "InternalIP", "address": ip}]}});
-    rt.block_on(nodes.patch_status(
-        &format!("{scope}.{name}"),
-        &PatchParams::default(),
-        &Patch::Merge(&status),
-    ))
-    .unwrap();
-}
-
-fn annotate(
-    rt: &tokio::runtime::Runtime,
-    nodes: &Api<Node>,
-    object: &str,
-    annotations: serde_json::Value,
-) {
-    let patch = json!({"metadata": {"annotations": annotations}});
-    rt.block_on(nodes.patch(object, &PatchParams::default(), &Patch::Merge(&patch)))
-        .unwrap();
+    let object = format!("{scope}.{name}");
+    let registered = json!({"tabby.dev/registered": "true"});
+    rt.block_on(create_node(nodes, scope, &object, registered, ip));
 }
 
 #[test]
@@ -294,12 +278,11 @@ fn two_agents_find_each_other_through_their_node_watches_and_follow_the_api_acro
         addresses(r) == ["10.77.0.2", "10.77.0.3"]
     });
     eprintln!("Node created -> a's peer added in {took:?}");
-    annotate(
-        &rt,
+    rt.block_on(annotate_node(
         &nodes,
         &format!("{scope}.c"),
         json!({"tabby.dev/bgp-address": "10.77.0.13"}),
-    );
+    ));
     let took = until(dir.path(), "a", "c's new address", |r| {
         addresses(r) == ["10.77.0.13", "10.77.0.2"]
     });
@@ -310,12 +293,11 @@ fn two_agents_find_each_other_through_their_node_watches_and_follow_the_api_acro
         .unwrap_or_else(|e| panic!("{}", tabby_testkit::error_chain(&e)));
     eprintln!("apiserver restarted in {restart:?}");
     let started = Instant::now();
-    annotate(
-        &rt,
+    rt.block_on(annotate_node(
         &nodes,
         &format!("{scope}.c"),
         json!({"tabby.dev/registered": null}),
-    );
+    ));
     kubelet_node(&rt, &nodes, &scope, "d", "10.77.0.4");
     for name in ["a", "b"] {
         let me = if name == "a" {
@@ -358,18 +340,12 @@ fn endpoint(mode: &str, ip: &str) -> String {
 
 /// Waits until `ns`'s nat rules satisfy `done`; the time it took.
 fn until_rules(ns: &Netns, mode: &str, what: &str, done: impl Fn(&str) -> bool) -> Duration {
-    let started = Instant::now();
-    loop {
-        let rules = nat_rules(ns, mode);
-        if done(&rules) {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < TIMEOUT,
-            "{mode}: timed out waiting for {what}; nat rules:\n{rules}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    poll_for(
+        Duration::from_millis(50),
+        || nat_rules(ns, mode),
+        |r| done(r),
+    )
+    .unwrap_or_else(|rules| panic!("{mode}: timed out waiting for {what}; nat rules:\n{rules}"))
 }
 
 /// An EndpointSlice of Service `web` with one ready endpoint per address.

@@ -1,6 +1,6 @@
 //! Shared by the cluster tests: the shared control plane with
 //! `deploy/tabby.yaml` applied once, ServiceAccount tokens, `kubectl auth
-//! can-i`, and the release binaries.
+//! can-i`, Nodes as a kubelet makes them, and the release binaries.
 
 #![allow(dead_code)]
 
@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
 use tabby_testkit::kube::{shared, ControlPlane};
 
 /// Where the manifest's ServiceAccounts live.
@@ -109,4 +112,38 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("a tokio runtime")
+}
+
+/// Creates Node `name` as a kubelet would, in Tabby scope `scope` (its
+/// label), with `annotations` and the InternalIP `internal_ip`.
+pub async fn create_node(
+    nodes: &Api<Node>,
+    scope: &str,
+    name: &str,
+    annotations: serde_json::Value,
+    internal_ip: &str,
+) {
+    let object: Node = serde_json::from_value(json!({
+        "metadata": {
+            "name": name,
+            "labels": {"tabby.dev/scope": scope},
+            "annotations": annotations,
+        }
+    }))
+    .unwrap();
+    nodes.create(&PostParams::default(), &object).await.unwrap();
+    let status = json!({"status": {"addresses": [{"type": "InternalIP", "address": internal_ip}]}});
+    nodes
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+}
+
+/// Merges `annotations` into Node `name`'s (a `null` value removes one).
+pub async fn annotate_node(nodes: &Api<Node>, name: &str, annotations: serde_json::Value) {
+    let patch = json!({"metadata": {"annotations": annotations}});
+    nodes
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
 }
