@@ -136,25 +136,30 @@ fn fails(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// `tabbyctl bgp peer create` of peer `tor` (10.98.0.254) in AS `asn`,
+/// with the flags `more`.
+fn create_tor(datastore: &Path, asn: &str, more: &[&str]) -> Output {
+    let mut args = vec![
+        "bgp",
+        "peer",
+        "create",
+        "--name",
+        "tor",
+        "--peer-ip",
+        "10.98.0.254",
+        "--as-number",
+        asn,
+    ];
+    args.extend_from_slice(more);
+    tabbyctl(datastore, &args)
+}
+
 #[test]
 fn bgp_peer_create_refuses_as_0_and_as_trans() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ds = dir.path().join("ds");
     for asn in ["0", "23456"] {
-        let err = fails(&tabbyctl(
-            &ds,
-            &[
-                "bgp",
-                "peer",
-                "create",
-                "--name",
-                "tor",
-                "--peer-ip",
-                "10.98.0.254",
-                "--as-number",
-                asn,
-            ],
-        ));
+        let err = fails(&create_tor(&ds, asn, &[]));
         assert!(err.contains(&format!("AS {asn}")), "{err}");
     }
     let err = fails(&tabbyctl(
@@ -219,35 +224,12 @@ fn operators_create_list_and_delete_bgp_filters_that_peers_name() {
     );
     assert!(!list.contains("bad"), "{list}");
 
-    let err = fails(&tabbyctl(
-        &ds,
-        &[
-            "bgp",
-            "peer",
-            "create",
-            "--name",
-            "tor",
-            "--peer-ip",
-            "10.98.0.254",
-            "--as-number",
-            "65000",
-            "--filter",
-            "nope",
-        ],
-    ));
+    let err = fails(&create_tor(&ds, "65000", &["--filter", "nope"]));
     assert!(err.contains("BGP filter nope does not exist"), "{err}");
-    stdout(&tabbyctl(
+    stdout(&create_tor(
         &ds,
+        "65000",
         &[
-            "bgp",
-            "peer",
-            "create",
-            "--name",
-            "tor",
-            "--peer-ip",
-            "10.98.0.254",
-            "--as-number",
-            "65000",
             "--filter",
             "allow-default",
             "--filter",
