@@ -259,16 +259,7 @@ mod tests {
     }
 
     fn pool() -> IpPool {
-        IpPool {
-            name: "default-ipv4-ippool".into(),
-            cidr: "10.244.0.0/16".parse().unwrap(),
-            block_size: 26,
-            ipip_mode: EncapMode::Never,
-            vxlan_mode: EncapMode::Never,
-            nat_outgoing: false,
-            disabled: false,
-            node_selector: "all()".into(),
-        }
+        IpPool::new("default-ipv4-ippool", "10.244.0.0/16".parse().unwrap())
     }
 
     fn args(vxlan: Option<Mode>, ipip: Option<Mode>) -> UpdateArgs {

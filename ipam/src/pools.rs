@@ -304,14 +304,9 @@ mod tests {
 
     fn pool(ipip: EncapMode, vxlan: EncapMode) -> IpPool {
         IpPool {
-            name: "p".into(),
-            cidr: "10.244.0.0/16".parse().unwrap(),
-            block_size: 26,
             ipip_mode: ipip,
             vxlan_mode: vxlan,
-            nat_outgoing: false,
-            disabled: false,
-            node_selector: "all()".into(),
+            ..IpPool::new("p", "10.244.0.0/16".parse().unwrap())
         }
     }
 

@@ -390,18 +390,11 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::types::EncapMode;
 
     fn pool(cidr: &str, block_size: u8) -> IpPool {
         IpPool {
-            name: "p".to_string(),
-            cidr: cidr.parse().expect("cidr"),
             block_size,
-            ipip_mode: EncapMode::Never,
-            vxlan_mode: EncapMode::Never,
-            nat_outgoing: false,
-            disabled: false,
-            node_selector: "all()".to_string(),
+            ..IpPool::new("p", cidr.parse().expect("cidr"))
         }
     }
 

@@ -51,6 +51,23 @@ fn default_selector() -> String {
     "all()".to_string()
 }
 
+impl IpPool {
+    /// An enabled pool `name` on `cidr` for every node, with the family's
+    /// default block size, no encapsulation and no NAT.
+    pub fn new(name: impl Into<String>, cidr: IpNetwork) -> IpPool {
+        IpPool {
+            name: name.into(),
+            cidr,
+            block_size: default_block_size(&cidr),
+            ipip_mode: EncapMode::Never,
+            vxlan_mode: EncapMode::Never,
+            nat_outgoing: false,
+            disabled: false,
+            node_selector: default_selector(),
+        }
+    }
+}
+
 /// The default block size for a pool of this address family.
 pub fn default_block_size(cidr: &IpNetwork) -> u8 {
     match cidr {

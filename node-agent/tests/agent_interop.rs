@@ -38,17 +38,8 @@ fn datastore_with(
 ) -> std::path::PathBuf {
     let dir = lab.dir.join("datastore");
     let ipam = Ipam::new(FileDatastore::open(&dir).unwrap());
-    ipam.create_pool(&IpPool {
-        name: "p".into(),
-        cidr: "10.244.1.0/24".parse().unwrap(),
-        block_size: 26,
-        ipip_mode: Default::default(),
-        vxlan_mode: Default::default(),
-        nat_outgoing: false,
-        disabled: false,
-        node_selector: "all()".into(),
-    })
-    .unwrap();
+    ipam.create_pool(&IpPool::new("p", "10.244.1.0/24".parse().unwrap()))
+        .unwrap();
     let got = ipam
         .assign(&AssignArgs {
             handle: "net.c1".into(),

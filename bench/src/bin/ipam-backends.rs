@@ -107,16 +107,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn pool() -> IpPool {
-    IpPool {
-        name: "bench".into(),
-        cidr: "10.200.0.0/16".parse().expect("cidr"),
-        block_size: 26,
-        ipip_mode: Default::default(),
-        vxlan_mode: Default::default(),
-        nat_outgoing: false,
-        disabled: false,
-        node_selector: "all()".into(),
-    }
+    IpPool::new("bench", "10.200.0.0/16".parse().expect("cidr"))
 }
 
 fn args(pod: usize, node: &str) -> AssignArgs {

@@ -13,14 +13,8 @@ use tabby_ipam::{AffinityState, AssignArgs, BlockAffinity, Datastore, IpPool};
 /// A pool named `name` with default flags.
 pub fn pool(name: &str, cidr: &str, block_size: u8) -> IpPool {
     IpPool {
-        name: name.to_string(),
-        cidr: cidr.parse().expect("cidr"),
         block_size,
-        ipip_mode: Default::default(),
-        vxlan_mode: Default::default(),
-        nat_outgoing: false,
-        disabled: false,
-        node_selector: "all()".to_string(),
+        ..IpPool::new(name, cidr.parse().expect("cidr"))
     }
 }
 

@@ -132,14 +132,8 @@ fn a_node_originates_its_confirmed_blocks_and_its_borrowed_addresses() {
 fn the_proxy_learns_the_node_address_its_blocks_and_the_first_enabled_pool() {
     let mut v = view();
     let pool = |cidr: &str, disabled: bool| tabby_ipam::IpPool {
-        name: cidr.into(),
-        cidr: net(cidr),
-        block_size: 26,
-        ipip_mode: Default::default(),
-        vxlan_mode: Default::default(),
-        nat_outgoing: false,
         disabled,
-        node_selector: "all()".into(),
+        ..tabby_ipam::IpPool::new(cidr, net(cidr))
     };
     v.snapshot.pools = vec![pool("10.200.0.0/16", true), pool("10.244.0.0/16", false)];
     let facts = node_facts(&v, "node-1", ip("10.98.0.1"), None);

@@ -30,16 +30,7 @@ fn bgp_peer(name: &str, addr: &str, filters: &[&str]) -> BgpPeer {
 
 fn view(filters: &[&str]) -> ClusterView {
     let mut v = ClusterView::default();
-    v.snapshot.pools = vec![IpPool {
-        name: "default".into(),
-        cidr: net("10.244.0.0/16"),
-        block_size: 26,
-        ipip_mode: Default::default(),
-        vxlan_mode: Default::default(),
-        nat_outgoing: false,
-        disabled: false,
-        node_selector: "all()".into(),
-    }];
+    v.snapshot.pools = vec![IpPool::new("default", net("10.244.0.0/16"))];
     v.snapshot.nodes = ["10.98.0.1", MESH, RR_NODE]
         .iter()
         .enumerate()
