@@ -19,6 +19,7 @@ use std::sync::{Mutex, PoisonError};
 
 use serde_json::Value;
 
+use super::netlink::{NftBatch, NlSocket};
 use super::plan::{plan_port, NftPlan, NftPort, FAMILY, TABLE};
 use super::render::{fixed_sets, render_full, render_partial, NftKernel};
 use super::slots::Slots;
@@ -35,13 +36,35 @@ pub trait NftExec {
     fn apply(&mut self, payload: &str) -> Result<()>;
     /// `nft -j ARGS`: JSON output.
     fn json(&mut self, args: &[&str]) -> Result<String>;
+    /// Element operations as one netlink transaction. `Ok(false)`: not
+    /// applied (no netlink here, or an element it cannot carry); the
+    /// caller applies the payload's text instead.
+    fn apply_batch(&mut self, batch: &NftBatch) -> Result<bool> {
+        let _ = batch;
+        Ok(false)
+    }
 }
 
-/// The `nft` command, optionally inside a network namespace.
-#[derive(Debug, Clone, Default)]
+/// The `nft` command, optionally inside a network namespace, and a netlink
+/// socket there for element-only changes (see `netlink.rs`).
+#[derive(Debug, Default)]
 pub struct NftCli {
     /// Network namespace file to enter (e.g. `/run/netns/NAME`), if any.
     pub netns: Option<PathBuf>,
+    /// Apply every change with `nft -f`, element-only ones too.
+    pub text_only: bool,
+    socket: Option<NlSocket>,
+}
+
+impl Clone for NftCli {
+    /// The same settings; the clone opens its own socket.
+    fn clone(&self) -> Self {
+        Self {
+            netns: self.netns.clone(),
+            text_only: self.text_only,
+            socket: None,
+        }
+    }
 }
 
 impl NftCli {
@@ -49,6 +72,7 @@ impl NftCli {
     pub fn in_netns(path: impl Into<PathBuf>) -> Self {
         Self {
             netns: Some(path.into()),
+            ..Self::default()
         }
     }
 
@@ -75,6 +99,22 @@ impl NftExec for NftCli {
         let mut cmd = self.command();
         cmd.arg("-j").args(args);
         run(cmd, "nft", None)
+    }
+
+    /// A failed batch drops the socket: the next one starts afresh.
+    fn apply_batch(&mut self, batch: &NftBatch) -> Result<bool> {
+        if self.text_only {
+            return Ok(false);
+        }
+        let sock = match &mut self.socket {
+            Some(s) => s,
+            None => self.socket.insert(NlSocket::open(self.netns.as_deref())?),
+        };
+        let result = sock.apply(batch);
+        if result.is_err() {
+            self.socket = None;
+        }
+        result
     }
 }
 
@@ -187,6 +227,11 @@ impl<E: NftExec> Backend for Nftables<E> {
     fn apply(&mut self, payload: &Payload) -> Result<()> {
         if payload.text.is_empty() {
             return Ok(());
+        }
+        if let Some(batch) = &payload.batch {
+            if self.exec.apply_batch(batch)? {
+                return Ok(());
+            }
         }
         self.exec.apply(&payload.text)
     }

@@ -27,6 +27,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use super::ir::{AffinitySet, Chain, Key, Stmt, Value};
+use super::netlink::{NftBatch, SetOp};
 use super::plan::{NftPlan, NftPort, FAMILY, HAIRPIN, SETS, TABLE};
 use super::slots::shard_sets;
 use crate::model::ServiceKey;
@@ -342,6 +343,14 @@ pub fn render_partial(previous: &NftPlan, plan: &NftPlan) -> Payload {
         out.affinity(s);
     }
     keep_shared(plan, &mut del_elems);
+    let elements_only = new_chains.is_empty()
+        && rewrite.is_empty()
+        && removed.is_empty()
+        && new_sets.is_empty()
+        && respec.is_empty();
+    if elements_only {
+        out.p.batch = Some(batch(&del_elems, &add_elems));
+    }
     out.delete_elements(del_elems);
     out.add_elements(add_elems.into_iter().map(|((s, k), v)| (s, k, v)));
     out.declare_maps(new_chains.iter().chain(&rewrite).copied());
@@ -350,6 +359,34 @@ pub fn render_partial(previous: &NftPlan, plan: &NftPlan) -> Payload {
     }
     out.p.nat_chains += rewrite.len();
     out.finish()
+}
+
+/// The element changes as one batch: deletions per set, then additions per set.
+fn batch(
+    del: &BTreeSet<(&'static str, &Key)>,
+    add: &BTreeMap<(&'static str, &Key), Option<&Value>>,
+) -> NftBatch {
+    let mut ops: Vec<SetOp> = Vec::new();
+    let mut push = |delete: bool, set: &'static str, key: &Key, value: Option<&Value>| {
+        match ops.last_mut() {
+            Some(op) if op.delete == delete && op.set == set => {}
+            _ => ops.push(SetOp {
+                delete,
+                set,
+                elements: Vec::new(),
+            }),
+        }
+        if let Some(op) = ops.last_mut() {
+            op.elements.push((key.clone(), value.cloned()));
+        }
+    };
+    for (set, key) in del {
+        push(true, set, key, None);
+    }
+    for ((set, key), value) in add {
+        push(false, set, key, *value);
+    }
+    NftBatch { ops }
 }
 
 /// Keeps the `hairpin` elements that another service port still claims
