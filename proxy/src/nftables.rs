@@ -50,7 +50,7 @@ pub use plan::{
     MARK_MASQ, MASQUERADING, NO_ENDPOINT_NODEPORTS, NO_ENDPOINT_SERVICES, REJECT, SERVICES,
     SERVICE_IPS, SERVICE_NODEPORTS, SETS, TABLE,
 };
-pub use render::{fixed_sets, render_full, render_partial, NftKernel};
+pub use render::{fixed_sets, render_changes, render_full, render_partial, Claims, NftKernel};
 pub use slots::{shard_name, shard_sets, Slots, SHARDS};
 
 /// Plan every service port of `services` and `slices` (as [`crate::generate`] does for iptables).

@@ -13,6 +13,7 @@
 //!
 //! [`NftExec`] is the seam: tests wrap [`NftCli`] to make a transaction fail.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Mutex, PoisonError};
@@ -21,12 +22,12 @@ use serde_json::Value;
 
 use super::netlink::{NftBatch, NlSocket};
 use super::plan::{plan_port, NftPlan, NftPort, FAMILY, TABLE};
-use super::render::{fixed_sets, render_full, render_partial, NftKernel};
+use super::render::{fixed_sets, render_changes, render_full, Claims, NftKernel};
 use super::slots::Slots;
 use crate::backend::{Backend, Counts, Mode};
 use crate::error::{Error, Result};
 use crate::iptables::run;
-use crate::model::ServicePortInfo;
+use crate::model::{ServiceKey, ServicePortInfo};
 use crate::payload::Payload;
 use crate::rules::{Ctx, ProxyOptions};
 
@@ -125,6 +126,9 @@ pub struct Nftables<E = NftCli> {
     pub exec: E,
     /// The endpoint map ranges of the planned dispatch chains.
     slots: Mutex<Slots>,
+    /// The `hairpin` claims of the last rendered plan (a failed apply is
+    /// followed by a full sync, which counts them again).
+    claims: Mutex<Claims>,
 }
 
 impl<E> Nftables<E> {
@@ -133,6 +137,7 @@ impl<E> Nftables<E> {
         Self {
             exec,
             slots: Mutex::default(),
+            claims: Mutex::default(),
         }
     }
 
@@ -206,13 +211,23 @@ impl<E: NftExec> Backend for Nftables<E> {
 
     fn full(&self, plan: &NftPlan, kernel: &NftKernel) -> Payload {
         self.slots().retain(|k| plan.ports.contains_key(k));
+        *self.claims.lock().unwrap_or_else(PoisonError::into_inner) = Claims::of(plan);
         render_full(plan, kernel)
+    }
+
+    fn partial_reads_whole_previous(&self) -> bool {
+        false
     }
 
     /// Frees the ranges of removed service ports: a range reused in a later
     /// sync is rewritten after the old elements are deleted, and a failed
     /// transaction is followed by a full sync, which rewrites every map.
-    fn partial(&self, previous: &NftPlan, plan: &NftPlan) -> Payload {
+    fn partial(
+        &self,
+        previous: &NftPlan,
+        plan: &NftPlan,
+        changed: &BTreeSet<ServiceKey>,
+    ) -> Payload {
         let gone: Vec<_> = previous
             .ports
             .keys()
@@ -221,7 +236,8 @@ impl<E: NftExec> Backend for Nftables<E> {
         if !gone.is_empty() {
             self.slots().retain(|k| !gone.contains(&k));
         }
-        render_partial(previous, plan)
+        let mut claims = self.claims.lock().unwrap_or_else(PoisonError::into_inner);
+        render_changes(previous, plan, changed, &mut claims)
     }
 
     fn apply(&mut self, payload: &Payload) -> Result<()> {

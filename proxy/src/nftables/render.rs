@@ -22,7 +22,7 @@
 //! makes nft list every chain), elements as `add map T M { type … ;
 //! elements = { … } ; }` (not `add element`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::sync::Arc;
 
@@ -272,8 +272,70 @@ fn changed_services(previous: &NftPlan, plan: &NftPlan) -> BTreeSet<ServiceKey> 
     out
 }
 
-/// The payload moving the kernel from `previous` to `plan`.
+/// How many service ports claim each `hairpin` pair (an endpoint address
+/// can serve several): a pair is deleted when its last claim goes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Claims(HashMap<Key, u32>);
+
+impl Claims {
+    /// The claims of every port of `plan`.
+    pub fn of(plan: &NftPlan) -> Self {
+        let mut c = Self::default();
+        c.add(plan.ports.values().map(AsRef::as_ref));
+        c
+    }
+
+    fn pairs<'a>(ports: impl IntoIterator<Item = &'a NftPort>) -> impl Iterator<Item = &'a Key> {
+        ports
+            .into_iter()
+            .flat_map(|p| &p.elements)
+            .filter(|e| e.set == HAIRPIN)
+            .map(|e| &e.key)
+    }
+
+    fn add<'a>(&mut self, ports: impl IntoIterator<Item = &'a NftPort>) {
+        for k in Self::pairs(ports) {
+            *self.0.entry(k.clone()).or_default() += 1;
+        }
+    }
+
+    fn remove<'a>(&mut self, ports: impl IntoIterator<Item = &'a NftPort>) {
+        for k in Self::pairs(ports) {
+            if let Some(n) = self.0.get_mut(k) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.0.remove(k);
+                }
+            }
+        }
+    }
+
+    fn claimed(&self, k: &Key) -> bool {
+        self.0.contains_key(k)
+    }
+}
+
+/// The payload moving the kernel from `previous` to `plan` (both whole plans).
 pub fn render_partial(previous: &NftPlan, plan: &NftPlan) -> Payload {
+    let mut claims = Claims::of(previous);
+    render_changes(
+        previous,
+        plan,
+        &changed_services(previous, plan),
+        &mut claims,
+    )
+}
+
+/// The payload moving the kernel from `previous` to `plan` where only the
+/// services `changed` differ: `previous` needs to hold only their ports
+/// (and the fixed chains), so the work grows with the change, not with the
+/// table. `claims` (of `previous`) become those of `plan`.
+pub fn render_changes(
+    previous: &NftPlan,
+    plan: &NftPlan,
+    changed: &BTreeSet<ServiceKey>,
+    claims: &mut Claims,
+) -> Payload {
     let mut out = Out::new(4096);
     let fixed_changed = previous.fixed != plan.fixed;
     let mut new_chains: Vec<&Chain> = Vec::new();
@@ -286,8 +348,10 @@ pub fn render_partial(previous: &NftPlan, plan: &NftPlan) -> Payload {
     if fixed_changed {
         rewrite.extend(plan.fixed.iter());
     }
-    for svc in changed_services(previous, plan) {
-        let (before, after) = (service_ports(previous, &svc), service_ports(plan, &svc));
+    for svc in changed {
+        let (before, after) = (service_ports(previous, svc), service_ports(plan, svc));
+        claims.remove(before.iter().copied());
+        claims.add(after.iter().copied());
         let old_sets: BTreeMap<&str, u32> = before
             .iter()
             .flat_map(|p| &p.affinity)
@@ -342,7 +406,7 @@ pub fn render_partial(previous: &NftPlan, plan: &NftPlan) -> Payload {
         out.line(format_args!("delete set {FAMILY} {TABLE} {}", s.name));
         out.affinity(s);
     }
-    keep_shared(plan, &mut del_elems);
+    del_elems.retain(|(set, k)| *set != HAIRPIN || !claims.claimed(k));
     let elements_only = new_chains.is_empty()
         && rewrite.is_empty()
         && removed.is_empty()
@@ -387,27 +451,6 @@ fn batch(
         push(false, set, key, *value);
     }
     NftBatch { ops }
-}
-
-/// Keeps the `hairpin` elements that another service port still claims
-/// (an endpoint address can serve several services) out of `del`.
-fn keep_shared(plan: &NftPlan, del: &mut BTreeSet<(&'static str, &Key)>) {
-    let gone: BTreeSet<&Key> = del
-        .iter()
-        .filter(|(set, _)| *set == HAIRPIN)
-        .map(|(_, k)| *k)
-        .collect();
-    if gone.is_empty() {
-        return;
-    }
-    let claimed: BTreeSet<&Key> = plan
-        .ports
-        .values()
-        .flat_map(|p| &p.elements)
-        .filter(|e| e.set == HAIRPIN && gone.contains(&e.key))
-        .map(|e| &e.key)
-        .collect();
-    del.retain(|(set, k)| *set != HAIRPIN || !claimed.contains(k));
 }
 
 /// Element changes of one service: deletions (gone or changed) and additions (new or changed).
