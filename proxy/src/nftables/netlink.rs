@@ -374,7 +374,7 @@ mod tests {
         );
         assert_eq!(
             key_bytes(&Key::ProtoPort(Protocol::Udp, 30053)),
-            [17, 0, 0, 0, 0x75, 0x25, 0, 0]
+            [17, 0, 0, 0, 0x75, 0x65, 0, 0]
         );
         assert_eq!(key_bytes(&Key::Slot(7)), 7u32.to_ne_bytes());
     }
