@@ -11,12 +11,12 @@
 //! drives any [`Backend`]. Two exist: every [`Dataplane`] (iptables-restore)
 //! and [`Nftables`](crate::nftables::Nftables) (one `ip tabby-proxy` table).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::error::Result;
 use super::iptables::{missing_jumps, Dataplane, KernelState};
-use super::model::{Endpoint, ServicePortInfo};
+use super::model::{Endpoint, ServiceKey, ServicePortInfo};
 use super::payload::{nat_rule_count, render_full, render_partial, Extras, Payload};
 use super::rules::{service_port_rules, Ctx, PortKey, ProxyOptions, RuleSet, ServicePortRules};
 
@@ -112,8 +112,20 @@ pub trait Backend {
     fn read_kernel(&mut self) -> Result<Self::Kernel>;
     /// The payload of a full sync (pure).
     fn full(&self, plan: &Self::Plan, kernel: &Self::Kernel) -> Payload;
-    /// The payload moving the kernel from `previous` to `plan` (pure).
-    fn partial(&self, previous: &Self::Plan, plan: &Self::Plan) -> Payload;
+    /// The payload moving the kernel from `previous` to `plan`, where only
+    /// the services `changed` may differ (pure).
+    fn partial(
+        &self,
+        previous: &Self::Plan,
+        plan: &Self::Plan,
+        changed: &BTreeSet<ServiceKey>,
+    ) -> Payload;
+    /// Whether [`Self::partial`] reads all of `previous`; else it needs only
+    /// the fixed part and the ports of the changed services (no copy of the
+    /// whole plan per sync).
+    fn partial_reads_whole_previous(&self) -> bool {
+        true
+    }
     /// Apply a payload in one transaction: all of it or nothing.
     fn apply(&mut self, payload: &Payload) -> Result<()>;
     /// Sizes of a plan.
@@ -172,7 +184,7 @@ impl<D: Dataplane> Backend for D {
         )
     }
 
-    fn partial(&self, previous: &RuleSet, plan: &RuleSet) -> Payload {
+    fn partial(&self, previous: &RuleSet, plan: &RuleSet, _: &BTreeSet<ServiceKey>) -> Payload {
         render_partial(previous, plan, &Extras::default())
     }
 

@@ -33,6 +33,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A system call failed (the nftables netlink socket).
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A helper program printed something that could not be parsed.
     #[error("parse the output of {what}")]
     Parse {

@@ -35,6 +35,7 @@
 
 mod exec;
 mod ir;
+mod netlink;
 mod plan;
 mod render;
 mod slots;
@@ -43,12 +44,13 @@ mod tests;
 
 pub use exec::{parse_kernel, NftCli, NftExec, Nftables};
 pub use ir::{AffinitySet, Chain, Element, Hook, Key, Match, Rule, Stmt, Value, Verdict, VmapKey};
+pub use netlink::{NftBatch, NlSocket, SetOp};
 pub use plan::{
     fixed_chains, plan_port, NftPlan, NftPort, CLUSTER_IPS, FAMILY, FIREWALL_IPS, HAIRPIN,
     MARK_MASQ, MASQUERADING, NO_ENDPOINT_NODEPORTS, NO_ENDPOINT_SERVICES, REJECT, SERVICES,
     SERVICE_IPS, SERVICE_NODEPORTS, SETS, TABLE,
 };
-pub use render::{fixed_sets, render_full, render_partial, NftKernel};
+pub use render::{fixed_sets, render_changes, render_full, render_partial, Claims, NftKernel};
 pub use slots::{shard_name, shard_sets, Slots, SHARDS};
 
 /// Plan every service port of `services` and `slices` (as [`crate::generate`] does for iptables).

@@ -29,6 +29,9 @@ pub struct Payload {
     pub deleted_chains: usize,
     /// Set and map elements written (nftables).
     pub elements: usize,
+    /// The same change as element operations only, when it is only that
+    /// (nftables: applied over netlink, without running nft).
+    pub batch: Option<crate::nftables::NftBatch>,
 }
 
 /// Extra lines a payload carries besides the rule set: jump rules missing

@@ -32,13 +32,34 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tokio::sync::mpsc;
 
-use super::backend::{Backend, DesiredState};
+use super::backend::{Backend, DesiredState, PortPlan};
 use super::conntrack::{stale_udp_flows, Conntrack};
 use super::error::{chain, Result};
 use super::metrics::{ProxyMetrics, SyncRecord};
 use super::model::{service_ports, NodeFacts, ServiceKey, SERVICE_NAME_LABEL};
 use super::payload::Payload;
-use super::rules::{port_key, Ctx, ProxyOptions};
+use super::rules::{port_key, Ctx, PortKey, ProxyOptions};
+
+/// The ports of an applied plan a partial sync replaced (`Some`) or added
+/// (`None`), in order: reverted when the sync fails.
+type Undo<B> = Vec<(
+    PortKey,
+    Option<Arc<<<B as Backend>::Plan as DesiredState>::Port>>,
+)>;
+
+/// Puts back what `undo` lists, last first.
+fn revert<P: DesiredState>(plan: &mut P, undo: Vec<(PortKey, Option<Arc<P::Port>>)>) {
+    for (k, old) in undo.into_iter().rev() {
+        match old {
+            Some(old) => {
+                plan.ports_mut().insert(k, old);
+            }
+            None => {
+                plan.ports_mut().remove(&k);
+            }
+        }
+    }
+}
 
 /// Timing of syncs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -344,12 +365,15 @@ impl<B: Backend, C: Conntrack> Proxier<B, C> {
         plan
     }
 
-    /// The applied plan with the dirty services planned again; `None` when
-    /// the change moves an iptables plan into or out of large cluster mode.
-    fn generate_dirty(&self, applied: &B::Plan) -> Option<B::Plan> {
-        let was_large = self.is_large(applied.endpoint_count());
+    /// Plans the dirty services again into `plan` (the applied plan, in
+    /// place) and returns what they replaced; `None`, with `plan` as it was,
+    /// when the change moves an iptables plan into or out of large cluster mode.
+    fn replan_dirty(&self, plan: &mut B::Plan) -> Option<Undo<B>> {
+        let before = plan.endpoint_count();
+        let was_large = self.is_large(before);
         let ctx = self.ctx(was_large);
-        let mut plan = applied.clone();
+        let mut undo: Undo<B> = Vec::new();
+        let (mut gone, mut added) = (0, 0);
         for key in &self.dirty {
             let start = (key.clone(), String::new(), super::model::Protocol::Tcp);
             let stale: Vec<_> = plan
@@ -359,14 +383,47 @@ impl<B: Backend, C: Conntrack> Proxier<B, C> {
                 .map(|(k, _)| k.clone())
                 .collect();
             for k in stale {
-                plan.ports_mut().remove(&k);
+                let old = plan.ports_mut().remove(&k);
+                gone += old.as_ref().map_or(0, |p| p.info().endpoints.len());
+                undo.push((k, old));
             }
-            if let Some(svc) = self.services.get(key) {
-                self.plan_service(&mut plan, svc, &ctx);
+            let Some(svc) = self.services.get(key) else {
+                continue;
+            };
+            for info in service_ports(svc, &self.slices_of(key), &self.node) {
+                let k = port_key(&info);
+                added += info.endpoints.len();
+                let port = Arc::new(self.backend.plan_port(info, &ctx));
+                let old = plan.ports_mut().insert(k.clone(), port);
+                undo.push((k, old));
             }
         }
-        let switched = self.is_large(plan.endpoint_count()) != was_large;
-        (!switched || !self.backend.uses_large_cluster_mode()).then_some(plan)
+        let switched = self.is_large(before + added - gone.min(before + added)) != was_large;
+        if switched && self.backend.uses_large_cluster_mode() {
+            revert(plan, undo);
+            return None;
+        }
+        Some(undo)
+    }
+
+    /// What `plan` was before `undo`: whole, or only the replaced ports (see
+    /// [`Backend::partial_reads_whole_previous`]).
+    fn previous(&self, plan: &B::Plan, undo: &Undo<B>) -> B::Plan {
+        if self.backend.partial_reads_whole_previous() {
+            let mut previous = plan.clone();
+            revert(&mut previous, undo.clone());
+            return previous;
+        }
+        let mut previous = self.backend.empty_plan(&self.opts);
+        for (k, old) in undo {
+            if let Some(old) = old {
+                previous
+                    .ports_mut()
+                    .entry(k.clone())
+                    .or_insert_with(|| old.clone());
+            }
+        }
+        previous
     }
 
     /// Program the current state now (even before the sources synced):
@@ -376,23 +433,48 @@ impl<B: Backend, C: Conntrack> Proxier<B, C> {
         let full_due = self
             .last_full
             .is_none_or(|t| now >= t + self.cfg.full_resync_period);
-        let partial = match (&self.applied, self.needs_full || full_due) {
-            (Some(applied), false) => self
-                .generate_dirty(applied)
-                .map(|plan| (self.backend.partial(applied, &plan), plan)),
-            _ => None,
+        let partial = match self.applied.take() {
+            Some(mut plan) if !(self.needs_full || full_due) => {
+                match self.replan_dirty(&mut plan) {
+                    Some(undo) => Some((plan, undo)),
+                    None => {
+                        self.applied = Some(plan);
+                        None
+                    }
+                }
+            }
+            applied => {
+                self.applied = applied;
+                None
+            }
         };
         let full = partial.is_none();
-        let result = match partial {
-            Some(p) => Ok(p),
-            None => self.prepare_full(),
+        let prepared = match partial {
+            Some((plan, undo)) => {
+                let previous = self.previous(&plan, &undo);
+                let payload = self.backend.partial(&previous, &plan, &self.dirty);
+                Ok((payload, plan, Some((previous, undo))))
+            }
+            None => self
+                .prepare_full()
+                .map(|(payload, plan)| (payload, plan, None)),
         };
         let restore_started = Instant::now();
-        let result = result
-            .and_then(|(payload, plan)| self.backend.apply(&payload).map(|()| (payload, plan)));
+        let result =
+            prepared.and_then(|(payload, plan, undo)| match self.backend.apply(&payload) {
+                Ok(()) => Ok((payload, plan, undo)),
+                Err(e) => {
+                    if let Some((_, undo)) = undo {
+                        let mut plan = plan;
+                        revert(&mut plan, undo);
+                        self.applied = Some(plan);
+                    }
+                    Err(e)
+                }
+            });
         let restore = restore_started.elapsed();
         self.last_sync = Some(now);
-        let (payload, plan) = match result {
+        let (payload, plan, undo) = match result {
             Ok(ok) => ok,
             Err(e) => {
                 self.needs_full = true;
@@ -406,7 +488,11 @@ impl<B: Backend, C: Conntrack> Proxier<B, C> {
                 return Err(e);
             }
         };
-        self.clean_conntrack(&plan);
+        let previous = match undo {
+            Some((previous, _)) => Some(previous),
+            None => self.applied.take(),
+        };
+        self.clean_conntrack(previous.as_ref(), &plan);
         if full {
             self.last_full = Some(now);
         }
@@ -437,9 +523,11 @@ impl<B: Backend, C: Conntrack> Proxier<B, C> {
         Ok((payload, plan))
     }
 
-    fn clean_conntrack(&mut self, plan: &B::Plan) {
+    /// Deletes the UDP flows of endpoints `plan` dropped (`previous`: the
+    /// plan before, or only its replaced ports; `None` before the first sync).
+    fn clean_conntrack(&mut self, previous: Option<&B::Plan>, plan: &B::Plan) {
         let empty;
-        let previous = match &self.applied {
+        let previous = match previous {
             Some(p) => p,
             None => {
                 empty = self.backend.empty_plan(&self.opts);

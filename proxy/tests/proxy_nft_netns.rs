@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use proxy_support::{load, node, parse_objects};
 use tabby_proxy::conntrack::NoConntrack;
 use tabby_proxy::error::Result;
-use tabby_proxy::nftables::{NftCli, NftExec, NftPlan, Nftables};
+use tabby_proxy::nftables::{Key, NftBatch, NftCli, NftExec, NftPlan, Nftables, SetOp};
 use tabby_proxy::proxier::{Proxier, ProxyEvent, SyncConfig};
 use tabby_proxy::ProxyOptions;
 use tabby_testkit::{require_root, Netns};
@@ -34,6 +34,20 @@ impl NftExec for Exec {
     }
     fn json(&mut self, args: &[&str]) -> Result<String> {
         self.nft.json(args)
+    }
+    /// A failing batch deletes a `hairpin` pair that is not there.
+    fn apply_batch(&mut self, batch: &NftBatch) -> Result<bool> {
+        if std::mem::take(&mut self.fail_next) {
+            let mut broken = batch.clone();
+            let missing = "203.0.113.9".parse().unwrap();
+            broken.ops.push(SetOp {
+                delete: true,
+                set: tabby_proxy::nftables::HAIRPIN,
+                elements: vec![(Key::AddrAddr(missing, missing), None)],
+            });
+            return self.nft.apply_batch(&broken);
+        }
+        self.nft.apply_batch(batch)
     }
 }
 
@@ -217,6 +231,72 @@ endpoints:
 - {addresses: [10.10.1.2], conditions: {ready: true}, nodeName: myk8s-worker}
 - {addresses: [10.10.2.2], conditions: {ready: true}, nodeName: myk8s-worker2}
 "#;
+
+/// hello-service with 10.244.1.3 replaced by 10.244.1.77: same count, so element operations only.
+const HELLO_REPLACED: &str = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: hello-service-abcde, namespace: default, labels: {kubernetes.io/service-name: hello-service}}
+addressType: IPv4
+ports: [{protocol: TCP, port: 8080}]
+endpoints:
+- {addresses: [10.244.0.131], nodeName: worker-node3}
+- {addresses: [10.244.1.77], nodeName: worker-node1}
+- {addresses: [10.244.1.131], nodeName: worker-node2}
+"#;
+
+#[test]
+fn an_endpoint_replaced_is_one_netlink_batch_and_a_failed_batch_changes_nothing() {
+    if !require_root("an_endpoint_replaced_is_one_netlink_batch_and_a_failed_batch_changes_nothing")
+    {
+        return;
+    }
+    let ns = Netns::new("nft");
+    let mut p = proxier(&ns);
+    feed_scenarios(&mut p);
+    let t0 = Instant::now();
+    assert!(p.sync(t0).expect("full sync").full);
+    let (before, before_text) = list(&ns);
+
+    feed(&mut p, vec![], parse_objects(HELLO_REPLACED).1);
+    p.dataplane_mut().exec.fail_next = true;
+    let err = p
+        .sync(t0 + Duration::from_secs(2))
+        .expect_err("the broken batch fails");
+    let chain = tabby_proxy::error::chain(&err);
+    assert!(chain.contains("hairpin"), "{chain}");
+    let (after, after_text) = list(&ns);
+    assert_eq!(
+        before, after,
+        "nothing of the failed batch landed:\n{before_text}\n---\n{after_text}"
+    );
+    let retry = p.sync(t0 + Duration::from_secs(4)).expect("retry");
+    assert!(retry.full, "a failure makes the next sync full");
+    assert_matches(&ns, p.applied().unwrap(), "after the retry");
+
+    feed(&mut p, vec![], parse_objects(HELLO_TWO_LEFT).1);
+    p.sync(t0 + Duration::from_secs(6)).expect("partial sync");
+    feed(&mut p, vec![], parse_objects(HELLO_REPLACED).1);
+    let partial = p.sync(t0 + Duration::from_secs(8)).expect("partial sync");
+    assert!(!partial.full);
+    let batch = partial
+        .payload
+        .batch
+        .as_ref()
+        .expect("element operations only");
+    let sets: BTreeSet<(bool, &str)> = batch.ops.iter().map(|op| (op.delete, op.set)).collect();
+    assert!(
+        sets.iter()
+            .all(|(_, s)| *s == "hairpin" || s.starts_with("endpoints-tcp-")),
+        "only the endpoint's slot and hairpin pair: {batch:?}"
+    );
+    assert_matches(&ns, p.applied().unwrap(), "after the netlink batch");
+    let (_, text) = list(&ns);
+    assert!(
+        text.contains("10.244.1.77 . 8080") && !text.contains("10.244.1.200"),
+        "{text}"
+    );
+}
 
 #[test]
 fn nftables_full_then_partial_syncs_program_exactly_the_planned_table() {

@@ -124,6 +124,19 @@ fn peak_rss_mib() -> f64 {
     kb / 1024.0
 }
 
+/// CPU time (user + system) of the calling thread (Tabby's own work: the syncs run on it).
+fn thread_cpu() -> Duration {
+    match getrusage(UsageWho::RUSAGE_THREAD) {
+        Ok(u) => {
+            let t = |tv: nix::sys::time::TimeVal| {
+                Duration::from_micros(tv.tv_sec() as u64 * 1_000_000 + tv.tv_usec() as u64)
+            };
+            t(u.user_time()) + t(u.system_time())
+        }
+        Err(_) => Duration::ZERO,
+    }
+}
+
 /// CPU time (user + system) of the finished helper programs, and the largest one's peak RSS in MiB.
 fn children() -> (Duration, f64) {
     match getrusage(UsageWho::RUSAGE_CHILDREN) {
@@ -226,6 +239,11 @@ fn node_facts() -> Result<NodeFacts> {
 struct Figures {
     full: Duration,
     endpoint: Duration,
+    /// Of `endpoint`, Tabby's own work (planning, rendering: all but the apply).
+    own: Duration,
+    /// CPU time of one endpoint change: Tabby's thread, and the helper (nft) (medians).
+    own_cpu: Duration,
+    helper_cpu_1ep: Duration,
     added: Duration,
     helper_cpu: Duration,
     rules: i64,
@@ -254,16 +272,21 @@ fn syncs<B: Backend>(p: &mut Proxier<B, NoConntrack>, n: usize) -> Result<Figure
     let full = p.sync(t0)?;
     let bytes = full.payload.text.len();
     dump("full", &full.payload.text);
-    let mut partial = Vec::new();
+    let (mut partial, mut own) = (Vec::new(), Vec::new());
+    let (mut own_cpu, mut helper_1ep) = (Vec::new(), Vec::new());
     for round in 1..=5u64 {
         let mut changed = slice(n / 2);
         changed.endpoints.as_mut().expect("endpoints")[3].addresses =
             vec![format!("10.191.{}.{}", round, n % 250 + 1)];
         p.apply_event(ProxyEvent::SliceUpsert(Box::new(changed)));
+        let (c0, h0) = (thread_cpu(), children().0);
         let r = p.sync(t0 + Duration::from_secs(2 * round))?;
+        own_cpu.push(thread_cpu().saturating_sub(c0));
+        helper_1ep.push(children().0.saturating_sub(h0));
         anyhow::ensure!(!r.full, "expected a partial sync");
         dump(&format!("endpoint-{round}"), &r.payload.text);
         partial.push(r.elapsed);
+        own.push(r.elapsed.saturating_sub(r.restore));
     }
     p.apply_event(ProxyEvent::ServiceUpsert(Box::new(service(n))));
     p.apply_event(ProxyEvent::SliceUpsert(Box::new(slice(n))));
@@ -275,6 +298,9 @@ fn syncs<B: Backend>(p: &mut Proxier<B, NoConntrack>, n: usize) -> Result<Figure
     Ok(Figures {
         full: full.elapsed,
         endpoint: median(partial),
+        own: median(own),
+        own_cpu: median(own_cpu),
+        helper_cpu_1ep: median(helper_1ep),
         added: added.elapsed,
         helper_cpu: cpu1.saturating_sub(cpu0),
         rules: m.nat_rules(),
@@ -337,13 +363,16 @@ fn child(mode: &str, n: usize) -> Result<()> {
         )
     };
     println!(
-        "RESULT {mode:<15} {n:>6} {:>8} {:>7} {:>7} {:>6.1} | {:>9.1} {:>8.1} {:>8.1} {:>8.1} | {:>6.0} {:>6.0} | {latency}",
+        "RESULT {mode:<15} {n:>6} {:>8} {:>7} {:>7} {:>6.1} | {:>9.1} {:>8.1} {:>6.2} {:>5.1}/{:<5.1} {:>8.1} {:>8.1} | {:>6.0} {:>6.0} | {latency}",
         f.rules,
         f.chains,
         f.elements,
         f.bytes as f64 / 1e6,
         ms(f.full),
         ms(f.endpoint),
+        ms(f.own),
+        ms(f.own_cpu),
+        ms(f.helper_cpu_1ep),
         ms(f.added),
         ms(f.helper_cpu),
         peak_rss_mib(),
@@ -442,13 +471,13 @@ fn main() -> Result<()> {
             .join(" ")
     );
     println!("proxy-sync: {ENDPOINTS} endpoints per service; times in ms of wall clock (the machine is shared: see helperCPU)");
-    println!("1ep = one endpoint replaced (median of 5); +svc = one service added; helperCPU = user+sys of iptables-restore/nft over all syncs");
+    println!("1ep = one endpoint replaced (median of 5), own = Tabby's own part of it (all but the apply), 1epCPU = CPU ms of it, Tabby's thread/helper; +svc = one service added; helperCPU = user+sys of iptables-restore/nft over all syncs");
     println!(
         "connect = TCP connect p50/p99 ms to the first and the last service, and last/first p50"
     );
     println!(
-        "{:<15} {:>6} {:>8} {:>7} {:>7} {:>6} | {:>9} {:>8} {:>8} {:>8} | {:>6} {:>6} | connect first last ratio",
-        "mode", "svcs", "rules", "chains", "elems", "MB", "full", "1ep", "+svc", "helperCPU", "rssMiB", "helperMiB"
+        "{:<15} {:>6} {:>8} {:>7} {:>7} {:>6} | {:>9} {:>8} {:>6} {:>11} {:>8} {:>8} | {:>6} {:>6} | connect first last ratio",
+        "mode", "svcs", "rules", "chains", "elems", "MB", "full", "1ep", "own", "1epCPU", "+svc", "helperCPU", "rssMiB", "helperMiB"
     );
     for &n in &sizes {
         for mode in &modes {

@@ -13,19 +13,21 @@
 //!
 //! [`NftExec`] is the seam: tests wrap [`NftCli`] to make a transaction fail.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Mutex, PoisonError};
 
 use serde_json::Value;
 
+use super::netlink::{NftBatch, NlSocket};
 use super::plan::{plan_port, NftPlan, NftPort, FAMILY, TABLE};
-use super::render::{fixed_sets, render_full, render_partial, NftKernel};
+use super::render::{fixed_sets, render_changes, render_full, Claims, NftKernel};
 use super::slots::Slots;
 use crate::backend::{Backend, Counts, Mode};
 use crate::error::{Error, Result};
 use crate::iptables::run;
-use crate::model::ServicePortInfo;
+use crate::model::{ServiceKey, ServicePortInfo};
 use crate::payload::Payload;
 use crate::rules::{Ctx, ProxyOptions};
 
@@ -35,13 +37,35 @@ pub trait NftExec {
     fn apply(&mut self, payload: &str) -> Result<()>;
     /// `nft -j ARGS`: JSON output.
     fn json(&mut self, args: &[&str]) -> Result<String>;
+    /// Element operations as one netlink transaction. `Ok(false)`: not
+    /// applied (no netlink here, or an element it cannot carry); the
+    /// caller applies the payload's text instead.
+    fn apply_batch(&mut self, batch: &NftBatch) -> Result<bool> {
+        let _ = batch;
+        Ok(false)
+    }
 }
 
-/// The `nft` command, optionally inside a network namespace.
-#[derive(Debug, Clone, Default)]
+/// The `nft` command, optionally inside a network namespace, and a netlink
+/// socket there for element-only changes (see `netlink.rs`).
+#[derive(Debug, Default)]
 pub struct NftCli {
     /// Network namespace file to enter (e.g. `/run/netns/NAME`), if any.
     pub netns: Option<PathBuf>,
+    /// Apply every change with `nft -f`, element-only ones too.
+    pub text_only: bool,
+    socket: Option<NlSocket>,
+}
+
+impl Clone for NftCli {
+    /// The same settings; the clone opens its own socket.
+    fn clone(&self) -> Self {
+        Self {
+            netns: self.netns.clone(),
+            text_only: self.text_only,
+            socket: None,
+        }
+    }
 }
 
 impl NftCli {
@@ -49,6 +73,7 @@ impl NftCli {
     pub fn in_netns(path: impl Into<PathBuf>) -> Self {
         Self {
             netns: Some(path.into()),
+            ..Self::default()
         }
     }
 
@@ -76,6 +101,22 @@ impl NftExec for NftCli {
         cmd.arg("-j").args(args);
         run(cmd, "nft", None)
     }
+
+    /// A failed batch drops the socket: the next one starts afresh.
+    fn apply_batch(&mut self, batch: &NftBatch) -> Result<bool> {
+        if self.text_only {
+            return Ok(false);
+        }
+        let sock = match &mut self.socket {
+            Some(s) => s,
+            None => self.socket.insert(NlSocket::open(self.netns.as_deref())?),
+        };
+        let result = sock.apply(batch);
+        if result.is_err() {
+            self.socket = None;
+        }
+        result
+    }
 }
 
 /// nftables mode over an executor.
@@ -85,6 +126,9 @@ pub struct Nftables<E = NftCli> {
     pub exec: E,
     /// The endpoint map ranges of the planned dispatch chains.
     slots: Mutex<Slots>,
+    /// The `hairpin` claims of the last rendered plan (a failed apply is
+    /// followed by a full sync, which counts them again).
+    claims: Mutex<Claims>,
 }
 
 impl<E> Nftables<E> {
@@ -93,6 +137,7 @@ impl<E> Nftables<E> {
         Self {
             exec,
             slots: Mutex::default(),
+            claims: Mutex::default(),
         }
     }
 
@@ -166,13 +211,23 @@ impl<E: NftExec> Backend for Nftables<E> {
 
     fn full(&self, plan: &NftPlan, kernel: &NftKernel) -> Payload {
         self.slots().retain(|k| plan.ports.contains_key(k));
+        *self.claims.lock().unwrap_or_else(PoisonError::into_inner) = Claims::of(plan);
         render_full(plan, kernel)
+    }
+
+    fn partial_reads_whole_previous(&self) -> bool {
+        false
     }
 
     /// Frees the ranges of removed service ports: a range reused in a later
     /// sync is rewritten after the old elements are deleted, and a failed
     /// transaction is followed by a full sync, which rewrites every map.
-    fn partial(&self, previous: &NftPlan, plan: &NftPlan) -> Payload {
+    fn partial(
+        &self,
+        previous: &NftPlan,
+        plan: &NftPlan,
+        changed: &BTreeSet<ServiceKey>,
+    ) -> Payload {
         let gone: Vec<_> = previous
             .ports
             .keys()
@@ -181,12 +236,18 @@ impl<E: NftExec> Backend for Nftables<E> {
         if !gone.is_empty() {
             self.slots().retain(|k| !gone.contains(&k));
         }
-        render_partial(previous, plan)
+        let mut claims = self.claims.lock().unwrap_or_else(PoisonError::into_inner);
+        render_changes(previous, plan, changed, &mut claims)
     }
 
     fn apply(&mut self, payload: &Payload) -> Result<()> {
         if payload.text.is_empty() {
             return Ok(());
+        }
+        if let Some(batch) = &payload.batch {
+            if self.exec.apply_batch(batch)? {
+                return Ok(());
+            }
         }
         self.exec.apply(&payload.text)
     }

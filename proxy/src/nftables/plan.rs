@@ -446,8 +446,14 @@ pub fn plan_port(info: ServicePortInfo, ctx: &Ctx<'_>, slots: &mut Slots) -> Nft
             masq,
             eps,
         };
-        let base = slots.range(&(key.clone(), local), eps.len());
-        chains.push(d.chain(base, ctx, &mut elements));
+        let slot_key = (key.clone(), local);
+        let base = slots.range(&slot_key, eps.len());
+        let targets = eps
+            .iter()
+            .map(|ep| SocketAddrV4::new(ep.ip, ep.port))
+            .collect();
+        let targets = slots.arrange(&slot_key, targets);
+        chains.push(d.chain(base, &targets, ctx, &mut elements));
     }
     let mut affinity = Vec::new();
     if let Some(timeout) = info.affinity_timeout {
@@ -577,10 +583,16 @@ struct Dispatch<'a> {
 impl Dispatch<'_> {
     /// service-… / local-…: mark off-cluster sources, then pick an endpoint:
     /// `dnat ip to numgen random mod N offset K map @endpoints-S` over the
-    /// slots `K..K+N` (its elements go to `elements`), or with ClientIP
+    /// slots `K..K+N`, holding `slotted` in order (its elements go to `elements`), or with ClientIP
     /// affinity the affinity checks and the random spread over endpoint
     /// chains (`numgen random mod (n-i) 0` for endpoint i, the last plain).
-    fn chain(&self, base: u32, ctx: &Ctx<'_>, elements: &mut Vec<Element>) -> Chain {
+    fn chain(
+        &self,
+        base: u32,
+        slotted: &[SocketAddrV4],
+        ctx: &Ctx<'_>,
+        elements: &mut Vec<Element>,
+    ) -> Chain {
         let (info, n) = (self.info, self.names);
         let mut rules = Vec::new();
         let src = match (ctx.opts.masquerade_all, ctx.node.cluster_cidr) {
@@ -605,11 +617,11 @@ impl Dispatch<'_> {
         if info.affinity_timeout.is_none() {
             if !self.eps.is_empty() {
                 let map = shard_of(info.protocol, base);
-                for (slot, ep) in (base..).zip(self.eps) {
+                for (slot, to) in (base..).zip(slotted) {
                     elements.push(Element {
                         set: map,
                         key: Key::Slot(slot),
-                        value: Some(Value::Target(SocketAddrV4::new(ep.ip, ep.port))),
+                        value: Some(Value::Target(*to)),
                     });
                 }
                 let n = u32::try_from(self.eps.len()).unwrap_or(u32::MAX);

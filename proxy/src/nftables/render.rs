@@ -22,11 +22,12 @@
 //! makes nft list every chain), elements as `add map T M { type … ;
 //! elements = { … } ; }` (not `add element`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::sync::Arc;
 
 use super::ir::{AffinitySet, Chain, Key, Stmt, Value};
+use super::netlink::{NftBatch, SetOp};
 use super::plan::{NftPlan, NftPort, FAMILY, HAIRPIN, SETS, TABLE};
 use super::slots::shard_sets;
 use crate::model::ServiceKey;
@@ -271,8 +272,70 @@ fn changed_services(previous: &NftPlan, plan: &NftPlan) -> BTreeSet<ServiceKey> 
     out
 }
 
-/// The payload moving the kernel from `previous` to `plan`.
+/// How many service ports claim each `hairpin` pair (an endpoint address
+/// can serve several): a pair is deleted when its last claim goes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Claims(HashMap<Key, u32>);
+
+impl Claims {
+    /// The claims of every port of `plan`.
+    pub fn of(plan: &NftPlan) -> Self {
+        let mut c = Self::default();
+        c.add(plan.ports.values().map(AsRef::as_ref));
+        c
+    }
+
+    fn pairs<'a>(ports: impl IntoIterator<Item = &'a NftPort>) -> impl Iterator<Item = &'a Key> {
+        ports
+            .into_iter()
+            .flat_map(|p| &p.elements)
+            .filter(|e| e.set == HAIRPIN)
+            .map(|e| &e.key)
+    }
+
+    fn add<'a>(&mut self, ports: impl IntoIterator<Item = &'a NftPort>) {
+        for k in Self::pairs(ports) {
+            *self.0.entry(k.clone()).or_default() += 1;
+        }
+    }
+
+    fn remove<'a>(&mut self, ports: impl IntoIterator<Item = &'a NftPort>) {
+        for k in Self::pairs(ports) {
+            if let Some(n) = self.0.get_mut(k) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.0.remove(k);
+                }
+            }
+        }
+    }
+
+    fn claimed(&self, k: &Key) -> bool {
+        self.0.contains_key(k)
+    }
+}
+
+/// The payload moving the kernel from `previous` to `plan` (both whole plans).
 pub fn render_partial(previous: &NftPlan, plan: &NftPlan) -> Payload {
+    let mut claims = Claims::of(previous);
+    render_changes(
+        previous,
+        plan,
+        &changed_services(previous, plan),
+        &mut claims,
+    )
+}
+
+/// The payload moving the kernel from `previous` to `plan` where only the
+/// services `changed` differ: `previous` needs to hold only their ports
+/// (and the fixed chains), so the work grows with the change, not with the
+/// table. `claims` (of `previous`) become those of `plan`.
+pub fn render_changes(
+    previous: &NftPlan,
+    plan: &NftPlan,
+    changed: &BTreeSet<ServiceKey>,
+    claims: &mut Claims,
+) -> Payload {
     let mut out = Out::new(4096);
     let fixed_changed = previous.fixed != plan.fixed;
     let mut new_chains: Vec<&Chain> = Vec::new();
@@ -285,8 +348,10 @@ pub fn render_partial(previous: &NftPlan, plan: &NftPlan) -> Payload {
     if fixed_changed {
         rewrite.extend(plan.fixed.iter());
     }
-    for svc in changed_services(previous, plan) {
-        let (before, after) = (service_ports(previous, &svc), service_ports(plan, &svc));
+    for svc in changed {
+        let (before, after) = (service_ports(previous, svc), service_ports(plan, svc));
+        claims.remove(before.iter().copied());
+        claims.add(after.iter().copied());
         let old_sets: BTreeMap<&str, u32> = before
             .iter()
             .flat_map(|p| &p.affinity)
@@ -341,7 +406,15 @@ pub fn render_partial(previous: &NftPlan, plan: &NftPlan) -> Payload {
         out.line(format_args!("delete set {FAMILY} {TABLE} {}", s.name));
         out.affinity(s);
     }
-    keep_shared(plan, &mut del_elems);
+    del_elems.retain(|(set, k)| *set != HAIRPIN || !claims.claimed(k));
+    let elements_only = new_chains.is_empty()
+        && rewrite.is_empty()
+        && removed.is_empty()
+        && new_sets.is_empty()
+        && respec.is_empty();
+    if elements_only {
+        out.p.batch = Some(batch(&del_elems, &add_elems));
+    }
     out.delete_elements(del_elems);
     out.add_elements(add_elems.into_iter().map(|((s, k), v)| (s, k, v)));
     out.declare_maps(new_chains.iter().chain(&rewrite).copied());
@@ -352,25 +425,32 @@ pub fn render_partial(previous: &NftPlan, plan: &NftPlan) -> Payload {
     out.finish()
 }
 
-/// Keeps the `hairpin` elements that another service port still claims
-/// (an endpoint address can serve several services) out of `del`.
-fn keep_shared(plan: &NftPlan, del: &mut BTreeSet<(&'static str, &Key)>) {
-    let gone: BTreeSet<&Key> = del
-        .iter()
-        .filter(|(set, _)| *set == HAIRPIN)
-        .map(|(_, k)| *k)
-        .collect();
-    if gone.is_empty() {
-        return;
+/// The element changes as one batch: deletions per set, then additions per set.
+fn batch(
+    del: &BTreeSet<(&'static str, &Key)>,
+    add: &BTreeMap<(&'static str, &Key), Option<&Value>>,
+) -> NftBatch {
+    let mut ops: Vec<SetOp> = Vec::new();
+    let mut push = |delete: bool, set: &'static str, key: &Key, value: Option<&Value>| {
+        match ops.last_mut() {
+            Some(op) if op.delete == delete && op.set == set => {}
+            _ => ops.push(SetOp {
+                delete,
+                set,
+                elements: Vec::new(),
+            }),
+        }
+        if let Some(op) = ops.last_mut() {
+            op.elements.push((key.clone(), value.cloned()));
+        }
+    };
+    for (set, key) in del {
+        push(true, set, key, None);
     }
-    let claimed: BTreeSet<&Key> = plan
-        .ports
-        .values()
-        .flat_map(|p| &p.elements)
-        .filter(|e| e.set == HAIRPIN && gone.contains(&e.key))
-        .map(|e| &e.key)
-        .collect();
-    del.retain(|(set, k)| *set != HAIRPIN || !claimed.contains(k));
+    for ((set, key), value) in add {
+        push(false, set, key, *value);
+    }
+    NftBatch { ops }
 }
 
 /// Element changes of one service: deletions (gone or changed) and additions (new or changed).

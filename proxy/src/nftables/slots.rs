@@ -13,7 +13,8 @@
 //! it 256 times, and more maps would slow the kernel's lookup of a set by
 //! name, which walks the table's list of sets.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddrV4;
 use std::sync::LazyLock;
 
 use crate::model::Protocol;
@@ -81,12 +82,14 @@ pub fn shard_of(proto: Protocol, base: u32) -> &'static str {
 /// Which dispatch chain of a service port a range belongs to.
 pub type SlotKey = (PortKey, bool);
 
-/// The ranges handed out: each dispatch chain's, and the free ones by size.
+/// The ranges handed out: each dispatch chain's, and the free ones by size;
+/// and the order of each chain's endpoints in its range.
 #[derive(Debug, Default)]
 pub struct Slots {
     next: u32,
     taken: HashMap<SlotKey, (u32, u32)>,
     free: BTreeMap<u32, Vec<u32>>,
+    order: HashMap<SlotKey, Vec<SocketAddrV4>>,
 }
 
 impl Slots {
@@ -113,8 +116,35 @@ impl Slots {
         base
     }
 
+    /// `eps` in the order of `key`'s slots: an endpoint keeps the slot it
+    /// had, a new one takes a freed slot, and when fewer are left the last
+    /// ones move into the holes. So replacing one endpoint rewrites one
+    /// slot, not every slot after it. The first order is `eps`'.
+    pub fn arrange(&mut self, key: &SlotKey, eps: Vec<SocketAddrV4>) -> Vec<SocketAddrV4> {
+        let want: HashSet<SocketAddrV4> = eps.iter().copied().collect();
+        let out = match self.order.get(key) {
+            Some(prev) if want.len() == eps.len() => {
+                let mut slots: Vec<Option<SocketAddrV4>> = prev
+                    .iter()
+                    .map(|a| want.contains(a).then_some(*a))
+                    .collect();
+                let kept: HashSet<SocketAddrV4> = slots.iter().flatten().copied().collect();
+                let mut new = eps.into_iter().filter(|a| !kept.contains(a));
+                for slot in slots.iter_mut().filter(|s| s.is_none()) {
+                    *slot = new.next();
+                }
+                slots.extend(new.map(Some));
+                compact(slots)
+            }
+            _ => eps,
+        };
+        self.order.insert(key.clone(), out.clone());
+        out
+    }
+
     /// Frees the ranges of the service ports `keep` rejects.
     pub fn retain(&mut self, mut keep: impl FnMut(&PortKey) -> bool) {
+        self.order.retain(|(port, _), _| keep(port));
         let free = &mut self.free;
         self.taken.retain(|(port, _), (base, cap)| {
             let kept = keep(port);
@@ -123,5 +153,65 @@ impl Slots {
             }
             kept
         });
+    }
+}
+
+/// Fills the holes of `slots` with the last endpoints, keeping the rest in place.
+fn compact(mut slots: Vec<Option<SocketAddrV4>>) -> Vec<SocketAddrV4> {
+    let mut i = 0;
+    while i < slots.len() {
+        if slots[i].is_none() {
+            while slots.last().is_some_and(Option::is_none) {
+                slots.pop();
+            }
+            if i < slots.len() {
+                slots.swap_remove(i);
+            }
+        }
+        i += 1;
+    }
+    slots.into_iter().flatten().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(i: u8) -> SocketAddrV4 {
+        SocketAddrV4::new([10, 0, 0, i].into(), 80)
+    }
+
+    #[test]
+    fn endpoints_keep_their_slots_and_the_last_ones_fill_the_holes() {
+        let mut s = Slots::default();
+        let key: SlotKey = (
+            (
+                crate::model::ServiceKey {
+                    namespace: "ns".into(),
+                    name: "a".into(),
+                },
+                String::new(),
+                Protocol::Tcp,
+            ),
+            false,
+        );
+        let first: Vec<_> = (1..=4).map(ep).collect();
+        assert_eq!(s.arrange(&key, first.clone()), first);
+        let replaced = vec![ep(1), ep(2), ep(4), ep(9)];
+        assert_eq!(
+            s.arrange(&key, replaced),
+            [ep(1), ep(2), ep(9), ep(4)],
+            "9 takes 3's slot"
+        );
+        assert_eq!(
+            s.arrange(&key, vec![ep(2), ep(4), ep(9)]),
+            [ep(4), ep(2), ep(9)],
+            "the last (4) moves into 1's slot"
+        );
+        assert_eq!(
+            s.arrange(&key, vec![ep(2), ep(9), ep(4), ep(5)]),
+            [ep(4), ep(2), ep(9), ep(5)]
+        );
+        assert_eq!(s.arrange(&key, vec![ep(5)]), [ep(5)]);
     }
 }
