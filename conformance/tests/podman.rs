@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use tabby_conformance::containerd::busybox_rootfs;
 use tabby_conformance::{
-    assert_containers_reach_each_other_and_the_host, assert_released, conflist, files_mentioning,
-    plugins_dir, ready, release_dir, runtime_host, tabby_plugin, unique_octet,
+    assert_containers_reach_each_other_and_the_host, assert_released, conflist, plugins_dir, ready,
+    release_dir, runtime_host, tabby_plugin, unique_octet,
 };
 use tabby_testkit::{eventually, run_ok, unique, Netns};
 

@@ -259,8 +259,8 @@ fn two_agents_find_each_other_through_their_node_watches_and_follow_the_api_acro
     tabby_testkit::netns::veth_pair(&na, "eth0", "10.77.0.1/24", &nb, "eth0", "10.77.0.2/24");
     forward_apiserver(&na, *apiserver);
     forward_apiserver(&nb, *apiserver);
-    let _a = start_agent(&na, "a", "10.77.0.1", &scope, &cp, dir.path(), NO_PROXY);
-    let _b = start_agent(&nb, "b", "10.77.0.2", &scope, &cp, dir.path(), NO_PROXY);
+    let _a = start_agent(&na, "a", "10.77.0.1", scope, cp, dir.path(), NO_PROXY);
+    let _b = start_agent(&nb, "b", "10.77.0.2", scope, cp, dir.path(), NO_PROXY);
     let up =
         |rows: &[(String, String)], addr: &str| rows.iter().any(|(a, s)| a == addr && s == "up");
     let took = until(dir.path(), "a", "the session with b", |r| {
@@ -273,7 +273,7 @@ fn two_agents_find_each_other_through_their_node_watches_and_follow_the_api_acro
 
     let rt = runtime();
     let nodes: Api<Node> = rt.block_on(async { Api::all(cp.client()) });
-    kubelet_node(&rt, &nodes, &scope, "c", "10.77.0.3");
+    kubelet_node(&rt, &nodes, scope, "c", "10.77.0.3");
     let took = until(dir.path(), "a", "c at its InternalIP", |r| {
         addresses(r) == ["10.77.0.2", "10.77.0.3"]
     });
@@ -298,7 +298,7 @@ fn two_agents_find_each_other_through_their_node_watches_and_follow_the_api_acro
         &format!("{scope}.c"),
         json!({"tabby.dev/registered": null}),
     ));
-    kubelet_node(&rt, &nodes, &scope, "d", "10.77.0.4");
+    kubelet_node(&rt, &nodes, scope, "d", "10.77.0.4");
     for name in ["a", "b"] {
         let me = if name == "a" {
             "10.77.0.2"
@@ -378,7 +378,7 @@ fn proxy_follows_the_api(mode: &str) {
         "[proxy]\nenabled = true\nsource = \"kubernetes\"\nmode = \"{mode}\"\nbackend = \"nft\"\n\
          min_sync_period_ms = 50\ncluster_cidr = \"10.244.0.0/16\"\n"
     );
-    let _agent = start_agent(&ns, "p", "10.78.0.1", &scope, &cp, dir.path(), &proxy);
+    let _agent = start_agent(&ns, "p", "10.78.0.1", scope, cp, dir.path(), &proxy);
 
     let rt = runtime();
     let (services, slices): (Api<Service>, Api<EndpointSlice>) = rt.block_on(async {

@@ -466,7 +466,7 @@ impl State {
             prob: self.prob * (1.0 - p),
             ..self.clone()
         });
-        let matched = (p > 0.0).then(|| State {
+        let matched = (p > 0.0).then_some(State {
             prob: self.prob * p,
             ..self
         });
