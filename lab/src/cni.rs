@@ -17,18 +17,16 @@ use crate::state::StateDir;
 pub const NETWORK: &str = "k8s-pod-network";
 /// The pods' Kubernetes namespace.
 pub const POD_NAMESPACE: &str = "default";
-/// The pods' MTU (VXLAN-sized, so every encapsulation fits).
-pub const MTU: u32 = 1450;
-
 /// The network config a runtime hands the plugin on `node`: the conflist's
-/// single entry.
+/// single entry. The pods' MTU comes from the file `node`'s agent writes
+/// (its uplink's less the overhead of the pools' encapsulation).
 pub fn net_conf(node: &str, dir: &StateDir) -> Value {
     json!({
         "cniVersion": "1.1.0",
         "name": NETWORK,
         "type": "tabby",
         "nodename": node,
-        "mtu": MTU,
+        "mtuFile": dir.agent_mtu_file(node),
         "log_file": dir.cni_log(node),
         "ipam": {
             "type": "tabby-ipam",
@@ -136,7 +134,11 @@ mod tests {
         let conf = net_conf("node-1", &StateDir::new("/run/tabby-lab"));
         assert_eq!(conf["type"], "tabby");
         assert_eq!(conf["nodename"], "node-1");
-        assert_eq!(conf["mtu"], 1450);
+        assert_eq!(conf["mtuFile"], "/run/tabby-lab/node-1.mtu");
+        assert!(
+            conf.get("mtu").is_none(),
+            "a fixed MTU would win over the file"
+        );
         assert_eq!(conf["log_file"], "/run/tabby-lab/cni-node-1.log");
         assert_eq!(
             conf["ipam"]["datastore"]["path"],

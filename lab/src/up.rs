@@ -124,6 +124,8 @@ fn build(lab: &Lab, opts: &Options) -> anyhow::Result<()> {
         state.save(&lab.dir)?;
         if started.process().is_none() {
             agents_down.push(node.clone());
+        } else {
+            wait_for_mtu_file(lab, &node);
         }
         let what = started.describe(&lab.bin_dir.join("tabby-node"), &lab.dir.agent_log(&node));
         println!(
@@ -207,6 +209,23 @@ fn network(lab: &Lab, state: &mut LabState) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits (bounded) until `node`'s agent has written the pods' MTU file the
+/// plugin reads, so that the node's pods get the encapsulation's MTU.
+fn wait_for_mtu_file(lab: &Lab, node: &str) {
+    let file = lab.dir.agent_mtu_file(node);
+    let start = std::time::Instant::now();
+    while !file.is_file() {
+        if start.elapsed() > MTU_FILE_DEADLINE {
+            println!(
+                "WARNING: {node}'s agent wrote no {} within {MTU_FILE_DEADLINE:?}: its pods take the plugin's own MTU guess",
+                file.display()
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Waits until every agent reports a BGP session Established with every
 /// other node (what `tabbyctl node status` shows), so that `status` right
 /// after `up` shows no peer missing; prints how long it took.
@@ -250,6 +269,8 @@ pub fn wait_for_sessions(lab: &Lab, state: &LabState) {
 
 /// How long `up` waits for BGP to spread every block to every node.
 const CONVERGENCE_DEADLINE: Duration = Duration::from_secs(30);
+/// How long an agent gets to write its MTU file before its pods are made.
+const MTU_FILE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Waits until every node's kernel holds a `proto 201` route for every block
 /// (a blackhole for its own, a route via its owner for the others), so that

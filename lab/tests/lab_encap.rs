@@ -1,8 +1,8 @@
 //! Encapsulation and egress in the lab (root only; each test has a lab of
 //! its own, torn down on drop): VXLAN Always and CrossSubnet across two
 //! underlay subnets, a pool's mode switched while the pods keep running,
-//! and `--encap ipip` on a kernel without ipip. (natOutgoing's test waits
-//! for the agent's MASQUERADE: branch encap-lab has it.)
+//! natOutgoing towards the "internet", the pods' MTU from their agent's
+//! MTU file, and `--encap ipip` on a kernel without ipip.
 //!
 //! What the wire shows comes from the lab's underlay counters: the underlay
 //! namespace counts UDP 4789 frames it bridges inside a subnet and packets
@@ -175,6 +175,66 @@ fn vxlan_growth(lab: &TestLab, from: &Pod, to: &Pod) -> (u64, u64) {
     (b1 - b0, r1 - r0)
 }
 
+/// What the underlay sees of pod traffic between two nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    /// No UDP 4789 at all.
+    Native,
+    /// UDP 4789 on the bridge, inside one subnet.
+    InSubnet,
+    /// UDP 4789 through the router, between subnets.
+    Routed,
+}
+
+/// Asserts what the underlay counters show while `from` asks `to` five times.
+fn assert_wire(lab: &TestLab, from: &Pod, to: &Pod, want: Wire) {
+    let (bridged, routed) = vxlan_growth(lab, from, to);
+    let ok = match want {
+        Wire::Native => (bridged, routed) == (0, 0),
+        Wire::InSubnet => bridged > 0 && routed == 0,
+        Wire::Routed => bridged == 0 && routed > 0,
+    };
+    assert!(
+        ok,
+        "{} -> {}: want {want:?}, saw {bridged} UDP 4789 bridged, {routed} routed",
+        from.node, to.node
+    );
+}
+
+/// Waits until every pod pair of a three-node lab reaches every other;
+/// returns the pods and the ones on node-1, node-2 and node-3.
+fn three_nodes_reaching(lab: &TestLab, what: &str) -> (Vec<Pod>, [Pod; 3]) {
+    let pods = pods(lab);
+    wait_all_pairs(&pods, what);
+    let trio = ["node-1", "node-2", "node-3"].map(|n| by_node(&pods, n).clone());
+    (pods, trio)
+}
+
+/// The MTU of `dev` in namespace `ns`.
+fn mtu(ns: &str, dev: &str) -> u64 {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-j", "link", "show", "dev", dev])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ip: {}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v[0]["mtu"].as_u64().expect("an mtu")
+}
+
+/// Asserts every pod's eth0 MTU is its node uplink's less `overhead`.
+fn assert_pod_mtu(lab: &TestLab, pods: &[Pod], overhead: u64) {
+    for p in pods {
+        let uplink = mtu(&format!("{}-{}", lab.prefix, p.node), "eth0");
+        assert_eq!(
+            mtu(&p.netns, "eth0"),
+            uplink - overhead,
+            "{}'s eth0 on {} (uplink {uplink})",
+            p.name,
+            p.node
+        );
+    }
+}
+
 fn set_vxlan_mode(lab: &TestLab, mode: &str) {
     let out = lab.run(&["tabbyctl", "pool", "update", POOL, "--vxlan-mode", mode]);
     assert!(out.contains("Successfully updated"), "{out}");
@@ -206,26 +266,15 @@ fn vxlan_always_on_two_subnets_carries_every_pod_pair_through_vxlan_tabby() {
     assert!(out.contains("br1 10.98.1.254/24"), "{out}");
     assert_eq!(node_address(&lab, "node-2"), "10.98.1.2");
     assert_eq!(node_address(&lab, "node-3"), "10.98.0.3");
-    let pods = pods(&lab);
-    wait_all_pairs(&pods, "vxlan Always on two subnets");
-
+    let (pods, [p1, p2, p3]) = three_nodes_reaching(&lab, "vxlan Always on two subnets");
+    assert_pod_mtu(&lab, &pods, 50);
     let before: Vec<u64> = ["node-1", "node-2", "node-3"]
         .iter()
         .map(|n| vxlan_packets(&lab, n))
         .collect();
-    let (p1, p2, p3) = (
-        by_node(&pods, "node-1"),
-        by_node(&pods, "node-2"),
-        by_node(&pods, "node-3"),
-    );
     // Same subnet (node-1, node-3): VXLAN on the bridge; across: routed VXLAN.
-    let (bridged, _) = vxlan_growth(&lab, p1, p3);
-    assert!(bridged > 0, "node-1 -> node-3 sent no VXLAN on the bridge");
-    let (_, routed) = vxlan_growth(&lab, p2, p1);
-    assert!(
-        routed > 0,
-        "node-2 -> node-1 sent no VXLAN through the router"
-    );
+    assert_wire(&lab, &p1, &p3, Wire::InSubnet);
+    assert_wire(&lab, &p2, &p1, Wire::Routed);
     for (i, node) in ["node-1", "node-2", "node-3"].iter().enumerate() {
         let now = vxlan_packets(&lab, node);
         assert!(now > before[i], "{node}: vxlan.tabby counters did not grow");
@@ -260,41 +309,23 @@ fn crosssubnet_encapsulates_only_between_subnets_and_mode_switches_reroute_runni
         "--encap",
         "vxlan-crosssubnet",
     ]);
-    let pods = pods(&lab);
-    wait_all_pairs(&pods, "vxlan CrossSubnet on two subnets");
-    let (p1, p2, p3) = (
-        by_node(&pods, "node-1"),
-        by_node(&pods, "node-2"),
-        by_node(&pods, "node-3"),
-    );
+    let (pods, [p1, p2, p3]) = three_nodes_reaching(&lab, "vxlan CrossSubnet on two subnets");
     // Inside a subnet: native, no UDP 4789 anywhere; across: VXLAN, routed.
-    assert_eq!(
-        vxlan_growth(&lab, p1, p3),
-        (0, 0),
-        "node-1 <-> node-3 encapsulated"
-    );
-    assert_eq!(
-        vxlan_growth(&lab, p3, p1),
-        (0, 0),
-        "node-3 <-> node-1 encapsulated"
-    );
-    let (bridged, routed) = vxlan_growth(&lab, p1, p2);
-    assert!(
-        bridged == 0 && routed > 0,
-        "node-1 -> node-2: {bridged} bridged, {routed} routed"
-    );
+    assert_wire(&lab, &p1, &p3, Wire::Native);
+    assert_wire(&lab, &p3, &p1, Wire::Native);
+    assert_wire(&lab, &p1, &p2, Wire::Routed);
 
     // CrossSubnet -> Always while the pods run: same-subnet traffic takes VXLAN too.
     set_vxlan_mode(&lab, "Always");
     let took = wait_all_pairs(&pods, "after CrossSubnet -> Always");
     eprintln!("every pair reached again {took:?} after the switch to Always");
     wait_until("node-1 -> node-3 through VXLAN after the switch", || {
-        vxlan_growth(&lab, p1, p3).0 > 0
+        vxlan_growth(&lab, &p1, &p3).0 > 0
     });
     // Always -> CrossSubnet: native inside the subnet again.
     set_vxlan_mode(&lab, "CrossSubnet");
     wait_until("node-1 <-> node-3 native after the switch back", || {
-        vxlan_growth(&lab, p1, p3) == (0, 0) && vxlan_growth(&lab, p3, p1) == (0, 0)
+        vxlan_growth(&lab, &p1, &p3) == (0, 0) && vxlan_growth(&lab, &p3, &p1) == (0, 0)
     });
     wait_all_pairs(&pods, "after Always -> CrossSubnet");
 
@@ -307,6 +338,83 @@ fn crosssubnet_encapsulates_only_between_subnets_and_mode_switches_reroute_runni
             p.name
         );
     }
+}
+
+#[test]
+fn nat_outgoing_shows_the_internet_the_node_address_and_when_off_the_pod_address() {
+    if !require_root(
+        "nat_outgoing_shows_the_internet_the_node_address_and_when_off_the_pod_address",
+    ) {
+        return;
+    }
+    let lab = TestLab::new("no");
+    let out = lab.run(&["up", "--nodes", "2", "--pods-per-node", "1"]);
+    assert!(out.contains("natOutgoing true"), "{out}");
+    let pods = pods(&lab);
+    // No encapsulation: the pods get their uplink's whole MTU.
+    assert_pod_mtu(&lab, &pods, 0);
+    let pod = by_node(&pods, "node-2");
+    let node = node_address(&lab, "node-2");
+    let server: SocketAddr = "203.0.113.10:80".parse().unwrap();
+
+    // On (the default): the server sees node-2's address, never the pod's.
+    let mut body = String::new();
+    wait_until("the internet server answering through the NAT", || {
+        get_from(&pod.netns, server, Duration::from_millis(500))
+            .map(|b| body = b)
+            .is_ok()
+    });
+    assert!(body.contains(&format!("RemoteAddr: {node}:")), "{body}");
+    assert!(
+        !syn_sources(&lab).contains(&pod.ip),
+        "{:?}",
+        syn_sources(&lab)
+    );
+
+    // Off: the SYN arrives from the pod's own address (and its answer has
+    // no way back: the internet knows no route to the pods).
+    let off = lab.run(&[
+        "tabbyctl",
+        "pool",
+        "update",
+        POOL,
+        "--nat-outgoing",
+        "false",
+    ]);
+    assert!(off.contains("natOutgoing false"), "{off}");
+    wait_until("a SYN from the pod's own address", || {
+        let _ = get_from(&pod.netns, server, Duration::from_millis(300));
+        syn_sources(&lab).contains(&pod.ip)
+    });
+    assert!(
+        get_from(&pod.netns, server, Duration::from_millis(500)).is_err(),
+        "the internet answered a pod address it has no route to"
+    );
+    let status = lab.run(&["status"]);
+    assert!(
+        status.contains("TCP SYNs seen from [") && status.contains(&pod.ip),
+        "{status}"
+    );
+}
+
+/// The source addresses of the SYNs the internet namespace received.
+fn syn_sources(lab: &TestLab) -> Vec<String> {
+    let ns = format!("{}-internet", lab.prefix);
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns, "nft", "-j", "list", "set", "ip"])
+        .args(["tabby-lab", "syn_sources"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "nft: {}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["set"]["elem"].as_array())
+        .flatten()
+        .filter_map(|e| e.as_str().map(String::from))
+        .collect()
 }
 
 #[test]

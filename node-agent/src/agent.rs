@@ -36,6 +36,7 @@ use crate::desired::{
 };
 use crate::encap::{EncapRoutes, EncapStatus, Encapsulation};
 use crate::error::{AgentError, Result};
+use crate::nat_outgoing::{plan::plan as nat_plan, KernelNat, NatOutgoing};
 use crate::plan::{plan_peers, plan_prefixes, PeerPlan};
 use crate::policy::ImportPolicy;
 use crate::register::{load_view, register_node};
@@ -150,6 +151,10 @@ pub struct Agent<D: Datastore, B: BgpControl> {
     /// Tunnel devices, addresses and the MTU file (blocking: used off the workers).
     encap: Arc<Mutex<Encapsulation>>,
     encap_status: EncapStatus,
+    /// natOutgoing's chain and sets (blocking: used off the workers).
+    nat: Arc<Mutex<NatOutgoing<KernelNat>>>,
+    /// The last natOutgoing failure, logged once until it changes.
+    nat_error: Option<String>,
 }
 
 /// The index of the uplink: the configured interface, else the one holding `bgp_address`.
@@ -196,7 +201,14 @@ impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
             uplink,
             cfg.mtu_file.clone(),
         );
+        let backend = crate::service_proxy::iptables_backend(&cfg.proxy);
+        info!(
+            backend = backend.name(),
+            "natOutgoing uses the proxy's iptables flavour"
+        );
         Ok(Self {
+            nat: Arc::new(Mutex::new(NatOutgoing::new(KernelNat::host(backend)))),
+            nat_error: None,
             encap: Arc::new(Mutex::new(encap)),
             encap_status: EncapStatus::default(),
             cfg,
@@ -340,6 +352,7 @@ impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
             return;
         };
         let encap_routes = self.sync_encap(&view).await;
+        self.sync_nat(&view).await;
         let me = self.cfg.node_name.clone();
         // Originate first: a session that comes up in this pass sends them at once.
         let prefixes = local_prefixes(&view, &me);
@@ -405,6 +418,31 @@ impl<D: Datastore + 'static, B: BgpControl> Agent<D, B> {
                 None
             }
         }
+    }
+
+    /// One natOutgoing pass off the workers (acts only when the pools or
+    /// nodes moved, or the last pass failed); a failure is logged with its
+    /// chain when it first shows and kept in the status errors.
+    async fn sync_nat(&mut self, view: &ClusterView) {
+        let (nat, want) = (Arc::clone(&self.nat), nat_plan(view));
+        let pass = move || nat.lock().ok().map(|mut n| n.sync(&want));
+        let failed = match tokio::task::spawn_blocking(pass).await {
+            Ok(Some(Ok(_))) | Ok(None) => None,
+            Ok(Some(Err(e))) => Some(format!("natOutgoing: {}", chain(&e))),
+            Err(e) => Some(format!("natOutgoing pass panicked: {}", chain(&e))),
+        };
+        if failed.is_some() && failed != self.nat_error {
+            warn!(
+                error = failed.as_deref().unwrap_or_default(),
+                "natOutgoing failed"
+            );
+        } else if failed.is_none() && self.nat_error.is_some() {
+            info!("natOutgoing recovered");
+        }
+        let errors = &mut self.encap_status.errors;
+        errors.retain(|e| !e.starts_with("natOutgoing"));
+        errors.extend(failed.clone());
+        self.nat_error = failed;
     }
 
     /// Carries out a peer plan; returns the prefixes whose paths it changed.

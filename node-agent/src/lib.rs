@@ -7,6 +7,7 @@
 //! - [`desired`]: pure computation of peers, originated prefixes and node facts.
 //! - [`policy`]: pure import policy (BGPFilter rules, then Tabby's defaults).
 //! - [`encap`]: IPIP and VXLAN per pool: the pure plan, tunnel addresses, devices.
+//! - [`nat_outgoing`]: natOutgoing: felix's MASQUERADE rule over ipsets of pools and nodes.
 //! - [`plan`]: pure plans from what the agent has to what it wants (peers, prefixes, routes).
 //! - [`routes`]: the kernel side: applies route changes through rtnetlink.
 //! - [`shared`]: the snapshot the loop publishes for status, health and metrics.
@@ -25,6 +26,7 @@ pub mod error;
 pub mod health;
 pub mod install_cni;
 pub mod metrics;
+pub mod nat_outgoing;
 pub mod plan;
 pub mod policy;
 pub mod register;

@@ -22,7 +22,7 @@ use tabby_errors::chain;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::config::{AgentConfig, ProxySource};
+use crate::config::{AgentConfig, ProxyConfig, ProxySource};
 use crate::error::{AgentError, Result};
 use tabby_proxy::cluster_state::{ClusterState, FileClusterState, KubeClusterState};
 use tabby_proxy::conntrack::ConntrackCli;
@@ -80,6 +80,16 @@ impl Source {
     }
 }
 
+/// The iptables flavour of `[proxy] backend`: `legacy`, `nft`, else the one
+/// already holding more rules (natOutgoing uses the same one).
+pub fn iptables_backend(pc: &ProxyConfig) -> IptablesBackend {
+    match pc.backend.as_str() {
+        "legacy" => IptablesBackend::Legacy,
+        "nft" => IptablesBackend::Nft,
+        _ => detect_backend(None),
+    }
+}
+
 /// Starts the proxy with its metrics in `registry` on `source`; returns
 /// where node facts changes go.
 pub fn start(
@@ -104,11 +114,7 @@ pub fn start(
     let (tx, rx) = mpsc::channel(4096);
     match Mode::from_name(&pc.mode).unwrap_or_default() {
         Mode::Iptables => {
-            let backend = match pc.backend.as_str() {
-                "legacy" => IptablesBackend::Legacy,
-                "nft" => IptablesBackend::Nft,
-                _ => detect_backend(None),
-            };
+            let backend = iptables_backend(pc);
             info!(
                 mode = "iptables",
                 backend = backend.name(),

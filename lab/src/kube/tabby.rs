@@ -20,6 +20,9 @@ use crate::state::{write_atomic, StateDir};
 /// The conflist's file name.
 pub const CONFLIST: &str = "10-tabby.conflist";
 
+/// The pods' MTU under `--kubernetes` (VXLAN-sized, so every encapsulation fits).
+pub const KUBE_MTU: u32 = 1450;
+
 /// The conflist containerd hands the plugin on `node`: the namespace
 /// lab's network config, as a list.
 pub fn conflist(node: &str, dir: &StateDir) -> Value {
@@ -28,6 +31,10 @@ pub fn conflist(node: &str, dir: &StateDir) -> Value {
     if let Some(obj) = plugin.as_object_mut() {
         obj.remove("cniVersion");
         obj.remove("name");
+        // The agent here runs from the DaemonSet, not the namespace lab's
+        // config: no per-node MTU file; keep a VXLAN-sized MTU.
+        obj.remove("mtuFile");
+        obj.insert("mtu".into(), json!(KUBE_MTU));
     }
     json!({ "cniVersion": version, "name": NETWORK, "plugins": [plugin] })
 }
