@@ -5,8 +5,8 @@
 use std::net::IpAddr;
 use std::path::Path;
 
-use tabby_dataplane::{NetNs, Netlink};
-use tracing::{info, warn};
+use tabby_dataplane::{Deletion, LinkWatch, NetNs, Netlink};
+use tracing::{debug_span, info, warn};
 
 use crate::env::Invocation;
 use crate::error::{CniError, Code, Result};
@@ -18,28 +18,39 @@ use crate::types::NetConf;
 
 /// DEL: success when things are already gone. If removing an interface
 /// fails, DEL fails and the runtime retries.
+///
+/// The pod interface's delete runs on a thread of its own: once the kernel
+/// has unlisted the veth pair (its addresses and routes are gone; the kernel
+/// then still waits ~20 ms for RCU before it frees it), the addresses are
+/// released while it finishes, and DEL returns when both are done.
 pub fn del(inv: &Invocation, conf: &NetConf, stdin: &[u8]) -> Result<()> {
     let ipam = IpamBackend::from_conf(conf, stdin)?;
     let host = Netlink::host()?;
-    if let Some(path) = &inv.netns {
-        remove_pod_interface(path, &inv.ifname)?;
-    }
+    let removal = match &inv.netns {
+        Some(path) => debug_span!("delete pod interface")
+            .in_scope(|| start_pod_interface_removal(path, &inv.ifname))?,
+        None => None,
+    };
     // With the netns gone first (some runtimes delete it before DEL), the
     // host end may survive. Delete it only if it still routes one of this
     // attachment's addresses, so a newer sandbox of the same pod is left alone.
     let mut ips = conf.prev_ips();
-    ips.extend(ipam.addresses(inv, conf)?);
+    ips.extend(debug_span!("ipam addresses").in_scope(|| ipam.addresses(inv, conf))?);
     let veth = host_veth_name(&inv.pod_identity(), &inv.ifname);
-    delete_veth_if_routing(&host, &veth, &ips)?;
-    let released = ipam.del(inv, conf)?;
+    debug_span!("host veth").in_scope(|| delete_veth_if_routing(&host, &veth, &ips))?;
+    let released = debug_span!("ipam release").in_scope(|| ipam.del(inv, conf))?;
+    if let Some(removal) = removal {
+        debug_span!("pod interface deleted").in_scope(|| removal.wait())?;
+    }
     info!(container = %inv.container_id, ifname = %inv.ifname, released = ?released, "pod detached");
     Ok(())
 }
 
-/// A socket in the pod namespace at `path`; `None` when the namespace is
-/// gone (or a path the runtime already unmounted), and for the plugin's own
-/// namespace: the node's interfaces (its uplink) are never a pod's.
-fn pod_netlink(path: &Path) -> Result<Option<Netlink>> {
+/// A socket in the pod namespace at `path` (with the namespace); `None`
+/// when the namespace is gone (or a path the runtime already unmounted),
+/// and for the plugin's own namespace: the node's interfaces (its uplink)
+/// are never a pod's.
+fn pod_netlink(path: &Path) -> Result<Option<(NetNs, Netlink)>> {
     let ns = match NetNs::open(path) {
         Ok(ns) => ns,
         Err(e) if e.is_not_found() || matches!(e, tabby_dataplane::Error::NotANetns { .. }) => {
@@ -51,21 +62,34 @@ fn pod_netlink(path: &Path) -> Result<Option<Netlink>> {
         warn!(netns = %path.display(), "the node's own namespace is no pod's: its interfaces stay");
         return Ok(None);
     }
-    Ok(Some(Netlink::in_netns(&ns)?))
+    let netlink = Netlink::in_netns(&ns)?;
+    Ok(Some((ns, netlink)))
 }
 
-/// DEL's pod side: the runtime names the attachment's interface.
-fn remove_pod_interface(path: &Path, ifname: &str) -> Result<()> {
-    if let Some(pod) = pod_netlink(path)? {
-        pod.delete_link(ifname)?;
+/// DEL's pod side: the runtime names the attachment's interface. Returns
+/// once the kernel has unlisted it, with the delete still finishing; `None`
+/// when there is nothing to delete. A delete that failed before unlisting
+/// is the error here, so nothing is released.
+fn start_pod_interface_removal(path: &Path, ifname: &str) -> Result<Option<Deletion>> {
+    let Some((ns, pod)) = pod_netlink(path)? else {
+        return Ok(None);
+    };
+    let Some(link) = pod.link(ifname)? else {
+        return Ok(None);
+    };
+    let watch = LinkWatch::open_in(&ns)?;
+    let deletion = pod.delete_link_detached(link.index, &watch)?;
+    if deletion.unlisted {
+        return Ok(Some(deletion));
     }
-    Ok(())
+    deletion.wait()?;
+    Ok(None)
 }
 
 /// GC's pod side, from what an allocation recorded: only a veth (a
 /// namespace path may have been reused since; anything else is not ours).
 fn remove_recorded_pod_veth(path: &Path, ifname: &str) -> Result<()> {
-    let Some(pod) = pod_netlink(path)? else {
+    let Some((_, pod)) = pod_netlink(path)? else {
         return Ok(());
     };
     match pod.link(ifname)? {

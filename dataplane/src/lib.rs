@@ -16,7 +16,7 @@ pub mod sysctl;
 
 pub use error::{Error, Result};
 pub use netlink::{
-    Family, FdbEntry, Link, Neighbour, Netlink, Route, RouteBatch, RouteKind, Scope, VxlanSpec,
-    RTPROT_BOOT, RT_TABLE_MAIN,
+    Deletion, Family, FdbEntry, Link, LinkWatch, Neighbour, Netlink, Route, RouteBatch, RouteKind,
+    Scope, VxlanSpec, RTPROT_BOOT, RT_TABLE_MAIN,
 };
 pub use netns::NetNs;

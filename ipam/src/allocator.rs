@@ -476,7 +476,13 @@ impl<D: Datastore> Ipam<D> {
                     handle,
                 )?);
             }
-            delete_if_present(&self.ds, &key, &doc.revision)
+            // A crash may bring the handle back: it then counts addresses
+            // its blocks no longer give it, which the next release of the
+            // handle or a repair removes.
+            match self.ds.delete_relaxed(&key, &doc.revision) {
+                Ok(()) | Err(DatastoreError::NotFound { .. }) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
         })?;
         Ok(released)
     }
@@ -500,7 +506,9 @@ impl<D: Datastore> Ipam<D> {
         if !ips.is_empty() {
             // Empty affine blocks stay affine; releasing them after a grace
             // period (so their routes do not flap) is left to the node agent.
-            store::update(&self.ds, &key, &block, &revision)?;
+            // Relaxed: a crash that undoes a release keeps the addresses
+            // allocated to the gone attachment, for a retried DEL or GC.
+            store::update_relaxed(&self.ds, &key, &block, &revision)?;
         }
         Ok(ips
             .into_iter()

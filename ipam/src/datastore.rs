@@ -85,6 +85,22 @@ pub trait Datastore: Send + Sync {
     /// Deletes a document if it is still at `expected`; else `Conflict`.
     /// Deleting a missing document is `NotFound`.
     fn delete(&self, key: &str, expected: &Revision) -> Result<()>;
+    /// [`Datastore::update`] for a write that a crash may undo safely: a
+    /// release, whose loss leaves an address allocated to a gone attachment
+    /// (never free twice) until a retried DEL, a GC or a repair releases it.
+    /// It is atomic and compare-and-swap like `update`, but the backend may
+    /// return before it is durable (the file backend skips the directory
+    /// fsync; the document's data is still on disk before it is renamed, so
+    /// a crash leaves the old or the new document, never a torn one). A
+    /// later durable write to the same kind of document makes it durable.
+    fn update_relaxed(&self, key: &str, value: &[u8], expected: &Revision) -> Result<Revision> {
+        self.update(key, value, expected)
+    }
+    /// [`Datastore::delete`] that a crash may undo safely (see
+    /// [`Datastore::update_relaxed`]): the deleted handle of a release.
+    fn delete_relaxed(&self, key: &str, expected: &Revision) -> Result<()> {
+        self.delete(key, expected)
+    }
     /// Whether the backend answers at all (for CNI STATUS).
     fn ping(&self) -> Result<()>;
     /// A human description (`file:/var/lib/tabby/datastore`).
@@ -116,6 +132,12 @@ macro_rules! forward_datastore {
             }
             fn delete(&self, key: &str, expected: &Revision) -> Result<()> {
                 (**self).delete(key, expected)
+            }
+            fn update_relaxed(&self, key: &str, value: &[u8], expected: &Revision) -> Result<Revision> {
+                (**self).update_relaxed(key, value, expected)
+            }
+            fn delete_relaxed(&self, key: &str, expected: &Revision) -> Result<()> {
+                (**self).delete_relaxed(key, expected)
             }
             fn ping(&self) -> Result<()> {
                 (**self).ping()

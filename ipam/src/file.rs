@@ -30,6 +30,10 @@
 //!   directory: without that fsync a committed allocation can vanish on a
 //!   power loss), outside the lock, so that writers to other keys are not
 //!   held up by the disk; new directories are fsynced into their parents.
+//!   `update_relaxed` and `delete_relaxed` (releases) skip the directory
+//!   fsync: a crash may bring the older document back, which keeps an
+//!   address allocated (reclaimed by a retried DEL, GC or repair), never
+//!   frees one twice; the data is still fsynced before the rename.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -202,6 +206,62 @@ impl FileDatastore {
         Ok(())
     }
 
+    /// Compare-and-swap replace; with [`Sync::Durable`] the directory entry
+    /// is on disk before it returns.
+    fn update_with(
+        &self,
+        key: &str,
+        value: &[u8],
+        expected: &Revision,
+        sync: Sync,
+    ) -> Result<Revision> {
+        let path = self.path_of(key)?;
+        let prepared = self.prepare(key, &path, value)?;
+        let revision = {
+            let _lock = self.lock()?;
+            match self.read(key, &path)? {
+                Some(current) if current.revision == *expected => prepared.commit(&path)?,
+                _ => {
+                    return Err(DatastoreError::Conflict {
+                        key: key.to_string(),
+                    })
+                }
+            }
+        };
+        if sync == Sync::Durable {
+            sync_parent(&path)?;
+        }
+        Ok(revision)
+    }
+
+    /// Compare-and-swap delete; with [`Sync::Durable`] the removal is on
+    /// disk before it returns.
+    fn delete_with(&self, key: &str, expected: &Revision, sync: Sync) -> Result<()> {
+        let path = self.path_of(key)?;
+        {
+            let _lock = self.lock()?;
+            match self.read(key, &path)? {
+                None => {
+                    return Err(DatastoreError::NotFound {
+                        key: key.to_string(),
+                    })
+                }
+                Some(current) if current.revision == *expected => {
+                    fs::remove_file(&path).map_err(|e| unavailable(&path, e))?
+                }
+                Some(_) => {
+                    return Err(DatastoreError::Conflict {
+                        key: key.to_string(),
+                    })
+                }
+            }
+        }
+        match sync {
+            Sync::Durable => sync_parent(&path),
+            Sync::Relaxed => Ok(()),
+        }
+    }
+
     /// Collects every document under `dir` (recursively) into `out`.
     fn walk(&self, dir: &Path, key_prefix: &str, out: &mut Vec<(String, PathBuf)>) -> Result<()> {
         let entries = match fs::read_dir(dir) {
@@ -277,44 +337,19 @@ impl Datastore for FileDatastore {
     }
 
     fn update(&self, key: &str, value: &[u8], expected: &Revision) -> Result<Revision> {
-        let path = self.path_of(key)?;
-        let prepared = self.prepare(key, &path, value)?;
-        let revision = {
-            let _lock = self.lock()?;
-            match self.read(key, &path)? {
-                Some(current) if current.revision == *expected => prepared.commit(&path)?,
-                _ => {
-                    return Err(DatastoreError::Conflict {
-                        key: key.to_string(),
-                    })
-                }
-            }
-        };
-        sync_parent(&path)?;
-        Ok(revision)
+        self.update_with(key, value, expected, Sync::Durable)
     }
 
     fn delete(&self, key: &str, expected: &Revision) -> Result<()> {
-        let path = self.path_of(key)?;
-        {
-            let _lock = self.lock()?;
-            match self.read(key, &path)? {
-                None => {
-                    return Err(DatastoreError::NotFound {
-                        key: key.to_string(),
-                    })
-                }
-                Some(current) if current.revision == *expected => {
-                    fs::remove_file(&path).map_err(|e| unavailable(&path, e))?
-                }
-                Some(_) => {
-                    return Err(DatastoreError::Conflict {
-                        key: key.to_string(),
-                    })
-                }
-            }
-        }
-        sync_parent(&path)
+        self.delete_with(key, expected, Sync::Durable)
+    }
+
+    fn update_relaxed(&self, key: &str, value: &[u8], expected: &Revision) -> Result<Revision> {
+        self.update_with(key, value, expected, Sync::Relaxed)
+    }
+
+    fn delete_relaxed(&self, key: &str, expected: &Revision) -> Result<()> {
+        self.delete_with(key, expected, Sync::Relaxed)
     }
 
     fn ping(&self) -> Result<()> {
@@ -336,6 +371,15 @@ impl Datastore for FileDatastore {
     fn node_lock(&self, node: &str) -> Result<NodeLock> {
         NodeLock::host(&self.root.join(format!(".ipam-{}.lock", escape(node))))
     }
+}
+
+/// Whether a write waits for its directory entry to reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sync {
+    /// `update` / `delete`: fsync the directory after the rename or removal.
+    Durable,
+    /// `update_relaxed` / `delete_relaxed`: a crash may undo it (a release).
+    Relaxed,
 }
 
 /// A document written to its temporary file; dropped without [`Prepared::commit`]

@@ -125,3 +125,14 @@ pub fn update<T: Serialize>(
 ) -> Result<Revision> {
     ds.update(key, &encode(key, value)?, revision)
 }
+
+/// [`update`] that a crash may undo (a release, see
+/// [`Datastore::update_relaxed`]).
+pub fn update_relaxed<T: Serialize>(
+    ds: &impl Datastore,
+    key: &str,
+    value: &T,
+    revision: &Revision,
+) -> Result<Revision> {
+    ds.update_relaxed(key, &encode(key, value)?, revision)
+}

@@ -10,6 +10,7 @@ use tabby_ipam::{Datastore, DatastoreError, KubeDatastore, KubeOptions};
 backend_tests!(
     [mem, file, kubernetes];
     create_update_delete_follow_compare_and_swap,
+    relaxed_update_and_delete_follow_compare_and_swap_too,
     list_filters_by_prefix_and_sorts,
     node_documents_are_created_once_updated_by_revision_and_deleted,
 );
@@ -79,6 +80,40 @@ fn create_update_delete_follow_compare_and_swap(backend: Backend) {
     let rev3 = ds.create(BLOCK, &block(0)).expect("create again");
     assert!(rev3 != rev2 && rev3 != rev);
     ds.ping().expect("ping");
+}
+
+/// The relaxed writes of a release (which may skip the directory fsync)
+/// are still atomic compare-and-swap: a stale revision never wins.
+fn relaxed_update_and_delete_follow_compare_and_swap_too(backend: Backend) {
+    let store = TestStore::new(backend);
+    let ds = store.datastore();
+    let rev = ds.create(BLOCK, &block(2)).expect("create");
+    let rev2 = ds.update_relaxed(BLOCK, &block(1), &rev).expect("update");
+    assert_ne!(rev2, rev);
+    assert!(matches!(
+        ds.update_relaxed(BLOCK, &block(0), &rev),
+        Err(DatastoreError::Conflict { .. })
+    ));
+    let got = ds.get(BLOCK).unwrap().expect("present");
+    assert_eq!(got.revision, rev2);
+    assert_eq!(
+        serde_json::from_slice::<tabby_ipam::Block>(&got.value).unwrap(),
+        serde_json::from_slice::<tabby_ipam::Block>(&block(1)).unwrap()
+    );
+    assert!(matches!(
+        ds.delete_relaxed(BLOCK, &rev),
+        Err(DatastoreError::Conflict { .. })
+    ));
+    ds.delete_relaxed(BLOCK, &rev2).expect("delete");
+    assert!(ds.get(BLOCK).unwrap().is_none());
+    assert!(matches!(
+        ds.delete_relaxed(BLOCK, &rev2),
+        Err(DatastoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        ds.update_relaxed(BLOCK, &block(1), &rev2),
+        Err(DatastoreError::Conflict { .. })
+    ));
 }
 
 fn list_filters_by_prefix_and_sorts(backend: Backend) {

@@ -18,6 +18,7 @@ mod link;
 mod neigh;
 mod route;
 mod tunnel;
+mod unlist;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -33,6 +34,7 @@ pub use link::Link;
 pub use neigh::{FdbEntry, Neighbour};
 pub use route::{Family, Route, RouteKind, Scope, RTPROT_BOOT, RT_TABLE_MAIN};
 pub use tunnel::VxlanSpec;
+pub use unlist::{Deletion, LinkWatch};
 
 /// How the namespace of a socket opened by [`Netlink::host`] is named in
 /// error messages.
