@@ -94,16 +94,7 @@ impl KernelNat {
     }
 
     fn command(&self, program: &str) -> Command {
-        match &self.ipt.netns {
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net={}", ns.display()))
-                    .arg("--")
-                    .arg(program);
-                c
-            }
-            None => Command::new(program),
-        }
+        self.ipt.command(program)
     }
 
     fn ipset(&self, args: &[&str], stdin: Option<&str>) -> Result<String, NatError> {

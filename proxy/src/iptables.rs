@@ -278,7 +278,9 @@ impl Iptables {
         self
     }
 
-    fn command(&self, program: &str) -> Command {
+    /// `program` as a command in this executor's namespace (through
+    /// `nsenter`) or in the current one.
+    pub fn command(&self, program: &str) -> Command {
         match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("nsenter");
