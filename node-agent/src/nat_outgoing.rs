@@ -57,6 +57,23 @@ pub enum NatError {
     RolledBack(#[source] Box<NatError>),
 }
 
+impl NatError {
+    /// Whether the program itself could not be started because it is not
+    /// installed (an `io::Error` of kind `NotFound` in the chain).
+    pub fn program_missing(&self) -> bool {
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = next {
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+            {
+                return true;
+            }
+            next = e.source();
+        }
+        false
+    }
+}
+
 /// The side effects natOutgoing needs.
 pub trait NatDataplane {
     /// `iptables-save` (the nat table at least).
@@ -208,8 +225,18 @@ impl<P: NatDataplane> NatOutgoing<P> {
         if self.applied.as_ref() == Some(want) {
             return Ok(false);
         }
+        let saved = match self.dp.save() {
+            Ok(saved) => saved,
+            // A host without the iptables program (the qemu guests) has
+            // nothing of ours to remove: with nothing wanted, no failure.
+            Err(e) if !want.wanted() && e.program_missing() => {
+                self.applied = Some(want.clone());
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
         let previous = self.applied.take();
-        let (jumps, chain) = present(&self.dp.save()?);
+        let (jumps, chain) = present(&saved);
         if want.wanted() {
             self.install(want, previous.as_ref(), jumps, chain)?;
             info!(masq_pools = ?want.masq_pools, hosts = want.hosts.len(), "natOutgoing programmed");
