@@ -144,20 +144,26 @@ fn vxlan_packets(lab: &TestLab, node: &str) -> u64 {
     stats["tx"]["packets"].as_u64().unwrap() + stats["rx"]["packets"].as_u64().unwrap()
 }
 
+/// The items of `nft -j list WHAT...` in the namespace `ns`.
+fn nft_list(ns: &str, what: &[&str]) -> Vec<serde_json::Value> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-j", "list"])
+        .args(what)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "nft: {}", text(&out));
+    let mut v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    match v["nftables"].take() {
+        serde_json::Value::Array(items) => items,
+        other => panic!("nft -j list {what:?}: no item list in {other}"),
+    }
+}
+
 /// The underlay's UDP 4789 packet counts: (bridged within a subnet, routed between subnets).
 fn underlay_vxlan(lab: &TestLab) -> (u64, u64) {
     let ns = format!("{}-underlay", lab.prefix);
     let count = |family: &str| {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &ns, "nft", "-j", "list", "chain", family])
-            .args(["tabby-lab", "encap"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "nft: {}", text(&out));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v["nftables"]
-            .as_array()
-            .unwrap()
+        nft_list(&ns, &["chain", family, "tabby-lab", "encap"])
             .iter()
             .find_map(|i| i["rule"]["expr"][1]["counter"]["packets"].as_u64())
             .expect("a counter")
@@ -400,16 +406,7 @@ fn nat_outgoing_shows_the_internet_the_node_address_and_when_off_the_pod_address
 /// The source addresses of the SYNs the internet namespace received.
 fn syn_sources(lab: &TestLab) -> Vec<String> {
     let ns = format!("{}-internet", lab.prefix);
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns, "nft", "-j", "list", "set", "ip"])
-        .args(["tabby-lab", "syn_sources"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "nft: {}", text(&out));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["nftables"]
-        .as_array()
-        .unwrap()
+    nft_list(&ns, &["set", "ip", "tabby-lab", "syn_sources"])
         .iter()
         .filter_map(|i| i["set"]["elem"].as_array())
         .flatten()
