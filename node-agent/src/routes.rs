@@ -51,6 +51,9 @@ pub struct RouteStats {
     pub errors: u64,
     /// Routes currently installed by us.
     pub installed: u64,
+    /// Full reads of the kernel compared with the source (at start, on
+    /// Ready, every [`RESYNC`]).
+    pub resyncs: u64,
 }
 
 enum Msg {
@@ -314,6 +317,9 @@ impl Thread {
             Err(_) => return now + RESYNC,
         };
         self.apply(ops);
+        if let Ok(mut s) = self.stats.lock() {
+            s.resyncs += 1;
+        }
         if in_grace {
             self.grace_ends.min(now + RESYNC)
         } else {

@@ -33,8 +33,8 @@ fn block(i: u8) -> IpNetwork {
 /// One pass: the peer's route to [`TARGET`] via `next_hop` and blackhole
 /// `i` in place of `i - 1`, then a resync (`ready` runs one at once, after
 /// the changes: the thread takes its messages in order); waits until the
-/// thread has replaced `replaced` routes (the resync of the pass before
-/// ran by then).
+/// thread has replaced `replaced` routes and has finished that resync, so
+/// that no resync of this pass runs into the changes of the next one.
 async fn pass(
     p: &RouteProgrammer,
     source: &Mutex<RouteSource>,
@@ -42,6 +42,7 @@ async fn pass(
     i: u8,
     replaced: u64,
 ) -> RouteStats {
+    let resyncs = p.stats().resyncs;
     let changes = {
         let mut s = source.lock().unwrap();
         let mut changed = s.rib.learn(ip(PEER), &[net(TARGET)], ip(next_hop));
@@ -56,7 +57,8 @@ async fn pass(
     p.apply(changes).await;
     p.ready().await;
     wait_until("the route pass", Duration::from_secs(10), || {
-        p.stats().replaced >= replaced
+        let s = p.stats();
+        s.replaced >= replaced && s.resyncs > resyncs
     });
     p.stats()
 }
