@@ -17,6 +17,10 @@
 //!     cluster-ips-check: other ports of a cluster IP are rejected
 //! ```
 //!
+//! A full sync goes to the kernel as one netlink batch (`rewrite.rs`)
+//! after a short `nft -f` declaring the sets; the `nft -f` text of the
+//! same sync is the reference and the fallback.
+//!
 //! Endpoints are picked by one rule per dispatch chain,
 //! `dnat ip to numgen random mod N offset K map @endpoints-S`: slots
 //! `K..K+N` of one of the shared endpoint maps of its protocol hold `address . port`
@@ -38,6 +42,7 @@ mod ir;
 mod netlink;
 mod plan;
 mod render;
+mod rewrite;
 mod slots;
 #[cfg(test)]
 mod tests;
@@ -50,7 +55,10 @@ pub use plan::{
     MARK_MASQ, MASQUERADING, NO_ENDPOINT_NODEPORTS, NO_ENDPOINT_SERVICES, REJECT, SERVICES,
     SERVICE_IPS, SERVICE_NODEPORTS, SETS, TABLE,
 };
-pub use render::{fixed_sets, render_changes, render_full, render_partial, Claims, NftKernel};
+pub use render::{
+    fixed_sets, render_changes, render_full, render_partial, render_rewrite, Claims, NftKernel,
+};
+pub use rewrite::NftRewrite;
 pub use slots::{shard_name, shard_sets, Slots, SHARDS};
 
 /// Plan every service port of `services` and `slices` (as [`crate::generate`] does for iptables).

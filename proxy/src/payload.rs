@@ -32,6 +32,9 @@ pub struct Payload {
     /// The same change as element operations only, when it is only that
     /// (nftables: applied over netlink, without running nft).
     pub batch: Option<crate::nftables::NftBatch>,
+    /// A full sync as one netlink batch (nftables), applied instead of
+    /// the text when netlink is there.
+    pub rewrite: Option<crate::nftables::NftRewrite>,
 }
 
 /// Extra lines a payload carries besides the rule set: jump rules missing

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use proxy_support::{load, node, parse_objects};
 use tabby_proxy::conntrack::NoConntrack;
 use tabby_proxy::error::Result;
-use tabby_proxy::nftables::{Key, NftBatch, NftCli, NftExec, NftPlan, Nftables, SetOp};
+use tabby_proxy::nftables::{Key, NftBatch, NftCli, NftExec, NftPlan, NftRewrite, Nftables, SetOp};
 use tabby_proxy::proxier::{Proxier, ProxyEvent, SyncConfig};
 use tabby_proxy::ProxyOptions;
 use tabby_testkit::{require_root, Netns};
@@ -22,6 +22,10 @@ use tabby_testkit::{require_root, Netns};
 struct Exec {
     nft: NftCli,
     fail_next: bool,
+    /// Makes the next full sync's netlink batch fail: a map it flushes is
+    /// deleted first. Records the table before and after the failed batch.
+    fail_rewrite: bool,
+    failed_rewrite: Option<(String, String, String)>,
 }
 
 impl NftExec for Exec {
@@ -49,6 +53,23 @@ impl NftExec for Exec {
         }
         self.nft.apply_batch(batch)
     }
+    fn apply_rewrite(&mut self, rewrite: &NftRewrite) -> Result<bool> {
+        if !std::mem::take(&mut self.fail_rewrite) {
+            return self.nft.apply_rewrite(rewrite);
+        }
+        self.nft.apply(&rewrite.skeleton)?;
+        self.nft
+            .apply("delete map ip tabby-proxy endpoints-sctp-015\n")?;
+        let listing = |nft: &mut NftCli| nft.json(&["list", "table", "ip", "tabby-proxy"]);
+        let before = listing(&mut self.nft)?;
+        let err = self
+            .nft
+            .send_rewrite(rewrite)
+            .expect_err("a batch that flushes a missing map fails");
+        let after = listing(&mut self.nft)?;
+        self.failed_rewrite = Some((before, after, tabby_proxy::error::chain(&err)));
+        Err(err)
+    }
 }
 
 type P = Proxier<Nftables<Exec>, NoConntrack>;
@@ -57,6 +78,8 @@ fn proxier(ns: &Netns) -> P {
     let exec = Exec {
         nft: NftCli::in_netns(ns.path()),
         fail_next: false,
+        fail_rewrite: false,
+        failed_rewrite: None,
     };
     Proxier::new(
         node(),
@@ -309,6 +332,15 @@ fn nftables_full_then_partial_syncs_program_exactly_the_planned_table() {
     let t0 = Instant::now();
     let full = p.sync(t0).expect("full sync");
     assert!(full.full);
+    assert!(
+        full.payload.rewrite.is_some(),
+        "a full sync is one netlink batch"
+    );
+    assert_eq!(
+        p.dataplane_mut().text_fallbacks(),
+        0,
+        "the kernel took the batch"
+    );
     assert_matches(&ns, p.applied().unwrap(), "after the full sync");
 
     let (_, mut slices) = parse_objects(HELLO_TWO_LEFT);
@@ -341,6 +373,11 @@ fn nftables_full_then_partial_syncs_program_exactly_the_planned_table() {
             .contains("delete chain ip tabby-proxy endpoint-"),
         "{}",
         again.payload.text
+    );
+    assert_eq!(
+        p.dataplane_mut().text_fallbacks(),
+        0,
+        "the kernel took the batch"
     );
     let (have, text) = list(&ns);
     assert_eq!(
@@ -417,4 +454,38 @@ fn a_full_resync_keeps_the_clients_in_the_affinity_sets() {
     );
     let shown = ns.exec_ok("nft", &["list", "set", "ip", "tabby-proxy", &set]);
     assert!(shown.contains("10.10.0.6"), "{shown}");
+}
+
+#[test]
+fn a_failed_full_batch_changes_nothing_and_the_text_applies_instead() {
+    if !require_root("a_failed_full_batch_changes_nothing_and_the_text_applies_instead") {
+        return;
+    }
+    let ns = Netns::new("nft");
+    let mut p = proxier(&ns);
+    feed_scenarios(&mut p);
+    let t0 = Instant::now();
+    assert!(p.sync(t0).expect("full sync").full);
+
+    feed(&mut p, vec![], parse_objects(HELLO_TWO_LEFT).1);
+    p.apply_event(ProxyEvent::FullSync);
+    p.dataplane_mut().exec.fail_rewrite = true;
+    let again = p
+        .sync(t0 + Duration::from_secs(2))
+        .expect("the text applies");
+    assert!(again.full);
+    let (before, after, err) = p
+        .dataplane_mut()
+        .exec
+        .failed_rewrite
+        .take()
+        .expect("the batch was sent and failed");
+    assert!(err.contains("endpoints-sctp-015"), "{err}");
+    assert_eq!(before, after, "nothing of the failed batch landed");
+    assert!(
+        before.contains("10.244.1.3") && !before.contains("10.244.1.200"),
+        "the table before the batch: {before}"
+    );
+    assert_eq!(p.dataplane_mut().text_fallbacks(), 1);
+    assert_matches(&ns, p.applied().unwrap(), "after the text");
 }

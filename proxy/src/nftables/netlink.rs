@@ -27,27 +27,27 @@ use super::plan::TABLE;
 use crate::error::{Error, Result};
 use crate::model::Protocol;
 
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
-const NFNL_MSG_BATCH_BEGIN: u16 = 16;
-const NFNL_MSG_BATCH_END: u16 = 17;
-const NFT_MSG_NEWSETELEM: u16 = 12;
-const NFT_MSG_DELSETELEM: u16 = 14;
-const NLMSG_ERROR: u16 = 2;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_CREATE: u16 = 0x400;
+pub(super) const NFNL_SUBSYS_NFTABLES: u16 = 10;
+pub(super) const NFNL_MSG_BATCH_BEGIN: u16 = 16;
+pub(super) const NFNL_MSG_BATCH_END: u16 = 17;
+pub(super) const NFT_MSG_NEWSETELEM: u16 = 12;
+pub(super) const NFT_MSG_DELSETELEM: u16 = 14;
+pub(super) const NLMSG_ERROR: u16 = 2;
+pub(super) const NLM_F_REQUEST: u16 = 0x1;
+pub(super) const NLM_F_ACK: u16 = 0x4;
+pub(super) const NLM_F_CREATE: u16 = 0x400;
 const NLA_F_NESTED: u16 = 0x8000;
-const NFPROTO_IPV4: u8 = 2;
-const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
-const NFTA_SET_ELEM_LIST_SET: u16 = 2;
-const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
-const NFTA_LIST_ELEM: u16 = 1;
+pub(super) const NFPROTO_IPV4: u8 = 2;
+pub(super) const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+pub(super) const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+pub(super) const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+pub(super) const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
-const NFTA_DATA_VALUE: u16 = 1;
-const NFTA_DATA_VERDICT: u16 = 2;
-const NFTA_VERDICT_CODE: u16 = 1;
-const NFTA_VERDICT_CHAIN: u16 = 2;
+pub(super) const NFTA_DATA_VALUE: u16 = 1;
+pub(super) const NFTA_DATA_VERDICT: u16 = 2;
+pub(super) const NFTA_VERDICT_CODE: u16 = 1;
+pub(super) const NFTA_VERDICT_CHAIN: u16 = 2;
 const NF_DROP: i32 = 0;
 const NF_ACCEPT: i32 = 1;
 const NFT_JUMP: i32 = -3;
@@ -72,7 +72,7 @@ pub struct NftBatch {
     pub ops: Vec<SetOp>,
 }
 
-fn proto_byte(p: Protocol) -> u8 {
+pub(super) fn proto_byte(p: Protocol) -> u8 {
     match p {
         Protocol::Tcp => 6,
         Protocol::Udp => 17,
@@ -85,7 +85,7 @@ fn push_addr(out: &mut Vec<u8>, a: Ipv4Addr) {
 }
 
 /// A field shorter than a register, zero-padded to 4 bytes.
-fn push_padded(out: &mut Vec<u8>, bytes: &[u8]) {
+pub(super) fn push_padded(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(bytes);
     out.resize(out.len() + (4 - bytes.len() % 4) % 4, 0);
 }
@@ -114,7 +114,7 @@ fn key_bytes(k: &Key) -> Vec<u8> {
 }
 
 /// The verdict code and chain, or `None` for verdicts a map cannot hold.
-fn verdict(v: &Verdict) -> Option<(i32, Option<&str>)> {
+pub(super) fn verdict(v: &Verdict) -> Option<(i32, Option<&str>)> {
     Some(match v {
         Verdict::Jump(c) => (NFT_JUMP, Some(c)),
         Verdict::Goto(c) => (NFT_GOTO, Some(c)),
@@ -127,17 +127,17 @@ fn verdict(v: &Verdict) -> Option<(i32, Option<&str>)> {
 
 /// Netlink messages, built in one buffer.
 #[derive(Default)]
-struct Writer {
-    buf: Vec<u8>,
+pub(super) struct Writer {
+    pub(super) buf: Vec<u8>,
 }
 
 impl Writer {
-    fn align(&mut self) {
+    pub(super) fn align(&mut self) {
         self.buf.resize(self.buf.len().next_multiple_of(4), 0);
     }
 
     /// One message: header, `nfgenmsg`, then what `body` writes.
-    fn msg(
+    pub(super) fn msg(
         &mut self,
         ty: u16,
         flags: u16,
@@ -160,7 +160,7 @@ impl Writer {
         Some(())
     }
 
-    fn attr(&mut self, ty: u16, data: &[u8]) -> Option<()> {
+    pub(super) fn attr(&mut self, ty: u16, data: &[u8]) -> Option<()> {
         let len = u16::try_from(4 + data.len()).ok()?;
         self.buf.extend_from_slice(&len.to_ne_bytes());
         self.buf.extend_from_slice(&ty.to_ne_bytes());
@@ -169,13 +169,17 @@ impl Writer {
         Some(())
     }
 
-    fn str_attr(&mut self, ty: u16, s: &str) -> Option<()> {
+    pub(super) fn str_attr(&mut self, ty: u16, s: &str) -> Option<()> {
         let mut data = s.as_bytes().to_vec();
         data.push(0);
         self.attr(ty, &data)
     }
 
-    fn nest(&mut self, ty: u16, body: impl FnOnce(&mut Self) -> Option<()>) -> Option<()> {
+    pub(super) fn nest(
+        &mut self,
+        ty: u16,
+        body: impl FnOnce(&mut Self) -> Option<()>,
+    ) -> Option<()> {
         let start = self.buf.len();
         self.buf.extend_from_slice(&[0; 2]);
         self.buf
@@ -186,7 +190,7 @@ impl Writer {
         Some(())
     }
 
-    fn element(&mut self, key: &Key, value: Option<&Value>) -> Option<()> {
+    pub(super) fn element(&mut self, key: &Key, value: Option<&Value>) -> Option<()> {
         self.nest(NFTA_LIST_ELEM, |w| {
             w.nest(NFTA_SET_ELEM_KEY, |w| {
                 w.attr(NFTA_DATA_VALUE, &key_bytes(key))
@@ -275,7 +279,7 @@ pub struct NlSocket {
     seq: u32,
 }
 
-fn nl_error(what: &str, source: io::Error) -> Error {
+pub(super) fn nl_error(what: &str, source: io::Error) -> Error {
     Error::Io {
         what: format!("nftables netlink: {what}"),
         source,
@@ -313,6 +317,11 @@ impl NlSocket {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.subsec_nanos());
         Ok(Self { sock, seq })
+    }
+
+    /// Applies a whole-table rewrite as one transaction (see `rewrite.rs`).
+    pub fn apply_rewrite(&mut self, rw: &super::NftRewrite) -> Result<()> {
+        super::rewrite::send(&self.sock, rw)
     }
 
     /// Applies `batch` as one transaction. `Ok(false)`: it holds an element

@@ -29,6 +29,7 @@ use std::sync::Arc;
 use super::ir::{AffinitySet, Chain, Key, Stmt, Value};
 use super::netlink::{NftBatch, SetOp};
 use super::plan::{NftPlan, NftPort, FAMILY, HAIRPIN, SETS, TABLE};
+use super::rewrite::{Builder, NftRewrite};
 use super::slots::shard_sets;
 use crate::model::ServiceKey;
 use crate::payload::Payload;
@@ -227,6 +228,69 @@ pub fn render_full(plan: &NftPlan, kernel: &NftKernel) -> Payload {
         out.line(format_args!("delete set {FAMILY} {TABLE} {stale}"));
     }
     out.finish()
+}
+
+/// The full sync of [`render_full`] as one netlink batch, with the short
+/// `nft -f` input that declares the table's sets and maps first. `None`
+/// when an affinity set's timeout changed (the file replaces that set) or
+/// an element cannot be encoded: the text applies then.
+pub fn render_rewrite(plan: &NftPlan, kernel: &NftKernel) -> Option<NftRewrite> {
+    let mut skeleton = String::with_capacity(64 * 1024);
+    let _ = writeln!(skeleton, "add table {FAMILY} {TABLE}");
+    for (set, ty) in fixed_sets() {
+        let kind = set_kind(ty);
+        let _ = writeln!(skeleton, "add {kind} {FAMILY} {TABLE} {set} {{ {ty} ; }}");
+    }
+    let mut wanted = BTreeSet::new();
+    for s in plan.affinity_sets() {
+        if !wanted.insert(s.name.as_str()) {
+            continue;
+        }
+        if kernel
+            .affinity
+            .get(&s.name)
+            .is_some_and(|t| *t != Some(s.timeout))
+        {
+            return None;
+        }
+        let _ = writeln!(skeleton, "add set {FAMILY} {TABLE} {} {}", s.name, s.spec());
+    }
+    let mut b = Builder::default();
+    for c in plan.chains() {
+        b.chain(c);
+    }
+    b.flush_rules();
+    for (set, _) in fixed_sets() {
+        b.flush_set(set);
+    }
+    for c in plan.chains() {
+        b.rules(c);
+    }
+    let mut by_set: HashMap<&str, Vec<(&Key, Option<&Value>)>> = HashMap::new();
+    for ((set, key), value) in plan.elements() {
+        by_set.entry(set).or_default().push((key, value));
+    }
+    for (set, _) in fixed_sets() {
+        if let Some(elems) = by_set.get(set) {
+            b.elements(set, elems);
+        }
+    }
+    let planned: BTreeSet<&str> = plan.chains().map(|c| c.name.as_str()).collect();
+    for stale in kernel
+        .chains
+        .iter()
+        .filter(|c| !planned.contains(c.as_str()))
+    {
+        b.delete_chain(stale);
+    }
+    for stale in kernel
+        .affinity
+        .keys()
+        .filter(|s| !wanted.contains(s.as_str()))
+    {
+        b.delete_set(stale);
+    }
+    b.finish(skeleton)
 }
 
 fn estimate(plan: &NftPlan) -> usize {
