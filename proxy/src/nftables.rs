@@ -56,7 +56,8 @@ pub use plan::{
     SERVICE_IPS, SERVICE_NODEPORTS, SETS, TABLE,
 };
 pub use render::{
-    fixed_sets, render_changes, render_full, render_partial, render_rewrite, Claims, NftKernel,
+    fixed_sets, render_changes, render_full, render_full_sync, render_partial, render_rewrite,
+    Claims, NftKernel,
 };
 pub use rewrite::NftRewrite;
 pub use slots::{shard_name, shard_sets, Slots, SHARDS};

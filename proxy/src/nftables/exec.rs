@@ -26,7 +26,7 @@ use serde_json::Value;
 
 use super::netlink::{NftBatch, NlSocket};
 use super::plan::{plan_port, NftPlan, NftPort, FAMILY, TABLE};
-use super::render::{fixed_sets, render_changes, render_full, render_rewrite, Claims, NftKernel};
+use super::render::{fixed_sets, render_changes, render_full_sync, Claims, NftKernel};
 use super::rewrite::NftRewrite;
 use super::slots::Slots;
 use crate::backend::{Backend, Counts, Mode};
@@ -255,9 +255,7 @@ impl<E: NftExec> Backend for Nftables<E> {
     fn full(&self, plan: &NftPlan, kernel: &NftKernel) -> Payload {
         self.slots().retain(|k| plan.ports.contains_key(k));
         *self.claims.lock().unwrap_or_else(PoisonError::into_inner) = Claims::of(plan);
-        let mut payload = render_full(plan, kernel);
-        payload.rewrite = render_rewrite(plan, kernel);
-        payload
+        render_full_sync(plan, kernel)
     }
 
     fn partial_reads_whole_previous(&self) -> bool {

@@ -100,24 +100,30 @@ impl Out {
         &mut self,
         elems: impl IntoIterator<Item = (&'static str, &'a Key, Option<&'a Value>)>,
     ) {
-        let mut by_set: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-        for (set, key, verdict) in elems {
-            let e = match verdict {
-                Some(v) => format!("{key} : {v}"),
-                None => key.to_string(),
-            };
-            by_set.entry(set).or_default().push(e);
+        let mut by_set: HashMap<&str, Vec<(&Key, Option<&Value>)>> = HashMap::new();
+        for (set, key, value) in elems {
+            by_set.entry(set).or_default().push((key, value));
         }
         for (set, ty) in fixed_sets() {
             let Some(elems) = by_set.get(set) else {
                 continue;
             };
             self.p.elements += elems.len();
-            self.line(format_args!(
-                "add {} {FAMILY} {TABLE} {set} {{ {ty} ; elements = {{ {} }} ; }}",
-                set_kind(ty),
-                elems.join(", ")
-            ));
+            let kind = set_kind(ty);
+            let _ = write!(
+                self.text,
+                "add {kind} {FAMILY} {TABLE} {set} {{ {ty} ; elements = {{ "
+            );
+            for (i, (key, value)) in elems.iter().enumerate() {
+                if i > 0 {
+                    self.text.push_str(", ");
+                }
+                let _ = match value {
+                    Some(v) => write!(self.text, "{key} : {v}"),
+                    None => write!(self.text, "{key}"),
+                };
+            }
+            self.text.push_str(" } ; }\n");
         }
     }
 
@@ -170,8 +176,24 @@ fn set_kind(ty: &str) -> &'static str {
     }
 }
 
+/// Every element of a plan, by set and key (the first claim of a key winning).
+type Elements<'a> = BTreeMap<(&'static str, &'a Key), Option<&'a Value>>;
+
 /// The payload of a full sync over what `kernel` holds.
 pub fn render_full(plan: &NftPlan, kernel: &NftKernel) -> Payload {
+    full_text(plan, kernel, &plan.elements())
+}
+
+/// The payload of a full sync with its netlink batch ([`render_full`] and
+/// [`render_rewrite`] over one list of elements).
+pub fn render_full_sync(plan: &NftPlan, kernel: &NftKernel) -> Payload {
+    let elements = plan.elements();
+    let mut payload = full_text(plan, kernel, &elements);
+    payload.rewrite = rewrite(plan, kernel, &elements);
+    payload
+}
+
+fn full_text(plan: &NftPlan, kernel: &NftKernel, elements: &Elements<'_>) -> Payload {
     let mut out = Out::new(estimate(plan));
     out.line(format_args!("add table {FAMILY} {TABLE}"));
     let planned: BTreeSet<&str> = plan.chains().map(|c| c.name.as_str()).collect();
@@ -211,7 +233,7 @@ pub fn render_full(plan: &NftPlan, kernel: &NftKernel) -> Payload {
     for c in plan.chains() {
         out.rules(c);
     }
-    out.add_elements(plan.elements().into_iter().map(|((s, k), v)| (s, k, v)));
+    out.add_elements(elements.iter().map(|((s, k), v)| (*s, *k, *v)));
     for stale in kernel
         .chains
         .iter()
@@ -235,6 +257,10 @@ pub fn render_full(plan: &NftPlan, kernel: &NftKernel) -> Payload {
 /// when an affinity set's timeout changed (the file replaces that set) or
 /// an element cannot be encoded: the text applies then.
 pub fn render_rewrite(plan: &NftPlan, kernel: &NftKernel) -> Option<NftRewrite> {
+    rewrite(plan, kernel, &plan.elements())
+}
+
+fn rewrite(plan: &NftPlan, kernel: &NftKernel, elements: &Elements<'_>) -> Option<NftRewrite> {
     let mut skeleton = String::with_capacity(64 * 1024);
     let _ = writeln!(skeleton, "add table {FAMILY} {TABLE}");
     for (set, ty) in fixed_sets() {
@@ -267,8 +293,8 @@ pub fn render_rewrite(plan: &NftPlan, kernel: &NftKernel) -> Option<NftRewrite> 
         b.rules(c);
     }
     let mut by_set: HashMap<&str, Vec<(&Key, Option<&Value>)>> = HashMap::new();
-    for ((set, key), value) in plan.elements() {
-        by_set.entry(set).or_default().push((key, value));
+    for ((set, key), value) in elements {
+        by_set.entry(set).or_default().push((key, *value));
     }
     for (set, _) in fixed_sets() {
         if let Some(elems) = by_set.get(set) {

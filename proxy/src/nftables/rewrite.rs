@@ -91,7 +91,7 @@ pub struct NftRewrite {
     /// `nft -f` input declaring the table, its sets and maps (creates only
     /// what is missing).
     pub skeleton: String,
-    /// The messages, numbered 1..=count (the batch frame is added when sent).
+    /// The batch: begin (sequence 0), the messages numbered 1..=count, end.
     msgs: Vec<u8>,
     count: u32,
     /// What the messages from each number on do, for error messages.
@@ -110,35 +110,32 @@ impl NftRewrite {
             .and_then(|i| self.labels.get(i))
             .map_or("batch", |(_, l)| l.as_str())
     }
-
-    /// The batch with its frame: begin (sequence 0), the messages, end.
-    fn framed(&self) -> Option<Vec<u8>> {
-        let mut w = Writer {
-            buf: Vec::with_capacity(self.msgs.len() + 64),
-        };
-        let res = NFNL_SUBSYS_NFTABLES;
-        w.msg(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, 0, res, |_| Some(()))?;
-        w.buf.extend_from_slice(&self.msgs);
-        w.msg(
-            NFNL_MSG_BATCH_END,
-            NLM_F_REQUEST,
-            self.count + 1,
-            0,
-            res,
-            |_| Some(()),
-        )?;
-        Some(w.buf)
-    }
 }
 
 /// Builds the batch of a rewrite.
-#[derive(Default)]
 pub(super) struct Builder {
     w: Writer,
     count: u32,
     labels: Vec<(u32, String)>,
     /// A message could not be encoded (a verdict a map cannot hold).
     broken: bool,
+}
+
+impl Default for Builder {
+    /// A batch with its begin message.
+    fn default() -> Self {
+        let mut w = Writer {
+            buf: Vec::with_capacity(1 << 20),
+        };
+        let res = NFNL_SUBSYS_NFTABLES;
+        let _ = w.msg(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, 0, res, |_| Some(()));
+        Self {
+            w,
+            count: 0,
+            labels: Vec::new(),
+            broken: false,
+        }
+    }
 }
 
 fn be(v: u32) -> [u8; 4] {
@@ -277,6 +274,10 @@ impl Builder {
             let flags = u16::from_ne_bytes([self.w.buf[at + 6], self.w.buf[at + 7]]) | NLM_F_ACK;
             self.w.buf[at + 6..at + 8].copy_from_slice(&flags.to_ne_bytes());
         }
+        let res = NFNL_SUBSYS_NFTABLES;
+        let end = self.count + 1;
+        self.w
+            .msg(NFNL_MSG_BATCH_END, NLM_F_REQUEST, end, 0, res, |_| Some(()))?;
         Some(NftRewrite {
             skeleton,
             msgs: self.w.buf,
@@ -584,13 +585,11 @@ fn encode_rule(w: &mut Writer, r: &Rule) -> Option<()> {
 /// it committed. The kernel runs the batch inside `send`.
 pub(super) fn send(sock: &netlink_sys::Socket, rw: &NftRewrite) -> Result<()> {
     use std::io;
-    let buf = rw
-        .framed()
-        .ok_or_else(|| nl_error("encode", io::Error::other("message too long")))?;
+    let buf = &rw.msgs;
     let size = usize::min(buf.len() + (1 << 16), i32::MAX as usize);
     nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::SndBufForce, &size)
         .map_err(|e| nl_error("send buffer", io::Error::from(e)))?;
-    sock.send(&buf, 0).map_err(|e| nl_error("send", e))?;
+    sock.send(buf, 0).map_err(|e| nl_error("send", e))?;
     let mut rx = Vec::with_capacity(64 * 1024);
     let mut first_error: Option<(u32, i32)> = None;
     loop {

@@ -451,3 +451,26 @@ fn the_kernel_state_lists_only_tabby_chains_and_affinity_sets() {
     assert_eq!(k.affinity, [("affinity-X".to_string(), Some(30))].into());
     assert!(parse_kernel("not json", sets).is_err());
 }
+
+#[test]
+fn a_partial_payload_after_the_endpoint_set_shrinks_deletes_the_slots_left_over() {
+    let four: Vec<Endpoint> = (1..=4)
+        .map(|i| ep(&format!("10.244.1.{i}"), false))
+        .collect();
+    let before = whole(vec![info("web", four.clone())]);
+    let after = whole(vec![info("web", four[..2].to_vec())]);
+    let payload = render_partial(&before, &after);
+    let text = &payload.text;
+    assert!(
+        text.contains("delete element ip tabby-proxy endpoints-tcp-000 { 2, 3 }"),
+        "{text}"
+    );
+    assert!(
+        text.contains("delete element ip tabby-proxy hairpin { 10.244.1.3 . 10.244.1.3, 10.244.1.4 . 10.244.1.4 }"),
+        "{text}"
+    );
+    assert!(
+        text.contains("numgen random mod 2 map @endpoints-tcp-000"),
+        "{text}"
+    );
+}
