@@ -7,6 +7,7 @@
 //! - full: the first sync (generation, reading the kernel, one transaction);
 //! - 1 ep: one endpoint of one service replaced, a partial sync (median of 5);
 //! - +svc: one service added, a partial sync;
+//! - resync: a full sync over the programmed table (as the periodic resync does);
 //! - CPU time of the helper programs (iptables-restore, nft) over those syncs,
 //!   the child's peak RSS and the largest helper's peak RSS;
 //! - connect: TCP connect time p50/p99 over 200 connections from the node to
@@ -245,6 +246,7 @@ struct Figures {
     own_cpu: Duration,
     helper_cpu_1ep: Duration,
     added: Duration,
+    resync: Duration,
     helper_cpu: Duration,
     rules: i64,
     chains: i64,
@@ -293,6 +295,9 @@ fn syncs<B: Backend>(p: &mut Proxier<B, NoConntrack>, n: usize) -> Result<Figure
     let added = p.sync(t0 + Duration::from_secs(20))?;
     anyhow::ensure!(!added.full, "expected a partial sync");
     dump("added", &added.payload.text);
+    p.apply_event(ProxyEvent::FullSync);
+    let resync = p.sync(t0 + Duration::from_secs(22))?;
+    anyhow::ensure!(resync.full, "expected a full sync");
     let (cpu1, _) = children();
     let m = p.metrics();
     Ok(Figures {
@@ -302,6 +307,7 @@ fn syncs<B: Backend>(p: &mut Proxier<B, NoConntrack>, n: usize) -> Result<Figure
         own_cpu: median(own_cpu),
         helper_cpu_1ep: median(helper_1ep),
         added: added.elapsed,
+        resync: resync.elapsed,
         helper_cpu: cpu1.saturating_sub(cpu0),
         rules: m.nat_rules(),
         chains: m.nat_chains(),
@@ -363,7 +369,7 @@ fn child(mode: &str, n: usize) -> Result<()> {
         )
     };
     println!(
-        "RESULT {mode:<15} {n:>6} {:>8} {:>7} {:>7} {:>6.1} | {:>9.1} {:>8.1} {:>6.2} {:>5.1}/{:<5.1} {:>8.1} {:>8.1} | {:>6.0} {:>6.0} | {latency}",
+        "RESULT {mode:<15} {n:>6} {:>8} {:>7} {:>7} {:>6.1} | {:>9.1} {:>8.1} {:>6.2} {:>5.1}/{:<5.1} {:>8.1} {:>8.1} {:>8.1} | {:>6.0} {:>6.0} | {latency}",
         f.rules,
         f.chains,
         f.elements,
@@ -374,6 +380,7 @@ fn child(mode: &str, n: usize) -> Result<()> {
         ms(f.own_cpu),
         ms(f.helper_cpu_1ep),
         ms(f.added),
+        ms(f.resync),
         ms(f.helper_cpu),
         peak_rss_mib(),
         helper_rss,
@@ -471,13 +478,13 @@ fn main() -> Result<()> {
             .join(" ")
     );
     println!("proxy-sync: {ENDPOINTS} endpoints per service; times in ms of wall clock (the machine is shared: see helperCPU)");
-    println!("1ep = one endpoint replaced (median of 5), own = Tabby's own part of it (all but the apply), 1epCPU = CPU ms of it, Tabby's thread/helper; +svc = one service added; helperCPU = user+sys of iptables-restore/nft over all syncs");
+    println!("1ep = one endpoint replaced (median of 5), own = Tabby's own part of it (all but the apply), 1epCPU = CPU ms of it, Tabby's thread/helper; +svc = one service added; resync = a full sync over the programmed table; helperCPU = user+sys of iptables-restore/nft over all syncs");
     println!(
         "connect = TCP connect p50/p99 ms to the first and the last service, and last/first p50"
     );
     println!(
-        "{:<15} {:>6} {:>8} {:>7} {:>7} {:>6} | {:>9} {:>8} {:>6} {:>11} {:>8} {:>8} | {:>6} {:>6} | connect first last ratio",
-        "mode", "svcs", "rules", "chains", "elems", "MB", "full", "1ep", "own", "1epCPU", "+svc", "helperCPU", "rssMiB", "helperMiB"
+        "{:<15} {:>6} {:>8} {:>7} {:>7} {:>6} | {:>9} {:>8} {:>6} {:>11} {:>8} {:>8} {:>8} | {:>6} {:>6} | connect first last ratio",
+        "mode", "svcs", "rules", "chains", "elems", "MB", "full", "1ep", "own", "1epCPU", "+svc", "resync", "helperCPU", "rssMiB", "helperMiB"
     );
     for &n in &sizes {
         for mode in &modes {
