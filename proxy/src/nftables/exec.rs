@@ -1,4 +1,5 @@
-//! The executor: one `nft -f -` per sync.
+//! The executor: one `nft -f -` per sync, or a netlink batch (element-only
+//! changes and full syncs).
 //!
 //! Why the nft tool and text: `nft -f` applies a whole file as one netlink
 //! batch, so a sync is all or nothing; the payload is the plan printed in

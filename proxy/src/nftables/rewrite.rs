@@ -638,3 +638,86 @@ fn failed(rw: &NftRewrite, seq: u32, code: i32) -> crate::error::Error {
     };
     nl_error(&what, std::io::Error::from_raw_os_error(-code))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nftables::ir::Element;
+
+    /// (type, flags, seq, length) of each message of a batch.
+    fn headers(buf: &[u8]) -> Vec<(u16, u16, u32, usize)> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < buf.len() {
+            let word = |o: usize| u32::from_ne_bytes(buf[o..o + 4].try_into().unwrap());
+            let len = word(at) as usize;
+            let ty = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
+            let flags = u16::from_ne_bytes([buf[at + 6], buf[at + 7]]);
+            out.push((ty, flags, word(at + 8), len));
+            at += len.next_multiple_of(4);
+        }
+        out
+    }
+
+    #[test]
+    fn a_rewrite_is_framed_acknowledged_once_and_splits_large_element_lists() {
+        let chain = Chain {
+            name: "services".into(),
+            hook: None,
+            rules: vec![Rule::new(
+                vec![Match::CtStateNew],
+                vec![Stmt::Verdict(Verdict::Jump("masquerading".into()))],
+            )],
+        };
+        let elems: Vec<Element> = (0..3000u32)
+            .map(|i| Element {
+                set: "hairpin",
+                key: Key::AddrAddr(i.into(), i.into()),
+                value: None,
+            })
+            .collect();
+        let refs: Vec<(&Key, Option<&Value>)> =
+            elems.iter().map(|e| (&e.key, e.value.as_ref())).collect();
+        let mut b = Builder::default();
+        b.chain(&chain);
+        b.flush_rules();
+        b.rules(&chain);
+        b.elements("hairpin", &refs);
+        let rw = b.finish(String::new()).expect("encodable");
+        let h = headers(&rw.msgs);
+        assert_eq!(h.len() as u32, rw.messages() + 2, "begin, messages, end");
+        assert_eq!((h[0].0, h[0].2), (NFNL_MSG_BATCH_BEGIN, 0));
+        let end = h[h.len() - 1];
+        assert_eq!((end.0, end.2), (NFNL_MSG_BATCH_END, rw.messages() + 1));
+        let acked: Vec<u32> = h
+            .iter()
+            .filter(|m| m.1 & NLM_F_ACK != 0)
+            .map(|m| m.2)
+            .collect();
+        assert_eq!(
+            acked,
+            [rw.messages()],
+            "only the last message asks for an ack"
+        );
+        let newsetelem = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM;
+        let chunks: Vec<usize> = h
+            .iter()
+            .filter(|m| m.0 == newsetelem)
+            .map(|m| m.3)
+            .collect();
+        assert!(chunks.len() > 1, "3000 pairs do not fit one message");
+        assert!(chunks.iter().all(|len| *len < 65_535), "{chunks:?}");
+        assert_eq!(rw.label(1), "chain services");
+        assert_eq!(rw.label(3), "rules of chain services");
+        assert_eq!(rw.label(rw.messages()), "elements of hairpin");
+    }
+
+    #[test]
+    fn a_verdict_a_map_cannot_hold_makes_the_rewrite_fall_back_to_text() {
+        let key = Key::Addr([10, 0, 0, 1].into());
+        let reject = Value::Verdict(Verdict::Reject);
+        let mut b = Builder::default();
+        b.elements("service-ips", &[(&key, Some(&reject))]);
+        assert!(b.finish(String::new()).is_none());
+    }
+}
