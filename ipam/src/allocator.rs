@@ -19,6 +19,20 @@
 //! handles right). An assign that fails after committing addresses releases
 //! them again (a guard, so every error path does).
 //!
+//! [`Ipam::assign_unsynced`] does the same writes but leaves their last
+//! step to the disk to [`Ipam::sync`] (the file backend's directory
+//! fsyncs), so that a CNI ADD pays for it outside the node lock and beside
+//! its netlink work. The writes are visible to every other assign at once,
+//! so no assign can take the same address, with or without a crash in
+//! between; the caller hands the addresses out only once `sync` returned.
+//! Until then a crash (a power loss: a killed process loses nothing, its
+//! renames are in the kernel) may lose either write: a lost block write
+//! frees the address again, which nobody was told of; a handle kept
+//! without its block write over-counts (its release finds nothing of its
+//! own in the block, never another handle's address); a block write kept
+//! without its handle write is an allocation no handle names, released by
+//! GC or put right by [`crate::repair`], as an older version's would be.
+//!
 //! Pool and configuration management lives in [`crate::pools`].
 
 use std::collections::hash_map::RandomState;
@@ -147,6 +161,31 @@ pub struct Released {
     pub handle: String,
 }
 
+/// The documents an assign wrote without waiting for the disk
+/// ([`Ipam::assign_unsynced`]); [`Ipam::sync`] makes them durable.
+#[must_use = "a crash may still lose this assign: sync it before handing its addresses out"]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Unsynced {
+    /// Keys written, handle first.
+    keys: Vec<String>,
+}
+
+impl Unsynced {
+    /// The keys whose writes may not be durable yet.
+    pub fn keys(&self) -> &[String] {
+        &self.keys
+    }
+}
+
+/// When an assign's writes reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// Before each write returns.
+    Now,
+    /// At [`Ipam::sync`].
+    Deferred,
+}
+
 /// The IPAM engine over a datastore.
 pub struct Ipam<D: Datastore> {
     pub(crate) ds: D,
@@ -238,6 +277,37 @@ impl<D: Datastore> Ipam<D> {
     ///
     /// On failure, the addresses this call already assigned are released again.
     pub fn assign(&self, args: &AssignArgs) -> Result<Vec<IpNetwork>> {
+        self.assign_with(args, Durability::Now)
+            .map(|(nets, _)| nets)
+    }
+
+    /// [`Ipam::assign`] that does not wait for its handle and block writes
+    /// to reach the disk: they are visible at once (no other assign takes
+    /// these addresses), but only durable once [`Ipam::sync`] returned. Hand
+    /// the addresses out only then, and release them if it fails; see the
+    /// module documentation for what a crash in between leaves.
+    pub fn assign_unsynced(&self, args: &AssignArgs) -> Result<(Vec<IpNetwork>, Unsynced)> {
+        let (nets, blocks) = self.assign_with(args, Durability::Deferred)?;
+        let mut keys = vec![store::handle_key(&args.handle)];
+        for key in blocks.iter().map(store::block_key) {
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+        Ok((nets, Unsynced { keys }))
+    }
+
+    /// Makes the writes of an [`Ipam::assign_unsynced`] durable.
+    pub fn sync(&self, unsynced: Unsynced) -> Result<()> {
+        Ok(self.ds.sync(&unsynced.keys)?)
+    }
+
+    /// Assigns; returns the addresses and the block of each.
+    fn assign_with(
+        &self,
+        args: &AssignArgs,
+        durability: Durability,
+    ) -> Result<(Vec<IpNetwork>, Vec<IpNetwork>)> {
         check_request(args)?;
         let mut args = args.clone();
         args.attrs
@@ -250,11 +320,13 @@ impl<D: Datastore> Ipam<D> {
         let mut assigned = Vec::new();
         for (family, n) in [(4u8, args.num_v4), (6u8, args.num_v6)] {
             if n > 0 {
-                self.assign_family(&args, family, n as usize, &mut committed, &mut assigned)?;
+                let want = (family, n as usize);
+                self.assign_family(&args, want, durability, &mut committed, &mut assigned)?;
             }
         }
+        let blocks = committed.ips.iter().map(|(block, _)| *block).collect();
         committed.keep();
-        Ok(assigned)
+        Ok((assigned, blocks))
     }
 
     /// Assigns `n` addresses of one family: each is recorded in `committed`
@@ -262,8 +334,8 @@ impl<D: Datastore> Ipam<D> {
     fn assign_family(
         &self,
         args: &AssignArgs,
-        family: u8,
-        n: usize,
+        (family, n): (u8, usize),
+        durability: Durability,
         committed: &mut Committed<'_, D>,
         out: &mut Vec<IpNetwork>,
     ) -> Result<()> {
@@ -288,7 +360,7 @@ impl<D: Datastore> Ipam<D> {
         let mut got = 0;
         let mut backoff = Backoff::new();
         while got < n {
-            let step = self.assign_step(args, &pools, &config, &reserved, n - got);
+            let step = self.assign_step(args, &pools, &config, &reserved, n - got, durability);
             if let Some(key) = conflict_key(&step) {
                 backoff.conflict(key)?;
                 continue;
@@ -322,6 +394,7 @@ impl<D: Datastore> Ipam<D> {
         config: &IpamConfig,
         reserved: &[IpAddr],
         want: usize,
+        durability: Durability,
     ) -> Result<Step> {
         let in_pools = |cidr: &IpNetwork| pools.iter().any(|p| p.cidr.contains(cidr.network()));
         let mut affinities: Vec<Doc<BlockAffinity>> =
@@ -344,7 +417,7 @@ impl<D: Datastore> Ipam<D> {
                         continue;
                     }
                     if !block.value.deleted && block.value.assignable(reserved) > 0 {
-                        return self.assign_in_block(block, want, args, reserved);
+                        return self.assign_in_block(block, want, args, reserved, durability);
                     }
                 }
                 AffinityState::Pending => {
@@ -377,7 +450,7 @@ impl<D: Datastore> Ipam<D> {
                     && b.node() != Some(args.node.as_str())
                 {
                     tracing::info!(cidr = %b.cidr, owner = ?b.node(), node = %args.node, "borrowing an address");
-                    return self.assign_in_block(block, want, args, reserved);
+                    return self.assign_in_block(block, want, args, reserved, durability);
                 }
             }
         }
@@ -391,6 +464,7 @@ impl<D: Datastore> Ipam<D> {
         want: usize,
         args: &AssignArgs,
         reserved: &[IpAddr],
+        durability: Durability,
     ) -> Result<Step> {
         let Doc {
             key,
@@ -403,8 +477,12 @@ impl<D: Datastore> Ipam<D> {
         }
         let count = ips.len() as i64;
         let node = Some(args.node.as_str());
-        self.handle_add(&args.handle, node, &updated.cidr, count)?;
-        match store::update(&self.ds, &key, &updated, &revision) {
+        self.handle_add_with(&args.handle, node, &updated.cidr, count, durability)?;
+        let written = match durability {
+            Durability::Now => store::update(&self.ds, &key, &updated, &revision),
+            Durability::Deferred => store::update_deferred(&self.ds, &key, &updated, &revision),
+        };
+        match written {
             Ok(_) => Ok(Step::Assigned(updated.cidr, ips)),
             Err(e) => {
                 if let Err(undo) = self.handle_add(&args.handle, node, &updated.cidr, -count) {
@@ -424,6 +502,19 @@ impl<D: Datastore> Ipam<D> {
         cidr: &IpNetwork,
         delta: i64,
     ) -> Result<()> {
+        self.handle_add_with(handle, node, cidr, delta, Durability::Now)
+    }
+
+    /// [`Ipam::handle_add`] whose create or update is durable at once or at
+    /// [`Ipam::sync`] (a delete, the last release, always at once).
+    fn handle_add_with(
+        &self,
+        handle: &str,
+        node: Option<&str>,
+        cidr: &IpNetwork,
+        delta: i64,
+        durability: Durability,
+    ) -> Result<()> {
         let key = store::handle_key(handle);
         let block = normalize(cidr).to_string();
         self.retry(|| {
@@ -434,7 +525,10 @@ impl<D: Datastore> Ipam<D> {
                         block: BTreeMap::from([(block.clone(), delta as u32)]),
                         node: node.map(str::to_string),
                     };
-                    store::create(&self.ds, &key, &value)?;
+                    match durability {
+                        Durability::Now => store::create(&self.ds, &key, &value)?,
+                        Durability::Deferred => store::create_deferred(&self.ds, &key, &value)?,
+                    };
                 }
                 return Ok(());
             };
@@ -450,9 +544,13 @@ impl<D: Datastore> Ipam<D> {
             if value.block.is_empty() {
                 delete_if_present(&self.ds, &key, &doc.revision)
             } else {
-                store::update(&self.ds, &key, &value, &doc.revision)
-                    .map(drop)
-                    .map_err(Into::into)
+                let written = match durability {
+                    Durability::Now => store::update(&self.ds, &key, &value, &doc.revision),
+                    Durability::Deferred => {
+                        store::update_deferred(&self.ds, &key, &value, &doc.revision)
+                    }
+                };
+                written.map(drop).map_err(Into::into)
             }
         })
     }
