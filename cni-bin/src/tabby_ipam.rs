@@ -201,10 +201,16 @@ impl TabbyIpam {
         if !pod.pools.is_empty() {
             args.pools = pod.resolve(&self.ipam.pools()?)?;
         }
+        // The handle's write before the lock: under it, only the block's.
+        let ahead = match pod.addrs.is_empty() {
+            true => tracing::debug_span!("handle ahead")
+                .in_scope(|| self.ipam.write_handle_ahead(&args))?,
+            false => None,
+        };
         let _serial = tracing::debug_span!("node lock").in_scope(|| self.node_lock())?;
         let (nets, unsynced) =
             tracing::debug_span!("allocate").in_scope(|| match pod.addrs.is_empty() {
-                true => Ok::<_, CniError>(self.ipam.assign_unsynced(&args)?),
+                true => Ok::<_, CniError>(self.ipam.assign_unsynced(&args, ahead)?),
                 // Fixed addresses (rare) are written durably at once.
                 false => Ok((self.assign_fixed(&args, &pod.addrs)?, Unsynced::default())),
             })?;

@@ -12,13 +12,16 @@ mod common;
 use common::backends::{backend_tests, Backend, TestStore};
 use common::{pool, v4};
 use tabby_ipam::report::{self, Liveness, Snapshot};
-use tabby_ipam::{store, Datastore, DatastoreError, FileDatastore, Ipam};
+use tabby_ipam::{store, Datastore, DatastoreError, FileDatastore, Handle, Ipam};
 
 backend_tests!(
     [mem, file, kubernetes];
     an_unsynced_assign_is_taken_for_another_opening_of_the_store_before_its_sync,
     a_lost_block_write_frees_the_address_but_the_stale_handle_never_releases_its_next_holder,
     a_lost_handle_write_leaves_an_allocation_that_the_repair_gives_back_to_its_handle,
+    a_handle_written_ahead_of_the_node_lock_is_not_written_again_under_it,
+    a_handle_written_ahead_and_then_rewritten_by_a_repair_is_written_again_under_the_lock,
+    a_handle_written_ahead_for_a_block_that_filled_up_meanwhile_is_taken_back,
 );
 
 fn problems(ds: &impl Datastore) -> Vec<String> {
@@ -37,7 +40,9 @@ fn an_unsynced_assign_is_taken_for_another_opening_of_the_store_before_its_sync(
     let ipam = store.ipam();
     ipam.create_pool(&pool("p", "10.1.0.0/24", 26))
         .expect("pool");
-    let (first, unsynced) = ipam.assign_unsynced(&v4("net.first", "a")).expect("assign");
+    let (first, unsynced) = ipam
+        .assign_unsynced(&v4("net.first", "a"), None)
+        .expect("assign");
     assert_eq!(
         unsynced.keys(),
         ["handles/net.first", "blocks/10.1.0.0-26"],
@@ -70,7 +75,9 @@ fn a_lost_block_write_frees_the_address_but_the_stale_handle_never_releases_its_
     let key = store::block_key(&"10.1.0.0/26".parse().expect("cidr"));
     let old = ds.get(&key).expect("get").expect("block");
 
-    let (lost, _unsynced) = ipam.assign_unsynced(&v4("net.lost", "a")).expect("assign");
+    let (lost, _unsynced) = ipam
+        .assign_unsynced(&v4("net.lost", "a"), None)
+        .expect("assign");
     let now = ds.get(&key).expect("get").expect("block");
     ds.update(&key, &old.value, &now.revision)
         .expect("the older block comes back");
@@ -104,7 +111,9 @@ fn a_lost_handle_write_leaves_an_allocation_that_the_repair_gives_back_to_its_ha
     let ipam = store.ipam();
     ipam.create_pool(&pool("p", "10.1.0.0/24", 26))
         .expect("pool");
-    let (lost, _unsynced) = ipam.assign_unsynced(&v4("net.lost", "a")).expect("assign");
+    let (lost, _unsynced) = ipam
+        .assign_unsynced(&v4("net.lost", "a"), None)
+        .expect("assign");
     let ds = ipam.datastore();
     let handle = ds
         .get(&store::handle_key("net.lost"))
@@ -123,6 +132,113 @@ fn a_lost_handle_write_leaves_an_allocation_that_the_repair_gives_back_to_its_ha
         released.iter().map(|r| r.ip).collect::<Vec<_>>(),
         [lost[0].ip()]
     );
+}
+
+/// What the handle document of `handle` records, block by block.
+fn handle_counts(ds: &impl Datastore, handle: &str) -> Vec<(String, u32)> {
+    store::get::<Handle>(ds, &store::handle_key(handle))
+        .expect("get")
+        .map(|d| d.value.block.into_iter().collect())
+        .unwrap_or_default()
+}
+
+/// The ADD path: the handle is written before the node lock, and the
+/// assign under the lock writes only the block.
+fn a_handle_written_ahead_of_the_node_lock_is_not_written_again_under_it(backend: Backend) {
+    let store = TestStore::new(backend);
+    let ipam = store.ipam();
+    ipam.create_pool(&pool("p", "10.1.0.0/24", 26))
+        .expect("pool");
+    let args = v4("net.pod", "a");
+    assert!(
+        ipam.write_handle_ahead(&args).expect("ahead").is_none(),
+        "the node has no block yet: nothing to guess"
+    );
+    ipam.assign(&v4("net.first", "a")).expect("assign");
+    let ahead = ipam
+        .write_handle_ahead(&args)
+        .expect("ahead")
+        .expect("a guess");
+    let ds = ipam.datastore();
+    let written = ds.get("handles/net.pod").expect("get").expect("handle");
+    let (got, unsynced) = ipam.assign_unsynced(&args, Some(ahead)).expect("assign");
+    ipam.sync(unsynced).expect("sync");
+    let after = ds.get("handles/net.pod").expect("get").expect("handle");
+    assert_eq!(
+        after.revision, written.revision,
+        "the handle was written again under the lock"
+    );
+    assert_eq!(
+        handle_counts(ds, "net.pod"),
+        [("10.1.0.0/26".to_string(), 1)]
+    );
+    assert!(problems(ds).is_empty(), "{:?}", problems(ds));
+    let released = ipam.release_by_handle("net.pod").expect("release");
+    assert_eq!(
+        released.iter().map(|r| r.ip).collect::<Vec<_>>(),
+        [got[0].ip()]
+    );
+}
+
+/// A GC between the write ahead and the node lock repairs the handle,
+/// which holds nothing yet, away: the assign must write it again, or the
+/// address would have no handle.
+fn a_handle_written_ahead_and_then_rewritten_by_a_repair_is_written_again_under_the_lock(
+    backend: Backend,
+) {
+    let store = TestStore::new(backend);
+    let ipam = store.ipam();
+    ipam.create_pool(&pool("p", "10.1.0.0/24", 26))
+        .expect("pool");
+    ipam.assign(&v4("net.first", "a")).expect("assign");
+    let args = v4("net.pod", "a");
+    let ahead = ipam
+        .write_handle_ahead(&args)
+        .expect("ahead")
+        .expect("a guess");
+    assert_eq!(ipam.repair_handles(|_, _| true).expect("repair").len(), 1);
+    assert!(handle_counts(ipam.datastore(), "net.pod").is_empty());
+    let (got, unsynced) = ipam.assign_unsynced(&args, Some(ahead)).expect("assign");
+    ipam.sync(unsynced).expect("sync");
+    let ds = ipam.datastore();
+    assert_eq!(
+        handle_counts(ds, "net.pod"),
+        [("10.1.0.0/26".to_string(), 1)]
+    );
+    assert!(problems(ds).is_empty(), "{:?}", problems(ds));
+    assert_eq!(
+        ipam.release_by_handle("net.pod").expect("release").len(),
+        1,
+        "{:?} is not released by its handle",
+        got
+    );
+}
+
+/// Other pods of the node take the guessed block's last addresses before
+/// the node lock: the assign claims another block, and the handle records
+/// that block only.
+fn a_handle_written_ahead_for_a_block_that_filled_up_meanwhile_is_taken_back(backend: Backend) {
+    let store = TestStore::new(backend);
+    let ipam = store.ipam();
+    ipam.create_pool(&pool("p", "10.1.0.0/24", 29))
+        .expect("pool");
+    ipam.assign(&v4("net.first", "a")).expect("assign");
+    let args = v4("net.pod", "a");
+    let ahead = ipam
+        .write_handle_ahead(&args)
+        .expect("ahead")
+        .expect("a guess");
+    for i in 0..7 {
+        ipam.assign(&v4(&format!("net.other{i}"), "a"))
+            .expect("assign");
+    }
+    let (got, unsynced) = ipam.assign_unsynced(&args, Some(ahead)).expect("assign");
+    ipam.sync(unsynced).expect("sync");
+    let ds = ipam.datastore();
+    let block = format!("{}/29", got[0].network());
+    assert_ne!(block, "10.1.0.0/29");
+    assert_eq!(handle_counts(ds, "net.pod"), [(block, 1)]);
+    assert!(problems(ds).is_empty(), "{:?}", problems(ds));
 }
 
 /// The file backend's sync fsyncs the directory of each key: one that is
