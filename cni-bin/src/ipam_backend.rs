@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use tabby_ipam::Unsynced;
+
 use crate::env::{Command, Invocation};
 use crate::error::{CniError, Code, Result};
 use crate::exec::run_plugin;
@@ -12,8 +14,9 @@ use crate::types::{CniResult, NetConf};
 
 /// What an IPAM ADD printed.
 pub enum IpamOutput {
-    /// `tabby-ipam` in-process: already a result.
-    Parsed(CniResult),
+    /// `tabby-ipam` in-process: already a result, with the writes that
+    /// [`IpamBackend::sync`] must make durable before it is handed out.
+    Parsed(CniResult, Unsynced),
     /// A delegated plugin's stdout.
     Raw {
         /// The plugin, for error messages.
@@ -24,11 +27,14 @@ pub enum IpamOutput {
 }
 
 impl IpamOutput {
-    /// The result.
-    pub fn parse(self) -> Result<CniResult> {
+    /// The result, and what is left to sync (nothing for a delegated
+    /// plugin, which answered only once its own writes were done).
+    pub fn parse(self) -> Result<(CniResult, Unsynced)> {
         match self {
-            Self::Parsed(r) => Ok(r),
-            Self::Raw { plugin, out } => CniResult::from_plugin_output(&out, &plugin),
+            Self::Parsed(r, unsynced) => Ok((r, unsynced)),
+            Self::Raw { plugin, out } => {
+                CniResult::from_plugin_output(&out, &plugin).map(|r| (r, Unsynced::default()))
+            }
         }
     }
 }
@@ -67,6 +73,8 @@ impl<'a> IpamBackend<'a> {
 
     /// Assigns addresses for the invocation's container. The output is
     /// parsed separately so that the caller can register the release first.
+    /// The assignment is visible at once but may not be durable before
+    /// [`IpamBackend::sync`] returned: no result may name it before.
     pub fn add(
         &self,
         inv: &Invocation,
@@ -76,13 +84,21 @@ impl<'a> IpamBackend<'a> {
         match self {
             Self::InProcess(t) => t
                 .add(&conf.handle(&inv.container_id, &inv.ifname), attrs)
-                .map(IpamOutput::Parsed),
+                .map(|(r, unsynced)| IpamOutput::Parsed(r, unsynced)),
             Self::Delegate { plugin, stdin } => {
                 run_plugin(plugin, Command::Add, inv, stdin).map(|out| IpamOutput::Raw {
                     plugin: plugin.clone(),
                     out,
                 })
             }
+        }
+    }
+
+    /// Makes an assignment durable (see [`IpamBackend::add`]).
+    pub fn sync(&self, unsynced: Unsynced) -> Result<()> {
+        match self {
+            Self::InProcess(t) => t.sync(unsynced),
+            Self::Delegate { .. } => Ok(()),
         }
     }
 

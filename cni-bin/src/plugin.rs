@@ -7,7 +7,7 @@ use std::path::Path;
 
 use ipnetwork::IpNetwork;
 use tabby_dataplane::{sysctl, Family, NetNs, Netlink, Route, Scope};
-use tracing::{info, warn};
+use tracing::{debug_span, info, warn};
 
 use crate::env::{Command, Invocation};
 use crate::error::{CniError, Code, Result};
@@ -88,8 +88,8 @@ fn plan_add<'a>(
             ),
         ));
     }
-    let ipam = IpamBackend::from_conf(conf, stdin)?;
-    let pod = Netlink::in_netns(&pod_ns)?;
+    let ipam = debug_span!("ipam open").in_scope(|| IpamBackend::from_conf(conf, stdin))?;
+    let pod = debug_span!("pod socket").in_scope(|| Netlink::in_netns(&pod_ns))?;
     if pod.link(&inv.ifname)?.is_some() {
         return Err(CniError::new(
             Code::InvalidConfig,
@@ -146,22 +146,24 @@ fn uplink_mtu(host: &Netlink) -> Option<u32> {
         .map(|l| l.mtu)
 }
 
+/// ADD. Each step logs its duration at `debug` when it ends (a span), as
+/// DEL's do: `"log_level": "tabby_cni=debug"` in the config shows them.
 fn add(inv: &Invocation, conf: &NetConf, version: CniVersion, stdin: &[u8]) -> Result<String> {
-    let host = Netlink::host()?;
-    let plan = plan_add(inv, conf, stdin, &host)?;
+    let host = debug_span!("host socket").in_scope(Netlink::host)?;
+    let plan = debug_span!("plan").in_scope(|| plan_add(inv, conf, stdin, &host))?;
     // A host veth of the same pod identity is left from an earlier sandbox
     // of this pod (the kubelet restarted it): it is dead, replace it.
-    if host.delete_link(&plan.host_veth)? {
+    if debug_span!("stale host veth").in_scope(|| host.delete_link(&plan.host_veth))? {
         warn!(veth = %plan.host_veth, "removed a stale host veth of the same pod");
     }
 
     let mut rollback = Rollback::new();
     let attrs = attributes(inv, conf, &plan);
-    let ipam_output = plan.ipam.add(inv, conf, attrs)?;
+    let ipam_output = debug_span!("ipam assign").in_scope(|| plan.ipam.add(inv, conf, attrs))?;
     rollback.push("release IPAM allocation", || {
         plan.ipam.del(inv, conf).map(drop).map_err(why)
     });
-    let ipam_result = ipam_output.parse()?;
+    let (ipam_result, unsynced) = ipam_output.parse()?;
     let addrs: Vec<IpNetwork> = ipam_result
         .ips
         .iter()
@@ -171,26 +173,30 @@ fn add(inv: &Invocation, conf: &NetConf, version: CniVersion, stdin: &[u8]) -> R
         return Err(CniError::new(Code::IoFailure, "IPAM returned no address"));
     }
 
-    let host_index = host.create_veth(
-        &plan.host_veth,
-        HOST_VETH_MAC,
-        &inv.ifname,
-        &plan.pod_ns,
-        Some(plan.mtu),
-    )?;
-    let veth = plan.host_veth.as_str();
-    rollback.push("delete veth", || {
-        host.delete_link(veth).map(drop).map_err(why)
-    });
-    configure_host_veth(&host, veth, host_index, &addrs)?;
-
-    let (pod_link, routed) = configure_pod(&plan.pod, &plan.pod_ns, inv, conf, &addrs)?;
-    for a in &addrs {
-        host.replace_route(&Route::new(*a).dev(host_index).with_scope(Scope::Link))?;
-    }
+    // The allocation reaches the disk on a thread of its own while the
+    // interfaces are made. The result goes out only once both are done, so
+    // no runtime is ever told an address that a crash could still free; if
+    // either fails, the rollback undoes both (after the sync has ended).
+    let step = tracing::Span::current();
+    let (pod_link, routed) = std::thread::scope(|s| {
+        let ipam = &plan.ipam;
+        let synced = s.spawn(move || {
+            debug_span!(parent: &step, "ipam sync").in_scope(|| ipam.sync(unsynced))
+        });
+        let wired = wire(&host, &plan, inv, conf, &addrs, &mut rollback);
+        let synced = synced.join().unwrap_or_else(|_| {
+            Err(CniError::new(
+                Code::IoFailure,
+                "the thread making the allocation durable panicked",
+            ))
+        });
+        let wired = wired?;
+        synced?;
+        Ok::<_, CniError>(wired)
+    })?;
     rollback.disarm();
 
-    info!(pod = %inv.pod_identity(), veth, ips = ?addrs, "pod attached");
+    info!(pod = %inv.pod_identity(), veth = %plan.host_veth, ips = ?addrs, "pod attached");
     let result = CniResult {
         interfaces: vec![
             Interface {
@@ -226,6 +232,42 @@ fn add(inv: &Invocation, conf: &NetConf, version: CniVersion, stdin: &[u8]) -> R
     Ok(result.to_json(version))
 }
 
+/// The interfaces of ADD: the veth pair, its host side, the pod side and
+/// the host route, each registered in `rollback` once made. Returns the pod
+/// link and the addresses that got the pod's routes.
+fn wire<'r>(
+    host: &'r Netlink,
+    plan: &'r AddPlan<'_>,
+    inv: &Invocation,
+    conf: &NetConf,
+    addrs: &[IpNetwork],
+    rollback: &mut Rollback<'r>,
+) -> Result<(tabby_dataplane::Link, Vec<IpNetwork>)> {
+    let host_index = debug_span!("create veth").in_scope(|| {
+        host.create_veth(
+            &plan.host_veth,
+            HOST_VETH_MAC,
+            &inv.ifname,
+            &plan.pod_ns,
+            Some(plan.mtu),
+        )
+    })?;
+    let veth = plan.host_veth.as_str();
+    rollback.push("delete veth", || {
+        host.delete_link(veth).map(drop).map_err(why)
+    });
+    debug_span!("host veth").in_scope(|| configure_host_veth(host, veth, host_index, addrs))?;
+
+    let (pod_link, routed) = debug_span!("pod side")
+        .in_scope(|| configure_pod(&plan.pod, &plan.pod_ns, inv, conf, addrs))?;
+    debug_span!("host route").in_scope(|| {
+        addrs.iter().try_for_each(|a| {
+            host.replace_route(&Route::new(*a).dev(host_index).with_scope(Scope::Link))
+        })
+    })?;
+    Ok((pod_link, routed))
+}
+
 fn attributes(inv: &Invocation, conf: &NetConf, plan: &AddPlan<'_>) -> BTreeMap<String, String> {
     let mut a = crate::tabby_ipam::allocation_attributes(inv, conf);
     a.insert("hostVeth".into(), plan.host_veth.clone());
@@ -235,6 +277,7 @@ fn attributes(inv: &Invocation, conf: &NetConf, plan: &AddPlan<'_>) -> BTreeMap<
 /// Host side: proxy ARP answers the pod's ARP for 169.254.1.1 with ee:ee:..;
 /// no address; forwarding from the pod.
 fn configure_host_veth(host: &Netlink, name: &str, index: u32, addrs: &[IpNetwork]) -> Result<()> {
+    let _sysctls = debug_span!("host sysctls").entered();
     sysctl::set(&format!("net/ipv4/conf/{name}/proxy_arp"), "1")?;
     sysctl::set(&format!("net/ipv4/neigh/{name}/proxy_delay"), "0")?;
     sysctl::set(&format!("net/ipv4/conf/{name}/forwarding"), "1")?;
@@ -245,6 +288,7 @@ fn configure_host_veth(host: &Netlink, name: &str, index: u32, addrs: &[IpNetwor
         // IPv6 may be disabled on the host; not needed for an IPv4-only pod.
         tracing::debug!(error = %tabby_errors::chain(&e), "accept_ra not set");
     }
+    drop(_sysctls);
     host.set_up(index)?;
     Ok(())
 }
@@ -293,7 +337,8 @@ fn configure_pod(
         routed.push(*a);
     }
     if !conf.container_settings.allow_ip_forwarding {
-        pod_ns.run(|| sysctl::set("net/ipv4/ip_forward", "0"))??;
+        debug_span!("pod ip_forward")
+            .in_scope(|| pod_ns.run(|| sysctl::set("net/ipv4/ip_forward", "0")))??;
     }
     Ok((link, routed))
 }

@@ -12,7 +12,7 @@ use tabby_ipam::report::{self, IpInfo, Snapshot};
 use tabby_ipam::types::default_block_size;
 use tabby_ipam::{
     AllocationAttribute, AssignArgs, Datastore, DatastoreConfig, FileDatastore, IpPool, Ipam,
-    KubeDatastore, NodeLock, Released,
+    KubeDatastore, NodeLock, Released, Unsynced,
 };
 
 use crate::error::{CniError, Code, Result};
@@ -174,8 +174,21 @@ impl TabbyIpam {
     /// 169.254.1.1 gateway (so plain `ptp` builds the same data path).
     /// With the Kubernetes datastore, the pod named by `attrs` (namespace,
     /// pod) may choose pools or fixed addresses ([`crate::pod`]).
-    pub fn add(&self, handle: &str, attrs: BTreeMap<String, String>) -> Result<CniResult> {
-        self.ensure_pool()?;
+    ///
+    /// Returns before the assignment is durable, with the node lock
+    /// released: [`TabbyIpam::sync`] it before any result names the
+    /// addresses (and release them if it fails). The disk's share of the
+    /// work is then paid outside the lock, where the fsyncs of concurrent
+    /// ADDs share journal commits instead of queueing one after another,
+    /// and beside the caller's netlink work. No other assign can take the
+    /// addresses meanwhile (the writes are visible at once); what a crash
+    /// before the sync leaves is in [`tabby_ipam::allocator`]'s docs.
+    pub fn add(
+        &self,
+        handle: &str,
+        attrs: BTreeMap<String, String>,
+    ) -> Result<(CniResult, Unsynced)> {
+        tracing::debug_span!("ensure pool").in_scope(|| self.ensure_pool())?;
         let pod = self.pod_ipam(&attrs)?;
         let mut args = AssignArgs {
             handle: handle.to_string(),
@@ -188,11 +201,19 @@ impl TabbyIpam {
         if !pod.pools.is_empty() {
             args.pools = pod.resolve(&self.ipam.pools()?)?;
         }
-        let _serial = self.node_lock()?;
-        let nets = match pod.addrs.is_empty() {
-            true => self.ipam.assign(&args)?,
-            false => self.assign_fixed(&args, &pod.addrs)?,
+        // The handle's write before the lock: under it, only the block's.
+        let ahead = match pod.addrs.is_empty() {
+            true => tracing::debug_span!("handle ahead")
+                .in_scope(|| self.ipam.write_handle_ahead(&args))?,
+            false => None,
         };
+        let _serial = tracing::debug_span!("node lock").in_scope(|| self.node_lock())?;
+        let (nets, unsynced) =
+            tracing::debug_span!("allocate").in_scope(|| match pod.addrs.is_empty() {
+                true => Ok::<_, CniError>(self.ipam.assign_unsynced(&args, ahead)?),
+                // Fixed addresses (rare) are written durably at once.
+                false => Ok((self.assign_fixed(&args, &pod.addrs)?, Unsynced::default())),
+            })?;
         let ips = nets
             .into_iter()
             .map(|address| IpConfig {
@@ -201,9 +222,24 @@ impl TabbyIpam {
                 interface: None,
             })
             .collect();
-        Ok(CniResult {
+        let result = CniResult {
             ips,
             ..Default::default()
+        };
+        Ok((result, unsynced))
+    }
+
+    /// Makes an [`TabbyIpam::add`] durable.
+    pub fn sync(&self, unsynced: Unsynced) -> Result<()> {
+        self.ipam.sync(unsynced).map_err(|e| {
+            CniError::with_source(
+                Code::IoFailure,
+                format!(
+                    "make the allocation durable in {}",
+                    self.ipam.datastore().describe()
+                ),
+                &e,
+            )
         })
     }
 
@@ -447,9 +483,16 @@ pub fn run(
     let ipam = TabbyIpam::open(conf)?;
     let handle = conf.handle(&inv.container_id, &inv.ifname);
     match inv.command {
-        Command::Add => Ok(ipam
-            .add(&handle, allocation_attributes(inv, conf))?
-            .to_json(version)),
+        Command::Add => {
+            let (result, unsynced) = ipam.add(&handle, allocation_attributes(inv, conf))?;
+            if let Err(e) = ipam.sync(unsynced) {
+                if let Err(undo) = ipam.del(&handle) {
+                    tracing::warn!(%handle, error = %undo, "could not release an allocation that did not reach the disk");
+                }
+                return Err(e);
+            }
+            Ok(result.to_json(version))
+        }
         Command::Del => ipam.del(&handle).map(|_| String::new()),
         Command::Check => ipam
             .check(&handle, &conf.required_prev_ips()?)

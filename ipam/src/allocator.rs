@@ -19,8 +19,33 @@
 //! handles right). An assign that fails after committing addresses releases
 //! them again (a guard, so every error path does).
 //!
+//! [`Ipam::assign_unsynced`] does the same writes but leaves their last
+//! step to the disk to [`Ipam::sync`] (the file backend's directory
+//! fsyncs), so that a CNI ADD pays for it outside the node lock and beside
+//! its netlink work. The writes are visible to every other assign at once,
+//! so no assign can take the same address, with or without a crash in
+//! between; the caller hands the addresses out only once `sync` returned.
+//! Until then a crash (a power loss: a killed process loses nothing, its
+//! renames are in the kernel) may lose either write: a lost block write
+//! frees the address again, which nobody was told of; a handle kept
+//! without its block write over-counts (its release finds nothing of its
+//! own in the block, never another handle's address); a block write kept
+//! without its handle write is an allocation no handle names, released by
+//! GC or put right by [`crate::repair`], as an older version's would be.
+//!
+//! [`Ipam::write_handle_ahead`] takes the handle write out of the node lock
+//! too: before the lock it adds the address to the handle in the block the
+//! assign will most likely use, and the assign under the lock then writes
+//! only the block when the guess was right and the handle document is
+//! still the one written ahead (its revision: a GC's repair, which runs
+//! under the lock, may have rewritten it). A missed guess is taken back
+//! before the block write. Meanwhile the handle over-counts, as after a
+//! crash between the handle and the block write, and the order stays
+//! handle first, block second.
+//!
 //! Pool and configuration management lives in [`crate::pools`].
 
+use std::cell::Cell;
 use std::collections::hash_map::RandomState;
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
@@ -30,7 +55,7 @@ use std::time::Duration;
 use ipnetwork::IpNetwork;
 
 use crate::block::{block_of, ip_to_u128, normalize};
-use crate::datastore::{Datastore, DatastoreError};
+use crate::datastore::{Datastore, DatastoreError, Revision};
 use crate::pools::reserved_addresses;
 use crate::store::{self, Doc};
 use crate::types::{AffinityState, Block, BlockAffinity, Handle, IpPool, IpamConfig};
@@ -147,6 +172,50 @@ pub struct Released {
     pub handle: String,
 }
 
+/// The documents an assign wrote without waiting for the disk
+/// ([`Ipam::assign_unsynced`]); [`Ipam::sync`] makes them durable.
+#[must_use = "a crash may still lose this assign: sync it before handing its addresses out"]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Unsynced {
+    /// Keys written, handle first.
+    keys: Vec<String>,
+}
+
+impl Unsynced {
+    /// The keys whose writes may not be durable yet.
+    pub fn keys(&self) -> &[String] {
+        &self.keys
+    }
+}
+
+/// A handle count written before the node lock ([`Ipam::write_handle_ahead`]),
+/// for the assign that follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrittenAhead {
+    /// The block guessed.
+    block: IpNetwork,
+    /// Addresses added to the handle in it.
+    count: i64,
+    /// The handle document's revision after the write.
+    revision: Revision,
+}
+
+/// How an assign writes.
+struct How {
+    durability: Durability,
+    /// The handle count written ahead, until an assign step settles it.
+    ahead: Cell<Option<WrittenAhead>>,
+}
+
+/// When an assign's writes reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// Before each write returns.
+    Now,
+    /// At [`Ipam::sync`].
+    Deferred,
+}
+
 /// The IPAM engine over a datastore.
 pub struct Ipam<D: Datastore> {
     pub(crate) ds: D,
@@ -238,6 +307,121 @@ impl<D: Datastore> Ipam<D> {
     ///
     /// On failure, the addresses this call already assigned are released again.
     pub fn assign(&self, args: &AssignArgs) -> Result<Vec<IpNetwork>> {
+        let how = How {
+            durability: Durability::Now,
+            ahead: Cell::new(None),
+        };
+        self.assign_with(args, &how).map(|(nets, _)| nets)
+    }
+
+    /// Before the node lock: adds one address to `args.handle` in the
+    /// node's first confirmed block with room, which an
+    /// [`Ipam::assign_unsynced`] of `args` then most likely uses, so that
+    /// under the lock only the block is written (see the module docs).
+    /// Nothing is written, `None`, for more than one address or when the
+    /// node has no block with room. Durable at the assign's [`Ipam::sync`].
+    pub fn write_handle_ahead(&self, args: &AssignArgs) -> Result<Option<WrittenAhead>> {
+        check_request(args)?;
+        let family = match (args.num_v4, args.num_v6) {
+            (1, 0) => 4,
+            (0, 1) => 6,
+            _ => return Ok(None),
+        };
+        let pools = match self.usable_pools(args, family) {
+            Ok(pools) => pools,
+            Err(IpamError::NoPool { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let reserved: Vec<IpAddr> = pools.iter().flat_map(reserved_addresses).collect();
+        let Some(block) = self.first_block_with_room(&args.node, &pools, &reserved)? else {
+            return Ok(None);
+        };
+        let node = Some(args.node.as_str());
+        let written = self.handle_add_with(&args.handle, node, &block, 1, Durability::Deferred)?;
+        Ok(written.map(|revision| WrittenAhead {
+            block,
+            count: 1,
+            revision,
+        }))
+    }
+
+    /// The node's first confirmed, live block of `pools` with a free
+    /// address, as [`Ipam::assign`] would try them (read only).
+    fn first_block_with_room(
+        &self,
+        node: &str,
+        pools: &[IpPool],
+        reserved: &[IpAddr],
+    ) -> Result<Option<IpNetwork>> {
+        let in_pools = |cidr: &IpNetwork| pools.iter().any(|p| p.cidr.contains(cidr.network()));
+        let mut affinities: Vec<Doc<BlockAffinity>> =
+            store::list(&self.ds, &store::affinity_prefix(node))?;
+        affinities.retain(|a| a.value.state == AffinityState::Confirmed && in_pools(&a.value.cidr));
+        affinities.sort_by_key(|a| ip_to_u128(a.value.cidr.network()));
+        for affinity in affinities {
+            if let Some(block) = store::get_block(&self.ds, &affinity.value.cidr)? {
+                let b = &block.value;
+                if b.node() == Some(node) && !b.deleted && b.assignable(reserved) > 0 {
+                    return Ok(Some(b.cidr));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// [`Ipam::assign`] that does not wait for its handle and block writes
+    /// to reach the disk: they are visible at once (no other assign takes
+    /// these addresses), but only durable once [`Ipam::sync`] returned. Hand
+    /// the addresses out only then, and release them if it fails; see the
+    /// module documentation for what a crash in between leaves.
+    ///
+    /// `ahead` is what [`Ipam::write_handle_ahead`] wrote for this assign.
+    pub fn assign_unsynced(
+        &self,
+        args: &AssignArgs,
+        ahead: Option<WrittenAhead>,
+    ) -> Result<(Vec<IpNetwork>, Unsynced)> {
+        let how = How {
+            durability: Durability::Deferred,
+            ahead: Cell::new(ahead),
+        };
+        let (nets, blocks) = self.assign_with(args, &how)?;
+        let mut keys = vec![store::handle_key(&args.handle)];
+        for key in blocks.iter().map(store::block_key) {
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+        Ok((nets, Unsynced { keys }))
+    }
+
+    /// Makes the writes of an [`Ipam::assign_unsynced`] durable.
+    pub fn sync(&self, unsynced: Unsynced) -> Result<()> {
+        Ok(self.ds.sync(&unsynced.keys)?)
+    }
+
+    /// Assigns; returns the addresses and the block of each.
+    fn assign_with(
+        &self,
+        args: &AssignArgs,
+        how: &How,
+    ) -> Result<(Vec<IpNetwork>, Vec<IpNetwork>)> {
+        let assigned = self.assign_steps(args, how);
+        // A count written ahead that no step settled (an error, exhaustion).
+        if let Some(ahead) = how.ahead.take() {
+            let node = Some(args.node.as_str());
+            if let Err(e) = self.take_back(ahead, &args.handle, node, how.durability) {
+                tracing::warn!(handle = %args.handle, error = %crate::error_chain(&e), "handle count left too high");
+            }
+        }
+        assigned
+    }
+
+    fn assign_steps(
+        &self,
+        args: &AssignArgs,
+        how: &How,
+    ) -> Result<(Vec<IpNetwork>, Vec<IpNetwork>)> {
         check_request(args)?;
         let mut args = args.clone();
         args.attrs
@@ -250,11 +434,13 @@ impl<D: Datastore> Ipam<D> {
         let mut assigned = Vec::new();
         for (family, n) in [(4u8, args.num_v4), (6u8, args.num_v6)] {
             if n > 0 {
-                self.assign_family(&args, family, n as usize, &mut committed, &mut assigned)?;
+                let want = (family, n as usize);
+                self.assign_family(&args, want, how, &mut committed, &mut assigned)?;
             }
         }
+        let blocks = committed.ips.iter().map(|(block, _)| *block).collect();
         committed.keep();
-        Ok(assigned)
+        Ok((assigned, blocks))
     }
 
     /// Assigns `n` addresses of one family: each is recorded in `committed`
@@ -262,33 +448,18 @@ impl<D: Datastore> Ipam<D> {
     fn assign_family(
         &self,
         args: &AssignArgs,
-        family: u8,
-        n: usize,
+        (family, n): (u8, usize),
+        how: &How,
         committed: &mut Committed<'_, D>,
         out: &mut Vec<IpNetwork>,
     ) -> Result<()> {
         let config = self.config()?;
-        // `pools` restricts each family only when it names pools of that family.
-        let wanted: Vec<IpNetwork> = args
-            .pools
-            .iter()
-            .map(normalize)
-            .filter(|w| w.is_ipv4() == (family == 4))
-            .collect();
-        let pools: Vec<IpPool> = self
-            .pools()?
-            .into_iter()
-            .filter(|p| !p.disabled && p.cidr.is_ipv4() == (family == 4))
-            .filter(|p| wanted.is_empty() || wanted.contains(&p.cidr))
-            .collect();
-        if pools.is_empty() {
-            return Err(IpamError::NoPool { family });
-        }
+        let pools = self.usable_pools(args, family)?;
         let reserved: Vec<IpAddr> = pools.iter().flat_map(reserved_addresses).collect();
         let mut got = 0;
         let mut backoff = Backoff::new();
         while got < n {
-            let step = self.assign_step(args, &pools, &config, &reserved, n - got);
+            let step = self.assign_step(args, &pools, &config, &reserved, n - got, how);
             if let Some(key) = conflict_key(&step) {
                 backoff.conflict(key)?;
                 continue;
@@ -314,6 +485,27 @@ impl<D: Datastore> Ipam<D> {
         Ok(())
     }
 
+    /// The enabled pools of `family` that `args` may use.
+    fn usable_pools(&self, args: &AssignArgs, family: u8) -> Result<Vec<IpPool>> {
+        // `pools` restricts each family only when it names pools of that family.
+        let wanted: Vec<IpNetwork> = args
+            .pools
+            .iter()
+            .map(normalize)
+            .filter(|w| w.is_ipv4() == (family == 4))
+            .collect();
+        let pools: Vec<IpPool> = self
+            .pools()?
+            .into_iter()
+            .filter(|p| !p.disabled && p.cidr.is_ipv4() == (family == 4))
+            .filter(|p| wanted.is_empty() || wanted.contains(&p.cidr))
+            .collect();
+        if pools.is_empty() {
+            return Err(IpamError::NoPool { family });
+        }
+        Ok(pools)
+    }
+
     /// One step: commit addresses in one block, or claim a block, or report exhaustion.
     fn assign_step(
         &self,
@@ -322,6 +514,7 @@ impl<D: Datastore> Ipam<D> {
         config: &IpamConfig,
         reserved: &[IpAddr],
         want: usize,
+        how: &How,
     ) -> Result<Step> {
         let in_pools = |cidr: &IpNetwork| pools.iter().any(|p| p.cidr.contains(cidr.network()));
         let mut affinities: Vec<Doc<BlockAffinity>> =
@@ -344,7 +537,7 @@ impl<D: Datastore> Ipam<D> {
                         continue;
                     }
                     if !block.value.deleted && block.value.assignable(reserved) > 0 {
-                        return self.assign_in_block(block, want, args, reserved);
+                        return self.assign_in_block(block, want, args, reserved, how);
                     }
                 }
                 AffinityState::Pending => {
@@ -377,7 +570,7 @@ impl<D: Datastore> Ipam<D> {
                     && b.node() != Some(args.node.as_str())
                 {
                     tracing::info!(cidr = %b.cidr, owner = ?b.node(), node = %args.node, "borrowing an address");
-                    return self.assign_in_block(block, want, args, reserved);
+                    return self.assign_in_block(block, want, args, reserved, how);
                 }
             }
         }
@@ -391,7 +584,9 @@ impl<D: Datastore> Ipam<D> {
         want: usize,
         args: &AssignArgs,
         reserved: &[IpAddr],
+        how: &How,
     ) -> Result<Step> {
+        let durability = how.durability;
         let Doc {
             key,
             value: mut updated,
@@ -403,8 +598,20 @@ impl<D: Datastore> Ipam<D> {
         }
         let count = ips.len() as i64;
         let node = Some(args.node.as_str());
-        self.handle_add(&args.handle, node, &updated.cidr, count)?;
-        match store::update(&self.ds, &key, &updated, &revision) {
+        let written_ahead = match how.ahead.take() {
+            Some(ahead) => {
+                self.settle_ahead(ahead, &args.handle, node, &updated.cidr, count, durability)?
+            }
+            None => false,
+        };
+        if !written_ahead {
+            self.handle_add_with(&args.handle, node, &updated.cidr, count, durability)?;
+        }
+        let written = match durability {
+            Durability::Now => store::update(&self.ds, &key, &updated, &revision),
+            Durability::Deferred => store::update_deferred(&self.ds, &key, &updated, &revision),
+        };
+        match written {
             Ok(_) => Ok(Step::Assigned(updated.cidr, ips)),
             Err(e) => {
                 if let Err(undo) = self.handle_add(&args.handle, node, &updated.cidr, -count) {
@@ -413,6 +620,50 @@ impl<D: Datastore> Ipam<D> {
                 Err(e.into())
             }
         }
+    }
+
+    /// Whether the count written ahead is this step's: it guessed this
+    /// block and count, and the handle document is still the one it wrote
+    /// (a repair under the node lock may have rewritten it since). A guess
+    /// that missed is taken back.
+    fn settle_ahead(
+        &self,
+        ahead: WrittenAhead,
+        handle: &str,
+        node: Option<&str>,
+        cidr: &IpNetwork,
+        count: i64,
+        durability: Durability,
+    ) -> Result<bool> {
+        if normalize(&ahead.block) == normalize(cidr) && ahead.count == count {
+            if self.is_handle_at(handle, &ahead.revision)? {
+                return Ok(true);
+            }
+            return Ok(false);
+        }
+        self.take_back(ahead, handle, node, durability)?;
+        Ok(false)
+    }
+
+    /// Takes a count written ahead back, unless the handle document was
+    /// rewritten since (by a repair: it then says what the blocks hold).
+    fn take_back(
+        &self,
+        ahead: WrittenAhead,
+        handle: &str,
+        node: Option<&str>,
+        durability: Durability,
+    ) -> Result<()> {
+        if self.is_handle_at(handle, &ahead.revision)? {
+            self.handle_add_with(handle, node, &ahead.block, -ahead.count, durability)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the document of `handle` is at `revision`.
+    fn is_handle_at(&self, handle: &str, revision: &Revision) -> Result<bool> {
+        let doc = self.ds.get(&store::handle_key(handle))?;
+        Ok(doc.is_some_and(|d| d.revision == *revision))
     }
 
     /// Adds `delta` to the count of `handle` in block `cidr`, creating (for
@@ -424,6 +675,21 @@ impl<D: Datastore> Ipam<D> {
         cidr: &IpNetwork,
         delta: i64,
     ) -> Result<()> {
+        self.handle_add_with(handle, node, cidr, delta, Durability::Now)
+            .map(drop)
+    }
+
+    /// [`Ipam::handle_add`] whose create or update is durable at once or at
+    /// [`Ipam::sync`] (a delete, the last release, always at once). Returns
+    /// the document's new revision (`None`: deleted, or nothing to do).
+    fn handle_add_with(
+        &self,
+        handle: &str,
+        node: Option<&str>,
+        cidr: &IpNetwork,
+        delta: i64,
+        durability: Durability,
+    ) -> Result<Option<Revision>> {
         let key = store::handle_key(handle);
         let block = normalize(cidr).to_string();
         self.retry(|| {
@@ -434,9 +700,13 @@ impl<D: Datastore> Ipam<D> {
                         block: BTreeMap::from([(block.clone(), delta as u32)]),
                         node: node.map(str::to_string),
                     };
-                    store::create(&self.ds, &key, &value)?;
+                    let revision = match durability {
+                        Durability::Now => store::create(&self.ds, &key, &value)?,
+                        Durability::Deferred => store::create_deferred(&self.ds, &key, &value)?,
+                    };
+                    return Ok(Some(revision));
                 }
-                return Ok(());
+                return Ok(None);
             };
             let mut value = doc.value;
             let count = value.block.get(&block).copied().unwrap_or(0) as i64 + delta;
@@ -448,11 +718,15 @@ impl<D: Datastore> Ipam<D> {
                 value.block.remove(&block);
             }
             if value.block.is_empty() {
-                delete_if_present(&self.ds, &key, &doc.revision)
+                delete_if_present(&self.ds, &key, &doc.revision).map(|()| None)
             } else {
-                store::update(&self.ds, &key, &value, &doc.revision)
-                    .map(drop)
-                    .map_err(Into::into)
+                let written = match durability {
+                    Durability::Now => store::update(&self.ds, &key, &value, &doc.revision),
+                    Durability::Deferred => {
+                        store::update_deferred(&self.ds, &key, &value, &doc.revision)
+                    }
+                };
+                written.map(Some).map_err(Into::into)
             }
         })
     }

@@ -101,6 +101,30 @@ pub trait Datastore: Send + Sync {
     fn delete_relaxed(&self, key: &str, expected: &Revision) -> Result<()> {
         self.delete(key, expected)
     }
+    /// [`Datastore::create`] whose durability the caller completes with
+    /// [`Datastore::sync`] before anyone outside the datastore learns of it
+    /// (an assign, before the CNI result names the address). It is atomic
+    /// and exclusive like `create` and visible to every reader at once, so
+    /// no later assign can take what it took; only its way to the disk may
+    /// be unfinished: a crash before the sync may lose it (the file
+    /// backend renames the fsynced document into place but leaves the
+    /// directory fsync to `sync`). The default is `create` (durable at once).
+    fn create_deferred(&self, key: &str, value: &[u8]) -> Result<Revision> {
+        self.create(key, value)
+    }
+    /// [`Datastore::update`] made durable by a later [`Datastore::sync`]
+    /// (see [`Datastore::create_deferred`]).
+    fn update_deferred(&self, key: &str, value: &[u8], expected: &Revision) -> Result<Revision> {
+        self.update(key, value, expected)
+    }
+    /// Makes the deferred (and relaxed) writes of `keys` durable: when it
+    /// returns, a crash no longer undoes them. Writes of other keys beside
+    /// them may become durable too. The default does nothing: a backend
+    /// whose writes are durable when they return.
+    fn sync(&self, keys: &[String]) -> Result<()> {
+        let _ = keys;
+        Ok(())
+    }
     /// Whether the backend answers at all (for CNI STATUS).
     fn ping(&self) -> Result<()>;
     /// A human description (`file:/var/lib/tabby/datastore`).
@@ -138,6 +162,15 @@ macro_rules! forward_datastore {
             }
             fn delete_relaxed(&self, key: &str, expected: &Revision) -> Result<()> {
                 (**self).delete_relaxed(key, expected)
+            }
+            fn create_deferred(&self, key: &str, value: &[u8]) -> Result<Revision> {
+                (**self).create_deferred(key, value)
+            }
+            fn update_deferred(&self, key: &str, value: &[u8], expected: &Revision) -> Result<Revision> {
+                (**self).update_deferred(key, value, expected)
+            }
+            fn sync(&self, keys: &[String]) -> Result<()> {
+                (**self).sync(keys)
             }
             fn ping(&self) -> Result<()> {
                 (**self).ping()

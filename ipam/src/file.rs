@@ -34,6 +34,10 @@
 //!   fsync: a crash may bring the older document back, which keeps an
 //!   address allocated (reclaimed by a retried DEL, GC or repair), never
 //!   frees one twice; the data is still fsynced before the rename.
+//!   `create_deferred` and `update_deferred` (an assign) skip it too and
+//!   leave it to `sync`, which fsyncs the directories of the keys it is
+//!   given: a CNI ADD calls it outside the node lock, beside its netlink
+//!   work, and answers only once it returned (see `Datastore::sync`).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -206,6 +210,26 @@ impl FileDatastore {
         Ok(())
     }
 
+    /// Exclusive create; with [`Sync::Durable`] the directory entry is on
+    /// disk before it returns.
+    fn create_with(&self, key: &str, value: &[u8], sync: Sync) -> Result<Revision> {
+        let path = self.path_of(key)?;
+        let prepared = self.prepare(key, &path, value)?;
+        let revision = {
+            let _lock = self.lock()?;
+            if path.exists() {
+                return Err(DatastoreError::Conflict {
+                    key: key.to_string(),
+                });
+            }
+            prepared.commit(&path)?
+        };
+        if sync == Sync::Durable {
+            sync_parent(&path)?;
+        }
+        Ok(revision)
+    }
+
     /// Compare-and-swap replace; with [`Sync::Durable`] the directory entry
     /// is on disk before it returns.
     fn update_with(
@@ -321,19 +345,7 @@ impl Datastore for FileDatastore {
     }
 
     fn create(&self, key: &str, value: &[u8]) -> Result<Revision> {
-        let path = self.path_of(key)?;
-        let prepared = self.prepare(key, &path, value)?;
-        let revision = {
-            let _lock = self.lock()?;
-            if path.exists() {
-                return Err(DatastoreError::Conflict {
-                    key: key.to_string(),
-                });
-            }
-            prepared.commit(&path)?
-        };
-        sync_parent(&path)?;
-        Ok(revision)
+        self.create_with(key, value, Sync::Durable)
     }
 
     fn update(&self, key: &str, value: &[u8], expected: &Revision) -> Result<Revision> {
@@ -350,6 +362,28 @@ impl Datastore for FileDatastore {
 
     fn delete_relaxed(&self, key: &str, expected: &Revision) -> Result<()> {
         self.delete_with(key, expected, Sync::Relaxed)
+    }
+
+    fn create_deferred(&self, key: &str, value: &[u8]) -> Result<Revision> {
+        self.create_with(key, value, Sync::Relaxed)
+    }
+
+    fn update_deferred(&self, key: &str, value: &[u8], expected: &Revision) -> Result<Revision> {
+        self.update_with(key, value, expected, Sync::Relaxed)
+    }
+
+    /// Fsyncs the directory of each key once: a deferred write's data was
+    /// fsynced before its rename, so only the rename is left to persist.
+    fn sync(&self, keys: &[String]) -> Result<()> {
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        for key in keys {
+            let path = self.path_of(key)?;
+            let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
+            }
+        }
+        dirs.iter().try_for_each(|dir| sync_dir(dir))
     }
 
     fn ping(&self) -> Result<()> {
@@ -378,7 +412,8 @@ impl Datastore for FileDatastore {
 enum Sync {
     /// `update` / `delete`: fsync the directory after the rename or removal.
     Durable,
-    /// `update_relaxed` / `delete_relaxed`: a crash may undo it (a release).
+    /// `update_relaxed` / `delete_relaxed` (a release: a crash may undo
+    /// it) and `create_deferred` / `update_deferred` (durable at `sync`).
     Relaxed,
 }
 
@@ -439,7 +474,11 @@ fn remove_stale_temp_files(dir: &Path, before: SystemTime) {
 
 /// Makes the directory entry of `path` durable: fsync of its directory.
 fn sync_parent(path: &Path) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("/"));
+    sync_dir(path.parent().unwrap_or(Path::new("/")))
+}
+
+/// Fsyncs the directory `dir`: the renames and removals in it are durable.
+fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| unavailable(dir, e))

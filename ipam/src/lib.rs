@@ -38,7 +38,7 @@ pub mod resources;
 pub mod store;
 pub mod types;
 
-pub use allocator::{AssignArgs, Ipam, IpamError, Released};
+pub use allocator::{AssignArgs, Ipam, IpamError, Released, Unsynced, WrittenAhead};
 pub use config::{datastore_from_config, DatastoreConfig};
 pub use datastore::{Datastore, DatastoreError, Revision};
 pub use file::FileDatastore;

@@ -136,3 +136,24 @@ pub fn update_relaxed<T: Serialize>(
 ) -> Result<Revision> {
     ds.update_relaxed(key, &encode(key, value)?, revision)
 }
+
+/// [`create`] made durable by a later [`Datastore::sync`] (an assign, see
+/// [`Datastore::create_deferred`]).
+pub fn create_deferred<T: Serialize>(
+    ds: &impl Datastore,
+    key: &str,
+    value: &T,
+) -> Result<Revision> {
+    ds.create_deferred(key, &encode(key, value)?)
+}
+
+/// [`update`] made durable by a later [`Datastore::sync`] (an assign, see
+/// [`Datastore::update_deferred`]).
+pub fn update_deferred<T: Serialize>(
+    ds: &impl Datastore,
+    key: &str,
+    value: &T,
+    revision: &Revision,
+) -> Result<Revision> {
+    ds.update_deferred(key, &encode(key, value)?, revision)
+}

@@ -11,6 +11,7 @@ backend_tests!(
     [mem, file, kubernetes];
     create_update_delete_follow_compare_and_swap,
     relaxed_update_and_delete_follow_compare_and_swap_too,
+    deferred_writes_follow_compare_and_swap_and_are_seen_by_another_opening_before_their_sync,
     list_filters_by_prefix_and_sorts,
     node_documents_are_created_once_updated_by_revision_and_deleted,
 );
@@ -114,6 +115,36 @@ fn relaxed_update_and_delete_follow_compare_and_swap_too(backend: Backend) {
         ds.update_relaxed(BLOCK, &block(1), &rev2),
         Err(DatastoreError::Conflict { .. })
     ));
+}
+
+/// The deferred writes of an assign are atomic compare-and-swap like the
+/// durable ones, and every other opening of the store (another plugin
+/// process) sees them before their sync: only their way to the disk waits.
+fn deferred_writes_follow_compare_and_swap_and_are_seen_by_another_opening_before_their_sync(
+    backend: Backend,
+) {
+    let store = TestStore::new(backend);
+    let ds = store.datastore();
+    let other = store.open_another();
+    let rev = ds.create_deferred(BLOCK, &block(1)).expect("create");
+    assert!(matches!(
+        other.create_deferred(BLOCK, &block(2)),
+        Err(DatastoreError::Conflict { .. })
+    ));
+    assert_eq!(other.get(BLOCK).unwrap().expect("seen").revision, rev);
+    let rev2 = ds.update_deferred(BLOCK, &block(2), &rev).expect("update");
+    assert!(matches!(
+        other.update_deferred(BLOCK, &block(3), &rev),
+        Err(DatastoreError::Conflict { .. })
+    ));
+    let seen = other.get(BLOCK).unwrap().expect("seen");
+    assert_eq!(seen.revision, rev2);
+    assert_eq!(
+        serde_json::from_slice::<tabby_ipam::Block>(&seen.value).unwrap(),
+        serde_json::from_slice::<tabby_ipam::Block>(&block(2)).unwrap()
+    );
+    ds.sync(&[BLOCK.to_string()]).expect("sync");
+    assert_eq!(ds.get(BLOCK).unwrap().expect("present").revision, rev2);
 }
 
 fn list_filters_by_prefix_and_sorts(backend: Backend) {
