@@ -75,14 +75,7 @@ fn all_pods(lab: &TestLab) -> usize {
 /// The pool's IPS IN USE, from `tabbyctl ipam show` on the lab's datastore.
 fn ips_in_use(lab: &TestLab) -> u64 {
     let out = lab.run(&["tabbyctl", "ipam", "show"]);
-    let row = out
-        .lines()
-        .find(|l| l.starts_with("IP Pool"))
-        .unwrap_or_else(|| panic!("no pool row: {out}"));
-    row.split_whitespace()
-        .nth(4)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no IPS IN USE in {row:?}"))
+    tabby_testkit::ipam::pool_in_use(&out).unwrap_or_else(|| panic!("no IPS IN USE in {out}"))
 }
 
 /// `tabby-echo get` from inside `pod` (the real CRI exec path).

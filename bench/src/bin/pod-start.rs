@@ -184,15 +184,9 @@ fn ready_pods(lab: &Lab) -> Result<usize> {
 fn addresses_in_use(lab: &Lab, cni: &str) -> Result<usize> {
     if cni == "tabby" {
         let out = lab.run(&["tabbyctl", "ipam", "show"])?;
-        let row = out
-            .lines()
-            .find(|l| l.starts_with("IP Pool"))
-            .with_context(|| format!("no pool in {out}"))?;
-        return row
-            .split_whitespace()
-            .nth(4)
-            .and_then(|n| n.parse().ok())
-            .with_context(|| format!("no IPS IN USE in {row:?}"));
+        let n = tabby_testkit::ipam::pool_in_use(&out)
+            .with_context(|| format!("no IPS IN USE in {out}"))?;
+        return Ok(n as usize);
     }
     // host-local: one file per address, named by it, per network dir.
     let mut n = 0;
