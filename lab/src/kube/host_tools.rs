@@ -35,7 +35,7 @@ const MULTI_NAMES: [(&str, &str); 2] = [
 const XTABLES_DIR: &str = "/usr/lib/x86_64-linux-gnu/xtables";
 
 /// The files and links of the tools, with paths relative to the image root.
-pub fn tools() -> anyhow::Result<(Vec<oci::File>, Vec<(String, String)>)> {
+pub fn tools() -> anyhow::Result<(Vec<oci::File>, Vec<oci::Link>)> {
     let mut objects: Vec<PathBuf> = PROGRAMS
         .iter()
         .map(|p| Path::new("/usr/sbin").join(p))
@@ -88,7 +88,7 @@ pub fn tools() -> anyhow::Result<(Vec<oci::File>, Vec<(String, String)>)> {
 }
 
 /// `usr/sbin/iptables-legacy-save -> xtables-legacy-multi` and so on.
-fn links() -> Vec<(String, String)> {
+fn links() -> Vec<oci::Link> {
     let mut links = Vec::new();
     for (program, flavour) in MULTI_NAMES {
         for family in ["iptables", "ip6tables"] {

@@ -22,6 +22,9 @@ pub struct File {
     pub data: Vec<u8>,
 }
 
+/// A symbolic link of an image: `(path, target)`.
+pub type Link = (String, String);
+
 /// One image: a name, how it runs, its files.
 #[derive(Debug, Clone)]
 pub struct Image {
@@ -36,7 +39,7 @@ pub struct Image {
     /// The files.
     pub files: Vec<File>,
     /// Symbolic links: `(path, target)`, e.g. `("usr/sbin/iptables-nft-save", "xtables-nft-multi")`.
-    pub links: Vec<(String, String)>,
+    pub links: Vec<Link>,
 }
 
 /// A blob's digest and size, as descriptors name it.
@@ -127,7 +130,7 @@ pub fn layer_tar(image: &Image) -> std::io::Result<Vec<u8>> {
         let mut h = header(tar::EntryType::Regular, file.mode, file.data.len() as u64);
         builder.append_data(&mut h, &file.path, file.data.as_slice())?;
     }
-    let mut links: Vec<&(String, String)> = image.links.iter().collect();
+    let mut links: Vec<&Link> = image.links.iter().collect();
     links.sort();
     for (path, target) in links {
         let mut h = header(tar::EntryType::Symlink, 0o777, 0);
