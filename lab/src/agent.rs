@@ -125,6 +125,24 @@ pub fn start(
     })
 }
 
+/// Where node `name`'s agent answers `tabbyctl node status`: the lab's
+/// socket in the namespace lab; under `--kubernetes` the DaemonSet's
+/// agent listens on `/run/tabby/node.sock` of the node's own mount
+/// namespace, reached through a process of that node.
+pub fn socket(lab: &crate::Lab, state: &crate::state::LabState, name: &str) -> std::path::PathBuf {
+    match state
+        .kubernetes
+        .as_ref()
+        .and_then(|k| k.node_root_pid(name))
+    {
+        Some(pid) => format!("/proc/{pid}/root{NODE_SOCKET}").into(),
+        None => lab.dir.agent_socket(name),
+    }
+}
+
+/// The agent's default status socket (and `tabbyctl node status`'s).
+const NODE_SOCKET: &str = "/run/tabby/node.sock";
+
 /// The BGP peers a node's agent reports on its status socket (the JSON
 /// `tabbyctl node status` reads), with whether each session is Established.
 pub fn sessions(socket: &Path) -> Option<Vec<(String, bool)>> {

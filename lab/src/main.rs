@@ -157,16 +157,6 @@ enum Command {
         #[arg(long)]
         to: std::net::SocketAddr,
     },
-    /// Relay the cluster's Services and EndpointSlices into a directory of YAML (--cni tabby).
-    #[command(hide = true)]
-    SyncResources {
-        /// The kubeconfig to list with.
-        #[arg(long)]
-        kubeconfig: PathBuf,
-        /// The directory the agents' proxies read.
-        #[arg(long)]
-        dir: PathBuf,
-    },
     /// GET a URL and print the body (fails on errors and non-2xx answers).
     #[command(hide = true)]
     HttpGet {
@@ -311,9 +301,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Forward { listen, netns, to } => {
             return kube::forward::serve(*listen, netns, *to).map(|()| ExitCode::SUCCESS)
         }
-        Command::SyncResources { kubeconfig, dir } => {
-            return kube::sync::serve(kubeconfig, dir).map(|()| ExitCode::SUCCESS)
-        }
         _ => {}
     }
     let (lab, state) = Lab::resolve(&cli)?;
@@ -356,8 +343,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(exit_code(status));
         }
         Command::Tabbyctl { args } => {
-            lab.require(state)?;
-            return Ok(exit_code(status::tabbyctl(&lab, &args)?));
+            let state = lab.require(state)?;
+            return Ok(exit_code(status::tabbyctl(&lab, &state, &args)?));
         }
         Command::Status => {
             let state = lab.require(state)?;
@@ -378,10 +365,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Apply { file } => apply(&lab, &file, true)?,
         Command::Delete { file } => apply(&lab, &file, false)?,
         Command::Down => down::down(&lab)?,
-        Command::EchoServer { .. }
-        | Command::HttpGet { .. }
-        | Command::Forward { .. }
-        | Command::SyncResources { .. } => unreachable!("handled above"),
+        Command::EchoServer { .. } | Command::HttpGet { .. } | Command::Forward { .. } => {
+            unreachable!("handled above")
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

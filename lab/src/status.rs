@@ -7,15 +7,14 @@ use anyhow::Context;
 use tabby_errors::chain;
 
 use crate::sh::{in_netns, netns_exists};
-use crate::state::LabState;
-use crate::topology;
+use crate::state::{LabState, NodeState};
 use crate::up::print_pods;
 use crate::Lab;
+use crate::{agent, topology};
 
 /// Prints, per node, its agent's BGP status, its routes and its Tabby nat
 /// rules; then the IPAM blocks and the pods.
 pub fn status(lab: &Lab, state: &LabState) -> anyhow::Result<()> {
-    let tabbyctl = lab.bin_dir.join("tabbyctl");
     for node in &state.nodes {
         let agent = match &node.agent {
             Some(p) if p.alive() => format!("agent running (pid {})", p.pid),
@@ -29,63 +28,78 @@ pub fn status(lab: &Lab, state: &LabState) -> anyhow::Result<()> {
             "=== {} ({}, {}) {agent}",
             node.name, node.netns, node.address
         );
-        if !netns_exists(&node.netns) {
-            println!("namespace {} is missing\n", node.netns);
-            continue;
-        }
-
-        println!("--- tabbyctl node status");
-        let mut cmd = Command::new(&tabbyctl);
-        cmd.arg("--datastore")
-            .arg(lab.dir.datastore())
-            .args(["node", "status", "--socket"])
-            .arg(lab.dir.agent_socket(&node.name));
-        match cmd.output() {
-            Ok(out) if out.status.success() => print!("{}", String::from_utf8_lossy(&out.stdout)),
-            Ok(out) => {
-                let err = String::from_utf8_lossy(&out.stderr);
-                if err.contains("unrecognized subcommand") || err.contains("invalid value 'node'") {
-                    println!("(this tabbyctl has no `node status` yet)");
-                } else {
-                    println!("(tabbyctl node status failed: {})", err.trim());
-                }
-            }
-            Err(e) => println!("(cannot run {}: {})", tabbyctl.display(), chain(&e)),
-        }
-
-        println!("--- ip route");
-        print!("{}", capture(in_netns(&node.netns, "ip").arg("route")));
-        println!("--- tunnels: {}", tunnels(&node.netns));
-
-        if state.proxy_mode == "nftables" {
-            println!("--- nft list table ip tabby-proxy");
-            print!(
-                "{}",
-                capture(in_netns(&node.netns, "nft").args(["list", "table", "ip", "tabby-proxy"]))
-            );
-        } else {
-            println!("--- iptables -t nat -S (TABBY chains)");
-            let rules = tabby_nat_rules(&node.netns);
-            if rules.is_empty() {
-                println!("(no TABBY rules)");
-            }
-            for rule in rules {
-                println!("{rule}");
-            }
-        }
-        println!();
+        node_dataplane(lab, state, node);
     }
 
     encapsulation(lab, state);
-    println!("=== IPAM");
-    let mut cmd = Command::new(&tabbyctl);
-    cmd.arg("--datastore")
-        .arg(lab.dir.datastore())
-        .args(["ipam", "show", "--show-blocks"]);
-    print!("{}", capture(&mut cmd));
+    ipam(lab, state);
     println!("\n=== pods");
     print_pods(state);
     Ok(())
+}
+
+/// A node's `tabbyctl node status` (from its agent's socket), routes,
+/// tunnels and the proxy's rules: the part of `status` both lab modes print.
+pub fn node_dataplane(lab: &Lab, state: &LabState, node: &NodeState) {
+    if !netns_exists(&node.netns) {
+        println!("namespace {} is missing\n", node.netns);
+        return;
+    }
+    println!("--- tabbyctl node status");
+    let mut cmd = tabbyctl_command(lab, state);
+    cmd.args(["node", "status", "--socket"])
+        .arg(agent::socket(lab, state, &node.name));
+    match cmd.output() {
+        Ok(out) if out.status.success() => print!("{}", String::from_utf8_lossy(&out.stdout)),
+        Ok(out) => println!(
+            "(tabbyctl node status failed: {})",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(e) => println!("(cannot run tabbyctl: {})", chain(&e)),
+    }
+
+    println!("--- ip route");
+    print!("{}", capture(in_netns(&node.netns, "ip").arg("route")));
+    println!("--- tunnels: {}", tunnels(&node.netns));
+
+    if state.proxy_mode == "nftables" {
+        println!("--- nft list table ip tabby-proxy");
+        print!(
+            "{}",
+            capture(in_netns(&node.netns, "nft").args(["list", "table", "ip", "tabby-proxy"]))
+        );
+    } else {
+        println!("--- iptables -t nat -S (TABBY chains)");
+        let rules = tabby_nat_rules(&node.netns);
+        if rules.is_empty() {
+            println!("(no TABBY rules)");
+        }
+        for rule in rules {
+            println!("{rule}");
+        }
+    }
+    println!();
+}
+
+/// `tabbyctl ipam show --show-blocks` on the lab's datastore.
+pub fn ipam(lab: &Lab, state: &LabState) {
+    println!("=== IPAM");
+    let mut cmd = tabbyctl_command(lab, state);
+    cmd.args(["ipam", "show", "--show-blocks"]);
+    print!("{}", capture(&mut cmd));
+}
+
+/// The lab's tabbyctl on the lab's datastore: the file datastore of the
+/// namespace lab, or the Kubernetes API (admin kubeconfig) under `--kubernetes`.
+pub fn tabbyctl_command(lab: &Lab, state: &LabState) -> Command {
+    let mut cmd = Command::new(lab.bin_dir.join("tabbyctl"));
+    if state.kubernetes.is_some() {
+        cmd.args(["--datastore", "kubernetes", "--kubeconfig"])
+            .arg(lab.dir.kubeconfig());
+    } else {
+        cmd.arg("--datastore").arg(lab.dir.datastore());
+    }
+    cmd
 }
 
 /// The pools' modes (the datastore's, which `tabbyctl pool update` may
@@ -154,14 +168,11 @@ fn tunnels(ns: &str) -> String {
 }
 
 /// Runs the lab's `tabbyctl --datastore <the lab's> ARGS...`.
-pub fn tabbyctl(lab: &Lab, args: &[OsString]) -> anyhow::Result<ExitStatus> {
-    let bin = lab.bin_dir.join("tabbyctl");
-    Command::new(&bin)
-        .arg("--datastore")
-        .arg(lab.dir.datastore())
+pub fn tabbyctl(lab: &Lab, state: &LabState, args: &[OsString]) -> anyhow::Result<ExitStatus> {
+    tabbyctl_command(lab, state)
         .args(args)
         .status()
-        .with_context(|| format!("running {}", bin.display()))
+        .with_context(|| format!("running {}", lab.bin_dir.join("tabbyctl").display()))
 }
 
 /// The nat table's rules that mention TABBY, from whichever iptables

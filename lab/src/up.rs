@@ -232,7 +232,7 @@ fn wait_for_mtu_file(lab: &Lab, node: &str) {
 pub fn wait_for_sessions(lab: &Lab, state: &LabState) {
     let start = Instant::now();
     let all_up = |node: &crate::state::NodeState| -> bool {
-        let Some(peers) = agent::sessions(&lab.dir.agent_socket(&node.name)) else {
+        let Some(peers) = agent::sessions(&agent::socket(lab, state, &node.name)) else {
             return false;
         };
         state
@@ -341,28 +341,34 @@ pub fn refuse_existing(lab: &Lab) -> anyhow::Result<()> {
 
 /// Creates the datastore with the pod pool, through `tabbyctl` like an operator.
 pub fn create_datastore(lab: &Lab, pool: PoolOptions) -> anyhow::Result<()> {
-    let (ipip, vxlan) = pool.encap.pool_modes();
     let mut cmd = Command::new(lab.bin_dir.join("tabbyctl"));
-    cmd.arg("--datastore")
-        .arg(lab.dir.datastore())
-        .args([
-            "pool",
-            "create",
-            "--name",
-            POOL_NAME,
-            "--cidr",
-            POOL_CIDR,
-            "--block-size",
-        ])
-        .arg(BLOCK_SIZE.to_string())
-        .args(["--ipip-mode", ipip, "--vxlan-mode", vxlan]);
+    cmd.arg("--datastore").arg(lab.dir.datastore());
+    create_pool(cmd, pool)?;
+    println!("datastore: {}", lab.dir.datastore().display());
+    Ok(())
+}
+
+/// `tabbyctl ... pool create` of the lab's pool, with `tabbyctl`'s
+/// datastore arguments already in `cmd`.
+pub fn create_pool(mut cmd: Command, pool: PoolOptions) -> anyhow::Result<()> {
+    let (ipip, vxlan) = pool.encap.pool_modes();
+    cmd.args([
+        "pool",
+        "create",
+        "--name",
+        POOL_NAME,
+        "--cidr",
+        POOL_CIDR,
+        "--block-size",
+    ])
+    .arg(BLOCK_SIZE.to_string())
+    .args(["--ipip-mode", ipip, "--vxlan-mode", vxlan]);
     if pool.nat_outgoing {
         cmd.arg("--nat-outgoing");
     }
     sh::run(cmd).context("creating the IP pool")?;
     println!(
-        "datastore: {} (pool {POOL_NAME} {POOL_CIDR}, blocks /{BLOCK_SIZE}, ipipMode {ipip}, vxlanMode {vxlan}, natOutgoing {})",
-        lab.dir.datastore().display(),
+        "pool {POOL_NAME} {POOL_CIDR}, blocks /{BLOCK_SIZE}, ipipMode {ipip}, vxlanMode {vxlan}, natOutgoing {}",
         pool.nat_outgoing
     );
     Ok(())

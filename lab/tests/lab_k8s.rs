@@ -72,6 +72,12 @@ fn all_pods(lab: &TestLab) -> usize {
         .len()
 }
 
+/// The pool's IPS IN USE, from `tabbyctl ipam show` on the lab's datastore.
+fn ips_in_use(lab: &TestLab) -> u64 {
+    let out = lab.run(&["tabbyctl", "ipam", "show"]);
+    tabby_testkit::ipam::pool_in_use(&out).unwrap_or_else(|| panic!("no IPS IN USE in {out}"))
+}
+
 /// `tabby-echo get` from inside `pod` (the real CRI exec path).
 fn get_from_pod(lab: &TestLab, pod: &str, url: &str, count: u32) -> String {
     let count = count.to_string();
@@ -310,17 +316,26 @@ fn a_tabby_cluster_connects_pods_across_nodes_and_serves_cluster_ips_and_down_le
         "Tabby's pool: {pods:?}"
     );
 
-    // Through the real CRI path: containerd exec'd the plugin for each sandbox.
-    for node in ["node-1", "node-2"] {
-        let log = std::fs::read_to_string(lab.state_dir().join(format!("cni-{node}.log"))).unwrap();
+    // Through the real CRI path: containerd exec'd the plugin for the
+    // sandbox of each echo pod (the DaemonSet's pod has the host's network:
+    // no CNI call for its sandbox).
+    for (node, echo) in [("node-1", &one), ("node-2", &two)] {
+        // The plugin's default log, in the node's private /var/log.
+        let path = lab
+            .state_dir()
+            .join(format!("nodes/{node}/var-log/tabby/cni.log"));
+        let log =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let ids = sandboxes(&lab, node);
-        assert!(ids.len() >= 2, "{node}: sandboxes {ids:?}");
-        for id in ids {
-            assert!(
-                log.contains(&format!("container={id}")),
-                "{node}: no CNI call for sandbox {id}"
-            );
-        }
+        let wired: Vec<&String> = ids
+            .iter()
+            .filter(|id| log.contains(&format!("container={id}")))
+            .collect();
+        assert_eq!(
+            wired.len(),
+            echo.len(),
+            "{node}: sandboxes {ids:?}, CNI calls for {wired:?}"
+        );
     }
 
     // Pod to pod across nodes over TCP, the client's address kept.
@@ -369,9 +384,28 @@ fn a_tabby_cluster_connects_pods_across_nodes_and_serves_cluster_ips_and_down_le
         "{answered:?}"
     );
 
+    // Scaling down releases the addresses of the deleted pods.
+    assert_eq!(ips_in_use(&lab), 4);
+    kubectl(&lab, &["scale", "deployment/echo", "--replicas=2"]);
+    tabby_testkit::wait_until(
+        "2 echo pods and 2 addresses in use",
+        Duration::from_secs(60),
+        || all_pods(&lab) == 2 && ips_in_use(&lab) == 2,
+    );
+
     let status = lab.run(&["status"]);
     assert!(
         status.contains("tabby-node") && status.contains("kubeconfig: "),
+        "{status}"
+    );
+    // The agents' own view, from their sockets in the nodes' /run, and the
+    // blocks of the Kubernetes datastore.
+    assert!(
+        status.contains("--- tabbyctl node status") && status.contains("Established"),
+        "{status}"
+    );
+    assert!(
+        status.contains("=== IPAM") && status.contains("10.244."),
         "{status}"
     );
     let seen = cgroup_processes(&lab.prefix);

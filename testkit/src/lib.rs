@@ -23,6 +23,7 @@ pub mod bgp;
 pub mod bins;
 pub mod cni;
 pub mod guest;
+pub mod ipam;
 pub mod kube;
 pub mod netns;
 pub mod poll;

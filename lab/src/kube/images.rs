@@ -20,18 +20,21 @@ use anyhow::Context;
 use nix::fcntl::{Flock, FlockArg};
 use sha2::{Digest, Sha256};
 
+use super::host_tools;
 pub use super::node::PAUSE_IMAGE;
 use super::oci::{self, Image};
 use crate::sh;
 
 /// The image the DaemonSet runs: the plugin, its IPAM, the agent, the CLI.
-pub const TABBY_IMAGE: &str = "lab.tabby.dev/tabby:dev";
+/// It is the name `deploy/tabby.yaml` gives (`tabby:latest`), so the lab
+/// applies that file unchanged.
+pub const TABBY_IMAGE: &str = "docker.io/library/tabby:latest";
 /// The echo server (answers like traefik/whoami), with its client `tabby-echo get`.
 pub const ECHO_IMAGE: &str = "lab.tabby.dev/echo:dev";
 /// The Rust target of the images' binaries.
 pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 /// Bumped when the layout of the images changes, so old cache entries go unused.
-const FORMAT: &str = "tabby-lab-images-1";
+const FORMAT: &str = "tabby-lab-images-2";
 
 /// Where built image layouts are kept: `TABBY_IMAGE_CACHE`, else
 /// /var/cache/tabby/lab-images (beside the upstream binaries).
@@ -177,23 +180,36 @@ pub fn define(name: &str, bins: &Path) -> anyhow::Result<Image> {
                 mode: 0o755,
                 data: read("tabby-pause")?,
             }],
+            links: vec![],
         },
-        ECHO_IMAGE | TABBY_IMAGE => Image {
+        TABBY_IMAGE => {
+            let (mut files, links) = host_tools::tools()?;
+            for bin in binaries(name) {
+                files.push(local(bin)?);
+            }
+            Image {
+                name: name.to_string(),
+                entrypoint: vec!["/usr/local/bin/tabby-node".into()],
+                env: vec![
+                    "PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+                ],
+                dirs: vec![
+                    "etc".into(),
+                    "tmp".into(),
+                    "run".into(),
+                    "var/lib/tabby".into(),
+                ],
+                files,
+                links,
+            }
+        }
+        ECHO_IMAGE => Image {
             name: name.to_string(),
-            entrypoint: vec![format!(
-                "/usr/local/bin/{}",
-                if name == ECHO_IMAGE {
-                    "tabby-echo"
-                } else {
-                    "tabby-node"
-                }
-            )],
+            entrypoint: vec!["/usr/local/bin/tabby-echo".into()],
             env: vec![path_env],
             dirs: vec!["etc".into(), "tmp".into()],
-            files: binaries(name)
-                .iter()
-                .map(|b| local(b))
-                .collect::<anyhow::Result<_>>()?,
+            files: vec![local("tabby-echo")?],
+            links: vec![],
         },
         other => anyhow::bail!("no image {other} in the lab"),
     };
@@ -212,6 +228,12 @@ pub fn cache_key(image: &Image) -> String {
     ] {
         h.update(part.len().to_le_bytes());
         h.update(part);
+    }
+    for (path, target) in &image.links {
+        for part in [path, target] {
+            h.update(part.len().to_le_bytes());
+            h.update(part);
+        }
     }
     for file in &image.files {
         h.update(file.path.len().to_le_bytes());
@@ -291,8 +313,21 @@ mod tests {
         }
         let tabby = define(TABBY_IMAGE, dir.path()).unwrap();
         let paths: Vec<&str> = tabby.files.iter().map(|f| f.path.as_str()).collect();
+        // The agent's netfilter tools come from this host, with their libraries.
+        for tool in [
+            "usr/sbin/xtables-nft-multi",
+            "usr/sbin/nft",
+            "lib64/ld-linux-x86-64.so.2",
+        ] {
+            assert!(paths.contains(&tool), "{tool} not in {paths:?}");
+        }
+        assert!(paths.iter().any(|p| p.ends_with("/libxt_MASQUERADE.so")));
+        let ours: Vec<&str> = paths
+            .into_iter()
+            .filter(|p| p.starts_with("usr/local/"))
+            .collect();
         assert_eq!(
-            paths,
+            ours,
             [
                 "usr/local/bin/tabby",
                 "usr/local/bin/tabby-ipam",

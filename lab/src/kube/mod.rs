@@ -24,14 +24,16 @@
 //! Modules: [`control_plane`] (PKI, etcd, kube-apiserver,
 //! kube-controller-manager, kube-scheduler), [`node`] (mount + UTS
 //! namespace, containerd, kubelet), [`cgroup`], [`mounts`], [`images`] and
-//! [`oci`] (the images, built from static binaries), [`reference`] (ptp +
-//! host-local + kube-proxy), [`tabby`] and [`sync`] (Tabby's plugin and
-//! agents, the Services relayed to their proxies), [`kubectl`], [`up`], [`down`].
+//! [`oci`] (the images, built from static binaries) with [`host_tools`]
+//! (the tabby image's netfilter tools), [`reference`] (ptp + host-local +
+//! kube-proxy), [`tabby`] (Tabby installed by its DaemonSet), [`kubectl`],
+//! [`up`], [`down`].
 
 pub mod cgroup;
 pub mod control_plane;
 pub mod down;
 pub mod forward;
+pub mod host_tools;
 pub mod images;
 pub mod kubectl;
 pub mod mounts;
@@ -39,7 +41,6 @@ pub mod node;
 pub mod oci;
 pub mod reference;
 pub mod status;
-pub mod sync;
 pub mod tabby;
 pub mod up;
 
@@ -120,6 +121,14 @@ impl KubeState {
             .chain(self.control_plane.iter().rev())
             .map(|c| c.process.clone())
             .collect()
+    }
+
+    /// A live process of node `name` (its containerd): its `/proc/PID/root`
+    /// is the node's file system view.
+    pub fn node_root_pid(&self, name: &str) -> Option<i32> {
+        let node = self.nodes.iter().find(|n| n.name == name)?;
+        let c = node.components.iter().find(|c| c.name == "containerd")?;
+        c.process.alive().then_some(c.process.pid)
     }
 
     /// The node called `name`, mutably.

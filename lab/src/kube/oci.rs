@@ -22,6 +22,9 @@ pub struct File {
     pub data: Vec<u8>,
 }
 
+/// A symbolic link of an image: `(path, target)`.
+pub type Link = (String, String);
+
 /// One image: a name, how it runs, its files.
 #[derive(Debug, Clone)]
 pub struct Image {
@@ -35,6 +38,8 @@ pub struct Image {
     pub dirs: Vec<String>,
     /// The files.
     pub files: Vec<File>,
+    /// Symbolic links: `(path, target)`, e.g. `("usr/sbin/iptables-nft-save", "xtables-nft-multi")`.
+    pub links: Vec<Link>,
 }
 
 /// A blob's digest and size, as descriptors name it.
@@ -105,8 +110,9 @@ fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
 /// `image.dirs`), then the files, each list sorted.
 pub fn layer_tar(image: &Image) -> std::io::Result<Vec<u8>> {
     let mut dirs: BTreeSet<String> = image.dirs.iter().cloned().collect();
-    for file in &image.files {
-        let mut parent = std::path::Path::new(&file.path).parent();
+    let paths = (image.files.iter().map(|f| &f.path)).chain(image.links.iter().map(|(p, _)| p));
+    for path in paths {
+        let mut parent = std::path::Path::new(path).parent();
         while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
             dirs.insert(p.display().to_string());
             parent = p.parent();
@@ -123,6 +129,12 @@ pub fn layer_tar(image: &Image) -> std::io::Result<Vec<u8>> {
     for file in files {
         let mut h = header(tar::EntryType::Regular, file.mode, file.data.len() as u64);
         builder.append_data(&mut h, &file.path, file.data.as_slice())?;
+    }
+    let mut links: Vec<&Link> = image.links.iter().collect();
+    links.sort();
+    for (path, target) in links {
+        let mut h = header(tar::EntryType::Symlink, 0o777, 0);
+        builder.append_link(&mut h, path, target)?;
     }
     builder.into_inner()
 }
@@ -254,6 +266,7 @@ mod tests {
                 mode: 0o755,
                 data: b"#!/bin/true\n".to_vec(),
             }],
+            links: vec![("usr/bin/echo".into(), "../local/bin/tabby-echo".into())],
         }
     }
 
@@ -318,10 +331,19 @@ mod tests {
                 "etc/",
                 "tmp/",
                 "usr/",
+                "usr/bin/",
                 "usr/local/",
                 "usr/local/bin/",
-                "usr/local/bin/tabby-echo"
+                "usr/local/bin/tabby-echo",
+                "usr/bin/echo"
             ]
         );
+        let link = tar::Archive::new(layer.as_slice())
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap())
+            .find(|e| e.header().entry_type() == tar::EntryType::Symlink)
+            .map(|e| e.link_name().unwrap().unwrap().display().to_string());
+        assert_eq!(link.as_deref(), Some("../local/bin/tabby-echo"));
     }
 }

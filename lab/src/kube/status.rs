@@ -21,7 +21,8 @@ pub fn kubectl(lab: &Lab, state: &LabState, args: &[OsString]) -> anyhow::Result
     Kubectl::new(&lab.dir)?.interactive(args)
 }
 
-/// The processes, the kubeconfig, then `kubectl get nodes,pods -o wide -A`.
+/// The processes, the kubeconfig, then `kubectl get nodes,pods -o wide -A`;
+/// with Tabby, each node's agent status, routes and rules, and the IPAM blocks.
 pub fn status(lab: &Lab, state: &LabState) -> anyhow::Result<()> {
     let kube = state.kubernetes.as_ref().context("not a Kubernetes lab")?;
     println!(
@@ -41,14 +42,6 @@ pub fn status(lab: &Lab, state: &LabState) -> anyhow::Result<()> {
         for c in &node.components {
             println!("{:<24} {}", c.name, describe(&c.process));
         }
-        if let Some(agent) = state.node(&node.name).and_then(|n| n.agent.as_ref()) {
-            println!(
-                "{:<24} {} (log {})",
-                "tabby-node",
-                describe(agent),
-                lab.dir.agent_log(&node.name).display()
-            );
-        }
     }
     println!("\nkubeconfig: {}", lab.dir.kubeconfig().display());
     println!(
@@ -59,6 +52,14 @@ pub fn status(lab: &Lab, state: &LabState) -> anyhow::Result<()> {
         .run(&["get", "nodes,pods", "-o", "wide", "-A"])
         .unwrap_or_else(|e| format!("(kubectl failed: {e:#})\n"));
     print!("{out}");
+    if kube.cni == super::CniMode::Tabby {
+        println!();
+        for node in &state.nodes {
+            println!("=== {} ({}, {})", node.name, node.netns, node.address);
+            crate::status::node_dataplane(lab, state, node);
+        }
+        crate::status::ipam(lab, state);
+    }
     if !state.complete {
         println!("\nWARNING: `up` did not finish: the cluster may be half-built (`tabby-lab down` removes it).");
     }

@@ -1,78 +1,118 @@
-//! `--cni tabby`: Tabby as the cluster's network, installed by the lab
-//! (main has no `deploy/tabby.yaml` DaemonSet yet). Per node: the `tabby`
-//! and `tabby-ipam` plugins (and upstream `loopback`, which containerd's
-//! CRI runs for every sandbox) in the node's private `/opt/cni/bin`, a
-//! conflist in its private `/etc/cni/net.d` naming the node and the lab's
-//! file datastore, and the node's `tabby-node` agent (BGP full mesh and the
-//! embedded service proxy, which reads the relayed Services: [`super::sync`]).
-//! No kube-proxy runs.
+//! `--cni tabby`: Tabby installed the operator's way, by `kubectl apply -f
+//! deploy/tabby.yaml` (the file unchanged: the lab's image carries the
+//! name the file gives). Before it, the lab puts on each node what the
+//! node's OS packages would (upstream `loopback` in `/opt/cni/bin`, which
+//! containerd's CRI runs for every sandbox) and creates the
+//! `tabby-api-endpoint` ConfigMap the manifest reads: the apiserver's own
+//! address, as Calico's `kubernetes-services-endpoint` does, because the
+//! agents must reach the API before their proxies serve the `kubernetes`
+//! Service. The DaemonSet's init container then installs `tabby`,
+//! `tabby-ipam`, the conflist and the plugin's kubeconfig into each node's
+//! private `/opt/cni/bin` and `/etc/cni/net.d`; the agents peer over BGP
+//! and serve every Service (no kube-proxy runs). Last, the lab's pool goes
+//! into the Kubernetes datastore.
 
 use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
 
 use anyhow::Context;
-use serde_json::{json, Value};
 
+use super::kubectl::Kubectl;
 use super::node::Node;
-use super::{mounts, upstream};
-use crate::cni::{self, NETWORK};
-use crate::state::{write_atomic, StateDir};
+use super::{control_plane, mounts, upstream};
 
-/// The conflist's file name.
-pub const CONFLIST: &str = "10-tabby.conflist";
-
-/// The pods' MTU under `--kubernetes` (VXLAN-sized, so every encapsulation fits).
-pub const KUBE_MTU: u32 = 1450;
-
-/// The conflist containerd hands the plugin on `node`: the namespace
-/// lab's network config, as a list.
-pub fn conflist(node: &str, dir: &StateDir) -> Value {
-    let mut plugin = cni::net_conf(node, dir);
-    let version = plugin["cniVersion"].take();
-    if let Some(obj) = plugin.as_object_mut() {
-        obj.remove("cniVersion");
-        obj.remove("name");
-        // The agent here runs from the DaemonSet, not the namespace lab's
-        // config: no per-node MTU file; keep a VXLAN-sized MTU.
-        obj.remove("mtuFile");
-        obj.insert("mtu".into(), json!(KUBE_MTU));
-    }
-    json!({ "cniVersion": version, "name": NETWORK, "plugins": [plugin] })
+/// The manifest, in the workspace.
+pub fn manifest() -> PathBuf {
+    tabby_testkit::bins::workspace_root().join("deploy/tabby.yaml")
 }
 
-/// Copies the plugins into the node's `/opt/cni/bin`, then writes the
-/// conflist (last and atomically: the node turns Ready on it).
-pub fn install_cni(node: &Node<'_>, bin_dir: &std::path::Path) -> anyhow::Result<()> {
-    let root = node.root();
-    let plugins = mounts::private_dir(&root, "/opt/cni/bin").expect("a private dir");
-    let sources = [
-        ("tabby", bin_dir.join("tabby")),
-        ("tabby-ipam", bin_dir.join("tabby-ipam")),
-        ("loopback", upstream("loopback")?),
-    ];
-    for (name, from) in sources {
-        let to = plugins.join(name);
-        fs::copy(&from, &to)
-            .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
-    }
-    let conf_dir = mounts::private_dir(&root, "/etc/cni/net.d").expect("a private dir");
-    let text = serde_json::to_string_pretty(&conflist(node.name, node.dir))?;
-    write_atomic(&conf_dir.join(CONFLIST), text.as_bytes())
+/// The namespace `deploy/tabby.yaml` installs into.
+pub const NAMESPACE: &str = "kube-system";
+/// The DaemonSet's name.
+pub const DAEMONSET: &str = "tabby-node";
+/// How long the DaemonSet gets to run an agent on every node.
+pub const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// What the node's OS provides before any CNI: upstream `loopback`.
+pub fn install_loopback(node: &Node<'_>) -> anyhow::Result<()> {
+    let bin = mounts::private_dir(&node.root(), "/opt/cni/bin").expect("a private dir");
+    let from = upstream("loopback")?;
+    fs::copy(&from, bin.join("loopback"))
+        .with_context(|| format!("copying {} into {}", from.display(), bin.display()))?;
+    Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The `tabby-api-endpoint` ConfigMap, then the manifest; waits until its
+/// CRDs are Established (so that the pool can be created).
+pub fn apply(kubectl: &Kubectl) -> anyhow::Result<()> {
+    let host = format!(
+        "--from-literal=KUBERNETES_SERVICE_HOST={}",
+        control_plane::address()
+    );
+    let port = format!(
+        "--from-literal=KUBERNETES_SERVICE_PORT={}",
+        control_plane::APISERVER_PORT
+    );
+    kubectl
+        .run(&[
+            "-n",
+            NAMESPACE,
+            "create",
+            "configmap",
+            "tabby-api-endpoint",
+            &host,
+            &port,
+        ])
+        .context("creating the tabby-api-endpoint ConfigMap")?;
+    let file = manifest();
+    kubectl
+        .run(&["apply", "-f", &file.display().to_string()])
+        .with_context(|| format!("kubectl apply -f {}", file.display()))?;
+    kubectl
+        .run(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd",
+            "--all",
+        ])
+        .context("waiting for Tabby's CRDs to be Established")?;
+    Ok(())
+}
 
-    #[test]
-    fn the_conflist_names_the_node_and_the_labs_datastore() {
-        let dir = StateDir::new("/s");
-        let conf = conflist("node-2", &dir);
-        assert_eq!(conf["name"], NETWORK);
-        assert_eq!(conf["cniVersion"], "1.1.0");
-        let plugin = &conf["plugins"][0];
-        assert_eq!(plugin["type"], "tabby");
-        assert_eq!(plugin["nodename"], "node-2");
-        assert!(plugin.get("name").is_none() && plugin.get("cniVersion").is_none());
-        assert_eq!(plugin["ipam"]["datastore"]["path"], "/s/datastore");
+/// `tabbyctl --datastore kubernetes --kubeconfig <admin>`, ready for arguments.
+pub fn tabbyctl(bin_dir: &Path, kubeconfig: &Path) -> Command {
+    let mut cmd = Command::new(bin_dir.join("tabbyctl"));
+    cmd.args(["--datastore", "kubernetes", "--kubeconfig"])
+        .arg(kubeconfig);
+    cmd
+}
+
+/// Waits until the DaemonSet runs a ready agent on every node; on a
+/// timeout says which pods are not ready and why.
+pub fn wait_rollout(kubectl: &Kubectl) -> anyhow::Result<()> {
+    let timeout = format!("--timeout={}s", ROLLOUT_TIMEOUT.as_secs());
+    let ds = format!("daemonset/{DAEMONSET}");
+    if kubectl
+        .run(&["-n", NAMESPACE, "rollout", "status", &ds, &timeout])
+        .is_ok()
+    {
+        return Ok(());
     }
+    let pods = kubectl
+        .run(&[
+            "-n",
+            NAMESPACE,
+            "describe",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=tabby",
+        ])
+        .unwrap_or_else(|e| format!("(kubectl describe failed: {e:#})"));
+    anyhow::bail!(
+        "the {DAEMONSET} DaemonSet did not become ready within {ROLLOUT_TIMEOUT:?}:\n{}",
+        pods
+    )
 }

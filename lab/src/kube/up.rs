@@ -7,14 +7,14 @@ use anyhow::Context;
 use tabby_testkit::kube::certs::Pki;
 
 use super::control_plane::{self, Plane};
-use super::images::{self, Built, Source, ECHO_IMAGE, PAUSE_IMAGE};
+use super::images::{self, Built, Source, ECHO_IMAGE, PAUSE_IMAGE, TABBY_IMAGE};
 use super::kubectl::{self, Kubectl};
 use super::node::Node;
-use super::{cgroup, forward, reference, sync, tabby, upstream, CniMode, KubeState, Progress};
+use super::{cgroup, forward, reference, tabby, upstream, CniMode, KubeState, Progress};
 use crate::names::{self, MAX_NODES};
 use crate::process::poll_until;
 use crate::state::LabState;
-use crate::{agent, topology, Lab};
+use crate::{topology, Lab};
 
 /// What to build.
 #[derive(Debug, Clone)]
@@ -151,18 +151,6 @@ fn build(lab: &Lab, opts: &Options) -> anyhow::Result<()> {
         pki,
         progress,
     };
-    if opts.cni == CniMode::Tabby {
-        crate::up::create_datastore(
-            lab,
-            crate::up::PoolOptions {
-                encap: crate::encap::Encap::None,
-                nat_outgoing: false,
-            },
-        )?;
-        let resources = lab.dir.resources();
-        std::fs::create_dir_all(&resources)
-            .with_context(|| format!("creating {}", resources.display()))?;
-    }
     b.network()?;
     b.control_plane()?;
     let built = b.images()?;
@@ -250,9 +238,10 @@ impl Build<'_> {
 
     /// The images the cluster needs, from the cache or built.
     fn images(&mut self) -> anyhow::Result<Vec<Built>> {
-        // No DaemonSet yet (main has no deploy/tabby.yaml): the lab runs
-        // Tabby's agent itself, so the tabby image is not needed.
-        let wanted = vec![PAUSE_IMAGE, ECHO_IMAGE];
+        let mut wanted = vec![PAUSE_IMAGE, ECHO_IMAGE];
+        if self.opts.cni == CniMode::Tabby {
+            wanted.push(TABBY_IMAGE);
+        }
         let bins = Source::detect(&self.lab.bin_dir).binaries_for(&wanted)?;
         self.progress
             .step(format!("static binaries in {}", bins.display()));
@@ -429,67 +418,52 @@ impl Build<'_> {
         Ok(())
     }
 
-    /// Per node: the plugins and conflist, then the agent; then the
-    /// relay of Services and EndpointSlices to the agents' proxies.
+    /// Per node its OS's `loopback`; then `kubectl apply -f
+    /// deploy/tabby.yaml` and the lab's pool in the Kubernetes datastore.
     fn tabby_cni(&mut self) -> anyhow::Result<()> {
         let lab = self.lab;
         for index in 1..=self.opts.nodes {
-            let n = self.names(index);
-            tabby::install_cni(&n.node(&lab.dir), &lab.bin_dir)?;
-            let node_state = self.state.node(&n.name).context("node recorded")?.clone();
-            let started = agent::start(&node_state, &lab.dir, &lab.bin_dir, "iptables")?;
-            self.state.node_mut(&n.name).context("node recorded")?.agent =
-                started.process().cloned();
-            self.save()?;
-            let what =
-                started.describe(&lab.bin_dir.join("tabby-node"), &lab.dir.agent_log(&n.name));
-            anyhow::ensure!(started.process().is_some(), "{}: {what}", n.name);
-            self.progress.step(format!(
-                "{}: tabby + tabby-ipam + loopback in /opt/cni/bin, {}, {what}",
-                n.name,
-                tabby::CONFLIST
-            ));
+            tabby::install_loopback(&self.names(index).node(&lab.dir))?;
         }
-        let (netns, group) = (
-            self.lab.names.control_plane_ns(),
-            self.lab.names.control_plane_cgroup(),
-        );
-        let plane = Plane {
-            dir: &lab.dir,
-            netns: &netns,
-            cgroup: &group,
-            pki: &self.pki,
-        };
-        let args = vec![
-            "sync-resources".to_string(),
-            format!("--kubeconfig={}", lab.dir.kubeconfig().display()),
-            format!("--dir={}", lab.dir.resources().display()),
-        ];
-        let started = plane.start_program(
-            self.state.kube_mut(),
-            "sync-resources",
-            &lab.self_exe,
-            None,
-            &args,
-        );
-        self.save()?;
-        started?;
+        let kubectl = Kubectl::new(&lab.dir)?;
+        tabby::apply(&kubectl)?;
         self.progress.step(format!(
-            "Services and EndpointSlices relayed from the apiserver to {} (the agents' proxies read files)",
-            lab.dir.resources().join(sync::FILE).display()
+            "Tabby: kubectl apply -f {} (DaemonSet {}/{}, CRDs Established; tabby-api-endpoint {}:{})",
+            tabby::manifest().display(),
+            tabby::NAMESPACE,
+            tabby::DAEMONSET,
+            control_plane::address(),
+            control_plane::APISERVER_PORT
         ));
+        crate::up::create_pool(
+            tabby::tabbyctl(&lab.bin_dir, &lab.dir.kubeconfig()),
+            crate::up::PoolOptions {
+                encap: crate::encap::Encap::None,
+                nat_outgoing: true,
+            },
+        )?;
+        self.progress
+            .step("Tabby: IPPool created in the Kubernetes datastore");
         Ok(())
     }
 
-    /// Every BGP session Established, and every node's proxy serving the
-    /// `kubernetes` Service.
+    /// The DaemonSet ready on every node, every BGP session Established,
+    /// and every node's proxy serving the `kubernetes` Service.
     fn tabby_converged(&mut self) -> anyhow::Result<()> {
+        let kubectl = Kubectl::new(&self.lab.dir)?;
+        tabby::wait_rollout(&kubectl)?;
+        self.progress.step(format!(
+            "Tabby: DaemonSet {} ready on every node (install-cni wrote each node's plugin and conflist)",
+            tabby::DAEMONSET
+        ));
         crate::up::wait_for_sessions(self.lab, &self.state);
         let kubernetes = [(Some(format!("-d {}/32", KUBERNETES_SERVICE_IP)), 443)];
         anyhow::ensure!(
             crate::programmed::wait_rules(&self.state, &kubernetes, true),
-            "the agents' proxies did not program the kubernetes Service; see {}",
-            self.lab.dir.agent_log("node-1").display()
+            "the agents' proxies did not program the kubernetes Service; see `{} kubectl -n {} logs ds/{}`",
+            crate::up::invocation(self.lab),
+            tabby::NAMESPACE,
+            tabby::DAEMONSET
         );
         self.progress
             .step("Tabby: BGP full mesh Established, every proxy serves the kubernetes Service");
