@@ -384,6 +384,69 @@ fn a_tabby_cluster_connects_pods_across_nodes_and_serves_cluster_ips_and_down_le
         "{answered:?}"
     );
 
+    // Node-1's Tabby pod deleted: the DaemonSet makes a new one, and the
+    // pods keep talking across nodes meanwhile and after (the routes stay
+    // in the kernel while no agent runs; the new agent takes them over).
+    let old = kubectl(
+        &lab,
+        &[
+            "-n",
+            "kube-system",
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=tabby",
+            "--field-selector",
+            "spec.nodeName=node-1",
+            "-o",
+            "name",
+        ],
+    );
+    let old = old.trim();
+    assert!(old.starts_with("pod/tabby-node-"), "{old:?}");
+    kubectl(&lab, &["-n", "kube-system", "delete", old, "--wait=false"]);
+    let across = format!("http://{}:8080/", two[0].1);
+    let body = get_from_pod(&lab, &one[0].0, &across, 1);
+    assert!(
+        body.contains(&format!("Hostname: {}\n", two[0].0)),
+        "{body}"
+    );
+    kubectl(
+        &lab,
+        &[
+            "-n",
+            "kube-system",
+            "rollout",
+            "status",
+            "daemonset/tabby-node",
+            "--timeout=120s",
+        ],
+    );
+    let pods_now = kubectl(
+        &lab,
+        &[
+            "-n",
+            "kube-system",
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=tabby",
+            "-o",
+            "name",
+        ],
+    );
+    assert!(!pods_now.contains(old), "{old} still there: {pods_now}");
+    let body = get_from_pod(&lab, &one[0].0, &across, 1);
+    assert!(
+        body.contains(&format!("Hostname: {}\n", two[0].0)),
+        "{body}"
+    );
+    let back = get_from_pod(&lab, &two[0].0, &format!("http://{}:8080/", one[0].1), 1);
+    assert!(
+        back.contains(&format!("Hostname: {}\n", one[0].0)),
+        "{back}"
+    );
+
     // Scaling down releases the addresses of the deleted pods.
     assert_eq!(ips_in_use(&lab), 4);
     kubectl(&lab, &["scale", "deployment/echo", "--replicas=2"]);
@@ -393,17 +456,23 @@ fn a_tabby_cluster_connects_pods_across_nodes_and_serves_cluster_ips_and_down_le
         || all_pods(&lab) == 2 && ips_in_use(&lab) == 2,
     );
 
-    let status = lab.run(&["status"]);
+    // The agents' own view, from their sockets in the nodes' /run (both
+    // sessions Established again after node-1's new agent), and the blocks
+    // of the Kubernetes datastore.
+    let mut status = String::new();
+    tabby_testkit::wait_until(
+        "status showing both nodes' sessions Established",
+        Duration::from_secs(60),
+        || {
+            status = lab.run(&["status"]);
+            status.matches("| Established |").count() == 2
+        },
+    );
     assert!(
         status.contains("tabby-node") && status.contains("kubeconfig: "),
         "{status}"
     );
-    // The agents' own view, from their sockets in the nodes' /run, and the
-    // blocks of the Kubernetes datastore.
-    assert!(
-        status.contains("--- tabbyctl node status") && status.contains("Established"),
-        "{status}"
-    );
+    assert!(status.contains("--- tabbyctl node status"), "{status}");
     assert!(
         status.contains("=== IPAM") && status.contains("10.244."),
         "{status}"
