@@ -13,7 +13,7 @@ use proxy_support::{load, node, parse_objects};
 use tabby_proxy::conntrack::NoConntrack;
 use tabby_proxy::error::Result;
 use tabby_proxy::nftables::{Key, NftBatch, NftCli, NftExec, NftPlan, NftRewrite, Nftables, SetOp};
-use tabby_proxy::proxier::{Proxier, ProxyEvent, SyncConfig};
+use tabby_proxy::proxier::{Proxier, ProxyEvent, SyncConfig, SyncReport};
 use tabby_proxy::ProxyOptions;
 use tabby_testkit::{require_root, Netns};
 
@@ -114,6 +114,26 @@ fn feed_scenarios(p: &mut P) {
         let (services, slices) = load(scenario);
         feed(p, services, slices);
     }
+}
+
+/// A proxier over `ns` fed every scenario, after its first sync (a full
+/// one); with the time of that sync.
+fn synced(ns: &Netns) -> (P, Instant, SyncReport) {
+    let mut p = proxier(ns);
+    feed_scenarios(&mut p);
+    let t0 = Instant::now();
+    let full = p.sync(t0).expect("full sync");
+    assert!(full.full);
+    (p, t0, full)
+}
+
+/// No full sync so far fell back to the text: the kernel took each batch.
+fn assert_no_text_fallback(p: &mut P) {
+    assert_eq!(
+        p.dataplane_mut().text_fallbacks(),
+        0,
+        "the kernel took the batch"
+    );
 }
 
 /// What `nft list table` shows: rules per chain, elements per set or map.
@@ -275,10 +295,7 @@ fn an_endpoint_replaced_is_one_netlink_batch_and_a_failed_batch_changes_nothing(
         return;
     }
     let ns = Netns::new("nft");
-    let mut p = proxier(&ns);
-    feed_scenarios(&mut p);
-    let t0 = Instant::now();
-    assert!(p.sync(t0).expect("full sync").full);
+    let (mut p, t0, _) = synced(&ns);
     let (before, before_text) = list(&ns);
 
     feed(&mut p, vec![], parse_objects(HELLO_REPLACED).1);
@@ -327,20 +344,12 @@ fn nftables_full_then_partial_syncs_program_exactly_the_planned_table() {
         return;
     }
     let ns = Netns::new("nft");
-    let mut p = proxier(&ns);
-    feed_scenarios(&mut p);
-    let t0 = Instant::now();
-    let full = p.sync(t0).expect("full sync");
-    assert!(full.full);
+    let (mut p, t0, full) = synced(&ns);
     assert!(
         full.payload.rewrite.is_some(),
         "a full sync is one netlink batch"
     );
-    assert_eq!(
-        p.dataplane_mut().text_fallbacks(),
-        0,
-        "the kernel took the batch"
-    );
+    assert_no_text_fallback(&mut p);
     assert_matches(&ns, p.applied().unwrap(), "after the full sync");
 
     let (_, mut slices) = parse_objects(HELLO_TWO_LEFT);
@@ -374,11 +383,7 @@ fn nftables_full_then_partial_syncs_program_exactly_the_planned_table() {
         "{}",
         again.payload.text
     );
-    assert_eq!(
-        p.dataplane_mut().text_fallbacks(),
-        0,
-        "the kernel took the batch"
-    );
+    assert_no_text_fallback(&mut p);
     let (have, text) = list(&ns);
     assert_eq!(
         have.chains.len(),
@@ -394,10 +399,7 @@ fn a_failed_transaction_leaves_the_table_untouched_and_the_next_sync_is_full() {
         return;
     }
     let ns = Netns::new("nft");
-    let mut p = proxier(&ns);
-    feed_scenarios(&mut p);
-    let t0 = Instant::now();
-    assert!(p.sync(t0).expect("full sync").full);
+    let (mut p, t0, _) = synced(&ns);
     let (before, before_text) = list(&ns);
 
     let (_, slices) = parse_objects(HELLO_TWO_LEFT);
@@ -462,10 +464,7 @@ fn a_failed_full_batch_changes_nothing_and_the_text_applies_instead() {
         return;
     }
     let ns = Netns::new("nft");
-    let mut p = proxier(&ns);
-    feed_scenarios(&mut p);
-    let t0 = Instant::now();
-    assert!(p.sync(t0).expect("full sync").full);
+    let (mut p, t0, _) = synced(&ns);
 
     feed(&mut p, vec![], parse_objects(HELLO_TWO_LEFT).1);
     p.apply_event(ProxyEvent::FullSync);

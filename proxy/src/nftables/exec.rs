@@ -119,15 +119,7 @@ impl NftExec for NftCli {
         if self.text_only {
             return Ok(false);
         }
-        let sock = match &mut self.socket {
-            Some(s) => s,
-            None => self.socket.insert(NlSocket::open(self.netns.as_deref())?),
-        };
-        let result = sock.apply(batch);
-        if result.is_err() {
-            self.socket = None;
-        }
-        result
+        self.with_socket(|sock| sock.apply(batch))
     }
 
     fn apply_rewrite(&mut self, rewrite: &NftRewrite) -> Result<bool> {
@@ -143,11 +135,17 @@ impl NftCli {
     /// The batch of `rewrite` alone (its declarations applied before).
     /// A failed batch drops the socket.
     pub fn send_rewrite(&mut self, rewrite: &NftRewrite) -> Result<()> {
+        self.with_socket(|sock| sock.apply_rewrite(rewrite))
+    }
+
+    /// `send` over the open socket (opened first if there is none); a
+    /// failure drops the socket, so the next send starts afresh.
+    fn with_socket<T>(&mut self, send: impl FnOnce(&mut NlSocket) -> Result<T>) -> Result<T> {
         let sock = match &mut self.socket {
             Some(s) => s,
             None => self.socket.insert(NlSocket::open(self.netns.as_deref())?),
         };
-        let result = sock.apply_rewrite(rewrite);
+        let result = send(sock);
         if result.is_err() {
             self.socket = None;
         }

@@ -216,16 +216,8 @@ fn full_text(plan: &NftPlan, kernel: &NftKernel, elements: &Elements<'_>) -> Pay
         ));
         out.line(format_args!("flush {kind} {FAMILY} {TABLE} {set}"));
     }
-    let mut wanted = BTreeSet::new();
-    for s in plan.affinity_sets() {
-        if !wanted.insert(s.name.as_str()) {
-            continue;
-        }
-        if kernel
-            .affinity
-            .get(&s.name)
-            .is_some_and(|t| *t != Some(s.timeout))
-        {
+    for (s, retimed) in affinity_sets(plan, kernel) {
+        if retimed {
             out.line(format_args!("delete set {FAMILY} {TABLE} {}", s.name));
         }
         out.affinity(s);
@@ -234,22 +226,56 @@ fn full_text(plan: &NftPlan, kernel: &NftKernel, elements: &Elements<'_>) -> Pay
         out.rules(c);
     }
     out.add_elements(elements.iter().map(|((s, k), v)| (*s, *k, *v)));
-    for stale in kernel
-        .chains
-        .iter()
-        .filter(|c| !planned.contains(c.as_str()))
-    {
-        out.line(format_args!("delete chain {FAMILY} {TABLE} {stale}"));
+    let stale = Stale::of(plan, &planned, kernel);
+    for chain in stale.chains {
+        out.line(format_args!("delete chain {FAMILY} {TABLE} {chain}"));
         out.p.deleted_chains += 1;
     }
-    for stale in kernel
-        .affinity
-        .keys()
-        .filter(|s| !wanted.contains(s.as_str()))
-    {
-        out.line(format_args!("delete set {FAMILY} {TABLE} {stale}"));
+    for set in stale.sets {
+        out.line(format_args!("delete set {FAMILY} {TABLE} {set}"));
     }
     out.finish()
+}
+
+/// The plan's affinity sets, each once, with whether the kernel holds the
+/// set with another timeout (which an `add` cannot change: the set is
+/// replaced).
+fn affinity_sets<'a>(
+    plan: &'a NftPlan,
+    kernel: &'a NftKernel,
+) -> impl Iterator<Item = (&'a AffinitySet, bool)> + 'a {
+    let mut seen = BTreeSet::new();
+    plan.affinity_sets()
+        .filter(move |s| seen.insert(s.name.as_str()))
+        .map(|s| {
+            let retimed = kernel
+                .affinity
+                .get(&s.name)
+                .is_some_and(|t| *t != Some(s.timeout));
+            (s, retimed)
+        })
+}
+
+/// What the kernel holds that the plan no longer has, deleted last in a
+/// full sync.
+struct Stale<'a> {
+    chains: Vec<&'a str>,
+    sets: Vec<&'a str>,
+}
+
+impl<'a> Stale<'a> {
+    /// `planned`: the names of the plan's chains.
+    fn of(plan: &NftPlan, planned: &BTreeSet<&str>, kernel: &'a NftKernel) -> Self {
+        let sets: BTreeSet<&str> = plan.affinity_sets().map(|s| s.name.as_str()).collect();
+        Stale {
+            chains: (kernel.chains.iter().map(String::as_str))
+                .filter(|c| !planned.contains(c))
+                .collect(),
+            sets: (kernel.affinity.keys().map(String::as_str))
+                .filter(|s| !sets.contains(s))
+                .collect(),
+        }
+    }
 }
 
 /// The full sync of [`render_full`] as one netlink batch, with the short
@@ -267,16 +293,8 @@ fn rewrite(plan: &NftPlan, kernel: &NftKernel, elements: &Elements<'_>) -> Optio
         let kind = set_kind(ty);
         let _ = writeln!(skeleton, "add {kind} {FAMILY} {TABLE} {set} {{ {ty} ; }}");
     }
-    let mut wanted = BTreeSet::new();
-    for s in plan.affinity_sets() {
-        if !wanted.insert(s.name.as_str()) {
-            continue;
-        }
-        if kernel
-            .affinity
-            .get(&s.name)
-            .is_some_and(|t| *t != Some(s.timeout))
-        {
+    for (s, retimed) in affinity_sets(plan, kernel) {
+        if retimed {
             return None;
         }
         let _ = writeln!(skeleton, "add set {FAMILY} {TABLE} {} {}", s.name, s.spec());
@@ -302,19 +320,12 @@ fn rewrite(plan: &NftPlan, kernel: &NftKernel, elements: &Elements<'_>) -> Optio
         }
     }
     let planned: BTreeSet<&str> = plan.chains().map(|c| c.name.as_str()).collect();
-    for stale in kernel
-        .chains
-        .iter()
-        .filter(|c| !planned.contains(c.as_str()))
-    {
-        b.delete_chain(stale);
+    let stale = Stale::of(plan, &planned, kernel);
+    for chain in stale.chains {
+        b.delete_chain(chain);
     }
-    for stale in kernel
-        .affinity
-        .keys()
-        .filter(|s| !wanted.contains(s.as_str()))
-    {
-        b.delete_set(stale);
+    for set in stale.sets {
+        b.delete_set(set);
     }
     b.finish(skeleton)
 }
