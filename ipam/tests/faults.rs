@@ -12,9 +12,9 @@ use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
 use common::backends::{backend_tests, Backend, TestStore};
-use common::{pool, v4};
+use common::{pool, problems, v4};
 use tabby_ipam::pools::validate_pool;
-use tabby_ipam::report::{self, Liveness, Snapshot};
+use tabby_ipam::report::{self, Snapshot};
 use tabby_ipam::{store, AffinityState, BlockAffinity, Datastore, FileDatastore, Ipam, IpamError};
 
 backend_tests!(
@@ -33,20 +33,8 @@ fn ip(s: &str) -> IpAddr {
     s.parse().expect("ip")
 }
 
-fn problems(ds: &impl Datastore) -> Vec<String> {
-    let snap = Snapshot::load(ds).expect("snapshot");
-    report::check(&snap, |_| Liveness::Live)
-        .problems
-        .iter()
-        .map(ToString::to_string)
-        .collect()
-}
-
 fn handles_are_repaired_to_what_the_blocks_hold_on_the_chosen_node_only(backend: Backend) {
-    let store = TestStore::new(backend);
-    let ipam = store.ipam();
-    ipam.create_pool(&pool("p", "10.1.0.0/24", 26))
-        .expect("pool");
+    let (_store, ipam) = TestStore::with_pool(backend, "10.1.0.0/24", 26);
     ipam.assign(&v4("net.live", "a")).expect("assign");
     let ds = ipam.datastore();
     // A kill between the handle write and the block write, on node a and on node b.
@@ -77,10 +65,7 @@ fn handles_are_repaired_to_what_the_blocks_hold_on_the_chosen_node_only(backend:
 fn a_handle_document_lost_by_a_crash_is_recreated_so_release_by_handle_finds_the_address(
     backend: Backend,
 ) {
-    let store = TestStore::new(backend);
-    let ipam = store.ipam();
-    ipam.create_pool(&pool("p", "10.1.0.0/24", 26))
-        .expect("pool");
+    let (_store, ipam) = TestStore::with_pool(backend, "10.1.0.0/24", 26);
     ipam.assign(&v4("net.lost", "a")).expect("assign");
     let ds = ipam.datastore();
     let doc = ds.get("handles/net.lost").expect("get").expect("handle");
@@ -144,10 +129,7 @@ fn stale_temporary_files_of_killed_writers_are_removed_on_open_and_fresh_ones_ke
 }
 
 fn an_assign_that_fails_after_committing_releases_what_it_committed(backend: Backend) {
-    let store = TestStore::new(backend);
-    let ipam = store.ipam();
-    ipam.create_pool(&pool("p", "10.1.0.0/24", 26))
-        .expect("pool");
+    let (_store, ipam) = TestStore::with_pool(backend, "10.1.0.0/24", 26);
     ipam.assign(&v4("net.first", "a")).expect("assign");
     // The pool document's blockSize is corrupted once its block exists.
     let ds = ipam.datastore();
@@ -285,10 +267,7 @@ fn the_pods_gateway_is_never_handed_out_even_from_a_pool_written_before_validati
 /// release the stale attachments, then repair the handles and drop the
 /// claims that killed writers left.
 fn a_gc_under_the_node_lock_leaves_no_orphan_handle_dead_claim_or_stale_address(backend: Backend) {
-    let store = TestStore::new(backend);
-    let ipam = store.ipam();
-    ipam.create_pool(&pool("p", "10.1.0.0/24", 26))
-        .expect("pool");
+    let (_store, ipam) = TestStore::with_pool(backend, "10.1.0.0/24", 26);
     ipam.assign(&v4("net.live", "a")).expect("assign");
     let stale = ipam.assign(&v4("net.stale", "a")).expect("assign");
     ipam.assign(&v4("net.other-node", "b")).expect("assign");

@@ -10,9 +10,11 @@
 mod common;
 
 use common::backends::{backend_tests, Backend, TestStore};
-use common::{pool, v4};
-use tabby_ipam::report::{self, Liveness, Snapshot};
-use tabby_ipam::{store, Datastore, DatastoreError, FileDatastore, Handle, Ipam};
+use common::{problems, v4};
+use ipnetwork::IpNetwork;
+use tabby_ipam::{
+    store, AssignArgs, Datastore, DatastoreError, FileDatastore, Handle, Ipam, WrittenAhead,
+};
 
 backend_tests!(
     [mem, file, kubernetes];
@@ -24,22 +26,10 @@ backend_tests!(
     a_handle_written_ahead_for_a_block_that_filled_up_meanwhile_is_taken_back,
 );
 
-fn problems(ds: &impl Datastore) -> Vec<String> {
-    let snap = Snapshot::load(ds).expect("snapshot");
-    report::check(&snap, |_| Liveness::Live)
-        .problems
-        .iter()
-        .map(ToString::to_string)
-        .collect()
-}
-
 /// A second plugin process of the node assigns while the first has not
 /// synced yet: it must not get the same address.
 fn an_unsynced_assign_is_taken_for_another_opening_of_the_store_before_its_sync(backend: Backend) {
-    let store = TestStore::new(backend);
-    let ipam = store.ipam();
-    ipam.create_pool(&pool("p", "10.1.0.0/24", 26))
-        .expect("pool");
+    let (store, ipam) = TestStore::with_pool(backend, "10.1.0.0/24", 26);
     let (first, unsynced) = ipam
         .assign_unsynced(&v4("net.first", "a"), None)
         .expect("assign");
@@ -66,10 +56,7 @@ fn an_unsynced_assign_is_taken_for_another_opening_of_the_store_before_its_sync(
 fn a_lost_block_write_frees_the_address_but_the_stale_handle_never_releases_its_next_holder(
     backend: Backend,
 ) {
-    let store = TestStore::new(backend);
-    let ipam = store.ipam();
-    ipam.create_pool(&pool("p", "10.1.0.0/24", 26))
-        .expect("pool");
+    let (_store, ipam) = TestStore::with_pool(backend, "10.1.0.0/24", 26);
     ipam.assign(&v4("net.before", "a")).expect("assign");
     let ds = ipam.datastore();
     let key = store::block_key(&"10.1.0.0/26".parse().expect("cidr"));
@@ -107,10 +94,7 @@ fn a_lost_block_write_frees_the_address_but_the_stale_handle_never_releases_its_
 fn a_lost_handle_write_leaves_an_allocation_that_the_repair_gives_back_to_its_handle(
     backend: Backend,
 ) {
-    let store = TestStore::new(backend);
-    let ipam = store.ipam();
-    ipam.create_pool(&pool("p", "10.1.0.0/24", 26))
-        .expect("pool");
+    let (_store, ipam) = TestStore::with_pool(backend, "10.1.0.0/24", 26);
     let (lost, _unsynced) = ipam
         .assign_unsynced(&v4("net.lost", "a"), None)
         .expect("assign");
@@ -142,37 +126,59 @@ fn handle_counts(ds: &impl Datastore, handle: &str) -> Vec<(String, u32)> {
         .unwrap_or_default()
 }
 
-/// The ADD path: the handle is written before the node lock, and the
-/// assign under the lock writes only the block.
-fn a_handle_written_ahead_of_the_node_lock_is_not_written_again_under_it(backend: Backend) {
-    let store = TestStore::new(backend);
-    let ipam = store.ipam();
-    ipam.create_pool(&pool("p", "10.1.0.0/24", 26))
-        .expect("pool");
-    let args = v4("net.pod", "a");
-    assert!(
-        ipam.write_handle_ahead(&args).expect("ahead").is_none(),
-        "the node has no block yet: nothing to guess"
-    );
-    ipam.assign(&v4("net.first", "a")).expect("assign");
-    let ahead = ipam
-        .write_handle_ahead(&args)
-        .expect("ahead")
-        .expect("a guess");
-    let ds = ipam.datastore();
-    let written = ds.get("handles/net.pod").expect("get").expect("handle");
-    let (got, unsynced) = ipam.assign_unsynced(&args, Some(ahead)).expect("assign");
-    ipam.sync(unsynced).expect("sync");
-    let after = ds.get("handles/net.pod").expect("get").expect("handle");
-    assert_eq!(
-        after.revision, written.revision,
-        "the handle was written again under the lock"
-    );
+/// `net.pod`'s handle records one address of node `a`'s first block, and
+/// the store has nothing wrong.
+fn assert_the_pod_holds_one_address_of_the_first_block(ds: &impl Datastore) {
     assert_eq!(
         handle_counts(ds, "net.pod"),
         [("10.1.0.0/26".to_string(), 1)]
     );
     assert!(problems(ds).is_empty(), "{:?}", problems(ds));
+}
+
+/// Node `a` gets its first block (for `net.first`), then the handle of
+/// `net.pod` is written ahead for it, as an ADD does before the node lock.
+fn write_ahead_after_a_first_assign<D: Datastore>(ipam: &Ipam<D>) -> (AssignArgs, WrittenAhead) {
+    ipam.assign(&v4("net.first", "a")).expect("assign");
+    let args = v4("net.pod", "a");
+    let ahead = ipam
+        .write_handle_ahead(&args)
+        .expect("ahead")
+        .expect("a guess");
+    (args, ahead)
+}
+
+/// The assign under the node lock that uses `ahead`, synced.
+fn assign_and_sync<D: Datastore>(
+    ipam: &Ipam<D>,
+    args: &AssignArgs,
+    ahead: WrittenAhead,
+) -> Vec<IpNetwork> {
+    let (got, unsynced) = ipam.assign_unsynced(args, Some(ahead)).expect("assign");
+    ipam.sync(unsynced).expect("sync");
+    got
+}
+
+/// The ADD path: the handle is written before the node lock, and the
+/// assign under the lock writes only the block.
+fn a_handle_written_ahead_of_the_node_lock_is_not_written_again_under_it(backend: Backend) {
+    let (_store, ipam) = TestStore::with_pool(backend, "10.1.0.0/24", 26);
+    assert!(
+        ipam.write_handle_ahead(&v4("net.pod", "a"))
+            .expect("ahead")
+            .is_none(),
+        "the node has no block yet: nothing to guess"
+    );
+    let (args, ahead) = write_ahead_after_a_first_assign(&ipam);
+    let ds = ipam.datastore();
+    let written = ds.get("handles/net.pod").expect("get").expect("handle");
+    let got = assign_and_sync(&ipam, &args, ahead);
+    let after = ds.get("handles/net.pod").expect("get").expect("handle");
+    assert_eq!(
+        after.revision, written.revision,
+        "the handle was written again under the lock"
+    );
+    assert_the_pod_holds_one_address_of_the_first_block(ds);
     let released = ipam.release_by_handle("net.pod").expect("release");
     assert_eq!(
         released.iter().map(|r| r.ip).collect::<Vec<_>>(),
@@ -186,26 +192,13 @@ fn a_handle_written_ahead_of_the_node_lock_is_not_written_again_under_it(backend
 fn a_handle_written_ahead_and_then_rewritten_by_a_repair_is_written_again_under_the_lock(
     backend: Backend,
 ) {
-    let store = TestStore::new(backend);
-    let ipam = store.ipam();
-    ipam.create_pool(&pool("p", "10.1.0.0/24", 26))
-        .expect("pool");
-    ipam.assign(&v4("net.first", "a")).expect("assign");
-    let args = v4("net.pod", "a");
-    let ahead = ipam
-        .write_handle_ahead(&args)
-        .expect("ahead")
-        .expect("a guess");
+    let (_store, ipam) = TestStore::with_pool(backend, "10.1.0.0/24", 26);
+    let (args, ahead) = write_ahead_after_a_first_assign(&ipam);
     assert_eq!(ipam.repair_handles(|_, _| true).expect("repair").len(), 1);
     assert!(handle_counts(ipam.datastore(), "net.pod").is_empty());
-    let (got, unsynced) = ipam.assign_unsynced(&args, Some(ahead)).expect("assign");
-    ipam.sync(unsynced).expect("sync");
+    let got = assign_and_sync(&ipam, &args, ahead);
     let ds = ipam.datastore();
-    assert_eq!(
-        handle_counts(ds, "net.pod"),
-        [("10.1.0.0/26".to_string(), 1)]
-    );
-    assert!(problems(ds).is_empty(), "{:?}", problems(ds));
+    assert_the_pod_holds_one_address_of_the_first_block(ds);
     assert_eq!(
         ipam.release_by_handle("net.pod").expect("release").len(),
         1,
@@ -218,22 +211,13 @@ fn a_handle_written_ahead_and_then_rewritten_by_a_repair_is_written_again_under_
 /// the node lock: the assign claims another block, and the handle records
 /// that block only.
 fn a_handle_written_ahead_for_a_block_that_filled_up_meanwhile_is_taken_back(backend: Backend) {
-    let store = TestStore::new(backend);
-    let ipam = store.ipam();
-    ipam.create_pool(&pool("p", "10.1.0.0/24", 29))
-        .expect("pool");
-    ipam.assign(&v4("net.first", "a")).expect("assign");
-    let args = v4("net.pod", "a");
-    let ahead = ipam
-        .write_handle_ahead(&args)
-        .expect("ahead")
-        .expect("a guess");
+    let (_store, ipam) = TestStore::with_pool(backend, "10.1.0.0/24", 29);
+    let (args, ahead) = write_ahead_after_a_first_assign(&ipam);
     for i in 0..7 {
         ipam.assign(&v4(&format!("net.other{i}"), "a"))
             .expect("assign");
     }
-    let (got, unsynced) = ipam.assign_unsynced(&args, Some(ahead)).expect("assign");
-    ipam.sync(unsynced).expect("sync");
+    let got = assign_and_sync(&ipam, &args, ahead);
     let ds = ipam.datastore();
     let block = format!("{}/29", got[0].network());
     assert_ne!(block, "10.1.0.0/29");

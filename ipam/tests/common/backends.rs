@@ -81,6 +81,20 @@ impl TestStore {
         Ipam::new(self.ds.clone())
     }
 
+    /// A store of `backend` holding one pool `p` of `cidr` in blocks of
+    /// `block_size`, and the IPAM engine over it.
+    pub fn with_pool(
+        backend: Backend,
+        cidr: &str,
+        block_size: u8,
+    ) -> (Self, Ipam<Arc<dyn Datastore>>) {
+        let store = Self::new(backend);
+        let ipam = store.ipam();
+        ipam.create_pool(&super::pool("p", cidr, block_size))
+            .expect("pool");
+        (store, ipam)
+    }
+
     /// The datastore.
     pub fn datastore(&self) -> Arc<dyn Datastore> {
         self.ds.clone()

@@ -65,12 +65,22 @@ pub fn assert_affinities_consistent(ds: &impl Datastore) {
         .filter(|a| a.state != AffinityState::Confirmed)
         .collect();
     assert!(pending.is_empty(), "pending affinities left: {pending:?}");
-    let handle_problems: Vec<String> = report::check(&snap, |_| report::Liveness::Live)
+    let handle_problems = snapshot_problems(&snap);
+    assert!(handle_problems.is_empty(), "{handle_problems:#?}");
+}
+
+/// What `report::check` finds wrong in the store, every handle's holder
+/// taken as live.
+pub fn problems(ds: &impl Datastore) -> Vec<String> {
+    snapshot_problems(&Snapshot::load(ds).expect("snapshot"))
+}
+
+fn snapshot_problems(snap: &Snapshot) -> Vec<String> {
+    report::check(snap, |_| report::Liveness::Live)
         .problems
         .iter()
         .map(ToString::to_string)
-        .collect();
-    assert!(handle_problems.is_empty(), "{handle_problems:#?}");
+        .collect()
 }
 
 /// Asserts every document file under `dir` parses as JSON.
