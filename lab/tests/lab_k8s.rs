@@ -78,6 +78,22 @@ fn ips_in_use(lab: &TestLab) -> u64 {
     tabby_testkit::ipam::pool_in_use(&out).unwrap_or_else(|| panic!("no IPS IN USE in {out}"))
 }
 
+/// The DaemonSet's pods (`pod/NAME` lines), with more `kubectl get` flags.
+fn tabby_pods(lab: &TestLab, more: &[&str]) -> String {
+    let mut args = vec![
+        "-n",
+        "kube-system",
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/name=tabby",
+        "-o",
+        "name",
+    ];
+    args.extend_from_slice(more);
+    kubectl(lab, &args)
+}
+
 /// `tabby-echo get` from inside `pod` (the real CRI exec path).
 fn get_from_pod(lab: &TestLab, pod: &str, url: &str, count: u32) -> String {
     let count = count.to_string();
@@ -387,21 +403,7 @@ fn a_tabby_cluster_connects_pods_across_nodes_and_serves_cluster_ips_and_down_le
     // Node-1's Tabby pod deleted: the DaemonSet makes a new one, and the
     // pods keep talking across nodes meanwhile and after (the routes stay
     // in the kernel while no agent runs; the new agent takes them over).
-    let old = kubectl(
-        &lab,
-        &[
-            "-n",
-            "kube-system",
-            "get",
-            "pods",
-            "-l",
-            "app.kubernetes.io/name=tabby",
-            "--field-selector",
-            "spec.nodeName=node-1",
-            "-o",
-            "name",
-        ],
-    );
+    let old = tabby_pods(&lab, &["--field-selector", "spec.nodeName=node-1"]);
     let old = old.trim();
     assert!(old.starts_with("pod/tabby-node-"), "{old:?}");
     kubectl(&lab, &["-n", "kube-system", "delete", old, "--wait=false"]);
@@ -422,19 +424,7 @@ fn a_tabby_cluster_connects_pods_across_nodes_and_serves_cluster_ips_and_down_le
             "--timeout=120s",
         ],
     );
-    let pods_now = kubectl(
-        &lab,
-        &[
-            "-n",
-            "kube-system",
-            "get",
-            "pods",
-            "-l",
-            "app.kubernetes.io/name=tabby",
-            "-o",
-            "name",
-        ],
-    );
+    let pods_now = tabby_pods(&lab, &[]);
     assert!(!pods_now.contains(old), "{old} still there: {pods_now}");
     let body = get_from_pod(&lab, &one[0].0, &across, 1);
     assert!(
