@@ -78,6 +78,14 @@ fn ips_in_use(lab: &TestLab) -> u64 {
     tabby_testkit::ipam::pool_in_use(&out).unwrap_or_else(|| panic!("no IPS IN USE in {out}"))
 }
 
+/// GETs echo pod `to` (name, IP) from pod `from` and checks `to` answered;
+/// the body.
+fn answered_by(lab: &TestLab, from: &str, to: &(String, String)) -> String {
+    let body = get_from_pod(lab, from, &format!("http://{}:8080/", to.1), 1);
+    assert!(body.contains(&format!("Hostname: {}\n", to.0)), "{body}");
+    body
+}
+
 /// The DaemonSet's pods (`pod/NAME` lines), with more `kubectl get` flags.
 fn tabby_pods(lab: &TestLab, more: &[&str]) -> String {
     let mut args = vec![
@@ -355,20 +363,12 @@ fn a_tabby_cluster_connects_pods_across_nodes_and_serves_cluster_ips_and_down_le
     }
 
     // Pod to pod across nodes over TCP, the client's address kept.
-    let body = get_from_pod(&lab, &one[0].0, &format!("http://{}:8080/", two[0].1), 1);
-    assert!(
-        body.contains(&format!("Hostname: {}\n", two[0].0)),
-        "{body}"
-    );
+    let body = answered_by(&lab, &one[0].0, &two[0]);
     assert!(
         body.contains(&format!("RemoteAddr: {}:", one[0].1)),
         "{body}"
     );
-    let back = get_from_pod(&lab, &two[1].0, &format!("http://{}:8080/", one[1].1), 1);
-    assert!(
-        back.contains(&format!("Hostname: {}\n", one[1].0)),
-        "{back}"
-    );
+    answered_by(&lab, &two[1].0, &one[1]);
 
     // The ClusterIP spreads over endpoints on both nodes (Tabby's proxy).
     let mut answered = BTreeSet::new();
@@ -407,12 +407,7 @@ fn a_tabby_cluster_connects_pods_across_nodes_and_serves_cluster_ips_and_down_le
     let old = old.trim();
     assert!(old.starts_with("pod/tabby-node-"), "{old:?}");
     kubectl(&lab, &["-n", "kube-system", "delete", old, "--wait=false"]);
-    let across = format!("http://{}:8080/", two[0].1);
-    let body = get_from_pod(&lab, &one[0].0, &across, 1);
-    assert!(
-        body.contains(&format!("Hostname: {}\n", two[0].0)),
-        "{body}"
-    );
+    answered_by(&lab, &one[0].0, &two[0]);
     kubectl(
         &lab,
         &[
@@ -426,16 +421,8 @@ fn a_tabby_cluster_connects_pods_across_nodes_and_serves_cluster_ips_and_down_le
     );
     let pods_now = tabby_pods(&lab, &[]);
     assert!(!pods_now.contains(old), "{old} still there: {pods_now}");
-    let body = get_from_pod(&lab, &one[0].0, &across, 1);
-    assert!(
-        body.contains(&format!("Hostname: {}\n", two[0].0)),
-        "{body}"
-    );
-    let back = get_from_pod(&lab, &two[0].0, &format!("http://{}:8080/", one[0].1), 1);
-    assert!(
-        back.contains(&format!("Hostname: {}\n", one[0].0)),
-        "{back}"
-    );
+    answered_by(&lab, &one[0].0, &two[0]);
+    answered_by(&lab, &two[0].0, &one[0]);
 
     // Scaling down releases the addresses of the deleted pods.
     assert_eq!(ips_in_use(&lab), 4);
@@ -527,20 +514,12 @@ fn a_reference_cluster_serves_pods_services_and_node_ports_and_down_leaves_nothi
     );
 
     // Pod to pod across nodes over TCP, the client's address kept.
-    let body = get_from_pod(&lab, &one[0].0, &format!("http://{}:8080/", two[0].1), 1);
-    assert!(
-        body.contains(&format!("Hostname: {}\n", two[0].0)),
-        "{body}"
-    );
+    let body = answered_by(&lab, &one[0].0, &two[0]);
     assert!(
         body.contains(&format!("RemoteAddr: {}:", one[0].1)),
         "{body}"
     );
-    let back = get_from_pod(&lab, &two[1].0, &format!("http://{}:8080/", one[1].1), 1);
-    assert!(
-        back.contains(&format!("Hostname: {}\n", one[1].0)),
-        "{back}"
-    );
+    answered_by(&lab, &two[1].0, &one[1]);
 
     // The ClusterIP spreads over endpoints on both nodes (kube-proxy).
     let spread = get_from_pod(&lab, &one[0].0, "http://10.96.0.10/", 40);
